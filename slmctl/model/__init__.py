@@ -1,0 +1,18 @@
+"""The networks: the paper's encoder-decoder, the matched decoder-only baseline,
+cached generation and checkpoint I/O.
+
+    from slmctl.model import build_model, load_model, save_model
+"""
+
+from slmctl.model.base import LanguageModel, LMOutput
+from slmctl.model.checkpoint import CheckpointError, build_model, load_model, save_model
+from slmctl.model.config import PRESETS, ModelConfig, count_parameters, get_preset, matched_decoder_only
+from slmctl.model.deconly import DecoderOnlyLM
+from slmctl.model.encdec import EncoderDecoderLM
+from slmctl.model.generation import GenerationConfig
+
+__all__ = [
+    "PRESETS", "CheckpointError", "DecoderOnlyLM", "EncoderDecoderLM", "GenerationConfig", "LMOutput",
+    "LanguageModel", "ModelConfig", "build_model", "count_parameters", "get_preset", "load_model",
+    "matched_decoder_only", "save_model",
+]

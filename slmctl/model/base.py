@@ -1,0 +1,87 @@
+"""What both architectures share: the output type, the tied LM head, the loss,
+position/mask helpers and the `generate` entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slmctl.model.config import ModelConfig
+from slmctl.model.layers import RotaryEmbedding, additive_mask
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+
+
+def padding_positions(attention_mask: torch.Tensor, centred: bool) -> torch.Tensor:
+    """Per-row positions that ignore padding on either side: the first real token is 0
+    (or, centred, the middle real token is 0: position - (L - 1) // 2)."""
+    mask = attention_mask.long()
+    positions = mask.cumsum(dim=1) - 1
+    if centred:
+        positions = positions - (mask.sum(dim=1, keepdim=True) - 1) // 2
+    return positions.masked_fill(mask == 0, 0)
+
+
+def has_padding(attention_mask: torch.Tensor | None) -> bool:
+    return attention_mask is not None and not bool(attention_mask.all())
+
+
+class LanguageModel(nn.Module):
+    """Base class of `EncoderDecoderLM` and `DecoderOnlyLM`."""
+
+    config: ModelConfig
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_factor, config.max_seq_len)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head is the input embedding (tied, no bias)."""
+        return F.linear(hidden, self.embed.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def self_attention_mask(self, attention_mask: torch.Tensor | None, T: int, causal: bool):
+        """(additive mask or None, is_causal) for self-attention over T positions."""
+        if not has_padding(attention_mask):
+            return None, causal
+        allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T] keys
+        if causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=allowed.device).tril()
+        return additive_mask(allowed, self.dtype), False
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy; label -100 is ignored."""
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def start_decoding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """New token ids [B, T_new] (see `slmctl.model.generation.generate`)."""
+        from slmctl.model.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)

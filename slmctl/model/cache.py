@@ -1,0 +1,45 @@
+"""Preallocated key/value cache for decoder self-attention.
+
+One tensor per layer stack, allocated for the whole generation up front, so a
+decode step writes one position in place instead of concatenating (and copying)
+the growing history.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys/values of every layer: [layers, batch, kv_heads, max_len, head_dim].
+
+    Layers write their new positions at `length` with `update`; the model calls
+    `advance` once all layers have seen the step.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search reordering, or expanding rows into beams)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)

@@ -1,0 +1,185 @@
+"""Model directories: `model.safetensors` + `model.json` (+ `generation.json`, tokenizer files).
+
+Files are written to a temporary name and renamed, so a killed process never leaves
+a half-written file that looks whole. Loading accepts a model directory, a run
+directory holding `model/`, or a reference-format checkpoint file (`.pt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slmctl.model.base import LanguageModel
+from slmctl.model.config import ModelConfig, get_preset, vocab_size_for
+from slmctl.model.generation import GenerationConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+GENERATION_FILE = "generation.json"
+TIED_KEYS = ("lm_head.weight",)  # never stored: the LM head is the embedding
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the problem."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def build_model(config: str | ModelConfig = "330m", tokenizer=None, seed: int | None = None, **overrides) -> LanguageModel:
+    """A freshly initialised model from a preset name or a `ModelConfig`.
+
+    With a `tokenizer`, the vocabulary follows it (padded to a multiple of 128) and the
+    pad/bos/eos ids are taken from it. `overrides` replace config fields.
+    """
+    from slmctl.model.deconly import DecoderOnlyLM
+    from slmctl.model.encdec import EncoderDecoderLM
+
+    cfg = get_preset(config) if isinstance(config, str) else config
+    if tokenizer is not None:
+        overrides = {**tokenizer_fields(tokenizer), **overrides}
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return EncoderDecoderLM(cfg) if cfg.is_encoder_decoder else DecoderOnlyLM(cfg)
+
+
+def tokenizer_fields(tokenizer) -> dict:
+    """vocab_size and special-token ids from a `tokenizers.Tokenizer` or a Hugging Face tokenizer."""
+    if hasattr(tokenizer, "get_vocab_size"):
+        size, lookup = tokenizer.get_vocab_size(with_added_tokens=True), tokenizer.token_to_id
+    else:
+        size, lookup = len(tokenizer), tokenizer.convert_tokens_to_ids
+    fields = {"vocab_size": vocab_size_for(size)}
+    names = {"pad_token_id": ("<pad>", "[PAD]", "<unk>"), "bos_token_id": ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>"),
+             "eos_token_id": ("</s>", "<eos>", "[EOS]", "<|endoftext|>", "<|end_of_text|>")}
+    for field, candidates in names.items():
+        attr = getattr(tokenizer, field, None)
+        if isinstance(attr, int):
+            fields[field] = attr
+            continue
+        for token in candidates:
+            token_id = lookup(token)
+            if isinstance(token_id, int) and token_id >= 0 and (field == "pad_token_id" or token != "<unk>"):
+                fields[field] = token_id
+                break
+    return fields
+
+
+def save_model(model: LanguageModel, directory: str | Path, tokenizer=None,
+               generation_config: GenerationConfig | None = None) -> Path:
+    """Write the model directory; returns its path. Weights are stored contiguous, in
+    the model's dtype, with the tied LM head left out."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "slmctl": "1"})
+        os.replace(tmp, directory / WEIGHTS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    model.config.save_json(directory / CONFIG_FILE)
+    gen = generation_config or GenerationConfig(eos_token_id=model.config.eos_token_id,
+                                                pad_token_id=model.config.pad_token_id)
+    atomic_write_text(directory / GENERATION_FILE, json.dumps(dataclasses.asdict(gen), indent=2) + "\n")
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    if hasattr(tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: all its files
+        tokenizer.save_pretrained(str(directory))
+    else:  # a `tokenizers.Tokenizer`
+        atomic_write_text(directory / "tokenizer.json", tokenizer.to_str())
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A model directory, or a run directory whose `model/` holds one."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    raise CheckpointError(f"{path} is not a model directory: no {CONFIG_FILE} in it or in {path / 'model'}")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               **config_overrides) -> LanguageModel:
+    """Load a model directory, a run directory, or a reference-format `.pt` checkpoint.
+
+    `config_overrides` replace model.json fields (e.g. dropout), or for a reference
+    checkpoint fill in what its tensors cannot tell (n_heads, n_kv_heads, token ids).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such model: {path}")
+    if path.is_file():
+        from slmctl.model.reference import import_reference_checkpoint
+
+        model = import_reference_checkpoint(path, **config_overrides)
+    else:
+        model_dir = resolve_model_dir(path)
+        try:
+            cfg = ModelConfig.load_json(model_dir / CONFIG_FILE)
+        except (ValueError, TypeError) as e:  # json errors are ValueErrors
+            raise CheckpointError(f"{model_dir / CONFIG_FILE}: {e}") from None
+        if config_overrides:
+            cfg = cfg.replace(**config_overrides)
+        weights = model_dir / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{model_dir} has no {WEIGHTS_FILE}")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{weights} is unreadable (truncated or corrupt?): {e}") from None
+        with torch.device("meta"):
+            model = build_model(cfg)
+        load_state(model, state, source=str(weights))
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+
+
+def load_state(model: LanguageModel, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load `state` into `model` (which may live on the meta device), with one
+    line naming every missing, unexpected or mis-shaped tensor."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                       if k in state and state[k].shape != v.shape)
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:5])}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+    if misshaped:
+        problems.append(f"wrong shape {', '.join(misshaped[:5])}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit a {model.config.name} model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False, assign=True)

@@ -1,0 +1,148 @@
+"""The paper's encoder-decoder LM ("Return of the Encoder", the 330M "Mu").
+
+    encoder:  embed -> N x [RMSNorm -> bidirectional GQA self-attn (RoPE, centred) -> +,
+                            RMSNorm -> tanh-GELU MLP -> +] -> RMSNorm
+    decoder:  embed -> M x [RMSNorm -> causal GQA self-attn (RoPE from 0) -> +,
+                            RMSNorm -> cross-attn over the encoder output (no RoPE) -> +,
+                            RMSNorm -> tanh-GELU MLP -> +] -> RMSNorm -> tied LM head
+
+One embedding matrix serves encoder input, decoder input and the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from slmctl.model.base import IGNORE_INDEX, LanguageModel, LMOutput, has_padding, padding_positions
+from slmctl.model.cache import KVCache
+from slmctl.model.config import ModelConfig
+from slmctl.model.layers import CrossAttentionBlock, SelfAttentionBlock, additive_mask, init_weights
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.n_encoder_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CrossAttentionBlock(cfg) for _ in range(cfg.n_decoder_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class EncoderDecoderLM(LanguageModel):
+    def __init__(self, config: ModelConfig):
+        if not config.is_encoder_decoder:
+            raise ValueError(f"EncoderDecoderLM needs arch='encdec', got {config.arch!r}")
+        super().__init__(config)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        init_weights(self, config.n_encoder_layers + config.n_decoder_layers)
+
+    # -- encoder -------------------------------------------------------------
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (normed) encoder states [B, S, d_model]."""
+        B, S = input_ids.shape
+        if has_padding(attention_mask):
+            positions = padding_positions(attention_mask, centred=True)
+        else:
+            positions = (torch.arange(S, device=input_ids.device) - (S - 1) // 2)[None]
+        rope = self.rope(positions, S, self.dtype)
+        mask, _ = self.self_attention_mask(attention_mask, S, causal=False)
+        x = self.embed(input_ids)
+        for layer in self.encoder.layers:
+            x = layer(x, rope, mask, False)
+        return self.encoder.norm(x)
+
+    def memory_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Additive cross-attention mask [B, 1, 1, S] hiding encoder padding, or None."""
+        if not has_padding(attention_mask):
+            return None
+        return additive_mask(attention_mask.bool()[:, None, None, :], self.dtype)
+
+    # -- decoder -------------------------------------------------------------
+
+    def decode(self, decoder_input_ids, encoder_out, memory_mask=None, decoder_attention_mask=None,
+               memory=None, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Final (normed) decoder states [B, T, d_model]. With a `cache`, the T new tokens
+        sit at positions start..start+T-1 after the cached ones."""
+        B, T = decoder_input_ids.shape
+        if has_padding(decoder_attention_mask):
+            positions = padding_positions(decoder_attention_mask, centred=False)
+        else:
+            positions = torch.arange(start, start + T, device=decoder_input_ids.device)[None]
+        rope = self.rope(positions, start + T, self.dtype)
+        if cache is None:
+            mask, is_causal = self.self_attention_mask(decoder_attention_mask, T, causal=True)
+        else:  # cached decoding: all rows share positions, every cached key is visible
+            mask, is_causal = None, start == 0 and T > 1
+        if memory is None:
+            memory = [layer.cross_attn.memory(encoder_out) for layer in self.decoder.layers]
+        x = self.embed(decoder_input_ids)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, rope, mask, is_causal, memory[i], memory_mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.decoder.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                labels=None) -> LMOutput:
+        """Teacher-forced logits [B, T, vocab]. Without `decoder_input_ids`, the decoder
+        sees BOS + labels[:-1] (labels of -100 become padding)."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        encoder_out = self.encode(input_ids, attention_mask)
+        hidden = self.decode(decoder_input_ids, encoder_out, self.memory_mask(attention_mask), decoder_attention_mask)
+        logits = self.lm_head(hidden)
+        loss = self.loss(logits, labels) if labels is not None else None
+        return LMOutput(logits=logits, loss=loss, encoder_hidden_states=encoder_out)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        start = labels.new_full((labels.shape[0], 1), self.config.bos_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, self.config.pad_token_id)
+
+    # -- generation ----------------------------------------------------------
+
+    def start_decoding(self, input_ids, attention_mask, max_new_tokens) -> "EncoderDecoderSession":
+        return EncoderDecoderSession(self, input_ids, attention_mask, max_new_tokens)
+
+
+class EncoderDecoderSession:
+    """Incremental decoding state: the encoder runs once, every decoder layer's
+    cross-attention keys/values are computed once, self-attention grows a KV cache."""
+
+    def __init__(self, model: EncoderDecoderLM, input_ids, attention_mask, max_new_tokens: int):
+        cfg = model.config
+        self.model = model
+        encoder_out = model.encode(input_ids, attention_mask)
+        self.memory = [layer.cross_attn.memory(encoder_out) for layer in model.decoder.layers]
+        self.memory_mask = model.memory_mask(attention_mask)
+        self.cache = KVCache(cfg.n_decoder_layers, input_ids.shape[0], cfg.n_kv_heads, max_new_tokens + 1,
+                             cfg.head_dim, model.dtype, model.device)
+        self.batch_size = input_ids.shape[0]
+
+    def first_logits(self) -> torch.Tensor:
+        """Logits [B, vocab] for the first new token (the decoder reads BOS)."""
+        bos = torch.full((self.batch_size,), self.model.config.bos_token_id, dtype=torch.long, device=self.model.device)
+        return self.step(bos)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [B]; logits [B, vocab] for the next one."""
+        hidden = self.model.decode(tokens[:, None], None, self.memory_mask, memory=self.memory,
+                                   cache=self.cache, start=self.cache.length)
+        return self.model.lm_head(hidden[:, -1])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+        self.memory = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, index)
+        self.batch_size = index.numel()

@@ -1,0 +1,204 @@
+"""Building blocks shared by the encoder-decoder and the decoder-only baseline.
+
+Pre-norm RMSNorm, rotary positions (RoPE, with optional dynamic NTK scaling),
+grouped-query attention on `scaled_dot_product_attention`, and the tanh-GELU MLP.
+Query head j uses key/value head j // (n_heads / n_kv_heads) (SDPA's `enable_gqa`
+grouping); the reference checkpoint's tiled grouping is mapped onto it on import.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slmctl.model.cache import KVCache
+from slmctl.model.config import ModelConfig
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B or 1, 1, T, head_dim]
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE, built once per (base, device, dtype) and indexed by position.
+
+    Positions may be negative (the encoder centres them). With `factor > 1`, sequences
+    longer than `max_seq_len` use the dynamic NTK base
+    `theta * (factor * L / max_seq_len - (factor - 1)) ** (d / (d - 2))`.
+    """
+
+    def __init__(self, head_dim: int, theta: float, factor: float, max_seq_len: int):
+        super().__init__()
+        self.head_dim, self.theta, self.factor, self.max_seq_len = head_dim, theta, factor, max_seq_len
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def base(self, seq_len: int) -> float:
+        if self.factor > 1.0 and seq_len > self.max_seq_len:
+            d = self.head_dim
+            return self.theta * (self.factor * seq_len / self.max_seq_len - (self.factor - 1)) ** (d / (d - 2))
+        return self.theta
+
+    def _table(self, base: float, reach: int, device: torch.device, dtype: torch.dtype):
+        key = (base, device, dtype)
+        cached = self._tables.get(key)
+        if cached is not None and cached[2] >= reach:
+            return cached
+        half = max(self.max_seq_len, 1 << max(reach - 1, 1).bit_length())
+        d = self.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=device).float() / d))
+        positions = torch.arange(-half, half, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        entry = (angles.cos().to(dtype), angles.sin().to(dtype), half)
+        self._tables[key] = entry
+        return entry
+
+    def forward(self, positions: torch.Tensor, seq_len: int, dtype: torch.dtype) -> Rope:
+        """cos/sin for integer `positions` [B or 1, T] -> two tensors [B or 1, 1, T, head_dim]."""
+        reach = int(max(seq_len, 1))
+        cos, sin, half = self._table(self.base(seq_len), reach, positions.device, dtype)
+        index = positions + half
+        return cos[index].unsqueeze(1), sin[index].unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    cos, sin = rope
+    return x * cos + rotate_half(x) * sin
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" -> additive bias (0 or the dtype's minimum, never -inf, so a
+    fully masked padding row stays finite instead of turning into NaN)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class MLP(nn.Module):
+    """d_model -> d_ff -> d_model with tanh-GELU (not gated), biases on both Linears."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    """Grouped-query self-attention with RoPE on Q and K; one fused QKV projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.split = (cfg.attn_width, cfg.kv_width, cfg.kv_width)
+        self.qkv = nn.Linear(cfg.d_model, sum(self.split))
+        self.out = nn.Linear(cfg.attn_width, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), rope)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), rope)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over the final encoder output; no positions. The encoder's
+    keys/values (`memory`) are computed once per prompt and reused at every step."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.attn_width)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.kv_width)
+        self.out = nn.Linear(cfg.attn_width, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def memory(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = encoder_out.shape
+        kv = self.kv(encoder_out).view(B, S, 2, self.n_kv_heads, self.head_dim)
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = memory
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Encoder block (bidirectional) and decoder-only block (causal): attention, then MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, is_causal, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Encoder-decoder decoder block: causal self-attention, cross-attention, MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.cross_attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.cross_attn = CrossAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, is_causal, memory, memory_mask, cache=None, layer=0):
+        x = x + self.drop(self.self_attn(self.self_attn_norm(x), rope, mask, is_causal, cache, layer))
+        x = x + self.drop(self.cross_attn(self.cross_attn_norm(x), memory, memory_mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+def init_weights(model: nn.Module, n_residual_layers: int, std: float = 0.02) -> None:
+    """N(0, 0.02) weights, zero biases, unit norms; projections that write into the
+    residual stream are scaled by 1/sqrt(2 * layers) (GPT-2) so deep stacks start stable."""
+    residual_std = std / math.sqrt(2 * max(n_residual_layers, 1))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_residual = name.endswith(".out") or name.endswith(".fc2")
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
