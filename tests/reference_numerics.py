@@ -100,7 +100,7 @@ def random_reference_state(vocab, d, H, KV, hd, d_ff, n_enc, n_dec, seed=0):
     """A reference-keyed state dict with clearly non-trivial random weights."""
     g = torch.Generator().manual_seed(seed)
 
-    def w(*shape, scale=3.0):
+    def w(*shape, scale=2.0):
         return scale * torch.randn(*shape, generator=g) / shape[-1] ** 0.5
 
     def b(n):
