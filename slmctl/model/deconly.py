@@ -15,7 +15,7 @@ import torch.nn as nn
 from slmctl.model.base import LanguageModel, LMOutput, has_padding, padding_positions
 from slmctl.model.cache import KVCache
 from slmctl.model.config import ModelConfig
-from slmctl.model.layers import SelfAttentionBlock, additive_mask, init_weights
+from slmctl.model.layers import RMSNorm, SelfAttentionBlock, additive_mask, init_weights
 
 
 class DecoderOnlyLM(LanguageModel):
@@ -24,7 +24,7 @@ class DecoderOnlyLM(LanguageModel):
             raise ValueError(f"DecoderOnlyLM needs arch='deconly', got {config.arch!r}")
         super().__init__(config)
         self.layers = nn.ModuleList(SelfAttentionBlock(config) for _ in range(config.n_decoder_layers))
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         init_weights(self, config.n_decoder_layers)
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,

@@ -17,21 +17,21 @@ import torch.nn as nn
 from slmctl.model.base import IGNORE_INDEX, LanguageModel, LMOutput, has_padding, padding_positions
 from slmctl.model.cache import KVCache
 from slmctl.model.config import ModelConfig
-from slmctl.model.layers import CrossAttentionBlock, SelfAttentionBlock, additive_mask, init_weights
+from slmctl.model.layers import RMSNorm, CrossAttentionBlock, SelfAttentionBlock, additive_mask, init_weights
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layers = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.n_encoder_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layers = nn.ModuleList(CrossAttentionBlock(cfg) for _ in range(cfg.n_decoder_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 class EncoderDecoderLM(LanguageModel):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from slmctl.model.cache import KVCache
 from slmctl.model.config import ModelConfig
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B or 1, 1, T, head_dim]
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin), each [B or 1, 1, T, head_dim]
 
 
 class RotaryEmbedding(nn.Module):
@@ -50,7 +50,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(-half, half, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
-        entry = (angles.cos().to(dtype), angles.sin().to(dtype), half)
+        sin = angles.sin()
+        signed_sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), dim=-1)  # folds rotate-half's sign in
+        entry = (angles.cos().to(dtype), signed_sin.to(dtype), half)
         self._tables[key] = entry
         return entry
 
@@ -62,14 +64,11 @@ class RotaryEmbedding(nn.Module):
         return cos[index].unsqueeze(1), sin[index].unsqueeze(1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    cos, sin = rope
-    return x * cos + rotate_half(x) * sin
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) * sin computed as
+    roll(x, d/2) * [-sin, sin] (three kernels instead of six: decoding is overhead-bound)."""
+    cos, signed_sin = rope
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,6 +76,21 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     fully masked padding row stays finite instead of turning into NaN)."""
     bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps), normalised in fp32 as the reference does. Written
+    out (five kernels) because torch's fused CPU kernel costs more on 1-token decode steps."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True).add_(self.eps))
+        return normed.to(x.dtype) * self.weight
 
 
 class MLP(nn.Module):
@@ -112,9 +126,9 @@ class SelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), rope)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), rope)
+        qk, v = self.qkv(x).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim).transpose(1, 2), rope)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)  # RoPE once over query and key heads
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -153,20 +167,25 @@ class CrossAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def residual_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout on a sublayer's output; free (not even a call) at inference or p = 0."""
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 class SelfAttentionBlock(nn.Module):
     """Encoder block (bidirectional) and decoder-only block (causal): attention, then MLP."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = SelfAttention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, is_causal, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + residual_dropout(self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer), self.dropout, self.training)
+        return x + residual_dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -174,18 +193,19 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.self_attn = SelfAttention(cfg)
-        self.cross_attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.cross_attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, is_causal, memory, memory_mask, cache=None, layer=0):
-        x = x + self.drop(self.self_attn(self.self_attn_norm(x), rope, mask, is_causal, cache, layer))
-        x = x + self.drop(self.cross_attn(self.cross_attn_norm(x), memory, memory_mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        p, training = self.dropout, self.training
+        x = x + residual_dropout(self.self_attn(self.self_attn_norm(x), rope, mask, is_causal, cache, layer), p, training)
+        x = x + residual_dropout(self.cross_attn(self.cross_attn_norm(x), memory, memory_mask), p, training)
+        return x + residual_dropout(self.mlp(self.mlp_norm(x)), p, training)
 
 
 def init_weights(model: nn.Module, n_residual_layers: int, std: float = 0.02) -> None:
@@ -200,5 +220,5 @@ def init_weights(model: nn.Module, n_residual_layers: int, std: float = 0.02) ->
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.RMSNorm):
+        elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)

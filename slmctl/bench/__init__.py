@@ -1,0 +1,1 @@
+"""Measuring how fast models serve: latency, throughput, memory bandwidth."""
