@@ -96,11 +96,11 @@ def reference_greedy(p, enc_ids, H, KV, bos_id, eos_id, max_new_tokens, pad_id=0
     return dec[:, 1:]
 
 
-def random_reference_state(vocab, d, H, KV, hd, d_ff, n_enc, n_dec, seed=0):
+def random_reference_state(vocab, d, H, KV, hd, d_ff, n_enc, n_dec, seed=0, scale=2.0, embed_std=0.5):
     """A reference-keyed state dict with clearly non-trivial random weights."""
     g = torch.Generator().manual_seed(seed)
 
-    def w(*shape, scale=2.0):
+    def w(*shape):
         return scale * torch.randn(*shape, generator=g) / shape[-1] ** 0.5
 
     def b(n):
@@ -120,7 +120,7 @@ def random_reference_state(vocab, d, H, KV, hd, d_ff, n_enc, n_dec, seed=0):
         return {f"{prefix}.fc1.weight": w(d_ff, d), f"{prefix}.fc1.bias": b(d_ff),
                 f"{prefix}.fc2.weight": w(d, d_ff), f"{prefix}.fc2.bias": b(d)}
 
-    wte = 0.5 * torch.randn(vocab, d, generator=g)
+    wte = embed_std * torch.randn(vocab, d, generator=g)
     wte[0] = 0.0  # the pad embedding (id 0) never wins the argmax: the reference would mask it as padding
     p = {"transformer.wte.weight": wte}
     for i in range(n_enc):
