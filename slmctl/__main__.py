@@ -1,0 +1,5 @@
+"""`python -m slmctl` is the `slmctl` command."""
+
+from slmctl.cli import main
+
+main()

@@ -1,0 +1,313 @@
+"""The `slmctl` command: parse, compose the config, open the run directory, dispatch.
+
+    slmctl pretrain model=tiny trainer.max_steps=50      # key=value words are Hydra overrides
+    slmctl generate runs/pretrain/latest prompt="..."    # or --file prompts.jsonl
+    slmctl ls [GROUP] | slmctl validate STAGE [OVERRIDES] | slmctl runs [show RUN]
+    slmctl recipe run recipes/quickstart.yaml
+
+Errors a user can fix (bad override, missing file, bad checkpoint) print one line and exit 2;
+--verbose shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Pretrain, distill, add vision to, evaluate, export and benchmark small encoder-decoder LMs.")
+runs_app = typer.Typer(add_completion=False, help="List runs, or show one with its lineage.", invoke_without_command=True)
+recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-stage pipelines (recipes/*.yaml).")
+app.add_typer(runs_app, name="runs")
+app.add_typer(recipe_app, name="recipe")
+
+console = Console()
+err_console = Console(stderr=True)
+
+RUNS_DIR = typer.Option(Path("runs"), "--runs-dir", help="Where run directories live.")
+NAME = typer.Option(None, "--name", help="Run name (the directory is <runs-dir>/<stage>/<time>-<name>).")
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, mps or npu (sets trainer.accelerator for training).")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved config and exit.")
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from slmctl.config import ConfigError
+    from slmctl.data.sources import DataError
+    from slmctl.data.tokenizer import TokenizerError
+    from slmctl.model.checkpoint import CheckpointError
+    from slmctl.runs import RunError
+
+    return (ConfigError, DataError, TokenizerError, CheckpointError, RunError, FileNotFoundError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: Path, device: str, verbose: bool,
+              dry_run: bool) -> None:
+    """Compose, open (or reopen, for resume=) the run directory and call the stage's run()."""
+    from slmctl.config import compose, to_yaml
+    from slmctl.runs import Run, resolve_run
+
+    try:
+        if device != "cpu" and not any(o.startswith("trainer=") or o.startswith("trainer.accelerator=") for o in overrides):
+            overrides = [*overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}"]
+        cfg = compose(stage, overrides)
+        if dry_run:
+            console.print(to_yaml(cfg), highlight=False, end="")
+            return
+        if cfg.get("resume"):
+            path = resolve_resumable(cfg.resume, runs_dir, stage)
+            run = Run.open(path)
+            saved = run.config()
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.merge(compose(stage, []), saved, {"resume": str(path)})
+            run.resume()
+        else:
+            run = Run.create(runs_dir, stage, name or stage, cfg, argv=["slmctl", *sys.argv[1:]], device=device)
+    except _user_errors() as e:
+        if verbose:
+            raise
+        fail(str(e))
+        return
+    console.print(f"[bold]{stage}[/bold] -> {run.path}")
+    module = _stage_module(stage)
+    try:
+        module.run(cfg, run)
+    except KeyboardInterrupt:
+        run.interrupt("interrupted by the user (resume with resume=" + str(run.path) + ")")
+        fail(f"interrupted; resume with: slmctl {stage} resume={run.path}", code=130)
+    except _user_errors() as e:
+        run.fail(str(e))
+        if verbose:
+            raise
+        fail(str(e))
+    except Exception as e:  # a bug or an environment problem: record it, show it
+        run.fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        raise
+    status = run.status()
+    summary = status.get("summary") or {}
+    _print_summary(stage, run.path, summary)
+
+
+def resolve_resumable(ref: str, runs_dir: Path, stage: str) -> Path:
+    """resume=latest means the newest run of this stage that did not succeed."""
+    from slmctl.runs import RunError, list_runs, resolve_run
+
+    if ref == "latest":
+        candidates = [r for r in list_runs(runs_dir, stage) if r.status != "succeeded"]
+        if not candidates:
+            raise RunError(f"no unfinished {stage} run under {runs_dir} to resume")
+        return candidates[0].path
+    return resolve_run(ref, runs_dir)
+
+
+def _stage_module(stage: str):
+    import importlib
+
+    return importlib.import_module({"pretrain": "slmctl.train.pretrain"}[stage])
+
+
+def _print_summary(stage: str, path: Path, summary: dict) -> None:
+    table = Table(title=f"{stage} finished: {path}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+# -- stages ---------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides"),
+             name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
+             verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
+    """Train a model from scratch (or fine-tune with init=RUN) on a text objective."""
+    run_stage("pretrain", overrides or [], name, runs_dir, device, verbose, dry_run)
+
+
+@app.command()
+def generate(model: str = typer.Argument(..., help="A model directory, a run, or runs/<stage>/latest."),
+             prompts: Optional[list[str]] = typer.Argument(None, help='prompt="..." (repeatable)'),
+             file: Optional[Path] = typer.Option(None, "--file", help="jsonl with a 'prompt' (or 'source') per line."),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+             num_beams: int = typer.Option(1, "--num-beams"),
+             temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+             top_p: float = typer.Option(1.0, "--top-p"),
+             seed: int = typer.Option(0, "--seed"),
+             runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
+    """Print (streaming) what a model generates for each prompt."""
+    from slmctl.generate import generate_text, load_generator
+
+    try:
+        texts = [p.split("=", 1)[1] if p.startswith("prompt=") else p for p in (prompts or [])]
+        if file is not None:
+            texts += _read_prompt_file(file)
+        if not texts:
+            fail('give prompt="..." or --file prompts.jsonl')
+        generator = load_generator(model, runs_dir, device)
+    except _user_errors() as e:
+        if verbose:
+            raise
+        fail(str(e))
+        return
+    for text in texts:
+        console.print(f"[bold]> {text}[/bold]", highlight=False)
+        generate_text(generator, text, on_piece=lambda piece: console.print(piece, end="", highlight=False, soft_wrap=True),
+                      max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed)
+        console.print()
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    if not path.is_file():
+        fail(f"no such prompt file: {path}")
+    texts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{number}: not valid JSON ({e.msg})")
+        text = record.get("prompt", record.get("source")) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            fail(f"{path}:{number}: expected an object with a 'prompt' (or 'source') string")
+        texts.append(text)
+    return texts
+
+
+# -- configs and runs -------------------------------------------------------------
+
+
+@app.command("ls")
+def list_configs(group: Optional[str] = typer.Argument(None, help="A config group (model, data, ...).")) -> None:
+    """List config groups and their options (or one group's options)."""
+    from slmctl.config import groups, stages
+
+    available = groups()
+    if group is not None:
+        if group not in available:
+            fail(f"unknown config group {group!r} (choose from: {', '.join(available)})")
+        for option in available[group]:
+            console.print(option, highlight=False)
+        return
+    table = Table(title="config groups (use GROUP=OPTION)")
+    table.add_column("group")
+    table.add_column("options")
+    for name, options in available.items():
+        table.add_row(name, ", ".join(options))
+    console.print(table)
+    console.print(f"stages: {', '.join(stages())}", highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def validate(stage: str = typer.Argument(..., help="pretrain, ..."),
+             overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides"),
+             show: bool = typer.Option(False, "--show", help="Also print the resolved config.")) -> None:
+    """Check that a composition is valid (exit 2 with the reason if not)."""
+    from slmctl.config import ConfigError, compose, to_yaml
+
+    try:
+        cfg = compose(stage, overrides or [])
+    except ConfigError as e:
+        fail(str(e))
+        return
+    if show:
+        console.print(to_yaml(cfg), highlight=False, end="")
+    console.print(f"[green]ok[/green]: {stage} {' '.join(overrides or [])}".rstrip(), highlight=False)
+
+
+@runs_app.callback()
+def runs(ctx: typer.Context, stage: Optional[str] = typer.Option(None, "--stage", help="Only this stage."),
+         runs_dir: Path = RUNS_DIR) -> None:
+    """List runs: stage, name, status, age, key metric."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from datetime import datetime, timezone
+
+    from slmctl.runs import list_runs
+
+    found = list_runs(runs_dir, stage)
+    if not found:
+        console.print(f"no runs under {runs_dir}", highlight=False)
+        return
+    table = Table(title=f"runs under {runs_dir}")
+    for column in ("stage", "run", "status", "age", "key metric"):
+        table.add_column(column)
+    now = datetime.now(timezone.utc)
+    for info in found:
+        metric = f"{info.key_metric[0]}={info.key_metric[1]:.4g}" if info.key_metric and isinstance(info.key_metric[1], (int, float)) else ""
+        table.add_row(info.stage, info.path.name, info.status, _age(now - info.started) if info.started else "", metric)
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument(..., help="A run directory or runs/<stage>/latest."),
+              runs_dir: Path = RUNS_DIR) -> None:
+    """Show one run: status, summary, inputs (lineage) and artifacts."""
+    from slmctl.runs import Run, RunError, resolve_run
+
+    try:
+        opened = Run.open(resolve_run(run, runs_dir))
+    except RunError as e:
+        fail(str(e))
+        return
+    status = opened.status()
+    console.print(f"[bold]{opened.path}[/bold]  stage={opened.stage}  status={status.get('status')}", highlight=False)
+    if status.get("error"):
+        console.print(f"error: {status['error']}", highlight=False)
+    for key, value in (status.get("summary") or {}).items():
+        console.print(f"  {key}: {value}", highlight=False)
+    inputs = opened.inputs()
+    console.print("inputs:" if inputs else "inputs: none", highlight=False)
+    for item in inputs:
+        console.print(f"  {item.get('kind')}: {item.get('ref')} -> {item.get('path')}", highlight=False)
+    manifest = opened.path / "MANIFEST.json"
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())
+        console.print(f"artifacts: {len(files)} files, {sum(v['size'] for v in files.values()) / 1e6:.1f} MB", highlight=False)
+
+
+def _age(delta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+# -- recipes -----------------------------------------------------------------------
+
+
+@recipe_app.command("run")
+def recipe_run(path: Path = typer.Argument(..., help="A recipe file, e.g. recipes/quickstart.yaml."),
+               runs_dir: Path = RUNS_DIR, verbose: bool = VERBOSE) -> None:
+    """Run a multi-stage pipeline; later steps consume earlier runs as ${runs.<step>}."""
+    from slmctl.recipes import run_recipe
+
+    try:
+        run_recipe(path, runs_dir, verbose=verbose)
+    except _user_errors() as e:
+        if verbose:
+            raise
+        fail(str(e))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

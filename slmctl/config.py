@@ -1,0 +1,350 @@
+"""Hydra composition of `conf/`, a typed schema for the composed config, and one-line errors.
+
+`compose(stage, overrides)` composes `conf/<stage>.yaml` with `key=value` overrides
+(Hydra's compose API: no Hydra run directory, no logging changes), then checks every
+group against its schema: an unknown key, an unknown group option, a wrong type or a
+missing required value raises `ConfigError` with one line naming it and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from slmctl.model.config import ModelConfig
+
+CONF_DIR = Path(os.environ.get("SLMCTL_CONF", Path(__file__).resolve().parent.parent / "conf"))
+HIDDEN_GROUPS = {"common"}  # building blocks of other groups, not choices
+
+
+class ConfigError(ValueError):
+    """A bad composition or value; the message is one line naming the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------
+# Schemas (one dataclass per group option kind)
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class HFCausalSchema:
+    model_type: str = "llama"
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+
+
+def _model_schema() -> type:
+    """`preset` plus every ModelConfig field as an optional override."""
+    overridable = [(f.name, Optional[f.type if not isinstance(f.type, str) else _TYPES[f.type]], None)
+                   for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "arch")]
+    return dataclasses.make_dataclass(
+        "ModelSchema", [("preset", str, "small"), *overridable, ("hf", Optional[HFCausalSchema], None)])
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+ModelSchema = _model_schema()
+
+
+@dataclass
+class ColumnsSchema:
+    text: str = "text"
+    source: str = "source"
+    target: str = "target"
+
+
+@dataclass
+class SyntheticDataSchema:
+    kind: str = "synthetic"
+    seed: int = 0
+    n_people: int = 500
+    train_examples: int = 20000
+    validation_examples: int = 200
+    min_facts: int = 8
+    max_facts: int = 16
+
+
+@dataclass
+class FilesDataSchema:
+    kind: str = "files"
+    train: str = "???"
+    validation: Optional[str] = None
+    validation_fraction: float = 0.02
+    columns: ColumnsSchema = field(default_factory=ColumnsSchema)
+
+
+@dataclass
+class HubDataSchema:
+    kind: str = "hub"
+    id: str = "???"
+    subset: Optional[str] = None
+    train_split: str = "train"
+    validation_split: Optional[str] = "validation"
+    columns: ColumnsSchema = field(default_factory=ColumnsSchema)
+
+
+@dataclass
+class BpeTokenizerSchema:
+    kind: str = "bpe"
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    n_sentinels: int = 32
+    max_training_texts: int = 50000
+
+
+@dataclass
+class HFTokenizerSchema:
+    kind: str = "hf"
+    path: str = "???"
+    n_sentinels: int = 32
+
+
+@dataclass
+class PrefixLMSchema:
+    name: str = "prefix_lm"
+    min_prefix_frac: float = 0.2
+    max_prefix_frac: float = 0.8
+    packing: bool = True
+
+
+@dataclass
+class SpanCorruptionSchema:
+    name: str = "span_corruption"
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    packing: bool = True
+
+
+@dataclass
+class Seq2SeqSchema:
+    name: str = "seq2seq"
+    packing: bool = False
+
+
+@dataclass
+class CausalLMSchema:
+    name: str = "causal_lm"
+    packing: bool = True
+
+
+@dataclass
+class PretrainSchema:
+    seed: int = 0
+    init: Optional[str] = None
+    resume: Optional[str] = None
+    batch_size: int = 16
+    max_source_len: int = 256
+    max_target_len: int = 64
+    checkpoint_every: int = 100
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    model: Any = None
+    data: Any = None
+    tokenizer: Any = None
+    objective: Any = None
+    trainer: Any = None
+
+
+GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
+    # group -> (discriminating key, {value: schema})
+    "model": ("", {"": ModelSchema}),
+    "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema}),
+    "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema}),
+    "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
+                           "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
+}
+STAGE_SCHEMAS = {"pretrain": PretrainSchema}
+
+
+# ---------------------------------------------------------------------------
+# Listing
+
+
+def stages() -> list[str]:
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def groups() -> dict[str, list[str]]:
+    """Config groups and their options, e.g. {"model": ["1b", "330m", ...]}."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+            for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and d.name not in HIDDEN_GROUPS}
+
+
+# ---------------------------------------------------------------------------
+# Composition
+
+
+def compose(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The validated, resolved config of `stage` with Hydra `overrides` applied."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    if stage not in stages():
+        raise ConfigError(f"unknown stage {stage!r} (choose from: {', '.join(stages())})")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"bad override {item!r}: expected key=value (e.g. model=tiny or trainer.max_steps=50)")
+    overrides = [_trainer_override(item) for item in overrides]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="slmctl"):
+            cfg = hydra_compose(config_name=stage, overrides=list(overrides))
+    except HydraException as e:
+        message = _explain_hydra_error(str(e), stage)
+        bad_key = re.search(r"unknown config key '([^']+)'", message)
+        if bad_key:  # name the keys that do exist there
+            key = bad_key.group(1)
+            rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            try:
+                with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="slmctl"):
+                    node = hydra_compose(config_name=stage, overrides=rest)
+                node = OmegaConf.select(node, parent) if parent else node
+                if isinstance(node, DictConfig):
+                    message = f"unknown config key {key!r} (valid keys{' of ' + parent if parent else ''}: {', '.join(node)})"
+            except (HydraException, OmegaConfBaseException):
+                pass
+        raise ConfigError(message) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(str(e))) from None
+    return validate(cfg, stage)
+
+
+def validate(cfg: DictConfig, stage: str) -> DictConfig:
+    """Check `cfg` against the stage and group schemas; returns it typed and resolved."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(str(e))) from None
+    checked = {}
+    for group, (key, options) in GROUP_SCHEMAS.items():
+        if group not in cfg:
+            continue
+        node = cfg[group]
+        kind = node.get(key) if key else ""
+        if kind not in options:
+            raise ConfigError(f"{group}.{key}={kind!r} is not one of: {', '.join(options)}")
+        checked[group] = _merge(options[kind], node, group)
+    if "trainer" in cfg:
+        checked["trainer"] = _check_trainer(cfg.trainer)
+    top = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in checked})
+    result = _merge(STAGE_SCHEMAS[stage], top, None)
+    with_groups = OmegaConf.merge(result, checked)
+    missing = sorted(OmegaConf.missing_keys(with_groups))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: set {missing[0]}=VALUE")
+    _check_values(with_groups)
+    return with_groups
+
+
+def _merge(schema: type, node, prefix: str | None) -> DictConfig:
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        full = f"{prefix}.{key}" if prefix and key else (key or prefix or "config")
+        message = _one_line(getattr(e, "msg", None) or str(e))
+        if "not in struct" in message or "Key '" in message and "not" in message:
+            valid = ", ".join(f.name for f in dataclasses.fields(schema))
+            raise ConfigError(f"unknown config key {full!r} (valid keys{' of ' + prefix if prefix else ''}: {valid})") from None
+        raise ConfigError(f"{full}: {message}") from None
+
+
+def trainer_arguments() -> list[str]:
+    """The lightning.Trainer arguments a config may set (not logger/callbacks/plugins: slmctl owns those)."""
+    from lightning.pytorch import Trainer
+
+    return [p for p in inspect.signature(Trainer.__init__).parameters if p not in ("self", "logger", "callbacks", "plugins")]
+
+
+def _trainer_override(item: str) -> str:
+    """`trainer.X=v` may set any Trainer argument, also one the trainer config does not list
+    (rewritten to Hydra's add-or-override `++trainer.X=v`)."""
+    key = item.split("=", 1)[0]
+    if not key.startswith("trainer.") or key.count(".") != 1:
+        return item
+    name = key.split(".", 1)[1]
+    if name not in trainer_arguments():
+        raise ConfigError(f"unknown trainer argument {name!r} (trainer.* takes lightning.Trainer arguments: "
+                          f"{', '.join(trainer_arguments())})")
+    return "++" + item
+
+
+def _check_trainer(node) -> DictConfig:
+    unknown = sorted(set(node) - set(trainer_arguments()))
+    if unknown:
+        raise ConfigError(f"unknown trainer argument {unknown[0]!r} (trainer.* takes lightning.Trainer arguments: "
+                          f"{', '.join(trainer_arguments())})")
+    return node
+
+
+def _check_values(cfg: DictConfig) -> None:
+    positive = ["batch_size", "max_source_len", "max_target_len", "checkpoint_every", "optim.lr"]
+    for key in positive:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _explain_hydra_error(message: str, stage: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    found = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    if found:
+        group, option = found.groups()
+        options = groups().get(group, [])
+        return f"unknown {group} option {option!r} (choose from: {', '.join(options)})"
+    found = re.search(r"Could not override '([^']+)'", message)
+    if found:
+        key = found.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        return f"unknown config key {key!r}" + (f" (see `slmctl validate {stage} --show` for the keys of {parent})" if parent else
+                                                 f" (see `slmctl validate {stage} --show`)")
+    found = re.search(r"Key '([^']+)' is not in struct", message)
+    if found:
+        return f"unknown config key {found.group(1)!r} (see `slmctl validate {stage} --show`)"
+    return _one_line(" ".join(lines))
+
+
+def _one_line(message: str) -> str:
+    first = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    return first[0] if first else "invalid config"
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def model_config_from(cfg: DictConfig, **fallbacks) -> ModelConfig:
+    """The ModelConfig a `model` group node describes (preset + non-null overrides), with
+    `fallbacks` (e.g. the tokenizer's vocab size and token ids) used where the node is null."""
+    from slmctl.model.config import get_preset
+
+    node = OmegaConf.to_container(cfg, resolve=True)
+    base = get_preset(node["preset"])
+    changes = {k: v for k, v in fallbacks.items() if node.get(k) is None}
+    changes |= {k: v for k, v in node.items() if k not in ("preset", "hf") and v is not None}
+    try:
+        return base.replace(**changes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,1 @@
+"""Data: tokenizers, datasets, training objectives and the embedded synthetic tasks."""

@@ -1,0 +1,82 @@
+"""Text in, text out: load any model artifact (ours or a Hugging Face causal LM) with its
+tokenizer and stream generated text. Used by `slmctl generate` and the recipes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slmctl.data.tokenizer import TextTokenizer
+
+
+@dataclass
+class Generator:
+    model: torch.nn.Module
+    tokenizer: TextTokenizer
+    kind: str  # "encdec" | "deconly" | "hf-causal"
+    path: Path
+
+
+def load_generator(ref: str | Path, runs_dir: str | Path = "runs", device: str = "cpu") -> Generator:
+    from slmctl.model import load_model
+    from slmctl.runs import resolve_model_path
+
+    path = resolve_model_path(ref, runs_dir)
+    path = path / "model" if (path / "model").is_dir() else path
+    tokenizer = TextTokenizer.load(path)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if config is not None and not (path / "model.json").is_file():  # a Hugging Face causal LM
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+        return Generator(model, tokenizer, "hf-causal", path)
+    model = load_model(path, device=device).eval()
+    return Generator(model, tokenizer, "encdec" if model.config.is_encoder_decoder else "deconly", path)
+
+
+def prompt_ids(generator: Generator, text: str) -> list[int]:
+    """Encoder input for an encoder-decoder; BOS + text for decoder-only models."""
+    ids = generator.tokenizer.encode(text)
+    return ids if generator.kind == "encdec" else [generator.tokenizer.bos_id, *ids]
+
+
+def generate_text(generator: Generator, text: str, on_piece: Callable[[str], None] | None = None,
+                  max_new_tokens: int = 64, num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int = 0) -> str:
+    """The generated text; `on_piece` receives it as it is produced (whole, for beam search)."""
+    tokenizer = generator.tokenizer
+    ids = torch.tensor([prompt_ids(generator, text)], device=next(generator.model.parameters()).device)
+    sampling = {"do_sample": temperature > 0, **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {})}
+    if generator.kind == "hf-causal" or num_beams > 1:
+        if generator.kind == "hf-causal":
+            out = generator.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                           num_beams=num_beams, pad_token_id=tokenizer.pad_id,
+                                           eos_token_id=tokenizer.eos_id, **sampling)[0, ids.shape[1]:]
+        else:
+            out = generator.model.generate(ids, max_new_tokens=max_new_tokens, num_beams=num_beams)[0]
+        result = tokenizer.decode(out.tolist())
+        if on_piece:
+            on_piece(result)
+        return result
+    new: list[int] = []
+    shown = ""
+
+    def on_token(token: torch.Tensor) -> None:
+        nonlocal shown
+        new.append(int(token[0]))
+        so_far = tokenizer.decode(new)
+        if on_piece and so_far.startswith(shown) and not so_far.endswith("\ufffd"):  # whole characters only
+            on_piece(so_far[len(shown):])
+            shown = so_far
+
+    torch_generator = torch.Generator(device=ids.device).manual_seed(seed) if temperature > 0 else None
+    generator.model.generate(ids, max_new_tokens=max_new_tokens, streamer=on_token, generator=torch_generator,
+                             **sampling)
+    result = tokenizer.decode(new)
+    if on_piece and result.startswith(shown) and len(result) > len(shown):
+        on_piece(result[len(shown):])
+    return result

@@ -1,0 +1,1 @@
+"""Training: Lightning modules, data modules and the stages built on them."""

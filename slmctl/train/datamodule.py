@@ -1,0 +1,70 @@
+"""Batches for pretraining, as a pure function of (seed, batch index).
+
+Training batches come from an endless stream in which batch k is built from examples
+k*B .. k*B+B-1 of a seeded per-epoch permutation, each passed through the objective with
+its own seeded RNG. The stream starts at the batch the trainer has reached, so a resumed
+run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+Example = object  # a token-id list, or a (source ids, target ids) pair
+MakeBatch = Callable[[list[Example], list[random.Random]], dict]
+
+
+class StepStream(IterableDataset):
+    """Endless batches; batch k uses examples at stream positions k*B .. k*B+B-1."""
+
+    def __init__(self, examples: list, batch_size: int, seed: int, make_batch: MakeBatch, start_batch: int = 0):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.make_batch, self.start_batch = make_batch, start_batch
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def batch(self, k: int) -> dict:
+        n = len(self.examples)
+        chosen, rngs, cache = [], [], {}
+        for position in range(k * self.batch_size, (k + 1) * self.batch_size):
+            epoch = position // n
+            if epoch not in cache:
+                cache[epoch] = self._permutation(epoch)
+            chosen.append(self.examples[cache[epoch][position % n]])
+            rngs.append(random.Random(f"{self.seed}:{position}"))
+        return self.make_batch(chosen, rngs)
+
+    def __iter__(self):
+        k = self.start_batch
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+class PretrainDataModule(L.LightningDataModule):
+    def __init__(self, train_examples: list, val_examples: list, make_batch: MakeBatch, batch_size: int, seed: int):
+        super().__init__()
+        self.train_examples, self.val_examples = train_examples, val_examples
+        self.make_batch, self.batch_size, self.seed = make_batch, batch_size, seed
+
+    def train_dataloader(self):
+        # Micro-batches already consumed (the trainer's step counts optimizer steps).
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+        start = self.trainer.global_step * accumulate if self.trainer else 0
+        stream = StepStream(self.train_examples, self.batch_size, self.seed, self.make_batch, start_batch=start)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def val_dataloader(self):
+        batches = []
+        for i in range(0, len(self.val_examples), self.batch_size):
+            chunk = self.val_examples[i:i + self.batch_size]
+            rngs = [random.Random(f"validation:{self.seed}:{i + j}") for j in range(len(chunk))]
+            batches.append(self.make_batch(chunk, rngs))
+        return DataLoader(batches, batch_size=None, num_workers=0)

@@ -1,0 +1,96 @@
+"""The LightningModule that trains any of our language models (or a Hugging Face causal LM).
+
+It computes the loss a batch asks for, logs train/validation loss and tokens/s, and
+owns the optimiser: AdamW (no weight decay on norms and biases) with linear warmup and
+cosine decay. RNG states travel in checkpoints so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine to min_lr_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LMTrainingModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, optim, max_steps: int, hf_causal: bool = False):
+        super().__init__()
+        self.model, self.optim, self.max_steps, self.hf_causal = model, optim, max_steps, hf_causal
+        self._val_loss_sum = 0.0
+        self._val_tokens = 0
+        self._step_started: float | None = None
+
+    def loss_and_tokens(self, batch: dict) -> tuple[torch.Tensor, int]:
+        labels = batch["labels"]
+        if self.hf_causal:  # transformers shifts the labels itself
+            loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+            tokens = int((labels[:, 1:] != -100).sum())
+        else:
+            loss = self.model(**batch).loss
+            tokens = int((labels != -100).sum()) if "decoder_input_ids" in batch else int((labels[:, 1:] != -100).sum())
+        return loss, tokens
+
+    def training_step(self, batch, batch_idx):
+        loss, tokens = self.loss_and_tokens(batch)
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self.log("tokens_per_s", tokens / max(now - self._step_started, 1e-9), on_step=True, on_epoch=False)
+        self._step_started = now
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val_loss_sum, self._val_tokens = 0.0, 0
+
+    def validation_step(self, batch, batch_idx):
+        loss, tokens = self.loss_and_tokens(batch)
+        self._val_loss_sum += float(loss) * tokens
+        self._val_tokens += tokens
+
+    def on_validation_epoch_end(self):
+        if self._val_tokens:
+            self.log("val_loss", self._val_loss_sum / self._val_tokens, prog_bar=True)
+        self._step_started = None  # validation time is not training throughput
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+        o = self.optim
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # RNG states in the checkpoint: a resumed run draws the same dropout masks and samples.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["slmctl_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": np.random.get_state()}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("slmctl_rng")
+        if state:
+            torch.set_rng_state(state["torch"])
+            random.setstate(state["python"])
+            np.random.set_state(state["numpy"])
+
+
+def labels_batch(batch: dict) -> int:
+    return int(batch["labels"].shape[0])

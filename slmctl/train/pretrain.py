@@ -1,0 +1,194 @@
+"""The pretrain stage: tokenizer -> model -> Lightning fit -> model artifact in the run.
+
+`run(cfg, run)` trains (or, with `init=`, fine-tunes) one model on one objective and
+writes `model/` (weights, model.json, generation.json, tokenizer) into the run directory;
+resumable checkpoints go to `checkpoints/step-XXXXXXXX.ckpt`.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from slmctl.config import ConfigError, model_config_from
+from slmctl.data import objectives as obj
+from slmctl.data.sources import load_pairs, load_texts
+from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
+from slmctl.model import build_model, load_model, save_model
+from slmctl.train.datamodule import PretrainDataModule
+from slmctl.train.module import LMTrainingModule
+from slmctl.train.run_logger import RunLogger
+
+ENCDEC_OBJECTIVES = ("prefix_lm", "span_corruption", "seq2seq")
+CAUSAL_OBJECTIVES = ("causal_lm",)
+TOKENIZER_DIR = "tokenizer"  # the run's tokenizer, saved before training so a resume reuses it
+
+
+def run(cfg, run, callbacks: list | None = None):
+    """Train as `cfg` says, writing into `run`; returns the run (succeeded)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    arch = "hf-causal" if cfg.model.preset == "hf-causal" else ("encdec" if not cfg.model.preset.startswith("deconly") else "deconly")
+    objective = cfg.objective.name
+    allowed = ENCDEC_OBJECTIVES if arch == "encdec" else CAUSAL_OBJECTIVES
+    if objective not in allowed:
+        raise ConfigError(f"objective={objective} does not train a {arch} model (use one of: {', '.join(allowed)})")
+    if cfg.init and arch == "hf-causal":
+        raise ConfigError("init= is not supported for model=hf-causal")
+
+    seq2seq_data = objective == "seq2seq"
+    train_data = load_pairs(cfg.data, "train") if seq2seq_data else load_texts(cfg.data, "train")
+    val_data = load_pairs(cfg.data, "validation") if seq2seq_data else load_texts(cfg.data, "validation")
+    run.log(f"data: {len(train_data)} train / {len(val_data)} validation examples ({cfg.data.kind})")
+
+    tokenizer = _tokenizer(cfg, run, train_data, seq2seq_data)
+    model = _model(cfg, run, tokenizer, arch)
+    n_params = sum(p.numel() for p in model.parameters())
+    run.log(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M parameters; tokenizer: {len(tokenizer)} tokens")
+
+    special = obj.SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id,
+                             sentinels=tokenizer.sentinel_ids)
+    train_examples = _examples(cfg, tokenizer, train_data, special)
+    val_examples = _examples(cfg, tokenizer, val_data, special)
+    if not train_examples or not val_examples:
+        raise ConfigError("no training examples after tokenisation: are the texts empty?")
+    make_batch = partial(_make_batch, cfg=cfg, special=special)
+    datamodule = PretrainDataModule(train_examples, val_examples, make_batch, cfg.batch_size, cfg.seed)
+    module = LMTrainingModule(model, cfg.optim, max_steps=cfg.trainer.max_steps, hf_causal=arch == "hf-causal")
+
+    checkpoints = ModelCheckpoint(dirpath=run.checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=False)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = L.Trainer(logger=RunLogger(run), callbacks=[checkpoints, *_progress_bar(), *(callbacks or [])],
+                        default_root_dir=str(run.path), **trainer_args)
+    resume_from = last_checkpoint(run.checkpoint_dir) if cfg.resume else None
+    if resume_from:
+        run.log(f"resuming from {resume_from.name}")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+
+    _save_artifact(model, tokenizer, run, arch)
+    val_loss = trainer.callback_metrics.get("val_loss")
+    summary = {"val_loss": float(val_loss) if val_loss is not None else None, "steps": trainer.global_step,
+               "parameters": n_params, "train_seconds": round(seconds, 2), "objective": objective,
+               "model": cfg.model.preset}
+    run.succeed(summary)
+    return run
+
+
+def last_checkpoint(directory: Path) -> Path | None:
+    found = sorted(Path(directory).glob("step-*.ckpt"))
+    return found[-1] if found else None
+
+
+# -- pieces -------------------------------------------------------------------
+
+
+def _progress_bar() -> list:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    try:
+        return [RichProgressBar(leave=True)]
+    except ModuleNotFoundError:  # rich is a dependency, but never let a progress bar stop training
+        return []
+
+
+def _tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
+    saved = run.path / TOKENIZER_DIR
+    if saved.is_dir():  # a resumed run keeps the tokenizer it started with
+        return TextTokenizer.load(saved)
+    if cfg.init:
+        tokenizer = TextTokenizer.load(Path(cfg.init))
+    elif cfg.tokenizer.kind == "bpe":
+        texts = [f"{s}\n{t}" for s, t in train_data] if seq2seq_data else train_data
+        tokenizer = train_bpe(texts[: cfg.tokenizer.max_training_texts], cfg.tokenizer.vocab_size,
+                              cfg.tokenizer.min_frequency, cfg.tokenizer.n_sentinels)
+    else:
+        tokenizer = load_hf_tokenizer(cfg.tokenizer.path, cfg.tokenizer.n_sentinels)
+        run.add_input("hub" if not Path(cfg.tokenizer.path).exists() else "file", cfg.tokenizer.path,
+                      cfg.tokenizer.path)
+    tokenizer.save(saved)
+    return tokenizer
+
+
+def _model(cfg, run, tokenizer: TextTokenizer, arch: str):
+    if cfg.init:
+        model = load_model(cfg.init)
+        run.add_input("run", str(cfg.init), str(cfg.init))
+        if model.config.vocab_size < len(tokenizer):
+            raise ConfigError(f"init model's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
+                              f"({len(tokenizer)})")
+        return model
+    from slmctl.model.config import vocab_size_for
+
+    if arch == "hf-causal":
+        return _hf_causal(cfg.model.hf, tokenizer)
+    config = model_config_from(cfg.model, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
+    if config.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    torch.manual_seed(cfg.seed)
+    return build_model(config)
+
+
+def _hf_causal(hf_cfg, tokenizer: TextTokenizer):
+    """A randomly initialised Hugging Face causal LM built from a config (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slmctl.model.config import vocab_size_for
+
+    settings = OmegaConf.to_container(hf_cfg, resolve=True)
+    model_type = settings.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids,
+                                  **settings)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _examples(cfg, tokenizer: TextTokenizer, data, special) -> list:
+    """Token-id examples the objective consumes: packed chunks for LM objectives,
+    (source, target) pairs for seq2seq."""
+    name = cfg.objective.name
+    if name == "seq2seq":
+        sources = tokenizer.encode_batch([s for s, _ in data])
+        targets = tokenizer.encode_batch([t for _, t in data])
+        return list(zip(sources, targets))
+    ids = tokenizer.encode_batch(list(data))
+    if name == "causal_lm":
+        sequences = [[special.bos, *row, special.eos] for row in ids if row]
+        return obj.pack_causal(sequences, cfg.max_source_len) if cfg.objective.packing else sequences
+    length = cfg.max_source_len if name == "span_corruption" else cfg.max_source_len + cfg.max_target_len - 1
+    if cfg.objective.packing:
+        return obj.pack_prefix_lm(ids, length, special)
+    return [row[:length] for row in ids if len(row) >= 2]
+
+
+def _make_batch(examples: list, rngs: list, cfg, special) -> dict:
+    name, o = cfg.objective.name, cfg.objective
+    if name == "causal_lm":
+        return obj.collate_causal([list(e)[: cfg.max_source_len] for e in examples], special)
+    pairs = []
+    for example, rng in zip(examples, rngs):
+        if name == "prefix_lm":
+            pairs.append(obj.prefix_lm(example, rng, special, cfg.max_source_len, cfg.max_target_len,
+                                       o.min_prefix_frac, o.max_prefix_frac))
+        elif name == "span_corruption":
+            pairs.append(obj.span_corruption(example, rng, special, o.noise_density, o.mean_span_length,
+                                             max_source=cfg.max_source_len, max_target=cfg.max_target_len))
+        else:
+            pairs.append(obj.seq2seq(example[0], example[1], special, cfg.max_source_len, cfg.max_target_len))
+    return obj.collate_seq2seq(pairs, special)
+
+
+def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str) -> None:
+    if arch == "hf-causal":
+        model.save_pretrained(str(run.model_dir), safe_serialization=True)
+        tokenizer.save(run.model_dir)
+    else:
+        model.eval()
+        save_model(model, run.model_dir)
+        tokenizer.save(run.model_dir)
