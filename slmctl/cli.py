@@ -12,7 +12,6 @@ Errors a user can fix (bad override, missing file, bad checkpoint) print one lin
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +59,8 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     from slmctl.config import compose, to_yaml
     from slmctl.runs import Run, resolve_run
 
+    argv = ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
+            *(["--device", device] if device != "cpu" else [])]
     try:
         if device != "cpu" and not any(o.startswith("trainer=") or o.startswith("trainer.accelerator=") for o in overrides):
             overrides = [*overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}"]
@@ -76,7 +77,7 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
             cfg = OmegaConf.merge(compose(stage, []), saved, {"resume": str(path)})
             run.resume()
         else:
-            run = Run.create(runs_dir, stage, name or stage, cfg, argv=["slmctl", *sys.argv[1:]], device=device)
+            run = Run.create(runs_dir, stage, name or stage, cfg, argv=argv, device=device)
     except _user_errors() as e:
         if verbose:
             raise
@@ -107,7 +108,7 @@ def resolve_resumable(ref: str, runs_dir: Path, stage: str) -> Path:
     from slmctl.runs import RunError, list_runs, resolve_run
 
     if ref == "latest":
-        candidates = [r for r in list_runs(runs_dir, stage) if r.status != "succeeded"]
+        candidates = [r for r in list_runs(runs_dir, stage) if r.status in ("interrupted", "running")]
         if not candidates:
             raise RunError(f"no unfinished {stage} run under {runs_dir} to resume")
         return candidates[0].path

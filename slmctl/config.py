@@ -122,6 +122,12 @@ class HFTokenizerSchema:
 
 
 @dataclass
+class RunTokenizerSchema:
+    kind: str = "run"
+    path: str = "???"
+
+
+@dataclass
 class PrefixLMSchema:
     name: str = "prefix_lm"
     min_prefix_frac: float = 0.2
@@ -170,7 +176,7 @@ GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     # group -> (discriminating key, {value: schema})
     "model": ("", {"": ModelSchema}),
     "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema}),
-    "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema}),
+    "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema}),
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
@@ -220,6 +226,11 @@ def compose(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConf
             try:
                 with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="slmctl"):
                     node = hydra_compose(config_name=stage, overrides=rest)
+                parts = key.split(".")
+                depth = 0  # the first part of the key that does not exist
+                while depth < len(parts) - 1 and isinstance(OmegaConf.select(node, ".".join(parts[:depth + 1])), DictConfig):
+                    depth += 1
+                key, parent = ".".join(parts[:depth + 1]), ".".join(parts[:depth])
                 node = OmegaConf.select(node, parent) if parent else node
                 if isinstance(node, DictConfig):
                     message = f"unknown config key {key!r} (valid keys{' of ' + parent if parent else ''}: {', '.join(node)})"

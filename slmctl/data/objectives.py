@@ -167,6 +167,18 @@ def causal_lm(ids: list[int], special: SpecialIds, max_length: int) -> list[int]
     return ([special.bos] + list(ids) + [special.eos])[:max_length]
 
 
+def prompt_completion(source_ids: list[int], target_ids: list[int], special: SpecialIds,
+                      max_length: int) -> tuple[list[int], int]:
+    """Seq2seq data for a decoder-only model: [bos] + source + target + [eos] and the number of
+    leading prompt tokens (whose labels the caller masks). The source is cut from the left and
+    the target kept whole where possible, so the answer is never what gets truncated."""
+    _check_positive(max_length=max_length)
+    completion = [*target_ids, special.eos][: max(1, max_length - 2)]
+    room = max_length - 1 - len(completion)
+    prompt = [special.bos, *(source_ids[-room:] if room > 0 else [])]
+    return prompt + completion, len(prompt)
+
+
 OBJECTIVES = {
     "prefix_lm": prefix_lm,
     "span_corruption": span_corruption,

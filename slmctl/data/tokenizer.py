@@ -75,7 +75,7 @@ class TextTokenizer:
     # -- files ---------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
-        from slmctl.model.checkpoint import atomic_write_text
+        from slmctl.atomic import atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from slmctl.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from slmctl.model.base import LanguageModel
 from slmctl.model.config import ModelConfig, get_preset, vocab_size_for
 from slmctl.model.generation import GenerationConfig
@@ -29,24 +30,6 @@ TIED_KEYS = ("lm_head.weight",)  # never stored: the LM head is the embedding
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message is one line naming the problem."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def build_model(config: str | ModelConfig = "330m", tokenizer=None, seed: int | None = None, **overrides) -> LanguageModel:

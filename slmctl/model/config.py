@@ -98,7 +98,7 @@ class ModelConfig:
         return cls(**data)
 
     def save_json(self, path: str | Path) -> None:
-        from slmctl.model.checkpoint import atomic_write_text
+        from slmctl.atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

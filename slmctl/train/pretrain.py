@@ -26,7 +26,7 @@ from slmctl.train.module import LMTrainingModule
 from slmctl.train.run_logger import RunLogger
 
 ENCDEC_OBJECTIVES = ("prefix_lm", "span_corruption", "seq2seq")
-CAUSAL_OBJECTIVES = ("causal_lm",)
+CAUSAL_OBJECTIVES = ("causal_lm", "seq2seq")  # seq2seq: prompt + completion, loss on the completion
 TOKENIZER_DIR = "tokenizer"  # the run's tokenizer, saved before training so a resume reuses it
 
 
@@ -57,14 +57,15 @@ def run(cfg, run, callbacks: list | None = None):
     val_examples = _examples(cfg, tokenizer, val_data, special)
     if not train_examples or not val_examples:
         raise ConfigError("no training examples after tokenisation: are the texts empty?")
-    make_batch = partial(_make_batch, cfg=cfg, special=special)
+    make_batch = partial(_make_batch, cfg=cfg, special=special, causal=arch != "encdec")
     datamodule = PretrainDataModule(train_examples, val_examples, make_batch, cfg.batch_size, cfg.seed)
     module = LMTrainingModule(model, cfg.optim, max_steps=cfg.trainer.max_steps, hf_causal=arch == "hf-causal")
 
     checkpoints = ModelCheckpoint(dirpath=run.checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=False)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(logger=RunLogger(run), callbacks=[checkpoints, *_progress_bar(), *(callbacks or [])],
+    progress = _progress_bar() if trainer_args.get("enable_progress_bar", True) else []
+    trainer = L.Trainer(logger=RunLogger(run), callbacks=[checkpoints, *progress, *(callbacks or [])],
                         default_root_dir=str(run.path), **trainer_args)
     resume_from = last_checkpoint(run.checkpoint_dir) if cfg.resume else None
     if resume_from:
@@ -90,6 +91,14 @@ def last_checkpoint(directory: Path) -> Path | None:
 # -- pieces -------------------------------------------------------------------
 
 
+def _model_dir(ref: str, run) -> Path:
+    """A model directory from a model dir, a run dir or runs/<stage>/latest."""
+    from slmctl.runs import resolve_model_path
+
+    path = resolve_model_path(ref, run.path.parent.parent)
+    return path / "model" if (path / "model").is_dir() else path
+
+
 def _progress_bar() -> list:
     from lightning.pytorch.callbacks import RichProgressBar
 
@@ -104,7 +113,11 @@ def _tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
     if saved.is_dir():  # a resumed run keeps the tokenizer it started with
         return TextTokenizer.load(saved)
     if cfg.init:
-        tokenizer = TextTokenizer.load(Path(cfg.init))
+        tokenizer = TextTokenizer.load(_model_dir(cfg.init, run))
+    elif cfg.tokenizer.kind == "run":
+        source = _model_dir(cfg.tokenizer.path, run)
+        tokenizer = TextTokenizer.load(source)
+        run.add_input("run", cfg.tokenizer.path, source)
     elif cfg.tokenizer.kind == "bpe":
         texts = [f"{s}\n{t}" for s, t in train_data] if seq2seq_data else train_data
         tokenizer = train_bpe(texts[: cfg.tokenizer.max_training_texts], cfg.tokenizer.vocab_size,
@@ -119,8 +132,8 @@ def _tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
 
 def _model(cfg, run, tokenizer: TextTokenizer, arch: str):
     if cfg.init:
-        model = load_model(cfg.init)
-        run.add_input("run", str(cfg.init), str(cfg.init))
+        model = load_model(_model_dir(cfg.init, run))
+        run.add_input("run", str(cfg.init), _model_dir(cfg.init, run))
         if model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"init model's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
                               f"({len(tokenizer)})")
@@ -167,10 +180,16 @@ def _examples(cfg, tokenizer: TextTokenizer, data, special) -> list:
     return [row[:length] for row in ids if len(row) >= 2]
 
 
-def _make_batch(examples: list, rngs: list, cfg, special) -> dict:
+def _make_batch(examples: list, rngs: list, cfg, special, causal: bool) -> dict:
     name, o = cfg.objective.name, cfg.objective
     if name == "causal_lm":
         return obj.collate_causal([list(e)[: cfg.max_source_len] for e in examples], special)
+    if causal:  # seq2seq for a decoder-only model: the whole sequence, loss on the target only
+        rows = [obj.prompt_completion(s, t, special, cfg.max_source_len + cfg.max_target_len) for s, t in examples]
+        batch = obj.collate_causal([ids for ids, _ in rows], special)
+        for i, (_, n_prompt) in enumerate(rows):
+            batch["labels"][i, :n_prompt] = -100
+        return batch
     pairs = []
     for example, rng in zip(examples, rngs):
         if name == "prefix_lm":

@@ -1,0 +1,597 @@
+"""Run directories: where every stage writes, and how stages find each other's output.
+
+No stage hands anything to the next in memory. Each writes a run directory
+
+    <runs_dir>/<stage>/<YYYYmmdd-HHMMSS UTC>-<name>/
+      config.yaml  command.txt  env.json  status.json  metrics.jsonl  log.txt
+      inputs.json  checkpoints/  model/  MANIFEST.json
+
+and the next stage is pointed at that directory, at `<runs_dir>/<stage>/latest`, or at
+the model directory inside it. So every result can be traced to the config, code,
+machine and inputs that produced it, and checked against its manifest.
+
+Every file except the two append-only logs (log.txt, metrics.jsonl) is written to a
+temporary name and renamed, so a killed process never leaves a half-written file that
+looks whole. A run is "running" until it ends "succeeded", "failed" or "interrupted".
+Succeeded and failed runs are sealed: nothing writes to them again, and `Run.create`
+never reuses a directory. An interrupted run (or one whose process was killed, which
+still says "running") can be reopened with `Run.open(path).resume()` and continued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from slmctl import __version__
+from slmctl.atomic import atomic_write_bytes, atomic_write_text
+
+MODEL_CONFIG_FILE = "model.json"  # = slmctl.model.checkpoint.CONFIG_FILE, not imported: that pulls in torch
+
+STATUSES = ("running", "succeeded", "failed", "interrupted")
+SEALED_STATUSES = ("succeeded", "failed")
+INPUT_KINDS = ("run", "file", "hub")
+LATEST = "latest"
+MANIFEST = "MANIFEST.json"
+CHECKPOINTS = "checkpoints"
+# Files the Run object keeps itself; write_text/json/bytes refuse them.
+BOOKKEEPING_FILES = ("config.yaml", "command.txt", "env.json", "status.json", "metrics.jsonl", "log.txt",
+                     "inputs.json", MANIFEST)
+# Left out of the manifest because they change after it is written (or are it).
+NOT_IN_MANIFEST = (MANIFEST, "status.json", "log.txt", "metrics.jsonl")
+KEY_METRICS = ("val_loss", "loss", "score")
+VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "onnx", "onnxruntime")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class RunError(Exception):
+    """A run directory problem; the message is one line naming the problem and the fix."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
+
+
+class Run:
+    """One run directory. Make one with `Run.create`, or reopen one with `Run.open`."""
+
+    def __init__(self, path: Path, stage: str, name: str, started: datetime, status: str):
+        self.path = path
+        self.stage = stage
+        self.name = name
+        self.started = started
+        self._status = status  # what this object last wrote to (or read from) status.json
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self._status!r})"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    # ---- making and opening -------------------------------------------------------
+
+    @classmethod
+    def create(cls, runs_dir: str | Path, stage: str, name: str, config: dict | DictConfig, argv: list[str],
+               device: str = "cpu") -> Run:
+        """A new run directory, marked running. Never reuses a directory: a second run
+        started in the same second gets a `-2` (then `-3`, ...) suffix."""
+        check_name(stage, "stage")
+        check_name(name, "run name")
+        config_yaml = config_to_yaml(config)  # before the directory exists: a bad config leaves nothing behind
+        stage_dir = Path(runs_dir).resolve() / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        started = utc_now()
+        path = claim_directory(stage_dir, f"{started:%Y%m%d-%H%M%S}-{name}")
+        run = cls(path, stage, name, started, "running")
+        atomic_write_text(path / "config.yaml", config_yaml)
+        atomic_write_text(path / "command.txt", shlex.join(str(arg) for arg in argv) + "\n")
+        atomic_write_text(path / "env.json", to_json(environment(device)))
+        atomic_write_text(path / "inputs.json", to_json([]))
+        run._write_status("running")
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """Reopen an existing run directory (to read it, or to resume an interrupted run)."""
+        path = Path(path)
+        status = read_status(path)
+        if status is None or not (path / "config.yaml").is_file():
+            raise RunError(f"{path} is not a run directory (no readable status.json and config.yaml); "
+                           f"pass a directory like runs/<stage>/<time>-<name>")
+        path = path.resolve()
+        return cls(path, status.get("stage", path.parent.name), status.get("name", path.name),
+                   datetime.fromisoformat(status["started"]), status["status"])
+
+    def resume(self) -> None:
+        """Mark an interrupted (or killed, still "running") run as running again."""
+        self._check_writable()
+        self._write_status("running")
+        self._append_log("resumed")
+
+    # ---- reading ------------------------------------------------------------------
+
+    def status(self) -> dict:
+        status = read_status(self.path)
+        if status is None:
+            raise RunError(f"{self.path / 'status.json'} is missing or unreadable; the run directory is damaged")
+        return status
+
+    def config(self) -> dict:
+        return OmegaConf.to_container(OmegaConf.load(self.path / "config.yaml"), resolve=True)
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path / "metrics.jsonl")
+
+    def inputs(self) -> list[dict]:
+        path = self.path / "inputs.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+    # ---- writing ------------------------------------------------------------------
+
+    def write_text(self, rel: str | Path, text: str) -> Path:
+        path = self._artifact_path(rel)
+        atomic_write_text(path, text)
+        return path
+
+    def write_json(self, rel: str | Path, obj: Any) -> Path:
+        return self.write_text(rel, to_json(obj))
+
+    def write_bytes(self, rel: str | Path, data: bytes) -> Path:
+        path = self._artifact_path(rel)
+        atomic_write_bytes(path, data)
+        return path
+
+    def log(self, message: str) -> None:
+        """Append "<iso time> message" to log.txt."""
+        self._check_writable()
+        self._append_log(message)
+
+    def log_metrics(self, metrics: dict) -> None:
+        """Append one JSON line to metrics.jsonl ("time" is added if absent)."""
+        self._check_writable()
+        record = dict(metrics)
+        record.setdefault("time", iso(utc_now()))
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=plain) + "\n")
+            f.flush()
+
+    def add_input(self, kind: str, ref: str, path: str | Path | None, stage: str | None = None) -> None:
+        """Record something this run consumed (lineage). Adding the same input twice
+        (e.g. on resume) records it once. Run and file paths are stored resolved (a hub
+        input's path is kept as given: it may be a hub id). For a run input (or a path
+        inside one, like its model/) the stage defaults to that run's stage."""
+        self._check_writable()
+        if kind not in INPUT_KINDS:
+            raise RunError(f"input kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
+        if path is not None:
+            path = str(path) if kind == "hub" else str(Path(path).resolve())
+        if kind == "run" and stage is None and path is not None:
+            run_dir = owning_run(Path(path))
+            stage = read_status(run_dir).get("stage", run_dir.parent.name) if run_dir else None
+        entry = {"kind": kind, "ref": str(ref), "path": path, "stage": stage}
+        inputs = self.inputs()
+        if entry not in inputs:
+            inputs.append(entry)
+            atomic_write_text(self.path / "inputs.json", to_json(inputs))
+
+    # ---- ending -------------------------------------------------------------------
+
+    def succeed(self, summary: dict | None = None) -> None:
+        """Write MANIFEST.json, mark the run succeeded, and point <stage>/latest at it."""
+        self._check_writable()
+        atomic_write_text(self.path / MANIFEST, to_json(build_manifest(self.path)))
+        self._write_status("succeeded", summary=summary or {})
+        try:
+            point_latest(self.path)
+        except OSError as e:  # "latest" is a convenience: resolution scans status.json files without it
+            self._append_log(f"could not point {self.path.parent / LATEST} at this run: {e}")
+
+    def fail(self, error: str) -> None:
+        """Mark the run failed with the first line of `error` (all of it goes to log.txt).
+        Never touches "latest"."""
+        self._check_writable()
+        self._append_log(f"failed: {error}")
+        self._write_status("failed", error=first_line(error, default="failed"))
+
+    def interrupt(self, error: str = "interrupted") -> None:
+        """Mark the run interrupted; it stays writable so it can be resumed."""
+        self._check_writable()
+        self._append_log(error)
+        self._write_status("interrupted", error=first_line(error, default="interrupted"))
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._status in SEALED_STATUSES:
+            raise RunError(f"run {self.path} has {self._status} and is sealed; "
+                           f"start a new run instead of writing to it")
+
+    def _artifact_path(self, rel: str | Path) -> Path:
+        self._check_writable()
+        root = self.path.resolve()
+        target = (root / rel).resolve()
+        if target == root or not target.is_relative_to(root):
+            raise RunError(f"refusing to write {rel}: it is outside run {self.path}; pass a path relative to the run")
+        relative = target.relative_to(root).as_posix()
+        if relative in BOOKKEEPING_FILES:
+            raise RunError(f"refusing to write {relative}: the run keeps it itself "
+                           f"(use run.log, run.log_metrics, run.add_input or run.succeed)")
+        return target
+
+    def _append_log(self, message: str) -> None:
+        with open(self.path / "log.txt", "a", encoding="utf-8") as f:
+            f.write(f"{iso(utc_now())} {message}\n")
+            f.flush()
+
+    def _write_status(self, status: str, error: str | None = None, summary: dict | None = None) -> None:
+        finished = None if status == "running" else utc_now()
+        record = {
+            "status": status,
+            "error": error,
+            "started": iso(self.started),
+            "finished": iso(finished) if finished else None,
+            "seconds": round((finished - self.started).total_seconds(), 3) if finished else None,
+            "summary": summary or {},
+            "stage": self.stage,
+            "name": self.name,
+        }
+        atomic_write_text(self.path / "status.json", to_json(record))
+        self._status = status
+
+
+# ---- finding runs ---------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    stage: str
+    name: str
+    path: Path
+    status: str
+    started: datetime
+    seconds: float | None
+    key_metric: tuple[str, Any] | None
+
+
+def latest_run(runs_dir: str | Path, stage: str) -> Path | None:
+    """The newest succeeded run of `stage`: the one `<stage>/latest` points to when that
+    link is intact, else the succeeded run that finished last (by status.json)."""
+    stage_dir = Path(runs_dir) / stage
+    link = stage_dir / LATEST
+    if link.is_symlink():
+        target = stage_dir / os.readlink(link)
+        status = read_status(target)
+        if status is not None and status["status"] == "succeeded":
+            return target.resolve()
+    newest, newest_key = None, None
+    for run_dir in run_directories(stage_dir):
+        status = read_status(run_dir)
+        if status is None or status["status"] != "succeeded":
+            continue
+        key = (datetime.fromisoformat(status["finished"] or status["started"]), run_dir.name)
+        if newest_key is None or key > newest_key:
+            newest, newest_key = run_dir, key
+    return newest.resolve() if newest is not None else None
+
+
+def resolve_run(ref: str | Path, runs_dir: str | Path) -> Path:
+    """The run directory `ref` names. Accepted forms: a run directory path;
+    `<runs_dir>/<stage>/latest` (or any `.../<stage>/latest`); `<stage>/latest`;
+    `latest:<stage>`; `<stage>/<time>-<name>` or `<time>-<name>` under runs_dir."""
+    runs_dir = Path(runs_dir)
+    text = str(ref)
+    if text.startswith(f"{LATEST}:"):
+        return require_latest(runs_dir / text[len(LATEST) + 1:])
+    path = Path(text)
+    if path.name == LATEST:
+        stage_dir = path.parent
+        if (len(path.parts) == 2 and not path.is_absolute()) or not stage_dir.is_dir():
+            stage_dir = runs_dir / stage_dir.name  # "<stage>/latest", or a runs/ that lives elsewhere
+        return require_latest(stage_dir)
+    if path.is_dir():
+        if read_status(path) is None:
+            raise RunError(f"{path} is not a run directory (no readable status.json); "
+                           f"pass runs/<stage>/<time>-<name> or runs/<stage>/latest")
+        return path.resolve()
+    candidates = [runs_dir / path]
+    if len(path.parts) == 1 and runs_dir.is_dir():
+        candidates += [stage_dir / path for stage_dir in sorted(runs_dir.iterdir()) if stage_dir.is_dir()]
+    found = [candidate for candidate in candidates if read_status(candidate) is not None]
+    if len(found) > 1:
+        raise RunError(f"run name {text!r} is ambiguous: {', '.join(str(f) for f in found)}; pass <stage>/{text}")
+    if found:
+        return found[0].resolve()
+    raise RunError(f"no run {text!r}: not a run directory and not under {runs_dir}/<stage>/; "
+                   f"pass a run directory, <stage>/latest or latest:<stage>")
+
+
+def require_latest(stage_dir: Path) -> Path:
+    stage = stage_dir.name
+    if not stage:
+        raise RunError("'latest' needs a stage: pass <stage>/latest or latest:<stage>")
+    found = latest_run(stage_dir.parent, stage)
+    if found is None:
+        raise RunError(f"no succeeded {stage} run under {stage_dir.parent}/ (run `slmctl {stage}` first)")
+    return found
+
+
+def resolve_model_path(ref: str | Path, runs_dir: str | Path) -> Path:
+    """A model directory (has model.json), a run whose model/ has one (any form
+    `resolve_run` accepts), or an existing file such as a reference `.pt` checkpoint."""
+    path = Path(ref)
+    if (path / MODEL_CONFIG_FILE).is_file() or path.is_file():
+        return path.resolve()
+    try:
+        run_dir = resolve_run(ref, runs_dir)
+    except RunError as e:
+        raise RunError(f"no model at {str(ref)!r}: not a model directory (no {MODEL_CONFIG_FILE}), "
+                       f"not a file, and not a run ({e})") from None
+    model_dir = run_dir / "model"
+    if not (model_dir / MODEL_CONFIG_FILE).is_file():
+        raise RunError(f"run {run_dir} has no model ({model_dir / MODEL_CONFIG_FILE} is missing); "
+                       f"pass a run of a stage that writes one, e.g. pretrain/latest")
+    return model_dir
+
+
+def list_runs(runs_dir: str | Path, stage: str | None = None) -> list[RunInfo]:
+    """Every run (of one stage, or all), newest started first."""
+    runs_dir = Path(runs_dir)
+    if stage is not None:
+        stage_dirs = [runs_dir / stage]
+    else:
+        stage_dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir()) if runs_dir.is_dir() else []
+    infos = []
+    for stage_dir in stage_dirs:
+        for run_dir in run_directories(stage_dir):
+            status = read_status(run_dir)
+            if status is None:
+                continue
+            infos.append(RunInfo(stage=stage_dir.name, name=status.get("name", run_dir.name), path=run_dir,
+                                 status=status["status"], started=datetime.fromisoformat(status["started"]),
+                                 seconds=status.get("seconds"), key_metric=key_metric(run_dir, status)))
+    infos.sort(key=lambda info: (info.started, info.path.name), reverse=True)
+    return infos
+
+
+def run_directories(stage_dir: Path) -> list[Path]:
+    """Candidate run directories in a stage directory (not `latest`, not hidden)."""
+    if not stage_dir.is_dir():
+        return []
+    return sorted(d for d in stage_dir.iterdir()
+                  if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and d.name != LATEST)
+
+
+def key_metric(run_dir: Path, status: dict) -> tuple[str, Any] | None:
+    """The summary's first of val_loss/loss/score, else the last logged val_loss."""
+    summary = status.get("summary") or {}
+    for name in KEY_METRICS:
+        if name in summary:
+            return name, summary[name]
+    try:
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+    except RunError:
+        return None
+    val_losses = [record["val_loss"] for record in metrics if "val_loss" in record]
+    return ("val_loss", val_losses[-1]) if val_losses else None
+
+
+# ---- files ----------------------------------------------------------------------------
+
+
+def read_status(run_dir: str | Path) -> dict | None:
+    """status.json as a dict, or None if it is missing, unreadable or not a status."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or status.get("status") not in STATUSES or "started" not in status:
+        return None
+    return status
+
+
+def owning_run(path: Path) -> Path | None:
+    """The run directory `path` is (or lies inside), or None."""
+    for candidate in (path, *path.parents):
+        if read_status(candidate) is not None:
+            return candidate
+    return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl as a list of dicts. A process killed mid-append can leave a partial
+    last line (no newline after it); that line is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    complete_lines = text.split("\n")[:-1]
+    records = []
+    for number, line in enumerate(complete_lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise RunError(f"{path}:{number} is not JSON; the metrics file is damaged") from None
+    return records
+
+
+def point_latest(run_dir: Path) -> None:
+    """Atomically make `<stage>/latest` a symlink to `run_dir` (by its name)."""
+    link = run_dir.parent / LATEST
+    temporary = run_dir.parent / f".{LATEST}.{os.getpid()}.tmp"
+    temporary.unlink(missing_ok=True)
+    try:
+        os.symlink(run_dir.name, temporary)
+        os.replace(temporary, link)
+    finally:
+        if temporary.is_symlink():
+            temporary.unlink()
+
+
+def claim_directory(stage_dir: Path, base_name: str) -> Path:
+    """Create and return stage_dir/base_name, or base_name-2, -3, ... if taken.
+    mkdir is atomic, so two processes never claim the same directory."""
+    path, attempt = stage_dir / base_name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            attempt += 1
+            path = stage_dir / f"{base_name}-{attempt}"
+
+
+def manifest_files(run_dir: Path) -> list[str]:
+    """Run-relative forward-slash paths of every file the manifest covers."""
+    files = []
+    for directory, subdirectories, filenames in os.walk(run_dir):
+        relative_dir = Path(directory).relative_to(run_dir)
+        if relative_dir == Path("."):
+            subdirectories[:] = [d for d in subdirectories if d != CHECKPOINTS]
+        for filename in filenames:
+            relative = (relative_dir / filename).as_posix()
+            if relative not in NOT_IN_MANIFEST:
+                files.append(relative)
+    return sorted(files)
+
+
+def build_manifest(run_dir: Path) -> dict[str, dict]:
+    """{relative path: {"sha256", "size"}} for every file in the run except MANIFEST.json,
+    status.json, log.txt, metrics.jsonl and checkpoints/, which change after it is written."""
+    return {relative: {"sha256": sha256_file(run_dir / relative), "size": (run_dir / relative).stat().st_size}
+            for relative in manifest_files(run_dir)}
+
+
+def verify_manifest(run_dir: str | Path) -> list[str]:
+    """Problems with a run's files against its MANIFEST.json (missing, size or sha256
+    mismatch, or added afterwards); an empty list when the run is intact."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [f"{manifest_path} is missing (only succeeded runs have one)"]
+    except (OSError, ValueError) as e:
+        return [f"{manifest_path} is unreadable: {e}"]
+    problems = []
+    for relative, expected in manifest.items():
+        path = run_dir / relative
+        if not path.is_file():
+            problems.append(f"{relative}: missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{relative}: size {path.stat().st_size}, manifest says {expected['size']}")
+        elif sha256_file(path) != expected["sha256"]:
+            problems.append(f"{relative}: sha256 differs from the manifest (modified)")
+    for relative in manifest_files(run_dir):
+        if relative not in manifest:
+            problems.append(f"{relative}: not in the manifest (added after the run finished)")
+    return problems
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- small helpers --------------------------------------------------------------------
+
+
+def check_name(name: str, what: str) -> None:
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise RunError(f"{what} {name!r} is not a valid directory name; use letters, digits, '.', '_' and '-'")
+
+
+def first_line(text: str, default: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else default
+
+
+def plain(value: Any) -> Any:
+    """What json cannot write itself: tensors and numpy values, paths, datetimes, dataclasses."""
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=plain) + "\n"
+
+
+def config_to_yaml(config: dict | DictConfig) -> str:
+    """The fully resolved config as YAML (interpolations resolved, paths as strings)."""
+    if not isinstance(config, (dict, DictConfig)):
+        raise RunError(f"a run's config must be a dict or DictConfig, not {type(config).__name__}")
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    except OmegaConfBaseException as e:
+        raise RunError(f"the config cannot be resolved: {first_line(str(e), default=type(e).__name__)}") from None
+    resolved = json.loads(json.dumps(resolved, default=plain))  # Path etc. -> plain YAML types
+    return OmegaConf.to_yaml(OmegaConf.create(resolved))
+
+
+def environment(device: str) -> dict:
+    """Versions, git commit, machine and device, for env.json."""
+    versions = {"python": platform.python_version(), "slmctl": __version__}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass  # not installed
+    return {
+        "versions": versions,
+        "git_commit": git_commit(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": _torch_threads(),
+        "device": str(device),
+    }
+
+
+def git_commit() -> str | None:
+    """HEAD of the git repository holding the current directory, or None."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _torch_threads() -> int | None:
+    import torch  # only when a run is created: listing runs stays fast
+
+    return torch.get_num_threads()

@@ -1,0 +1,109 @@
+"""The slmctl command: composition errors, dry runs, listings, pretrain end to end, generate."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+
+runner = CliRunner()
+TINY = ["model=tiny", "tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32",
+        "batch_size=8", "max_source_len=48", "max_target_len=16", "trainer.max_steps=6",
+        "trainer.val_check_interval=3", "checkpoint_every=3", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=2"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model=350m", "unknown model option '350m' (choose from: 1b, 330m,"),
+    ("batch_size=abc", "batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("trainer.max_stepz=3", "unknown trainer argument 'max_stepz'"),
+    ("optimm.lr=1", "unknown config key 'optimm'"),
+    ("data.kind=nope", "data.kind='nope' is not one of: synthetic, files, hub"),
+])
+def test_bad_overrides_exit_2_with_one_line_and_no_run(tmp_path, override, message):
+    result = invoke("pretrain", override, "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert message in result.output.replace("\n", " ") or message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_file_exits_2_and_marks_nothing_succeeded(tmp_path):
+    not_synthetic = [o for o in TINY if not o.startswith("data.")]
+    result = invoke("pretrain", "data=files", f"data.train={tmp_path}/nope.jsonl", *not_synthetic, "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert "no such data file" in result.output
+    statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "runs").glob("pretrain/*/status.json")]
+    assert "succeeded" not in statuses and not (tmp_path / "runs" / "pretrain" / "latest").exists()
+
+
+def test_required_value_is_named(tmp_path):
+    result = invoke("validate", "pretrain", "data=files")
+    assert result.exit_code == 2 and "data.train is required" in result.output
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path):
+    result = invoke("pretrain", "model=tiny", "trainer.max_steps=7", "--dry-run", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0
+    assert "preset: tiny" in result.output and "max_steps: 7" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ls_and_validate():
+    result = invoke("ls")
+    assert result.exit_code == 0 and "objective" in result.output and "span_corruption" in result.output
+    result = invoke("ls", "model")
+    assert result.exit_code == 0 and "330m" in result.output.split()
+    assert invoke("ls", "colours").exit_code == 2
+    result = invoke("validate", "pretrain", "model=330m", "objective=span_corruption")
+    assert result.exit_code == 0 and "ok" in result.output
+    result = invoke("validate", "pretrain", "model=deconly-tiny", "trainer.deterministic=true", "--show")
+    assert result.exit_code == 0 and "deterministic: true" in result.output
+
+
+def test_pretrain_run_directory_latest_runs_and_generate(tmp_path):
+    runs = tmp_path / "runs"
+    result = invoke("pretrain", *TINY, "--runs-dir", runs, "--name", "first")
+    assert result.exit_code == 0, result.output
+    run = (runs / "pretrain" / "latest").resolve()
+    assert run.name.endswith("-first")
+    for name in ("config.yaml", "command.txt", "env.json", "status.json", "metrics.jsonl", "log.txt", "inputs.json",
+                 "MANIFEST.json", "model/model.safetensors", "model/model.json", "model/tokenizer.json",
+                 "checkpoints/step-00000003.ckpt", "checkpoints/step-00000006.ckpt"):
+        assert (run / name).is_file(), name
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "succeeded" and status["error"] is None and status["summary"]["steps"] == 6
+    assert "pretrain" in (run / "command.txt").read_text() and "model=tiny" in (run / "command.txt").read_text()
+    manifest = json.loads((run / "MANIFEST.json").read_text())
+    import hashlib
+
+    for rel, entry in manifest.items():
+        data = (run / rel).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert "model/model.safetensors" in manifest
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics) and any("tokens_per_s" in m for m in metrics)
+
+    listing = invoke("runs", "--runs-dir", runs)
+    assert listing.exit_code == 0 and "succeeded" in listing.output and "pretrain" in listing.output
+    shown = invoke("runs", "show", "pretrain/latest", "--runs-dir", runs)
+    assert shown.exit_code == 0 and "succeeded" in shown.output
+
+    generated = invoke("generate", "pretrain/latest", "prompt=Where does Mara live?", "--max-new-tokens", "5",
+                       "--runs-dir", runs)
+    assert generated.exit_code == 0, generated.output
+    assert "> Where does Mara live?" in generated.output
+    missing = invoke("generate", "pretrain/nothing-here", "prompt=hi", "--runs-dir", runs)
+    assert missing.exit_code == 2
+
+
+def test_generate_reads_a_prompt_file_and_reports_bad_lines(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\nnot json\n')
+    result = invoke("generate", tmp_path / "no-model", "--file", prompts)
+    assert result.exit_code == 2 and "prompts.jsonl:2: not valid JSON" in result.output
