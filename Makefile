@@ -5,14 +5,14 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-slow speed
+.PHONY: install demo test test-slow lint speed
 
 install:
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[dev]'
 
 demo: install
-	$(PYTHON) -m slmctl.demo
+	$(PYTHON) -m slmctl recipe run recipes/quickstart.yaml --runs-dir runs/quickstart
 
 test: install
 	$(PYTHON) -m pytest -q
@@ -24,3 +24,7 @@ test-slow: install
 # The model speed comparison of docs/speed.md (330m, fp32, 2 threads, 512 -> 128 tokens).
 speed: install
 	$(PYTHON) -m slmctl.bench.t5_baseline --preset 330m --prompt-len 512 --new-tokens 128 --threads 2
+
+lint:
+	$(PIP) install --quiet ruff
+	$(PYTHON) -m ruff check slmctl tests

@@ -59,7 +59,7 @@ class PretrainDataModule(L.LightningDataModule):
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
         start = self.trainer.global_step * accumulate if self.trainer else 0
         stream = StepStream(self.train_examples, self.batch_size, self.seed, self.make_batch, start_batch=start)
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        return DataLoader(stream, batch_size=None, num_workers=0, generator=_own_generator(self.seed))
 
     def val_dataloader(self):
         batches = []
@@ -67,4 +67,10 @@ class PretrainDataModule(L.LightningDataModule):
             chunk = self.val_examples[i:i + self.batch_size]
             rngs = [random.Random(f"validation:{self.seed}:{i + j}") for j in range(len(chunk))]
             batches.append(self.make_batch(chunk, rngs))
-        return DataLoader(batches, batch_size=None, num_workers=0)
+        return DataLoader(batches, batch_size=None, num_workers=0, generator=_own_generator(self.seed))
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """Every DataLoader iterator draws a base seed; from its own generator it does not advance
+    the global RNG, so dropout sees the same random numbers whether or not a run was resumed."""
+    return torch.Generator().manual_seed(seed)

@@ -80,16 +80,20 @@ class LMTrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # RNG states in the checkpoint: a resumed run draws the same dropout masks and samples.
+    # (Plain tensors and numbers only, so checkpoints load with torch.load(weights_only=True).)
     def on_save_checkpoint(self, checkpoint):
+        name, keys, position, has_gauss, gauss = np.random.get_state()
         checkpoint["slmctl_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                    "numpy": np.random.get_state()}
+                                    "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position),
+                                              int(has_gauss), float(gauss)]}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("slmctl_rng")
         if state:
             torch.set_rng_state(state["torch"])
             random.setstate(state["python"])
-            np.random.set_state(state["numpy"])
+            name, keys, position, has_gauss, gauss = state["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
 
 
 def labels_batch(batch: dict) -> int:

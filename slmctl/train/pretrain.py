@@ -30,8 +30,21 @@ CAUSAL_OBJECTIVES = ("causal_lm", "seq2seq")  # seq2seq: prompt + completion, lo
 TOKENIZER_DIR = "tokenizer"  # the run's tokenizer, saved before training so a resume reuses it
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's console to what a user acts on (no accelerator banners, tips or
+    deprecation notes from its internals); our progress bar and summary say the rest."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def run(cfg, run, callbacks: list | None = None):
     """Train as `cfg` says, writing into `run`; returns the run (succeeded)."""
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     arch = "hf-causal" if cfg.model.preset == "hf-causal" else ("encdec" if not cfg.model.preset.startswith("deconly") else "deconly")
     objective = cfg.objective.name

@@ -1,0 +1,93 @@
+"""The pretrain stage: learning, resuming, and the artifacts other stages consume."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from slmctl.config import compose
+from slmctl.runs import Run
+from slmctl.train import pretrain
+
+BASE = ["tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32", "batch_size=8",
+        "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5"]
+
+
+def train(tmp_path, name, overrides, callbacks=None):
+    cfg = compose("pretrain", [*BASE, *overrides])
+    run = Run.create(tmp_path / "runs", "pretrain", name, cfg, argv=["test"])
+    pretrain.run(cfg, run, callbacks=callbacks)
+    return run
+
+
+def val_losses(run):
+    return [m["val_loss"] for m in run.metrics() if "val_loss" in m]
+
+
+@pytest.mark.parametrize("model, objective", [("tiny", "prefix_lm"), ("tiny", "span_corruption"),
+                                              ("tiny", "seq2seq"), ("deconly-tiny", "causal_lm")])
+def test_short_pretrain_lowers_validation_loss(tmp_path, model, objective):
+    run = train(tmp_path, objective, [f"model={model}", f"objective={objective}", "trainer.max_steps=40",
+                                      "trainer.val_check_interval=5", "checkpoint_every=40", "optim.lr=3e-3",
+                                      "optim.warmup_steps=5"])
+    losses = val_losses(run)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.2, losses
+    assert run.status()["status"] == "succeeded"
+
+
+class Crash(Callback):
+    """Dies after `step` optimizer steps, like a killed process (no cleanup)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise SystemExit("simulated kill")
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    overrides = ["model=tiny", "model.dropout=0.1", "trainer.max_steps=10", "trainer.val_check_interval=5",
+                 "checkpoint_every=4"]
+    uninterrupted = train(tmp_path, "whole", overrides)
+
+    cfg = compose("pretrain", [*BASE, *overrides])
+    killed = Run.create(tmp_path / "runs", "pretrain", "killed", cfg, argv=["test"])
+    with pytest.raises(SystemExit):
+        pretrain.run(cfg, killed, callbacks=[Crash(6)])
+    assert killed.status()["status"] == "running"  # what a SIGKILL leaves behind
+    assert pretrain.last_checkpoint(killed.checkpoint_dir).name == "step-00000004.ckpt"
+
+    resumed = Run.open(killed.path)
+    resumed.resume()
+    pretrain.run(OmegaConf.merge(cfg, {"resume": str(killed.path)}), resumed)
+    assert resumed.status()["status"] == "succeeded"
+
+    a = load_file(uninterrupted.model_dir / "model.safetensors")
+    b = load_file(resumed.model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_hf_causal_artifact_loads_with_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = train(tmp_path, "llama", ["model=hf-causal", "model.hf.hidden_size=64", "model.hf.intermediate_size=128",
+                                    "model.hf.num_hidden_layers=2", "objective=causal_lm", "trainer.max_steps=4",
+                                    "trainer.val_check_interval=2", "checkpoint_every=4"])
+    model = AutoModelForCausalLM.from_pretrained(run.model_dir)
+    assert model.config.model_type == "llama" and model.config.vocab_size % 128 == 0
+    assert (run.model_dir / "model.safetensors").is_file() and (run.model_dir / "tokenizer.json").is_file()
+    ids = torch.tensor([[1, 40, 41, 42]])
+    assert model(input_ids=ids).logits.shape == (1, 4, model.config.vocab_size)
+
+
+def test_init_fine_tunes_an_earlier_run_with_its_tokenizer(tmp_path):
+    base = train(tmp_path, "base", ["model=tiny", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                                    "checkpoint_every=4"])
+    tuned = train(tmp_path, "tuned", ["objective=seq2seq", f"init={base.path}", "trainer.max_steps=4",
+                                      "trainer.val_check_interval=2", "checkpoint_every=4"])
+    assert (tuned.model_dir / "tokenizer.json").read_text() == (base.model_dir / "tokenizer.json").read_text()
+    assert any(i["kind"] == "run" and i["stage"] == "pretrain" for i in tuned.inputs())
