@@ -57,7 +57,7 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
               dry_run: bool) -> None:
     """Compose, open (or reopen, for resume=) the run directory and call the stage's run()."""
     from slmctl.config import compose, to_yaml
-    from slmctl.runs import Run, resolve_run
+    from slmctl.runs import Run
 
     argv = ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
             *(["--device", device] if device != "cpu" else [])]
@@ -249,7 +249,8 @@ def runs(ctx: typer.Context, stage: Optional[str] = typer.Option(None, "--stage"
         table.add_column(column)
     now = datetime.now(timezone.utc)
     for info in found:
-        metric = f"{info.key_metric[0]}={info.key_metric[1]:.4g}" if info.key_metric and isinstance(info.key_metric[1], (int, float)) else ""
+        has_metric = info.key_metric and isinstance(info.key_metric[1], (int, float))
+        metric = f"{info.key_metric[0]}={info.key_metric[1]:.4g}" if has_metric else ""
         table.add_row(info.stage, info.path.name, info.status, _age(now - info.started) if info.started else "", metric)
     console.print(table)
 

@@ -351,11 +351,18 @@ def model_config_from(cfg: DictConfig, **fallbacks) -> ModelConfig:
     `fallbacks` (e.g. the tokenizer's vocab size and token ids) used where the node is null."""
     from slmctl.model.config import get_preset
 
+    from slmctl.model.config import matched_decoder_only
+
     node = OmegaConf.to_container(cfg, resolve=True)
-    base = get_preset(node["preset"])
     changes = {k: v for k, v in fallbacks.items() if node.get(k) is None}
     changes |= {k: v for k, v in node.items() if k not in ("preset", "hf") and v is not None}
     try:
-        return base.replace(**changes)
+        preset = node["preset"]
+        if preset.startswith("deconly-") and "n_decoder_layers" not in changes:
+            # Re-match the baseline to its encoder-decoder with the same changes (e.g. the
+            # tokenizer's vocabulary), so the comparison stays at equal parameter count.
+            encdec = get_preset(preset.removeprefix("deconly-")).replace(**changes)
+            return matched_decoder_only(encdec).replace(**{k: v for k, v in changes.items() if k != "n_encoder_layers"})
+        return get_preset(preset).replace(**changes)
     except ValueError as e:
         raise ConfigError(str(e)) from None

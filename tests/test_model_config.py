@@ -74,6 +74,6 @@ def test_invalid_configs_are_one_line_errors(changes, message):
 
 
 def test_unknown_preset_lists_the_choices():
-    with pytest.raises(ValueError, match="choose from: tiny, small, 330m, 1b"):
+    with pytest.raises(ValueError, match="choose from: tiny, mini, small, 330m, 1b"):
         build_model("350m")
     assert set(PRESETS) >= {"tiny", "small", "330m", "1b", "deconly-tiny", "deconly-small", "deconly-330m", "deconly-1b"}

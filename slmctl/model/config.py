@@ -151,6 +151,11 @@ _ENCDEC_PRESETS = {
         name="tiny", vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256,
         n_encoder_layers=6, n_decoder_layers=3, max_seq_len=512,
     ),
+    # The quickstart's size: learns the synthetic reading task in a few CPU minutes.
+    "mini": ModelConfig(
+        name="mini", vocab_size=8192, d_model=256, n_heads=8, n_kv_heads=4, head_dim=32, d_ff=768,
+        n_encoder_layers=6, n_decoder_layers=3,
+    ),
     # Trains visibly on a laptop CPU in minutes (~21M parameters at vocab 8192).
     "small": ModelConfig(
         name="small", vocab_size=8192, d_model=384, n_heads=6, n_kv_heads=3, head_dim=32, d_ff=1536,
