@@ -79,7 +79,7 @@ class ColumnsSchema:
 class SyntheticDataSchema:
     kind: str = "synthetic"
     seed: int = 0
-    n_people: int = 500
+    n_people: int = 5000
     train_examples: int = 20000
     validation_examples: int = 200
     min_facts: int = 8

@@ -23,7 +23,10 @@ def load_texts(cfg, split: str) -> list[str]:
     """Plain texts of `split`: the synthetic world's paragraphs, or the `text` column (for
     data that only has source/target, source and target joined by a newline)."""
     if cfg.kind == "synthetic":
-        return _world(cfg).texts(split=split, n=_synthetic_count(cfg, split))
+        try:
+            return _world(cfg).texts(split=split, n=_synthetic_count(cfg, split))
+        except ValueError as e:
+            raise DataError(f"data (synthetic): {e}") from None
     rows, columns, where = _load_rows(cfg, split)
     text_column = cfg.columns.text
     if text_column in columns:
@@ -41,8 +44,11 @@ def load_texts(cfg, split: str) -> list[str]:
 def load_pairs(cfg, split: str) -> list[tuple[str, str]]:
     """(source, target) pairs of `split`."""
     if cfg.kind == "synthetic":
-        examples = _world(cfg).qa(split=split, n=_synthetic_count(cfg, split), min_facts=cfg.min_facts,
-                                  max_facts=cfg.max_facts)
+        try:
+            examples = _world(cfg).qa(split=split, n=_synthetic_count(cfg, split), min_facts=cfg.min_facts,
+                                      max_facts=cfg.max_facts)
+        except ValueError as e:
+            raise DataError(f"data (synthetic): {e}") from None
         return [(e["source"], e["target"]) for e in examples]
     rows, columns, where = _load_rows(cfg, split)
     for role in ("source", "target"):

@@ -1,0 +1,58 @@
+"""Recipes: later steps consume earlier runs; bad recipes are one-line errors."""
+
+import pytest
+import yaml
+
+from slmctl.config import ConfigError
+from slmctl.recipes import load_recipe, run_recipe
+
+SMALL = ["tokenizer.vocab_size=400", "data.train_examples=200", "data.validation_examples=16", "batch_size=8",
+         "max_source_len=48", "max_target_len=8", "trainer.max_steps=3", "trainer.val_check_interval=3",
+         "checkpoint_every=3", "trainer.enable_progress_bar=false", "objective=seq2seq", "data.min_facts=1",
+         "data.max_facts=2"]
+
+
+def test_a_pipeline_shares_the_tokenizer_and_records_lineage(tmp_path):
+    recipe = {"name": "mini-quickstart", "steps": [
+        {"name": "encdec", "stage": "pretrain", "overrides": ["model=tiny", *SMALL]},
+        {"name": "deconly", "stage": "pretrain",
+         "overrides": ["model=deconly-tiny", "tokenizer=run", "tokenizer.path=${runs.encdec}",
+                       *[o for o in SMALL if not o.startswith("tokenizer.")]]},
+        {"name": "answers", "generate": {"model": "${runs.deconly}", "synthetic_questions": 2, "max_new_tokens": 3}},
+    ]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    produced = run_recipe(path, tmp_path / "runs")
+    assert set(produced) == {"encdec", "deconly"}
+    encdec, deconly = produced["encdec"], produced["deconly"]
+    assert (encdec / "model" / "tokenizer.json").read_text() == (deconly / "model" / "tokenizer.json").read_text()
+    import json
+
+    inputs = json.loads((deconly / "inputs.json").read_text())
+    assert any(i["path"].startswith(str(encdec)) for i in inputs)
+    assert json.loads((deconly / "status.json").read_text())["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"steps": []}, "non-empty 'steps'"),
+    ({"steps": [{"stage": "pretrain"}]}, "step 1 needs a 'name'"),
+    ({"steps": [{"name": "a", "stage": "pretrain", "overrides": ["init=${runs.b}"]}]}, "uses ${runs.b} before"),
+    ({"steps": [{"name": "a"}]}, "exactly one of 'stage' or 'generate'"),
+])
+def test_bad_recipes(tmp_path, recipe, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=message.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
+        load_recipe(path)
+
+
+def test_quickstart_recipe_is_valid():
+    from pathlib import Path
+
+    from slmctl.config import compose
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
+    for step in recipe["steps"]:
+        if "stage" in step:
+            overrides = [o.replace("${runs.encdec}", "/tmp/x") for o in step["overrides"]]
+            compose(step["stage"], overrides)
