@@ -68,8 +68,8 @@ class TextTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
-        if self.kind == "bpe":
-            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.kind == "bpe":  # drop the space the prefix-space convention put in front
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens).removeprefix(" ")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- files ---------------------------------------------------------------
@@ -115,7 +115,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
         raise TokenizerError(f"tokenizer.vocab_size={vocab_size} is too small: byte-level BPE needs at least "
                              f"{len(specials) + 256} (256 bytes + {len(specials)} special tokens)")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # A prefix space makes a word the same token at the start of a text as inside one, so an
+    # answer ("Tobrin") is the very token the context holds (" Tobrin") and can be copied.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

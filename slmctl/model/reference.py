@@ -75,34 +75,39 @@ def _attention_to_reference(ours: dict, prefix: str, cfg: ModelConfig, order: li
     }
 
 
-def _mlp_names() -> list[str]:
-    return ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+def _copied_keys(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(our key, reference key) of every tensor that is copied unchanged."""
+    mlp = ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    pairs = [("embed.weight", "transformer.wte.weight"), ("encoder.norm.weight", "transformer.ln_e.weight"),
+             ("decoder.norm.weight", "transformer.ln_f.weight")]
+    for i in range(cfg.n_encoder_layers):
+        ours, ref = f"encoder.layers.{i}", f"transformer.e.{i}"
+        pairs += [(f"{ours}.attn_norm.weight", f"{ref}.ln1.weight"), (f"{ours}.mlp_norm.weight", f"{ref}.ln2.weight")]
+        pairs += [(f"{ours}.{name}", f"{ref}.{name}") for name in mlp]
+    for i in range(cfg.n_decoder_layers):
+        ours, ref = f"decoder.layers.{i}", f"transformer.h.{i}"
+        for ref_norm, our_norm in (("ln1", "self_attn_norm"), ("ln2", "cross_attn_norm"), ("ln3", "mlp_norm")):
+            pairs.append((f"{ours}.{our_norm}.weight", f"{ref}.{ref_norm}.weight"))
+        pairs += [(f"{ours}.{name}", f"{ref}.{name}") for name in mlp]
+    return pairs
+
+
+def _attention_modules(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(our prefix, reference prefix, whether ours fuses Q/K/V) of every attention module."""
+    modules = [(f"encoder.layers.{i}.attn", f"transformer.e.{i}.attn", True) for i in range(cfg.n_encoder_layers)]
+    for i in range(cfg.n_decoder_layers):
+        modules += [(f"decoder.layers.{i}.self_attn", f"transformer.h.{i}.causal_attn", True),
+                    (f"decoder.layers.{i}.cross_attn", f"transformer.h.{i}.cross_attn", False)]
+    return modules
 
 
 def to_reference_state(model_state: dict, cfg: ModelConfig, grouping: str = "tiled") -> dict:
     """Our encoder-decoder state dict -> the reference's keys and layout."""
     order = query_head_order(cfg.n_heads, cfg.n_kv_heads, grouping)
-    ref = {"transformer.wte.weight": model_state["embed.weight"]}
-    for i in range(cfg.n_encoder_layers):
-        src, dst = f"encoder.layers.{i}", f"transformer.e.{i}"
-        ref[f"{dst}.ln1.weight"] = model_state[f"{src}.attn_norm.weight"]
-        ref[f"{dst}.ln2.weight"] = model_state[f"{src}.mlp_norm.weight"]
-        for k, v in _attention_to_reference(model_state, f"{src}.attn", cfg, order, fused=True).items():
-            ref[f"{dst}.attn.{k}"] = v
-        for name in _mlp_names():
-            ref[f"{dst}.{name}"] = model_state[f"{src}.{name}"]
-    ref["transformer.ln_e.weight"] = model_state["encoder.norm.weight"]
-    for i in range(cfg.n_decoder_layers):
-        src, dst = f"decoder.layers.{i}", f"transformer.h.{i}"
-        for ref_norm, our_norm in (("ln1", "self_attn_norm"), ("ln2", "cross_attn_norm"), ("ln3", "mlp_norm")):
-            ref[f"{dst}.{ref_norm}.weight"] = model_state[f"{src}.{our_norm}.weight"]
-        for k, v in _attention_to_reference(model_state, f"{src}.self_attn", cfg, order, fused=True).items():
-            ref[f"{dst}.causal_attn.{k}"] = v
-        for k, v in _attention_to_reference(model_state, f"{src}.cross_attn", cfg, order, fused=False).items():
-            ref[f"{dst}.cross_attn.{k}"] = v
-        for name in _mlp_names():
-            ref[f"{dst}.{name}"] = model_state[f"{src}.{name}"]
-    ref["transformer.ln_f.weight"] = model_state["decoder.norm.weight"]
+    ref = {ref_key: model_state[our_key] for our_key, ref_key in _copied_keys(cfg)}
+    for ours, theirs, fused in _attention_modules(cfg):
+        for name, tensor in _attention_to_reference(model_state, ours, cfg, order, fused).items():
+            ref[f"{theirs}.{name}"] = tensor
     ref["lm_head.weight"] = model_state["embed.weight"]
     return ref
 
@@ -110,27 +115,10 @@ def to_reference_state(model_state: dict, cfg: ModelConfig, grouping: str = "til
 def from_reference_state(ref: dict, cfg: ModelConfig, grouping: str = "tiled") -> dict:
     """The reference's state dict -> ours (the inverse of `to_reference_state`)."""
     order = query_head_order(cfg.n_heads, cfg.n_kv_heads, grouping)
-    ours = {"embed.weight": ref["transformer.wte.weight"]}
-    for i in range(cfg.n_encoder_layers):
-        src, dst = f"transformer.e.{i}", f"encoder.layers.{i}"
-        ours[f"{dst}.attn_norm.weight"] = ref[f"{src}.ln1.weight"]
-        ours[f"{dst}.mlp_norm.weight"] = ref[f"{src}.ln2.weight"]
-        for k, v in _attention_to_ours(ref, f"{src}.attn", cfg, order, fused=True).items():
-            ours[f"{dst}.attn.{k}"] = v
-        for name in _mlp_names():
-            ours[f"{dst}.{name}"] = ref[f"{src}.{name}"]
-    ours["encoder.norm.weight"] = ref["transformer.ln_e.weight"]
-    for i in range(cfg.n_decoder_layers):
-        src, dst = f"transformer.h.{i}", f"decoder.layers.{i}"
-        for ref_norm, our_norm in (("ln1", "self_attn_norm"), ("ln2", "cross_attn_norm"), ("ln3", "mlp_norm")):
-            ours[f"{dst}.{our_norm}.weight"] = ref[f"{src}.{ref_norm}.weight"]
-        for k, v in _attention_to_ours(ref, f"{src}.causal_attn", cfg, order, fused=True).items():
-            ours[f"{dst}.self_attn.{k}"] = v
-        for k, v in _attention_to_ours(ref, f"{src}.cross_attn", cfg, order, fused=False).items():
-            ours[f"{dst}.cross_attn.{k}"] = v
-        for name in _mlp_names():
-            ours[f"{dst}.{name}"] = ref[f"{src}.{name}"]
-    ours["decoder.norm.weight"] = ref["transformer.ln_f.weight"]
+    ours = {our_key: ref[ref_key] for our_key, ref_key in _copied_keys(cfg)}
+    for our_prefix, theirs, fused in _attention_modules(cfg):
+        for name, tensor in _attention_to_ours(ref, theirs, cfg, order, fused).items():
+            ours[f"{our_prefix}.{name}"] = tensor
     return {k: v.contiguous() for k, v in ours.items()}
 
 
