@@ -91,3 +91,10 @@ def test_init_fine_tunes_an_earlier_run_with_its_tokenizer(tmp_path):
                                       "trainer.val_check_interval=2", "checkpoint_every=4"])
     assert (tuned.model_dir / "tokenizer.json").read_text() == (base.model_dir / "tokenizer.json").read_text()
     assert any(i["kind"] == "run" and i["stage"] == "pretrain" for i in tuned.inputs())
+
+
+def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
+    run = train(tmp_path, "bf16", ["model=tiny", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
+                                   "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint_every=4"])
+    assert run.status()["summary"]["steps"] == 4
+    assert all(torch.isfinite(torch.tensor(m["val_loss"])) for m in run.metrics() if "val_loss" in m)
