@@ -122,10 +122,11 @@ def _stage_module(stage: str):
 
 
 def _print_summary(stage: str, path: Path, summary: dict) -> None:
-    table = Table(title=f"{stage} finished: {path}", show_header=False)
+    table = Table(title=f"{stage} finished", show_header=False)
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    console.print(f"run: {path}", highlight=False, soft_wrap=True)
 
 
 # -- stages ---------------------------------------------------------------------

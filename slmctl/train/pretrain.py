@@ -115,10 +115,18 @@ def _model_dir(ref: str, run) -> Path:
 def _progress_bar() -> list:
     from lightning.pytorch.callbacks import RichProgressBar
 
-    try:
-        return [RichProgressBar(leave=True)]
-    except ModuleNotFoundError:  # rich is a dependency, but never let a progress bar stop training
-        return []
+    class StepProgressBar(RichProgressBar):
+        """Training runs by steps on an endless stream: say "train", not "Epoch 0/-2", and drop v_num."""
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            return "train"
+
+        def get_metrics(self, trainer, pl_module):
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return metrics
+
+    return [StepProgressBar(leave=True)]
 
 
 def _tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
