@@ -25,7 +25,7 @@ class DecoderOnlyLM(LanguageModel):
         super().__init__(config)
         self.layers = nn.ModuleList(SelfAttentionBlock(config) for _ in range(config.n_decoder_layers))
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        init_weights(self, config.n_decoder_layers)
+        init_weights(self)
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:

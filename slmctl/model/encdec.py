@@ -41,7 +41,7 @@ class EncoderDecoderLM(LanguageModel):
         super().__init__(config)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        init_weights(self, config.n_encoder_layers + config.n_decoder_layers)
+        init_weights(self)
 
     # -- encoder -------------------------------------------------------------
 
