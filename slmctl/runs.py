@@ -42,6 +42,7 @@ from slmctl import __version__
 from slmctl.atomic import atomic_write_bytes, atomic_write_text
 
 MODEL_CONFIG_FILE = "model.json"  # = slmctl.model.checkpoint.CONFIG_FILE, not imported: that pulls in torch
+HF_CONFIG_FILE = "config.json"  # a Hugging Face model saved with save_pretrained
 
 STATUSES = ("running", "succeeded", "failed", "interrupted")
 SEALED_STATUSES = ("succeeded", "failed")
@@ -339,11 +340,17 @@ def require_latest(stage_dir: Path) -> Path:
     return found
 
 
+def is_model_dir(path: Path) -> bool:
+    """Ours (model.json) or a Hugging Face save_pretrained directory (config.json)."""
+    return (path / MODEL_CONFIG_FILE).is_file() or (path / HF_CONFIG_FILE).is_file()
+
+
 def resolve_model_path(ref: str | Path, runs_dir: str | Path) -> Path:
-    """A model directory (has model.json), a run whose model/ has one (any form
-    `resolve_run` accepts), or an existing file such as a reference `.pt` checkpoint."""
+    """A model directory (ours with model.json, or a Hugging Face one with config.json), a run
+    whose model/ is one (any form `resolve_run` accepts), or an existing file such as a
+    reference `.pt` checkpoint."""
     path = Path(ref)
-    if (path / MODEL_CONFIG_FILE).is_file() or path.is_file():
+    if is_model_dir(path) or path.is_file():
         return path.resolve()
     try:
         run_dir = resolve_run(ref, runs_dir)
@@ -351,7 +358,7 @@ def resolve_model_path(ref: str | Path, runs_dir: str | Path) -> Path:
         raise RunError(f"no model at {str(ref)!r}: not a model directory (no {MODEL_CONFIG_FILE}), "
                        f"not a file, and not a run ({e})") from None
     model_dir = run_dir / "model"
-    if not (model_dir / MODEL_CONFIG_FILE).is_file():
+    if not is_model_dir(model_dir):
         raise RunError(f"run {run_dir} has no model ({model_dir / MODEL_CONFIG_FILE} is missing); "
                        f"pass a run of a stage that writes one, e.g. pretrain/latest")
     return model_dir

@@ -83,6 +83,12 @@ def test_hf_causal_artifact_loads_with_transformers(tmp_path):
     ids = torch.tensor([[1, 40, 41, 42]])
     assert model(input_ids=ids).logits.shape == (1, 4, model.config.vocab_size)
 
+    from slmctl.generate import generate_text, load_generator
+
+    generator = load_generator(run.path)
+    assert generator.kind == "hf-causal"
+    assert isinstance(generate_text(generator, "Where does Mara live?", max_new_tokens=3), str)
+
 
 def test_init_fine_tunes_an_earlier_run_with_its_tokenizer(tmp_path):
     base = train(tmp_path, "base", ["model=tiny", "trainer.max_steps=4", "trainer.val_check_interval=2",
