@@ -35,9 +35,6 @@ DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, mps or npu (sets train
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved config and exit.")
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from slmctl.config import ConfigError
     from slmctl.data.sources import DataError
@@ -69,6 +66,11 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
             console.print(to_yaml(cfg), highlight=False, end="")
             return
         if cfg.get("resume"):
+            others = [o for o in overrides if not o.startswith("resume=") and not o.startswith("trainer.accelerator=")]
+            if others:
+                from slmctl.config import ConfigError
+
+                raise ConfigError(f"resume= continues a run with its saved config; drop the other overrides ({' '.join(others)})")
             path = resolve_resumable(cfg.resume, runs_dir, stage)
             run = Run.open(path)
             saved = run.config()
@@ -87,8 +89,8 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     module = _stage_module(stage)
     try:
         module.run(cfg, run)
-    except KeyboardInterrupt:
-        run.interrupt("interrupted by the user (resume with resume=" + str(run.path) + ")")
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into SystemExit after a graceful stop)
+        run.interrupt(f"interrupted by the user (resume with resume={run.path})")
         fail(f"interrupted; resume with: slmctl {stage} resume={run.path}", code=130)
     except _user_errors() as e:
         run.fail(str(e))

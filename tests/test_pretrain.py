@@ -104,3 +104,25 @@ def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
                                    "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint_every=4"])
     assert run.status()["summary"]["steps"] == 4
     assert all(torch.isfinite(torch.tensor(m["val_loss"])) for m in run.metrics() if "val_loss" in m)
+
+
+def test_cli_resume_latest_finishes_a_killed_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from slmctl.cli import app
+
+    overrides = ["model=tiny", "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint_every=3"]
+    cfg = compose("pretrain", [*BASE, *overrides])
+    killed = Run.create(tmp_path / "runs", "pretrain", "killed", cfg, argv=["test"])
+    with pytest.raises(SystemExit):
+        pretrain.run(cfg, killed, callbacks=[Crash(4)])
+    runner = CliRunner()
+    refused = runner.invoke(app, ["pretrain", "resume=latest", "batch_size=4", "--runs-dir", str(tmp_path / "runs")])
+    assert refused.exit_code == 2 and "drop the other overrides (batch_size=4)" in refused.output
+    result = runner.invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    status = Run.open(killed.path).status()
+    assert status["status"] == "succeeded" and status["summary"]["steps"] == 6
+    assert (tmp_path / "runs" / "pretrain" / "latest").resolve() == killed.path
+    nothing_left = runner.invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(tmp_path / "runs")])
+    assert nothing_left.exit_code == 2 and "no unfinished pretrain run" in nothing_left.output

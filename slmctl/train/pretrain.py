@@ -86,6 +86,8 @@ def run(cfg, run, callbacks: list | None = None):
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
+    if trainer.interrupted:  # Lightning stopped gracefully on Ctrl-C: the run is not finished
+        raise KeyboardInterrupt
 
     _save_artifact(model, tokenizer, run, arch)
     val_loss = trainer.callback_metrics.get("val_loss")
