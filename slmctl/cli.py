@@ -59,6 +59,7 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     argv = ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
             *(["--device", device] if device != "cpu" else [])]
     try:
+        check_torch_device(device)
         if device != "cpu" and not any(o.startswith("trainer=") or o.startswith("trainer.accelerator=") for o in overrides):
             overrides = [*overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}"]
         cfg = compose(stage, overrides)
@@ -103,6 +104,25 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     status = run.status()
     summary = status.get("summary") or {}
     _print_summary(stage, run.path, summary)
+
+
+def check_torch_device(device: str) -> None:
+    """Fail before any run directory exists when the requested device is not there."""
+    from slmctl.config import ConfigError
+
+    if device == "cpu":
+        return
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available to torch here (use --device cpu)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: no Apple GPU (MPS) is available to torch here (use --device cpu)")
+    if device == "npu":
+        raise ConfigError("--device npu: NPUs run exported ONNX graphs (slmctl export, then bench --runtime onnx), "
+                          "not PyTorch; use --device cpu or cuda here")
+    if device not in ("cuda", "mps"):
+        raise ConfigError(f"unknown --device {device!r} (choose from: cpu, cuda, mps, npu)")
 
 
 def resolve_resumable(ref: str, runs_dir: Path, stage: str) -> Path:
@@ -161,6 +181,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
             texts += _read_prompt_file(file)
         if not texts:
             fail('give prompt="..." or --file prompts.jsonl')
+        check_torch_device(device)
         generator = load_generator(model, runs_dir, device)
     except _user_errors() as e:
         if verbose:

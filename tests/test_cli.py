@@ -107,3 +107,15 @@ def test_generate_reads_a_prompt_file_and_reports_bad_lines(tmp_path):
     prompts.write_text('{"prompt": "hello"}\nnot json\n')
     result = invoke("generate", tmp_path / "no-model", "--file", prompts)
     assert result.exit_code == 2 and "prompts.jsonl:2: not valid JSON" in result.output
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA device"), ("npu", "NPUs run exported ONNX graphs"),
+                                             ("tpu", "unknown --device 'tpu'")])
+def test_missing_device_is_a_one_line_error(tmp_path, device, message):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = invoke("pretrain", "model=tiny", "--device", device, "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "runs").exists()
