@@ -3,7 +3,6 @@ tokenizer and stream generated text. Used by `slmctl generate` and the recipes."
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,11 +24,9 @@ def load_generator(ref: str | Path, runs_dir: str | Path = "runs", device: str =
     from slmctl.model import load_model
     from slmctl.runs import resolve_model_path
 
-    path = resolve_model_path(ref, runs_dir)
-    path = path / "model" if (path / "model").is_dir() else path
+    path = resolve_model_path(ref, runs_dir)  # a run resolves to its model/
     tokenizer = TextTokenizer.load(path)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
-    if config is not None and not (path / "model.json").is_file():  # a Hugging Face causal LM
+    if not (path / "model.json").is_file():  # a Hugging Face causal LM (save_pretrained's config.json)
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()

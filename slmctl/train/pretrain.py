@@ -110,8 +110,7 @@ def _model_dir(ref: str, run) -> Path:
     """A model directory from a model dir, a run dir or runs/<stage>/latest."""
     from slmctl.runs import resolve_model_path
 
-    path = resolve_model_path(ref, run.path.parent.parent)
-    return path / "model" if (path / "model").is_dir() else path
+    return resolve_model_path(ref, run.path.parent.parent)  # a run resolves to its model/
 
 
 def _progress_bar() -> list:
@@ -229,8 +228,6 @@ def _make_batch(examples: list, rngs: list, cfg, special, causal: bool) -> dict:
 def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str) -> None:
     if arch == "hf-causal":
         model.save_pretrained(str(run.model_dir), safe_serialization=True)
-        tokenizer.save(run.model_dir)
     else:
-        model.eval()
-        save_model(model, run.model_dir)
-        tokenizer.save(run.model_dir)
+        save_model(model.eval(), run.model_dir)
+    tokenizer.save(run.model_dir)
