@@ -87,7 +87,9 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
         fail(str(e))
         return
     console.print(f"[bold]{stage}[/bold] -> {run.path}")
-    module = _stage_module(stage)
+    from slmctl.config import stage_module
+
+    module = stage_module(stage)
     try:
         module.run(cfg, run)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into SystemExit after a graceful stop)
@@ -137,12 +139,6 @@ def resolve_resumable(ref: str, runs_dir: Path, stage: str) -> Path:
     return resolve_run(ref, runs_dir)
 
 
-def _stage_module(stage: str):
-    import importlib
-
-    return importlib.import_module({"pretrain": "slmctl.train.pretrain"}[stage])
-
-
 def _print_summary(stage: str, path: Path, summary: dict) -> None:
     table = Table(title=f"{stage} finished", show_header=False)
     for key, value in summary.items():
@@ -160,6 +156,14 @@ def pretrain(overrides: Optional[list[str]] = typer.Argument(None, help="key=val
              verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
     """Train a model from scratch (or fine-tune with init=RUN) on a text objective."""
     run_stage("pretrain", overrides or [], name, runs_dir, device, verbose, dry_run)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def distill(overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides"),
+            name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
+            verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
+    """Distil a decoder-only teacher into an encoder-decoder student (teacher=llama student=330m)."""
+    run_stage("distill", overrides or [], name, runs_dir, device, verbose, dry_run)
 
 
 @app.command()
@@ -299,7 +303,8 @@ def runs_show(run: str = typer.Argument(..., help="A run directory or runs/<stag
     inputs = opened.inputs()
     console.print("inputs:" if inputs else "inputs: none", highlight=False)
     for item in inputs:
-        console.print(f"  {item.get('kind')}: {item.get('ref')} -> {item.get('path')}", highlight=False)
+        role = f"{item['role']} " if item.get("role") else ""
+        console.print(f"  {role}{item.get('kind')}: {item.get('ref')} -> {item.get('path')}", highlight=False)
     manifest = opened.path / "MANIFEST.json"
     if manifest.is_file():
         files = json.loads(manifest.read_text())

@@ -66,6 +66,8 @@ def _model_schema() -> type:
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 ModelSchema = _model_schema()
+# a distillation student: a model preset, or `init` = an existing model / run to continue from
+StudentSchema = dataclasses.make_dataclass("StudentSchema", [("init", Optional[str], None)], bases=(ModelSchema,))
 
 
 @dataclass
@@ -128,6 +130,21 @@ class RunTokenizerSchema:
 
 
 @dataclass
+class TeacherTokenizerSchema:
+    kind: str = "teacher"
+    n_sentinels: int = 32
+
+
+@dataclass
+class TeacherSchema:
+    kind: str = "hf"  # hf: a hub id or save_pretrained directory; run: a decoder-only run of ours
+    path: str = "???"
+    tokenizer: Optional[str] = None  # hf only: where its tokenizer is, if not beside the weights
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
 class PrefixLMSchema:
     name: str = "prefix_lm"
     min_prefix_frac: float = 0.2
@@ -172,15 +189,68 @@ class PretrainSchema:
     trainer: Any = None
 
 
+@dataclass
+class KDSchema:
+    alpha: float = 0.5
+    loss: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    targets: str = "gold"
+    on_policy_prob: float = 0.5
+    student_temperature: float = 1.0
+    student_top_k: int = 0
+    teacher_temperature: float = 0.0
+    cross_tokenizer: str = "error"
+    cache: bool = False
+    cache_topk: int = 64
+    cache_dtype: str = "float16"
+    cache_batch_size: int = 32
+
+
+@dataclass
+class DistillSchema:
+    seed: int = 0
+    resume: Optional[str] = None
+    control: bool = False
+    batch_size: int = 16
+    max_source_len: int = 256
+    max_target_len: int = 64
+    checkpoint_every: int = 100
+    kd: KDSchema = field(default_factory=KDSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    teacher: Any = None
+    student: Any = None
+    data: Any = None
+    tokenizer: Any = None
+    trainer: Any = None
+
+
+KD_CHOICES = {"kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.targets": ("gold", "teacher", "student", "mix"),
+              "kd.cross_tokenizer": ("error", "uld"), "kd.cache_dtype": ("float16", "bfloat16", "float32"),
+              "teacher.dtype": ("auto", "float32", "bfloat16", "float16")}
+KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
+
+
 GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     # group -> (discriminating key, {value: schema})
     "model": ("", {"": ModelSchema}),
+    "student": ("", {"": StudentSchema}),
+    "teacher": ("kind", {"hf": TeacherSchema, "run": TeacherSchema}),
     "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema}),
-    "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema}),
+    "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema,
+                           "teacher": TeacherTokenizerSchema}),
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
-STAGE_SCHEMAS = {"pretrain": PretrainSchema}
+STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema}
+STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill"}  # each has run(cfg, run)
+
+
+def stage_module(stage: str):
+    """The module whose `run(cfg, run)` carries out `stage`."""
+    import importlib
+
+    return importlib.import_module(STAGE_MODULES[stage])
 
 
 # ---------------------------------------------------------------------------
@@ -311,11 +381,23 @@ def _check_trainer(node) -> DictConfig:
 
 
 def _check_values(cfg: DictConfig) -> None:
-    positive = ["batch_size", "max_source_len", "max_target_len", "checkpoint_every", "optim.lr"]
+    positive = ["batch_size", "max_source_len", "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
+                "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    for key, choices in KD_CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+    for key, (low, high) in KD_RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
+    beta = OmegaConf.select(cfg, "kd.beta")
+    if beta is not None and OmegaConf.select(cfg, "kd.loss") == "jsd" and not 0 < beta < 1:
+        raise ConfigError(f"kd.beta must be in (0, 1) for kd.loss=jsd, got {beta}")
 
 
 def _explain_hydra_error(message: str, stage: str) -> str:
@@ -355,7 +437,7 @@ def model_config_from(cfg: DictConfig, **fallbacks) -> ModelConfig:
 
     node = OmegaConf.to_container(cfg, resolve=True)
     changes = {k: v for k, v in fallbacks.items() if node.get(k) is None}
-    changes |= {k: v for k, v in node.items() if k not in ("preset", "hf") and v is not None}
+    changes |= {k: v for k, v in node.items() if k not in ("preset", "hf", "init") and v is not None}
     try:
         preset = node["preset"]
         if preset.startswith("deconly-") and "n_decoder_layers" not in changes:

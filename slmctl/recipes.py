@@ -64,9 +64,7 @@ def _substitute(value, produced: dict[str, Path]):
 
 def run_recipe(path: Path, runs_dir: Path, verbose: bool = False) -> dict[str, Path]:
     """Run every step in order; returns {step name: run directory}."""
-    import importlib
-
-    from slmctl.config import compose
+    from slmctl.config import compose, stage_module
     from slmctl.runs import Run
 
     recipe = load_recipe(Path(path))
@@ -84,7 +82,7 @@ def run_recipe(path: Path, runs_dir: Path, verbose: bool = False) -> dict[str, P
         for ref in STEP_REFERENCE.findall(yaml.safe_dump(step)):
             run.add_input("run", f"${{runs.{ref}}}", produced[ref], stage=None)
         try:
-            importlib.import_module({"pretrain": "slmctl.train.pretrain"}[stage]).run(cfg, run)
+            stage_module(stage).run(cfg, run)
         except Exception as e:
             run.fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
             raise

@@ -180,11 +180,13 @@ class Run:
             f.write(json.dumps(record, default=plain) + "\n")
             f.flush()
 
-    def add_input(self, kind: str, ref: str, path: str | Path | None, stage: str | None = None) -> None:
+    def add_input(self, kind: str, ref: str, path: str | Path | None, stage: str | None = None,
+                  role: str | None = None) -> None:
         """Record something this run consumed (lineage). Adding the same input twice
         (e.g. on resume) records it once. Run and file paths are stored resolved (a hub
         input's path is kept as given: it may be a hub id). For a run input (or a path
-        inside one, like its model/) the stage defaults to that run's stage."""
+        inside one, like its model/) the stage defaults to that run's stage. `role` says what the
+        input was for when a stage takes several models (e.g. "teacher", "student")."""
         self._check_writable()
         if kind not in INPUT_KINDS:
             raise RunError(f"input kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
@@ -193,7 +195,7 @@ class Run:
         if kind == "run" and stage is None and path is not None:
             run_dir = owning_run(Path(path))
             stage = read_status(run_dir).get("stage", run_dir.parent.name) if run_dir else None
-        entry = {"kind": kind, "ref": str(ref), "path": path, "stage": stage}
+        entry = {"kind": kind, "ref": str(ref), "path": path, "stage": stage} | ({"role": role} if role else {})
         inputs = self.inputs()
         if entry not in inputs:
             inputs.append(entry)

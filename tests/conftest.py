@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from slmctl.model import build_model
 
@@ -56,3 +57,14 @@ def max_logit_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest difference relative to the logits' scale (fp32 rounding grows with it: the
     randomised models give logits of ~15, the training init of ~1)."""
     return ((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
+
+
+class Crash(Callback):
+    """Dies after `step` optimizer steps, like a killed process (no cleanup)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise SystemExit("simulated kill")

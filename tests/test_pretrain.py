@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from conftest import Crash
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -34,17 +34,6 @@ def test_short_pretrain_lowers_validation_loss(tmp_path, model, objective):
     losses = val_losses(run)
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.2, losses
     assert run.status()["status"] == "succeeded"
-
-
-class Crash(Callback):
-    """Dies after `step` optimizer steps, like a killed process (no cleanup)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise SystemExit("simulated kill")
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):

@@ -49,6 +49,19 @@ class TextTokenizer:
             return self.backend.get_vocab_size(with_added_tokens=True)
         return len(self.backend)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token (added ones too) and its id."""
+        if self.kind == "bpe":
+            return self.backend.get_vocab(with_added_tokens=True)
+        return self.backend.get_vocab()
+
+    def start_ids(self) -> list[int]:
+        """The ids a model of this tokenizer expects before a text: what a Hugging Face tokenizer
+        adds at the start (Llama's <s>, nothing for Qwen); our own BPE's bos."""
+        if self.kind == "bpe":
+            return [self.bos_id]
+        return list(self.backend("", add_special_tokens=True)["input_ids"])
+
     @property
     def special_ids(self) -> dict[str, int]:
         return {"pad_token_id": self.pad_id, "bos_token_id": self.bos_id, "eos_token_id": self.eos_id}

@@ -49,10 +49,12 @@ class StepStream(IterableDataset):
 
 
 class PretrainDataModule(L.LightningDataModule):
-    def __init__(self, train_examples: list, val_examples: list, make_batch: MakeBatch, batch_size: int, seed: int):
+    def __init__(self, train_examples: list, val_examples: list, make_batch: MakeBatch, batch_size: int, seed: int,
+                 make_val_batch: MakeBatch | None = None):
         super().__init__()
         self.train_examples, self.val_examples = train_examples, val_examples
         self.make_batch, self.batch_size, self.seed = make_batch, batch_size, seed
+        self.make_val_batch = make_val_batch or make_batch
 
     def train_dataloader(self):
         # Micro-batches already consumed (the trainer's step counts optimizer steps).
@@ -66,7 +68,7 @@ class PretrainDataModule(L.LightningDataModule):
         for i in range(0, len(self.val_examples), self.batch_size):
             chunk = self.val_examples[i:i + self.batch_size]
             rngs = [random.Random(f"validation:{self.seed}:{i + j}") for j in range(len(chunk))]
-            batches.append(self.make_batch(chunk, rngs))
+            batches.append(self.make_val_batch(chunk, rngs))
         return DataLoader(batches, batch_size=None, num_workers=0, generator=_own_generator(self.seed))
 
 

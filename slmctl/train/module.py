@@ -44,13 +44,17 @@ class LMTrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, tokens = self.loss_and_tokens(batch)
+        self._log_throughput(tokens)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _log_throughput(self, tokens: int) -> None:
+        """Target tokens per second over the time since the previous training step started."""
         now = time.perf_counter()
         if self._step_started is not None:
             self.log("tokens_per_s", tokens / max(now - self._step_started, 1e-9), on_step=True, on_epoch=False)
         self._step_started = now
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return loss
 
     def on_validation_epoch_start(self):
         self._val_loss_sum, self._val_tokens = 0.0, 0

@@ -59,7 +59,7 @@ def run(cfg, run, callbacks: list | None = None):
     val_data = load_pairs(cfg.data, "validation") if seq2seq_data else load_texts(cfg.data, "validation")
     run.log(f"data: {len(train_data)} train / {len(val_data)} validation examples ({cfg.data.kind})")
 
-    tokenizer = _tokenizer(cfg, run, train_data, seq2seq_data)
+    tokenizer = build_tokenizer(cfg, run, train_data, seq2seq_data)
     model = _model(cfg, run, tokenizer, arch)
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M parameters; tokenizer: {len(tokenizer)} tokens")
@@ -77,7 +77,7 @@ def run(cfg, run, callbacks: list | None = None):
     checkpoints = ModelCheckpoint(dirpath=run.checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=False)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    progress = _progress_bar() if trainer_args.get("enable_progress_bar", True) else []
+    progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
     trainer = L.Trainer(logger=RunLogger(run), callbacks=[checkpoints, *progress, *(callbacks or [])],
                         default_root_dir=str(run.path), **trainer_args)
     resume_from = last_checkpoint(run.checkpoint_dir) if cfg.resume else None
@@ -106,14 +106,14 @@ def last_checkpoint(directory: Path) -> Path | None:
 # -- pieces -------------------------------------------------------------------
 
 
-def _model_dir(ref: str, run) -> Path:
+def model_dir_of(ref: str, run) -> Path:
     """A model directory from a model dir, a run dir or runs/<stage>/latest."""
     from slmctl.runs import resolve_model_path
 
     return resolve_model_path(ref, run.path.parent.parent)  # a run resolves to its model/
 
 
-def _progress_bar() -> list:
+def progress_bar() -> list:
     from lightning.pytorch.callbacks import RichProgressBar
 
     class StepProgressBar(RichProgressBar):
@@ -130,14 +130,16 @@ def _progress_bar() -> list:
     return [StepProgressBar(leave=True)]
 
 
-def _tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
+def build_tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
     saved = run.path / TOKENIZER_DIR
     if saved.is_dir():  # a resumed run keeps the tokenizer it started with
         return TextTokenizer.load(saved)
-    if cfg.init:
-        tokenizer = TextTokenizer.load(_model_dir(cfg.init, run))
+    if cfg.get("init"):
+        tokenizer = TextTokenizer.load(model_dir_of(cfg.init, run))
+    elif cfg.tokenizer.kind == "teacher":
+        raise ConfigError("tokenizer=teacher is for `slmctl distill` (there is no teacher here); use bpe, hf or run")
     elif cfg.tokenizer.kind == "run":
-        source = _model_dir(cfg.tokenizer.path, run)
+        source = model_dir_of(cfg.tokenizer.path, run)
         tokenizer = TextTokenizer.load(source)
         run.add_input("run", cfg.tokenizer.path, source)
     elif cfg.tokenizer.kind == "bpe":
@@ -154,8 +156,8 @@ def _tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
 
 def _model(cfg, run, tokenizer: TextTokenizer, arch: str):
     if cfg.init:
-        model = load_model(_model_dir(cfg.init, run))
-        run.add_input("run", str(cfg.init), _model_dir(cfg.init, run))
+        model = load_model(model_dir_of(cfg.init, run))
+        run.add_input("run", str(cfg.init), model_dir_of(cfg.init, run))
         if model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"init model's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
                               f"({len(tokenizer)})")

@@ -7,9 +7,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class RunLogger(Logger):
-    def __init__(self, run):
+    def __init__(self, run, prefix: str = ""):
         super().__init__()
-        self.run = run
+        self.run, self.prefix = run, prefix  # prefix: e.g. "control_" for a second model trained in the same run
 
     @property
     def name(self) -> str:
@@ -27,7 +27,7 @@ class RunLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         record = {"step": step} if step is not None else {}
-        record.update({k: float(v) for k, v in metrics.items() if k != "epoch"})
+        record.update({self.prefix + k: float(v) for k, v in metrics.items() if k != "epoch"})
         self.run.log_metrics(record)
 
     @rank_zero_only

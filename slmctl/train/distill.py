@@ -1,0 +1,259 @@
+"""The distill stage: a decoder-only teacher teaches an encoder-decoder student.
+
+`run(cfg, run)` loads the teacher (frozen), builds or loads the student, checks that their
+vocabularies can be compared (same tokenizer: directly, over the shared id range; different
+tokenizers: an error unless `kd.cross_tokenizer=uld`), optionally caches the teacher's
+top-k log-probabilities, and trains with Lightning. The student goes to `model/`; with
+`control=true` a second student with the same initialisation, data and steps is trained on
+gold CE only into `control/`, and the summary reports both validation losses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from slmctl.config import ConfigError, model_config_from
+from slmctl.data.sources import load_pairs
+from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer
+from slmctl.model import build_model, load_model, save_model
+from slmctl.train.datamodule import PretrainDataModule
+from slmctl.train.distill_data import DistillBatcher
+from slmctl.train.distill_module import DistillModule
+from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
+from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, last_checkpoint, model_dir_of, progress_bar, quiet_lightning
+from slmctl.train.run_logger import RunLogger
+from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
+
+CACHE_DIR = "teacher_cache"
+CONTROL_DIR = "control"
+DISTILLED = "distilled.json"  # the first phase's summary; its presence means phase one is done
+
+
+def run(cfg, run, callbacks: list | None = None):
+    """Distil as `cfg` says, writing into `run`; returns the run (succeeded)."""
+    quiet_lightning()
+    kd = cfg.kd
+    if kd.cache and kd.targets != "gold":
+        raise ConfigError(f"kd.cache=true needs kd.targets=gold (the cache holds the teacher's view of the data's own "
+                          f"targets), got kd.targets={kd.targets}")
+    train_pairs, val_pairs = load_pairs(cfg.data, "train"), load_pairs(cfg.data, "validation")
+    run.log(f"data: {len(train_pairs)} train / {len(val_pairs)} validation examples ({cfg.data.kind})")
+
+    runs_dir = run.path.parent.parent
+    teacher = load_teacher(cfg.teacher, runs_dir)
+    local = _local_path(cfg.teacher, runs_dir)
+    run.add_input("run" if cfg.teacher.kind == "run" else ("file" if local else "hub"), str(cfg.teacher.path),
+                  local or str(cfg.teacher.path), role="teacher")
+    if cfg.teacher.trust_remote_code:
+        run.log("teacher.trust_remote_code=true: code from the teacher's repository runs in this process")
+    run.log(f"teacher: {teacher.name} ({teacher.source}), {teacher.num_parameters() / 1e6:.1f}M parameters, "
+            f"{str(teacher.dtype).removeprefix('torch.')}, logits over {teacher.vocab_size} ids")
+
+    tokenizer = _student_tokenizer(cfg, run, teacher, train_pairs)
+    student = _student(cfg, run, tokenizer)
+    shared = _shared_vocabulary(cfg, run, teacher, tokenizer, student.config.vocab_size)
+    run.log(f"student: {cfg.student.init or cfg.student.preset}, {student.num_parameters() / 1e6:.2f}M parameters; "
+            f"kd: {kd.loss} T={kd.temperature} alpha={kd.alpha} targets={kd.targets}")
+
+    batcher = DistillBatcher(tokenizer, teacher.tokenizer, teacher.start_ids, shared is not None,
+                             cfg.max_source_len, cfg.max_target_len)
+    batcher.tokenize("train", train_pairs)
+    batcher.tokenize("validation", val_pairs)
+    if kd.cache:
+        batcher.cache = _logit_cache(cfg, run, teacher, batcher, shared)
+
+    done = run.path / DISTILLED
+    if done.is_file():  # a resumed run whose distillation finished before its control did
+        summary = json.loads(done.read_text())
+    else:
+        summary = _fit(cfg, run, student, teacher, batcher, shared, run.path, RunLogger(run), callbacks, kd)
+        _save(student, tokenizer, run.model_dir)
+        summary |= {"teacher": teacher.name, "teacher_parameters": teacher.num_parameters(),
+                    "student": cfg.student.init or cfg.student.preset, "parameters": student.num_parameters(),
+                    "kd_loss": kd.loss, "alpha": kd.alpha, "targets": kd.targets}
+        run.write_json(DISTILLED, summary)
+
+    if cfg.control:
+        run.log("control: the same student trained on gold CE only (kd.alpha=0)")
+        control = _student(cfg, run, tokenizer, quiet=True)
+        control_kd = OmegaConf.merge(kd, {"alpha": 0.0})
+        result = _fit(cfg, run, control, teacher, batcher, shared, run.path / CONTROL_DIR,
+                      RunLogger(run, prefix="control_"), callbacks, control_kd)
+        _save(control, tokenizer, run.path / CONTROL_DIR / "model")
+        summary |= {f"control_{k}": v for k, v in result.items() if k.startswith("val_")}
+        if summary.get("val_ce_loss") is not None and summary.get("control_val_ce_loss") is not None:
+            summary["val_ce_gain"] = round(summary["control_val_ce_loss"] - summary["val_ce_loss"], 4)
+            run.log(f"validation CE: distilled {summary['val_ce_loss']:.4f} vs control {summary['control_val_ce_loss']:.4f}")
+    run.succeed(summary)
+    return run
+
+
+# -- training ----------------------------------------------------------------------
+
+
+def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: int | None, directory: Path,
+         logger: RunLogger, callbacks, kd) -> dict:
+    """Train one student in `directory` (checkpoints/ beneath it); its validation metrics."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = DistillModule(student, teacher, batcher, kd, cfg.optim, cfg.trainer.max_steps, cfg.seed, shared)
+    datamodule = PretrainDataModule(batcher.examples["train"], batcher.examples["validation"], batcher, cfg.batch_size,
+                                    cfg.seed, make_val_batch=partial(batcher, split="validation"))
+    checkpoint_dir = directory / "checkpoints"
+    checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=False)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
+    trainer = L.Trainer(logger=logger, callbacks=[checkpoints, *progress, *(callbacks or [])],
+                        default_root_dir=str(directory), **trainer_args)
+    resume_from = last_checkpoint(checkpoint_dir) if cfg.resume else None
+    if resume_from:
+        run.log(f"resuming from {resume_from.relative_to(run.path)}")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    if trainer.interrupted:  # Lightning stopped gracefully on Ctrl-C: the run is not finished
+        raise KeyboardInterrupt
+    metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+    return {**metrics, "steps": trainer.global_step, "train_seconds": round(time.perf_counter() - started, 2)}
+
+
+def _save(model, tokenizer: TextTokenizer, directory: Path) -> None:
+    save_model(model.eval(), directory)
+    tokenizer.save(directory)
+
+
+# -- the student ---------------------------------------------------------------------
+
+
+def _student_tokenizer(cfg, run, teacher: Teacher, train_pairs) -> TextTokenizer:
+    """The init model's tokenizer, the teacher's (tokenizer=teacher) or any pretrain choice."""
+    saved = run.path / TOKENIZER_DIR
+    if saved.is_dir():  # a resumed run keeps the tokenizer it started with
+        return TextTokenizer.load(saved)
+    if cfg.student.init:
+        tokenizer = TextTokenizer.load(model_dir_of(cfg.student.init, run))
+    elif cfg.tokenizer.kind == "teacher":
+        if teacher.source == "run":  # ours already has sentinels and an image token
+            tokenizer = teacher.tokenizer
+        else:
+            tokenizer = load_hf_tokenizer(cfg.teacher.tokenizer or _local_path(cfg.teacher, run.path.parent.parent)
+                                          or cfg.teacher.path, cfg.tokenizer.n_sentinels, cfg.teacher.trust_remote_code)
+    else:
+        return build_tokenizer(cfg, run, train_pairs, seq2seq_data=True)
+    tokenizer.save(saved)
+    return tokenizer
+
+
+def _student(cfg, run, tokenizer: TextTokenizer, quiet: bool = False):
+    """The student: `student.init` loaded, or the `student` preset built with fresh weights
+    (seeded, so a control student starts from the very same weights)."""
+    from slmctl.model.config import vocab_size_for
+
+    if cfg.student.init:
+        path = model_dir_of(cfg.student.init, run)
+        model = load_model(path)
+        if not quiet:
+            run.add_input("run", str(cfg.student.init), path, role="student")
+    else:
+        config = model_config_from(cfg.student, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
+        torch.manual_seed(cfg.seed)
+        model = build_model(config)
+    if model.config.arch != "encdec":
+        raise ConfigError(f"student {cfg.student.init or cfg.student.preset} is decoder-only; distill trains an "
+                          f"encoder-decoder student (e.g. student=small, student=330m)")
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"student vocabulary ({model.config.vocab_size}) is smaller than its tokenizer ({len(tokenizer)})")
+    return model
+
+
+def _shared_vocabulary(cfg, run, teacher: Teacher, tokenizer: TextTokenizer, student_vocab: int) -> int | None:
+    """How many leading ids both models' logits share, or None for different tokenizers (ULD)."""
+    shared = min(student_vocab, teacher.vocab_size)
+    if same_tokenizer(teacher.tokenizer, tokenizer, shared):
+        if student_vocab != teacher.vocab_size:
+            run.log(f"vocabularies: teacher {teacher.vocab_size} ids, student {student_vocab}; the same tokenizer, so "
+                    f"KD compares the shared first {shared} ids")
+        if cfg.kd.cross_tokenizer == "uld":
+            run.log("kd.cross_tokenizer=uld is not needed: the tokenizers match, distilling directly")
+        return shared
+    if cfg.kd.cross_tokenizer != "uld":
+        raise ConfigError(f"the teacher's tokenizer ({teacher.name}, {len(teacher.tokenizer)} tokens) differs from the "
+                          f"student's ({len(tokenizer)} tokens): give the student the teacher's tokenizer "
+                          f"(tokenizer=teacher, or a student.init trained on it) or set kd.cross_tokenizer=uld")
+    if cfg.kd.cache:
+        raise ConfigError("kd.cache=true works with a shared tokenizer only (not with kd.cross_tokenizer=uld)")
+    run.log("tokenizers differ: Universal Logit Distillation (sorted-probability Wasserstein loss) pairs target "
+            "positions by index")
+    return None
+
+
+# -- the teacher-logit cache -----------------------------------------------------------
+
+
+def _logit_cache(cfg, run, teacher: Teacher, batcher: DistillBatcher, shared: int) -> TopKCache:
+    """The run's cache (built now if it is missing or was made with other settings)."""
+    from rich.progress import Progress
+
+    from slmctl.train.kd_losses import teacher_topk
+
+    kd = cfg.kd
+    k = min(kd.cache_topk, shared)
+    meta = {"version": 1, "teacher": str(cfg.teacher.path), "k": k, "temperature": kd.temperature, "dtype": kd.cache_dtype,
+            "vocab": shared, "examples": {s: len(e) for s, e in batcher.examples.items()},
+            "max_source_len": cfg.max_source_len, "max_target_len": cfg.max_target_len}
+    directory = run.path / CACHE_DIR
+    found = TopKCache.find(directory, meta)
+    if found is not None:
+        run.log(f"teacher cache: reusing {directory.name}/ (top-{k})")
+        return found
+    directory.mkdir(parents=True, exist_ok=True)
+    teacher.to(_device(cfg))
+    started, tokens, splits = time.perf_counter(), 0, {}
+    total = sum(len(e) for e in batcher.examples.values())
+    with Progress(transient=True, disable=not cfg.trainer.get("enable_progress_bar", True)) as progress:
+        task = progress.add_task("caching teacher top-k", total=total)
+        for split, examples in batcher.examples.items():
+            writer = ShardWriter(directory, split, kd.cache_dtype)
+            for i in range(0, len(examples), kd.cache_batch_size):
+                chunk = examples[i:i + kd.cache_batch_size]
+                batch = batcher.build([e.source for e in chunk], [e.target for e in chunk],
+                                      [e.teacher_source for e in chunk], [e.teacher_target for e in chunk])
+                logits = teacher.aligned_logits(*(batch[key].to(teacher.device) for key in
+                                                  ("teacher_input_ids", "teacher_attention_mask", "teacher_positions")))
+                ids, logp, tail = teacher_topk(logits[..., :shared], k, kd.temperature)
+                for row, example in enumerate(chunk):
+                    n = len(example.target)
+                    writer.add(ids[row, :n], logp[row, :n], tail[row, :n])
+                    tokens += n
+                progress.advance(task, len(chunk))
+            splits[split] = writer.finish()
+    write_index(directory, meta, splits)
+    seconds = time.perf_counter() - started
+    run.log(f"teacher cache: top-{k} of {tokens} target tokens in {seconds:.1f} s -> {directory.name}/")
+    return TopKCache(directory)
+
+
+def _device(cfg) -> torch.device:
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator == "mps" and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _local_path(teacher_cfg, runs_dir: Path) -> str | None:
+    """The teacher's directory on this machine, if it has one (a hub id has none)."""
+    if teacher_cfg.kind == "run":
+        from slmctl.runs import resolve_model_path
+
+        return str(resolve_model_path(teacher_cfg.path, runs_dir))
+    path = Path(str(teacher_cfg.path)).expanduser()
+    return str(path.resolve()) if path.exists() else None
