@@ -1,5 +1,8 @@
 """Recipes: later steps consume earlier runs; bad recipes are one-line errors."""
 
+import json
+import re
+
 import pytest
 import yaml
 
@@ -26,11 +29,30 @@ def test_a_pipeline_shares_the_tokenizer_and_records_lineage(tmp_path):
     assert set(produced) == {"encdec", "deconly"}
     encdec, deconly = produced["encdec"], produced["deconly"]
     assert (encdec / "model" / "tokenizer.json").read_text() == (deconly / "model" / "tokenizer.json").read_text()
-    import json
-
     inputs = json.loads((deconly / "inputs.json").read_text())
     assert any(i["path"].startswith(str(encdec)) for i in inputs)
     assert json.loads((deconly / "status.json").read_text())["status"] == "succeeded"
+
+
+def test_a_pipeline_distils_its_own_llama_teacher_with_a_control(tmp_path):
+    no_tokenizer = [o for o in SMALL if not o.startswith("tokenizer.") and not o.startswith("objective")]
+    recipe = {"name": "kd", "steps": [
+        {"name": "encdec", "stage": "pretrain", "overrides": ["model=tiny", *SMALL]},
+        {"name": "teacher", "stage": "pretrain",
+         "overrides": ["model=hf-causal", "model.hf.hidden_size=32", "model.hf.intermediate_size=64",
+                       "model.hf.num_hidden_layers=1", "objective=seq2seq", "tokenizer=run",
+                       "tokenizer.path=${runs.encdec}", *no_tokenizer]},
+        {"name": "distill", "stage": "distill",
+         "overrides": ["teacher=run", "teacher.path=${runs.teacher}", "student=tiny", "control=true", *no_tokenizer]},
+    ]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    produced = run_recipe(path, tmp_path / "runs")
+    status = json.loads((produced["distill"] / "status.json").read_text())
+    assert status["status"] == "succeeded"
+    assert {"val_ce_loss", "control_val_ce_loss", "val_ce_gain"} <= set(status["summary"])
+    inputs = json.loads((produced["distill"] / "inputs.json").read_text())
+    assert any(i.get("role") == "teacher" and i["path"].startswith(str(produced["teacher"])) for i in inputs)
 
 
 @pytest.mark.parametrize("recipe, message", [
@@ -54,5 +76,5 @@ def test_quickstart_recipe_is_valid():
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
     for step in recipe["steps"]:
         if "stage" in step:
-            overrides = [o.replace("${runs.encdec}", "/tmp/x") for o in step["overrides"]]
+            overrides = [re.sub(r"\$\{runs\.[a-z-]+\}", "/tmp/x", o) for o in step["overrides"]]
             compose(step["stage"], overrides)

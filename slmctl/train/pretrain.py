@@ -229,6 +229,9 @@ def _make_batch(examples: list, rngs: list, cfg, special, causal: bool) -> dict:
 
 def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str) -> None:
     if arch == "hf-causal":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress display only
         model.save_pretrained(str(run.model_dir), safe_serialization=True)
     else:
         save_model(model.eval(), run.model_dir)
