@@ -40,8 +40,17 @@ class Teacher:
         return next(self.model.parameters()).dtype
 
     def to(self, device) -> "Teacher":
+        device = torch.device(device)
+        if self.dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            self.model.float()  # bf16 where supported; an older GPU gets float32
         self.model.to(device)
         return self
+
+    @property
+    def _keeps_logits(self) -> bool:
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -51,10 +60,12 @@ class Teacher:
         """Float32 logits [B, P, V] at `positions` [B, P] of right-padded sequences [B, T]: the
         LM head runs only over the span of positions asked for (cheap when prompts are long)."""
         first, last = int(positions.min()), int(positions.max())
-        if self.hf:
+        if self.hf and self._keeps_logits:
             keep = torch.arange(first, last + 1, device=input_ids.device)
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                                 use_cache=False).logits
+        elif self.hf:  # a model without logits_to_keep (e.g. older remote code): every position
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, first:last + 1]
         else:
             logits = self.model(input_ids, attention_mask).logits[:, first:last + 1]
         index = (positions - first)[:, :, None].expand(-1, -1, logits.shape[-1])
