@@ -1,0 +1,1 @@
+"""Scoring model outputs against references: SQuAD EM/F1, ROUGE, BLEU, bootstrap intervals."""
