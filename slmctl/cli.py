@@ -33,6 +33,7 @@ RUNS_DIR = typer.Option(Path("runs"), "--runs-dir", help="Where run directories 
 NAME = typer.Option(None, "--name", help="Run name (the directory is <runs-dir>/<stage>/<time>-<name>).")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, mps or npu (sets trainer.accelerator for training).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks.")
+TRAINING_STAGES = ("pretrain", "distill")  # the others take --device as `device=`, not a Lightning accelerator
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved config and exit.")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -51,8 +52,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: Path, device: str, verbose: bool,
-              dry_run: bool) -> None:
-    """Compose, open (or reopen, for resume=) the run directory and call the stage's run()."""
+              dry_run: bool, extra: dict | None = None) -> None:
+    """Compose, open (or reopen, for resume=) the run directory and call the stage's run().
+    `extra` holds values from options and arguments (e.g. eval's models), merged after composing."""
     from slmctl.config import compose, to_yaml
     from slmctl.runs import Run
 
@@ -60,9 +62,15 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
             *(["--device", device] if device != "cpu" else [])]
     try:
         check_torch_device(device)
-        if device != "cpu" and not any(o.startswith("trainer=") or o.startswith("trainer.accelerator=") for o in overrides):
+        if stage not in TRAINING_STAGES:
+            overrides = [*overrides, f"device={device}"]
+        elif device != "cpu" and not any(o.startswith("trainer=") or o.startswith("trainer.accelerator=") for o in overrides):
             overrides = [*overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}"]
         cfg = compose(stage, overrides)
+        if extra:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.merge(cfg, extra)
         if dry_run:
             console.print(to_yaml(cfg), highlight=False, end="")
             return
@@ -164,6 +172,20 @@ def distill(overrides: Optional[list[str]] = typer.Argument(None, help="key=valu
             verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
     """Distil a decoder-only teacher into an encoder-decoder student (teacher=llama student=330m)."""
     run_stage("distill", overrides or [], name, runs_dir, device, verbose, dry_run)
+
+
+@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (model dirs or runs) and key=value overrides"),
+             predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a jsonl of {id, prediction} instead."),
+             name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
+             verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
+    """Evaluate models on a task (task=synthetic_qa|squad_v2|xsum|codexglue|ielts|jsonl); several models
+    get a side-by-side table and a bar chart."""
+    arguments = arguments or []
+    overrides = [a for a in arguments if "=" in a]
+    models = [a for a in arguments if "=" not in a]
+    extra = {"models": models, "predictions": str(predictions) if predictions else None}
+    run_stage("eval", overrides, name, runs_dir, device, verbose, dry_run, extra=extra)
 
 
 @app.command()

@@ -225,9 +225,64 @@ class DistillSchema:
     trainer: Any = None
 
 
+@dataclass
+class TaskSchema:
+    name: str = "???"
+    kind: str = "columns"  # columns | squad | synthetic
+    hub_id: Optional[str] = None
+    subset: Optional[str] = None
+    split: str = "validation"
+    data_files: Optional[str] = None  # local json/jsonl/parquet/csv with the task's columns
+    prompt: str = "{source}"  # template over the row's columns
+    reference: str = "target"  # the reference column (columns kind)
+    id: Optional[str] = "id"  # the id column; row numbers when absent
+    metrics: list = field(default_factory=lambda: ["rougeLsum"])
+    max_new_tokens: int = 64
+    # synthetic kind: the embedded world's held-out questions
+    seed: int = 0
+    n_people: int = 5000
+    n: int = 200
+    min_facts: int = 8
+    max_facts: int = 16
+
+
+@dataclass
+class JudgeSchema:
+    kind: str = "none"  # none | local | endpoint
+    path: Optional[str] = None  # local: a causal LM directory or hub id
+    endpoint: Optional[str] = None  # endpoint: an OpenAI-compatible base URL, e.g. http://localhost:8000/v1
+    model: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    max_new_tokens: int = 64
+    trust_remote_code: bool = False
+    cache_dir: Optional[str] = None  # default ~/.cache/slmctl
+
+
+@dataclass
+class GenerationSchema:
+    max_new_tokens: Optional[int] = None  # null: the task's
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+
+@dataclass
+class EvalSchema:
+    models: list = field(default_factory=list)
+    predictions: Optional[str] = None
+    limit: Optional[int] = None
+    batch_size: int = 16
+    max_source_len: int = 1024
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    generation: GenerationSchema = field(default_factory=GenerationSchema)
+    task: Any = None
+    judge: Any = None
+
+
 KD_CHOICES = {"kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.targets": ("gold", "teacher", "student", "mix"),
               "kd.cross_tokenizer": ("error", "uld"), "kd.cache_dtype": ("float16", "bfloat16", "float32"),
-              "teacher.dtype": ("auto", "float32", "bfloat16", "float16")}
+              "teacher.dtype": ("auto", "float32", "bfloat16", "float16"), "task.kind": ("columns", "squad", "synthetic")}
 KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
 
 
@@ -236,14 +291,17 @@ GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     "model": ("", {"": ModelSchema}),
     "student": ("", {"": StudentSchema}),
     "teacher": ("kind", {"hf": TeacherSchema, "run": TeacherSchema}),
+    "task": ("", {"": TaskSchema}),
+    "judge": ("kind", {"none": JudgeSchema, "local": JudgeSchema, "endpoint": JudgeSchema}),
     "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema}),
     "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema,
                            "teacher": TeacherTokenizerSchema}),
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
-STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema}
-STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill"}  # each has run(cfg, run)
+STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema}
+# each has run(cfg, run)
+STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate"}
 
 
 def stage_module(stage: str):
@@ -382,7 +440,8 @@ def _check_trainer(node) -> DictConfig:
 
 def _check_values(cfg: DictConfig) -> None:
     positive = ["batch_size", "max_source_len", "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
-                "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size"]
+                "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
+                "generation.num_beams", "task.max_new_tokens"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:

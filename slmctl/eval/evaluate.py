@@ -1,0 +1,230 @@
+"""The eval stage: models (or a predictions file) x one task -> predictions, scores, comparison.
+
+`run(cfg, run)` loads the task, and for every model in `cfg.models` generates answers in
+batches (or, with `cfg.predictions`, reads someone else's), scores them with the task's
+metrics and 95% bootstrap intervals (plus the perplexity of the reference and, with a judge
+configured, the LLM-judge score), and writes into the run:
+
+    predictions.jsonl   one line per (model, example): model, id, source, reference(s),
+                        prediction and the per-example scores
+    metrics.json        per model: every metric's value, interval and n (+ judge counts)
+    comparison.png      with several models: grouped bars of the 0..1 metrics
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from slmctl.config import ConfigError
+from slmctl.data.sources import DataError
+from slmctl.eval import metrics as M
+from slmctl.eval.report import bar_chart, model_table, side_by_side
+from slmctl.eval.tasks import EvalExample, load_task
+
+console = Console()
+
+
+def run(cfg, run):
+    unknown = [m for m in cfg.task.metrics if m not in (*M.VALID_METRICS, "perplexity")]
+    if unknown:
+        raise ConfigError(f"task.metrics: unknown metric {unknown[0]!r} (choose from: {', '.join((*M.VALID_METRICS, 'perplexity'))})")
+    examples = load_task(cfg.task, cfg.limit)
+    run.log(f"task {cfg.task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
+    if bool(cfg.models) == bool(cfg.predictions):
+        raise ConfigError("give model(s) to evaluate (slmctl eval MODEL... task=...) or --predictions FILE, not both")
+    judge, judge_cache = _judge(cfg)
+    runs_dir = run.path.parent.parent
+    entries = [(_label_of_file(cfg.predictions), None)] if cfg.predictions else [(None, ref) for ref in cfg.models]
+    results: dict[str, dict] = {}
+    lines: list[dict] = []
+    for label, ref in entries:
+        if ref is None:
+            predictions, nll = _read_predictions(Path(cfg.predictions), examples), None
+            run.add_input("file", cfg.predictions, cfg.predictions, role="predictions")
+        else:
+            predictions, nll, label = _generate(cfg, run, ref, runs_dir, examples)
+        label = _unique(label, results)
+        scores, per_example = score(cfg, examples, predictions, nll)
+        if judge is not None:
+            scores["judge"], judge_scores, counts = _judged(cfg, judge, judge_cache, examples, predictions)
+            per_example["judge"] = judge_scores
+            run.log(f"{label}: judge {judge.id}: {counts}")
+        results[label] = scores
+        for i, (example, prediction) in enumerate(zip(examples, predictions)):
+            lines.append({"model": label, "id": example.id, "source": example.source, "references": example.references,
+                          "prediction": prediction, "scores": {k: v[i] for k, v in per_example.items()}})
+        console.print(model_table(label, scores, cfg.task.name))
+    run.write_text("predictions.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    run.write_json("metrics.json", {"task": cfg.task.name, "n": len(examples), "models": results})
+    if len(results) > 1:
+        console.print(side_by_side(results, cfg.task.name))
+        bar_chart(results, cfg.task.name, run.path / "comparison.png")
+    headline = cfg.task.metrics[0]
+    run.succeed({f"{label}:{headline}": scores[headline]["value"] for label, scores in results.items() if headline in scores}
+                | {"task": cfg.task.name, "examples": len(examples)})
+    return run
+
+
+# -- predictions ---------------------------------------------------------------------------
+
+
+def _generate(cfg, run, ref: str, runs_dir: Path, examples: list[EvalExample]):
+    from slmctl.eval.predict import predict, reference_nll
+    from slmctl.generate import load_generator
+
+    generator = load_generator(ref, runs_dir, cfg.device)
+    run.add_input("run" if _inside_run(generator.path) else "file", ref, generator.path, role="model")
+    label = _label_of_model(generator.path)
+    max_new = cfg.generation.max_new_tokens or cfg.task.max_new_tokens
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"{label}: generating", total=len(examples))
+        predictions = predict(generator, [e.source for e in examples], cfg.batch_size, max_new, cfg.generation.num_beams,
+                              cfg.generation.length_penalty, cfg.max_source_len,
+                              on_progress=lambda n: progress.advance(task, n))
+    nll = reference_nll(generator, [e.source for e in examples], [e.references[0] if e.references else "" for e in examples],
+                        cfg.batch_size, cfg.max_source_len) if "perplexity" in cfg.task.metrics else None
+    return predictions, nll, label
+
+
+def _read_predictions(path: Path, examples: list[EvalExample]) -> list[str]:
+    """The predictions of a jsonl of {id, prediction}, in the task's order."""
+    if not path.is_file():
+        raise DataError(f"no such predictions file: {path}")
+    found: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("prediction"), str):
+            raise DataError(f"{path}:{number}: expected an object with 'id' and a 'prediction' string")
+        found[str(record["id"])] = record["prediction"]
+    ids = {e.id for e in examples}
+    unknown = [i for i in found if i not in ids]
+    missing = [e.id for e in examples if e.id not in found]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} of the task's {len(examples)} examples have no prediction (first: id {missing[0]!r})")
+    if unknown and len(unknown) == len(found):
+        raise DataError(f"{path}: none of its ids are the task's (first: {unknown[0]!r})")
+    return [found[e.id] for e in examples]
+
+
+# -- scores ------------------------------------------------------------------------------------
+
+
+def score(cfg, examples: list[EvalExample], predictions: list[str], nll) -> tuple[dict[str, dict], dict[str, list]]:
+    """(metric -> {value, low, high, n}, metric -> per-example values) for the task's metrics."""
+    text_metrics = [m for m in cfg.task.metrics if m not in ("perplexity", "judge")]
+    references = [e.references for e in examples]
+    results = {name: r.to_dict() for name, r in
+               M.score_examples(predictions, references, text_metrics, n_resamples=cfg.bootstrap, seed=cfg.seed).items()}
+    per_example: dict[str, list] = {}
+    for name in text_metrics:
+        per_example[name] = _per_example(name, predictions, references)
+    if nll is not None:
+        results["perplexity"] = _perplexity(nll, cfg.bootstrap, cfg.seed)
+        per_example["nll"] = [round(total, 4) for total, _ in nll]
+    return results, per_example
+
+
+def _per_example(name: str, predictions: list[str], references: list[list[str]]) -> list:
+    if name == "exact_match":
+        return [M.exact_match(p, r) for p, r in zip(predictions, references)]
+    if name == "f1":
+        return [round(M.squad_f1(p, r), 4) for p, r in zip(predictions, references)]
+    if name in ("rouge1", "rouge2", "rougeLsum"):
+        return [round(v, 4) for v in M.rouge(predictions, [r[0] if r else "" for r in references], (name,))[name]]
+    if name == "answer_length":
+        return [len(p.split()) for p in predictions]
+    return [None] * len(predictions)  # corpus metrics (bleu) and subsets have no per-example value
+
+
+def _perplexity(nll: list[tuple[float, int]], n_resamples: int, seed: int) -> dict:
+    """Token-level perplexity of the references, exp(total NLL / total tokens), with a bootstrap
+    interval over examples."""
+    totals = np.array([t for t, _ in nll])
+    counts = np.array([n for _, n in nll])
+    value = math.exp(totals.sum() / max(1, counts.sum()))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_resamples):
+        index = rng.integers(0, len(nll), len(nll))
+        samples.append(math.exp(totals[index].sum() / max(1, counts[index].sum())))
+    low, high = np.percentile(samples, [2.5, 97.5]) if samples else (value, value)
+    return {"name": "perplexity", "value": value, "low": float(low), "high": float(high), "n": len(nll)}
+
+
+# -- the judge -------------------------------------------------------------------------------
+
+
+def _judge(cfg):
+    kind = cfg.judge.kind
+    if kind == "none":
+        return None, None
+    from slmctl.eval.judge import EndpointJudge, JudgeCache, LocalJudge
+
+    if kind == "local":
+        judge = LocalJudge(cfg.judge.path, max_new_tokens=cfg.judge.max_new_tokens, batch_size=cfg.batch_size,
+                           trust_remote_code=cfg.judge.trust_remote_code, device=cfg.device)
+    else:
+        judge = EndpointJudge(cfg.judge.endpoint, cfg.judge.model, api_key_env=cfg.judge.api_key_env,
+                              max_tokens=cfg.judge.max_new_tokens)
+    cache_dir = Path(cfg.judge.cache_dir).expanduser() if cfg.judge.cache_dir else Path.home() / ".cache" / "slmctl"
+    return judge, JudgeCache(cache_dir)
+
+
+def _judged(cfg, judge, cache, examples: list[EvalExample], predictions: list[str]):
+    from slmctl.eval.judge import judge_examples
+
+    items = [{"source": e.source, "reference": e.references[0] if e.references else "", "prediction": p}
+             for e, p in zip(examples, predictions)]
+    result = judge_examples(judge, items, cache)
+    present = [s for s in result.scores if s is not None]
+    if present:
+        value, low, high = M.bootstrap_ci(present, cfg.bootstrap, seed=cfg.seed)
+    else:
+        value = low = high = None
+    summary = {"name": "judge", "value": value, "low": low, "high": high, "n": len(present), "missing": result.missing}
+    counts = f"{len(present)} scored, {result.missing} unparsable (missing), {result.cached} from cache, {result.calls} calls"
+    return summary, result.scores, counts
+
+
+# -- labels ---------------------------------------------------------------------------------
+
+
+def _inside_run(path: Path) -> bool:
+    from slmctl.runs import owning_run
+
+    return owning_run(Path(path)) is not None
+
+
+def _label_of_model(path: Path) -> str:
+    """A run's name (plus /control for a distill run's control student), else the directory name."""
+    from slmctl.runs import owning_run
+
+    path = Path(path)
+    run_dir = owning_run(path)
+    if run_dir is None:
+        return path.name
+    inner = path.relative_to(run_dir).parts[:-1]  # e.g. ("control",) for control/model
+    name = run_dir.name.split("-", 2)[-1] if run_dir.name[:8].isdigit() else run_dir.name
+    return "/".join([name, *inner])
+
+
+def _label_of_file(path: str) -> str:
+    return Path(path).stem
+
+
+def _unique(label: str, taken: dict) -> str:
+    candidate, n = label, 2
+    while candidate in taken:
+        candidate, n = f"{label}-{n}", n + 1
+    return candidate

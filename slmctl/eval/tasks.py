@@ -1,0 +1,114 @@
+"""Evaluation tasks: rows from the hub or local files -> (id, prompt, references) examples.
+
+A task config (`conf/task/*.yaml`) names where its rows come from (`hub_id`, or
+`data_files=PATH` with the same columns: json/jsonl/parquet/csv), how a row becomes a
+prompt (`prompt`, a template over the row's columns) and which column holds the reference.
+Three row layouts exist:
+
+- `columns`: any table; `prompt` formats the row, `reference` names the reference column.
+- `squad`: SQuAD v2 rows (id, question, context, answers = {text: [...], answer_start: [...]});
+  every answer text is a reference, and none means unanswerable (the expected answer is empty).
+- `synthetic`: the embedded synthetic world's held-out QA (no network).
+
+Examples keep the source order, so `limit=N` always means the same first N examples.
+"""
+
+from __future__ import annotations
+
+import glob
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmctl.data.sources import FORMATS, DataError
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    id: str
+    source: str  # the prompt the model reads
+    references: list[str]  # empty list: unanswerable (SQuAD v2)
+
+
+def load_task(cfg, limit: int | None = None) -> list[EvalExample]:
+    """The task's examples (the first `limit` of them)."""
+    if cfg.kind == "synthetic":
+        from slmctl.data.synthetic import SyntheticWorld
+
+        world = SyntheticWorld(seed=cfg.seed, n_people=cfg.n_people)
+        rows = world.qa(split="test", n=cfg.n, min_facts=cfg.min_facts, max_facts=cfg.max_facts)
+        examples = [EvalExample(r["id"], r["source"], [r["target"]]) for r in rows]
+    else:
+        table, where = _rows(cfg)
+        examples = _squad(table, where, cfg) if cfg.kind == "squad" else _columns(table, where, cfg)
+    if not examples:
+        raise DataError(f"task {cfg.name}: no examples")
+    return examples[:limit] if limit else examples
+
+
+def _rows(cfg) -> tuple[list[dict], str]:
+    import datasets
+
+    if cfg.data_files:
+        files = sorted(glob.glob(str(Path(cfg.data_files).expanduser())))
+        if not files:
+            raise DataError(f"task {cfg.name}: no such file: {cfg.data_files}")
+        builder = FORMATS.get(Path(files[0]).suffix.lower())
+        if builder not in ("json", "parquet", "csv"):
+            raise DataError(f"task {cfg.name}: {files[0]} is not json/jsonl/parquet/csv")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise DataError(f"task {cfg.name}: cannot read {cfg.data_files}: {_first_line(e)}") from None
+        where = cfg.data_files
+    else:
+        if not cfg.hub_id:
+            raise DataError(f"task {cfg.name}: give task.data_files=PATH (no hub id is configured)")
+        try:
+            dataset = datasets.load_dataset(cfg.hub_id, cfg.subset, split=cfg.split)
+        except Exception as e:
+            raise DataError(f"task {cfg.name}: cannot load {cfg.hub_id!r} split {cfg.split!r} ({_first_line(e)}); "
+                            f"offline, give the same columns as task.data_files=PATH") from None
+        where = f"{cfg.hub_id}[{cfg.split}]"
+    if len(dataset) == 0:
+        raise DataError(f"task {cfg.name}: {where} has no rows")
+    return dataset.to_list(), where
+
+
+def _require(row: dict, columns: list[str], where: str, cfg) -> None:
+    missing = [c for c in columns if c not in row]
+    if missing:
+        raise DataError(f"task {cfg.name}: {where} has no column {missing[0]!r} (columns: {', '.join(row)}); "
+                        f"the task needs: {', '.join(columns)}")
+
+
+def prompt_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _columns(rows: list[dict], where: str, cfg) -> list[EvalExample]:
+    needed = [*prompt_fields(cfg.prompt), cfg.reference]
+    _require(rows[0], needed, where, cfg)
+    out = []
+    for i, row in enumerate(rows):
+        identifier = str(row[cfg.id]) if cfg.id and cfg.id in row else str(i)
+        reference = row[cfg.reference]
+        references = [str(r) for r in reference] if isinstance(reference, list) else [str(reference)]
+        out.append(EvalExample(identifier, cfg.prompt.format(**{k: row[k] for k in prompt_fields(cfg.prompt)}), references))
+    return out
+
+
+def _squad(rows: list[dict], where: str, cfg) -> list[EvalExample]:
+    _require(rows[0], ["id", "question", "context", "answers"], where, cfg)
+    out = []
+    for row in rows:
+        answers = row["answers"] or {}
+        texts = answers.get("text", []) if isinstance(answers, dict) else []
+        out.append(EvalExample(str(row["id"]), cfg.prompt.format(question=row["question"], context=row["context"]),
+                               [t for t in texts if t.strip()]))
+    return out
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
