@@ -34,10 +34,10 @@ def run(cfg, run):
     unknown = [m for m in cfg.task.metrics if m not in (*M.VALID_METRICS, "perplexity")]
     if unknown:
         raise ConfigError(f"task.metrics: unknown metric {unknown[0]!r} (choose from: {', '.join((*M.VALID_METRICS, 'perplexity'))})")
-    examples = load_task(cfg.task, cfg.limit)
-    run.log(f"task {cfg.task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
     if bool(cfg.models) == bool(cfg.predictions):
         raise ConfigError("give model(s) to evaluate (slmctl eval MODEL... task=...) or --predictions FILE, not both")
+    examples = load_task(cfg.task, cfg.limit)
+    run.log(f"task {cfg.task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
     judge, judge_cache = _judge(cfg)
     runs_dir = run.path.parent.parent
     entries = [(_label_of_file(cfg.predictions), None)] if cfg.predictions else [(None, ref) for ref in cfg.models]

@@ -1,0 +1,167 @@
+"""The eval stage: tasks from local files, generation + scoring into a run, scoring other
+systems' predictions, and the side-by-side report."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+from slmctl.config import compose
+from slmctl.data.sources import DataError
+from slmctl.eval import evaluate
+from slmctl.eval.tasks import load_task
+from slmctl.runs import Run
+
+SQUAD_ROWS = [
+    {"id": "q1", "question": "Where does Ana live?", "context": "Ana lives in Porto.",
+     "answers": {"text": ["Porto", "in Porto"], "answer_start": [13, 10]}},
+    {"id": "q2", "question": "Who is the king?", "context": "Ana lives in Porto.", "answers": {"text": [], "answer_start": []}},
+    {"id": "q3", "question": "What does Ana read?", "context": "Ana reads the news.",
+     "answers": {"text": ["the news"], "answer_start": [10]}},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny trained models: an encoder-decoder and a decoder-only baseline (shared tokenizer)."""
+    from slmctl.train import pretrain
+
+    runs = tmp_path_factory.mktemp("runs")
+    common = ["objective=seq2seq", "data.n_people=200", "data.train_examples=200", "data.validation_examples=16",
+              "data.min_facts=1", "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8",
+              "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
+    made = []
+    for name, extra in [("encdec", ["model=tiny", "tokenizer.vocab_size=400"]), ("deconly", ["model=deconly-tiny"])]:
+        if made:
+            extra = [*extra, "tokenizer=run", f"tokenizer.path={made[0]}"]
+        cfg = compose("pretrain", [*common, *extra])
+        run = Run.create(runs, "pretrain", name, cfg, argv=["test"])
+        pretrain.run(cfg, run)
+        made.append(run.path)
+    return runs, made
+
+
+def evaluate_run(runs, overrides, models=(), predictions=None):
+    synthetic = [] if any(o.startswith("task=") for o in overrides) else ["task.n_people=200"]
+    cfg = compose("eval", [*synthetic, "bootstrap=200", *overrides])
+    cfg.models, cfg.predictions = list(models), predictions
+    run = Run.create(runs, "eval", "eval", cfg, argv=["test"])
+    evaluate.run(cfg, run)
+    return run
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+
+def test_squad_task_from_local_jsonl_keeps_unanswerable_questions(tmp_path):
+    path = write_jsonl(tmp_path / "dev.jsonl", SQUAD_ROWS)
+    examples = load_task(compose("eval", ["task=squad_v2", f"task.data_files={path}"]).task)
+    assert [e.id for e in examples] == ["q1", "q2", "q3"]
+    assert examples[0].references == ["Porto", "in Porto"] and examples[1].references == []
+    assert examples[0].source == ("Answer the following question based only on the context.\n###Question\n"
+                                  "Where does Ana live?\n###Context\nAna lives in Porto.\n###Answer\n")
+
+
+def test_column_task_from_csv_and_its_errors(tmp_path):
+    (tmp_path / "x.csv").write_text("id,document,summary\nd1,A long text.,Short.\n")
+    examples = load_task(compose("eval", ["task=xsum", f"task.data_files={tmp_path / 'x.csv'}"]).task)
+    assert examples[0].id == "d1" and examples[0].references == ["Short."] and "A long text." in examples[0].source
+    (tmp_path / "bad.csv").write_text("id,text,summary\nd1,A long text.,Short.\n")
+    with pytest.raises(DataError, match="has no column 'document'.*the task needs: document, summary"):
+        load_task(compose("eval", ["task=xsum", f"task.data_files={tmp_path / 'bad.csv'}"]).task)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="task jsonl"):
+        load_task(compose("eval", ["task=jsonl", f"task.data_files={tmp_path / 'empty.jsonl'}"]).task)
+    with pytest.raises(DataError, match="no such file"):
+        load_task(compose("eval", ["task=jsonl", f"task.data_files={tmp_path / 'none.jsonl'}"]).task)
+
+
+# -- scoring other systems' outputs -------------------------------------------------------------------
+
+
+def test_predictions_file_is_scored_with_the_official_squad_rules(tmp_path):
+    data = write_jsonl(tmp_path / "dev.jsonl", SQUAD_ROWS)
+    predictions = write_jsonl(tmp_path / "system.jsonl", [
+        {"id": "q1", "prediction": "The Porto!"},  # articles and punctuation do not count
+        {"id": "q2", "prediction": ""},  # unanswerable, abstained: right
+        {"id": "q3", "prediction": "news today"},  # F1 = 2 * (1/2 * 1) / (1/2 + 1) = 2/3
+    ])
+    run = evaluate_run(tmp_path / "runs", ["task=squad_v2", f"task.data_files={data}",
+                                           "task.metrics=[exact_match,f1,exact_match_has_ans,exact_match_no_ans,rougeLsum]"],
+                       predictions=str(predictions))
+    scores = json.loads((run.path / "metrics.json").read_text())["models"]["system"]
+    assert scores["exact_match"]["value"] == pytest.approx(2 / 3)
+    assert scores["f1"]["value"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert scores["exact_match_has_ans"]["n"] == 2 and scores["exact_match_no_ans"]["value"] == 1.0
+    lines = [json.loads(x) for x in (run.path / "predictions.jsonl").read_text().splitlines()]
+    assert [x["scores"]["exact_match"] for x in lines] == [1.0, 1.0, 0.0]
+
+
+def test_bad_predictions_files_are_one_line_errors(tmp_path):
+    data = write_jsonl(tmp_path / "dev.jsonl", SQUAD_ROWS)
+    (tmp_path / "broken.jsonl").write_text('{"id": "q1", "prediction": "x"}\nnot json\n')
+    write_jsonl(tmp_path / "partial.jsonl", [{"id": "q1", "prediction": "Porto"}])
+    runner = CliRunner()
+    for name, message in [("broken.jsonl", "broken.jsonl:2: not valid JSON"),
+                          ("partial.jsonl", "2 of the task's 3 examples have no prediction (first: id 'q2')")]:
+        result = runner.invoke(app, ["eval", "--predictions", str(tmp_path / name), "task=squad_v2",
+                                     f"task.data_files={data}", "--runs-dir", str(tmp_path / "runs")])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    result = runner.invoke(app, ["eval", "task=squad_v2", f"task.data_files={data}", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "give model(s)" in result.output
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+def test_side_by_side_report_matches_single_model_runs(tmp_path, models):
+    runs, (encdec, deconly) = models
+    both = evaluate_run(runs, ["limit=12"], models=[str(encdec), str(deconly)])
+    metrics = json.loads((both.path / "metrics.json").read_text())["models"]
+    assert list(metrics) == ["encdec", "deconly"]
+    assert (both.path / "comparison.png").stat().st_size > 1000
+    lines = [json.loads(x) for x in (both.path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 24 and {x["model"] for x in lines} == {"encdec", "deconly"}
+    for label, path in [("encdec", encdec), ("deconly", deconly)]:
+        alone = evaluate_run(runs, ["limit=12", "batch_size=5"], models=[str(path)])  # batching does not change results
+        single = json.loads((alone.path / "metrics.json").read_text())["models"][label]
+        for name, result in single.items():  # generation identical; perplexity up to padding's float rounding
+            expected = metrics[label][name]
+            assert result == (expected if name != "perplexity" else pytest.approx(expected, rel=1e-5))
+        assert not (alone.path / "comparison.png").exists()
+        em = [x["scores"]["exact_match"] for x in lines if x["model"] == label]
+        assert single["exact_match"]["value"] == pytest.approx(sum(em) / len(em))
+        assert single["perplexity"]["value"] > 1.0 and single["perplexity"]["low"] <= single["perplexity"]["value"]
+    assert {i["role"] for i in json.loads((both.path / "inputs.json").read_text())} == {"model"}
+
+
+# -- the judge inside an eval run -------------------------------------------------------------------
+
+
+def test_judge_scores_are_reported_cached_and_the_key_is_never_written(tmp_path, monkeypatch):
+    from test_eval_judge import ChatServer
+
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLMCTL_TEST_KEY", "sk-very-secret")
+    data = write_jsonl(tmp_path / "dev.jsonl", SQUAD_ROWS)
+    predictions = write_jsonl(tmp_path / "system.jsonl", [{"id": r["id"], "prediction": "Porto"} for r in SQUAD_ROWS])
+    with ChatServer(content="Mostly right.\nScore: 0.6") as server:
+        overrides = ["task=squad_v2", f"task.data_files={data}", "judge=endpoint", f"judge.endpoint={server.url}",
+                     "judge.model=judge-model", "judge.api_key_env=SLMCTL_TEST_KEY", f"judge.cache_dir={tmp_path / 'cache'}"]
+        first = evaluate_run(tmp_path / "runs", overrides, predictions=str(predictions))
+        second = evaluate_run(tmp_path / "runs", overrides, predictions=str(predictions))
+    assert len(server.requests) == 3 and server.requests[0]["authorization"] == "Bearer sk-very-secret"
+    judge = json.loads((first.path / "metrics.json").read_text())["models"]["system"]["judge"]
+    assert judge["value"] == pytest.approx(0.6) and judge["n"] == 3 and judge["missing"] == 0
+    assert "3 scored, 0 unparsable (missing), 3 from cache, 0 calls" in (second.path / "log.txt").read_text()
+    for run in (first, second):
+        for path in run.path.rglob("*"):
+            if path.is_file():
+                assert "sk-very-secret" not in path.read_text(errors="ignore"), path
