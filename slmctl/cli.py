@@ -184,7 +184,7 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
     arguments = arguments or []
     overrides = [a for a in arguments if "=" in a]
     models = [a for a in arguments if "=" not in a]
-    extra = {"models": models, "predictions": str(predictions) if predictions else None}
+    extra = ({"models": models} if models else {}) | ({"predictions": str(predictions)} if predictions else {})
     run_stage("eval", overrides, name, runs_dir, device, verbose, dry_run, extra=extra)
 
 

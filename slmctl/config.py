@@ -268,6 +268,7 @@ class GenerationSchema:
 @dataclass
 class EvalSchema:
     models: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)  # several task names; empty: the `task` group's choice
     predictions: Optional[str] = None
     limit: Optional[int] = None
     batch_size: int = 16

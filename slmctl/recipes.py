@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from slmctl.config import ConfigError
@@ -76,7 +77,8 @@ def run_recipe(path: Path, runs_dir: Path, verbose: bool = False) -> dict[str, P
             _generate_step(step["name"], step["generate"], runs_dir)
             continue
         stage, overrides = step["stage"], [str(o) for o in step.get("overrides", [])]
-        console.rule(f"[bold]{recipe.get('name', path.stem)}: {step['name']}[/bold] ({stage} {' '.join(overrides)})")
+        console.rule(f"[bold]{escape(recipe.get('name', path.stem))}: {escape(step['name'])}[/bold] "
+                     f"({escape(stage + ' ' + ' '.join(overrides))})")
         cfg = compose(stage, overrides)
         run = Run.create(runs_dir, stage, step["name"], cfg, argv=["slmctl", "recipe", "run", str(path), f"#{step['name']}"])
         for ref in STEP_REFERENCE.findall(yaml.safe_dump(step)):

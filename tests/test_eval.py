@@ -95,7 +95,7 @@ def test_predictions_file_is_scored_with_the_official_squad_rules(tmp_path):
     run = evaluate_run(tmp_path / "runs", ["task=squad_v2", f"task.data_files={data}",
                                            "task.metrics=[exact_match,f1,exact_match_has_ans,exact_match_no_ans,rougeLsum]"],
                        predictions=str(predictions))
-    scores = json.loads((run.path / "metrics.json").read_text())["models"]["system"]
+    scores = json.loads((run.path / "metrics.json").read_text())["tasks"]["squad_v2"]["models"]["system"]
     assert scores["exact_match"]["value"] == pytest.approx(2 / 3)
     assert scores["f1"]["value"] == pytest.approx((1 + 1 + 2 / 3) / 3)
     assert scores["exact_match_has_ans"]["n"] == 2 and scores["exact_match_no_ans"]["value"] == 1.0
@@ -123,18 +123,18 @@ def test_bad_predictions_files_are_one_line_errors(tmp_path):
 def test_side_by_side_report_matches_single_model_runs(tmp_path, models):
     runs, (encdec, deconly) = models
     both = evaluate_run(runs, ["limit=12"], models=[str(encdec), str(deconly)])
-    metrics = json.loads((both.path / "metrics.json").read_text())["models"]
+    metrics = json.loads((both.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["models"]
     assert list(metrics) == ["encdec", "deconly"]
-    assert (both.path / "comparison.png").stat().st_size > 1000
+    assert (both.path / "comparison-synthetic_qa.png").stat().st_size > 1000
     lines = [json.loads(x) for x in (both.path / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 24 and {x["model"] for x in lines} == {"encdec", "deconly"}
     for label, path in [("encdec", encdec), ("deconly", deconly)]:
         alone = evaluate_run(runs, ["limit=12", "batch_size=5"], models=[str(path)])  # batching does not change results
-        single = json.loads((alone.path / "metrics.json").read_text())["models"][label]
+        single = json.loads((alone.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["models"][label]
         for name, result in single.items():  # generation identical; perplexity up to padding's float rounding
             expected = metrics[label][name]
             assert result == (expected if name != "perplexity" else pytest.approx(expected, rel=1e-5))
-        assert not (alone.path / "comparison.png").exists()
+        assert not list(alone.path.glob("comparison*.png"))
         em = [x["scores"]["exact_match"] for x in lines if x["model"] == label]
         assert single["exact_match"]["value"] == pytest.approx(sum(em) / len(em))
         assert single["perplexity"]["value"] > 1.0 and single["perplexity"]["low"] <= single["perplexity"]["value"]
@@ -158,10 +158,25 @@ def test_judge_scores_are_reported_cached_and_the_key_is_never_written(tmp_path,
         first = evaluate_run(tmp_path / "runs", overrides, predictions=str(predictions))
         second = evaluate_run(tmp_path / "runs", overrides, predictions=str(predictions))
     assert len(server.requests) == 3 and server.requests[0]["authorization"] == "Bearer sk-very-secret"
-    judge = json.loads((first.path / "metrics.json").read_text())["models"]["system"]["judge"]
+    judge = json.loads((first.path / "metrics.json").read_text())["tasks"]["squad_v2"]["models"]["system"]["judge"]
     assert judge["value"] == pytest.approx(0.6) and judge["n"] == 3 and judge["missing"] == 0
     assert "3 scored, 0 unparsable (missing), 3 from cache, 0 calls" in (second.path / "log.txt").read_text()
     for run in (first, second):
         for path in run.path.rglob("*"):
             if path.is_file():
                 assert "sk-very-secret" not in path.read_text(errors="ignore"), path
+
+
+def test_tasks_list_runs_each_task_with_its_defaults(tmp_path, models):
+    runs, (encdec, _) = models
+    cfg = compose("eval", ["tasks=[synthetic_qa,jsonl]", "limit=3", "bootstrap=50"])
+    cfg.models = [str(encdec)]
+    with pytest.raises(DataError, match="task jsonl: give task.data_files=PATH"):  # jsonl's defaults name no file
+        evaluate.run(cfg, Run.create(runs, "eval", "bad", cfg, argv=["test"]))
+    cfg = compose("eval", ["tasks=[synthetic_qa]", "task=jsonl", "task.data_files=unused.jsonl", "limit=3", "bootstrap=50"])
+    cfg.models = [str(encdec)]
+    run = Run.create(runs, "eval", "listed", cfg, argv=["test"])
+    evaluate.run(cfg, run)  # the list wins over the `task` group
+    lines = [json.loads(x) for x in (run.path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and {x["task"] for x in lines} == {"synthetic_qa"}
+    assert list(json.loads((run.path / "metrics.json").read_text())["tasks"]) == ["synthetic_qa"]

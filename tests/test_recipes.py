@@ -44,6 +44,9 @@ def test_a_pipeline_distils_its_own_llama_teacher_with_a_control(tmp_path):
                        "tokenizer.path=${runs.encdec}", *no_tokenizer]},
         {"name": "distill", "stage": "distill",
          "overrides": ["teacher=run", "teacher.path=${runs.teacher}", "student=tiny", "control=true", *no_tokenizer]},
+        {"name": "eval", "stage": "eval",
+         "overrides": ["models=[${runs.distill},${runs.distill}/control/model]", "task.n_people=200", "task.n=6",
+                       "bootstrap=50"]},
     ]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -53,6 +56,9 @@ def test_a_pipeline_distils_its_own_llama_teacher_with_a_control(tmp_path):
     assert {"val_ce_loss", "control_val_ce_loss", "val_ce_gain"} <= set(status["summary"])
     inputs = json.loads((produced["distill"] / "inputs.json").read_text())
     assert any(i.get("role") == "teacher" and i["path"].startswith(str(produced["teacher"])) for i in inputs)
+    metrics = json.loads((produced["eval"] / "metrics.json").read_text())
+    assert list(metrics["tasks"]["synthetic_qa"]["models"]) == ["distill", "distill/control"]
+    assert (produced["eval"] / "comparison-synthetic_qa.png").is_file()
 
 
 @pytest.mark.parametrize("recipe, message", [

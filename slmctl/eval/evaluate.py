@@ -1,14 +1,15 @@
-"""The eval stage: models (or a predictions file) x one task -> predictions, scores, comparison.
+"""The eval stage: models (or a predictions file) x tasks -> predictions, scores, comparison.
 
 `run(cfg, run)` loads the task, and for every model in `cfg.models` generates answers in
 batches (or, with `cfg.predictions`, reads someone else's), scores them with the task's
 metrics and 95% bootstrap intervals (plus the perplexity of the reference and, with a judge
 configured, the LLM-judge score), and writes into the run:
 
-    predictions.jsonl   one line per (model, example): model, id, source, reference(s),
-                        prediction and the per-example scores
-    metrics.json        per model: every metric's value, interval and n (+ judge counts)
-    comparison.png      with several models: grouped bars of the 0..1 metrics
+    predictions.jsonl           one line per (task, model, example): task, model, id, source,
+                                references, prediction and the per-example scores
+    metrics.json                {"tasks": {task: {"n", "models": {model: {metric: {value, low,
+                                high, n}}}}}} (+ the judge's missing count)
+    comparison-<task>.png       with several models: grouped bars of the 0..1 metrics
 """
 
 from __future__ import annotations
@@ -31,64 +32,85 @@ console = Console()
 
 
 def run(cfg, run):
-    unknown = [m for m in cfg.task.metrics if m not in (*M.VALID_METRICS, "perplexity")]
-    if unknown:
-        raise ConfigError(f"task.metrics: unknown metric {unknown[0]!r} (choose from: {', '.join((*M.VALID_METRICS, 'perplexity'))})")
     if bool(cfg.models) == bool(cfg.predictions):
         raise ConfigError("give model(s) to evaluate (slmctl eval MODEL... task=...) or --predictions FILE, not both")
-    examples = load_task(cfg.task, cfg.limit)
-    run.log(f"task {cfg.task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
+    tasks = _tasks(cfg)
     judge, judge_cache = _judge(cfg)
     runs_dir = run.path.parent.parent
-    entries = [(_label_of_file(cfg.predictions), None)] if cfg.predictions else [(None, ref) for ref in cfg.models]
-    results: dict[str, dict] = {}
+    generators: dict[str, object] = {}  # each model is loaded once, whatever the number of tasks
+    report: dict[str, dict] = {}
     lines: list[dict] = []
-    for label, ref in entries:
-        if ref is None:
-            predictions, nll = _read_predictions(Path(cfg.predictions), examples), None
-            run.add_input("file", cfg.predictions, cfg.predictions, role="predictions")
-        else:
-            predictions, nll, label = _generate(cfg, run, ref, runs_dir, examples)
-        label = _unique(label, results)
-        scores, per_example = score(cfg, examples, predictions, nll)
-        if judge is not None:
-            scores["judge"], judge_scores, counts = _judged(cfg, judge, judge_cache, examples, predictions)
-            per_example["judge"] = judge_scores
-            run.log(f"{label}: judge {judge.id}: {counts}")
-        results[label] = scores
-        for i, (example, prediction) in enumerate(zip(examples, predictions)):
-            lines.append({"model": label, "id": example.id, "source": example.source, "references": example.references,
-                          "prediction": prediction, "scores": {k: v[i] for k, v in per_example.items()}})
-        console.print(model_table(label, scores, cfg.task.name))
+    for task in tasks:
+        examples = load_task(task, cfg.limit)
+        run.log(f"task {task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
+        results: dict[str, dict] = {}
+        for ref in [None] if cfg.predictions else list(cfg.models):
+            if ref is None:
+                label, predictions, nll = _label_of_file(cfg.predictions), _read_predictions(Path(cfg.predictions), examples), None
+                run.add_input("file", cfg.predictions, cfg.predictions, role="predictions")
+            else:
+                predictions, nll, label = _generate(cfg, task, run, ref, runs_dir, examples, generators)
+            label = _unique(label, results)
+            scores, per_example = score(cfg, task, examples, predictions, nll)
+            if judge is not None:
+                scores["judge"], judge_scores, counts = _judged(cfg, judge, judge_cache, examples, predictions)
+                per_example["judge"] = judge_scores
+                run.log(f"{task.name} {label}: judge {judge.id}: {counts}")
+            results[label] = scores
+            for i, (example, prediction) in enumerate(zip(examples, predictions)):
+                lines.append({"task": task.name, "model": label, "id": example.id, "source": example.source,
+                              "references": example.references, "prediction": prediction,
+                              "scores": {k: v[i] for k, v in per_example.items()}})
+            console.print(model_table(label, scores, task.name))
+        if len(results) > 1:
+            console.print(side_by_side(results, task.name))
+            bar_chart(results, task.name, run.path / f"comparison-{task.name}.png")
+        report[task.name] = {"n": len(examples), "models": results}
     run.write_text("predictions.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-    run.write_json("metrics.json", {"task": cfg.task.name, "n": len(examples), "models": results})
-    if len(results) > 1:
-        console.print(side_by_side(results, cfg.task.name))
-        bar_chart(results, cfg.task.name, run.path / "comparison.png")
-    headline = cfg.task.metrics[0]
-    run.succeed({f"{label}:{headline}": scores[headline]["value"] for label, scores in results.items() if headline in scores}
-                | {"task": cfg.task.name, "examples": len(examples)})
+    run.write_json("metrics.json", {"tasks": report})
+    summary = {}
+    for task in tasks:
+        headline = task.metrics[0]
+        for label, scores in report[task.name]["models"].items():
+            if headline in scores:
+                summary[f"{task.name}:{label}:{headline}"] = scores[headline]["value"]
+    run.succeed(summary)
     return run
+
+
+def _tasks(cfg) -> list:
+    """The `task` group's choice, or every task named in `tasks=[...]` (each with its defaults)."""
+    from slmctl.config import compose
+
+    tasks = [cfg.task] if not cfg.tasks else [compose("eval", [f"task={name}"]).task for name in cfg.tasks]
+    for task in tasks:
+        unknown = [m for m in task.metrics if m not in (*M.VALID_METRICS, "perplexity")]
+        if unknown:
+            raise ConfigError(f"task {task.name}: unknown metric {unknown[0]!r} "
+                              f"(choose from: {', '.join((*M.VALID_METRICS, 'perplexity'))})")
+    return tasks
 
 
 # -- predictions ---------------------------------------------------------------------------
 
 
-def _generate(cfg, run, ref: str, runs_dir: Path, examples: list[EvalExample]):
+def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExample], generators: dict):
     from slmctl.eval.predict import predict, reference_nll
     from slmctl.generate import load_generator
 
-    generator = load_generator(ref, runs_dir, cfg.device)
+    if ref not in generators:
+        generators[ref] = load_generator(ref, runs_dir, cfg.device)
+    generator = generators[ref]
     run.add_input("run" if _inside_run(generator.path) else "file", ref, generator.path, role="model")
     label = _label_of_model(generator.path)
-    max_new = cfg.generation.max_new_tokens or cfg.task.max_new_tokens
+    max_new = cfg.generation.max_new_tokens or task.max_new_tokens
     with Progress(transient=True) as progress:
-        task = progress.add_task(f"{label}: generating", total=len(examples))
+        bar = progress.add_task(f"{task.name} {label}: generating", total=len(examples))
         predictions = predict(generator, [e.source for e in examples], cfg.batch_size, max_new, cfg.generation.num_beams,
                               cfg.generation.length_penalty, cfg.max_source_len,
-                              on_progress=lambda n: progress.advance(task, n))
+                              on_progress=lambda n: progress.advance(bar, n))
     nll = reference_nll(generator, [e.source for e in examples], [e.references[0] if e.references else "" for e in examples],
-                        cfg.batch_size, cfg.max_source_len) if "perplexity" in cfg.task.metrics else None
+                        cfg.batch_size, cfg.max_source_len) if "perplexity" in task.metrics else None
     return predictions, nll, label
 
 
@@ -120,9 +142,9 @@ def _read_predictions(path: Path, examples: list[EvalExample]) -> list[str]:
 # -- scores ------------------------------------------------------------------------------------
 
 
-def score(cfg, examples: list[EvalExample], predictions: list[str], nll) -> tuple[dict[str, dict], dict[str, list]]:
+def score(cfg, task, examples: list[EvalExample], predictions: list[str], nll) -> tuple[dict[str, dict], dict[str, list]]:
     """(metric -> {value, low, high, n}, metric -> per-example values) for the task's metrics."""
-    text_metrics = [m for m in cfg.task.metrics if m not in ("perplexity", "judge")]
+    text_metrics = [m for m in task.metrics if m not in ("perplexity", "judge")]
     references = [e.references for e in examples]
     results = {name: r.to_dict() for name, r in
                M.score_examples(predictions, references, text_metrics, n_resamples=cfg.bootstrap, seed=cfg.seed).items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 UNIT_SCALE = ("exact_match", "f1", "exact_match_has_ans", "f1_has_ans", "exact_match_no_ans", "f1_no_ans",
@@ -20,23 +21,23 @@ def cell(result: dict) -> str:
 
 
 def model_table(label: str, metrics: dict[str, dict], task: str) -> Table:
-    table = Table(title=f"{task}: {label}")
+    table = Table(title=escape(f"{task}: {label}"))
     for column in ("metric", "value [95% CI]", "n"):
-        table.add_column(column)
+        table.add_column(escape(column))
     for name, result in metrics.items():
-        table.add_row(name, cell(result), str(result["n"]))
+        table.add_row(name, escape(cell(result)), str(result["n"]))
     return table
 
 
 def side_by_side(results: dict[str, dict[str, dict]], task: str) -> Table:
     """Rows = metrics, columns = models."""
-    table = Table(title=f"{task}: side by side (value [95% CI])")
+    table = Table(title=escape(f"{task}: side by side (value [95% CI])"))
     table.add_column("metric")
     for label in results:
-        table.add_column(label)
+        table.add_column(escape(label))
     names = list(dict.fromkeys(name for metrics in results.values() for name in metrics))
     for name in names:
-        table.add_row(name, *(cell(metrics[name]) if name in metrics else "-" for metrics in results.values()))
+        table.add_row(name, *(escape(cell(metrics[name])) if name in metrics else "-" for metrics in results.values()))
     return table
 
 
