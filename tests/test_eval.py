@@ -120,9 +120,11 @@ def test_bad_predictions_files_are_one_line_errors(tmp_path):
 # -- models ------------------------------------------------------------------------------------------
 
 
-def test_side_by_side_report_matches_single_model_runs(tmp_path, models):
+def test_side_by_side_report_matches_single_model_runs(tmp_path, models, capsys):
     runs, (encdec, deconly) = models
     both = evaluate_run(runs, ["limit=12"], models=[str(encdec), str(deconly)])
+    shown = capsys.readouterr().out
+    assert "synthetic_qa: side by side" in shown and "exact_match" in shown
     metrics = json.loads((both.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["models"]
     assert list(metrics) == ["encdec", "deconly"]
     assert (both.path / "comparison-synthetic_qa.png").stat().st_size > 1000
@@ -180,3 +182,11 @@ def test_tasks_list_runs_each_task_with_its_defaults(tmp_path, models):
     lines = [json.loads(x) for x in (run.path / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and {x["task"] for x in lines} == {"synthetic_qa"}
     assert list(json.loads((run.path / "metrics.json").read_text())["tasks"]) == ["synthetic_qa"]
+
+
+def test_beam_search_predictions(models):
+    runs, (encdec, deconly) = models
+    run = evaluate_run(runs, ["limit=4", "generation.num_beams=3", "generation.max_new_tokens=4"],
+                       models=[str(encdec), str(deconly)])
+    lines = [json.loads(x) for x in (run.path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and all(len(x["prediction"].split()) <= 4 for x in lines)
