@@ -61,7 +61,12 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     argv = ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
             *(["--device", device] if device != "cpu" else [])]
     try:
-        check_torch_device(device)
+        if stage == "bench":  # NPUs are reached through ONNX Runtime providers: its own check
+            from slmctl.bench.devices import check_device
+
+            check_device(device, (extra or {}).get("runtime", "torch"))
+        else:
+            check_torch_device(device)
         if stage not in TRAINING_STAGES:
             overrides = [*overrides, f"device={device}"]
         elif device != "cpu" and not any(o.startswith("trainer=") or o.startswith("trainer.accelerator=") for o in overrides):
@@ -186,6 +191,37 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
     models = [a for a in arguments if "=" not in a]
     extra = ({"models": models} if models else {}) | ({"predictions": str(predictions)} if predictions else {})
     run_stage("eval", overrides, name, runs_dir, device, verbose, dry_run, extra=extra)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (presets like 330m, model dirs, runs) and key=value"),
+          compare: bool = typer.Option(False, "--compare", help="Compare the models: ratios against the last one, and a plot."),
+          input_lens: str = typer.Option("512", "--input-lens", help="Comma-separated prompt lengths."),
+          output_lens: str = typer.Option("64", "--output-lens", help="Comma-separated numbers of new tokens."),
+          batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
+          repeat: int = typer.Option(3, "--repeat", help="Timed runs per configuration."),
+          warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
+          dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+          runtime: str = typer.Option("torch", "--runtime", help="torch (onnx after slmctl export)."),
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch threads."),
+          output_format: Optional[str] = typer.Option(None, "--format", help="json, csv or md records to stdout."),
+          name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
+          dry_run: bool = DRY_RUN) -> None:
+    """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m)."""
+    arguments = arguments or []
+    models = [a for a in arguments if "=" not in a]
+    if not models:
+        fail("give model(s) to benchmark: presets (330m, deconly-330m, ...), model directories or runs")
+    if compare and len(models) < 2:
+        fail("--compare needs two or more models, e.g. slmctl bench --compare 330m deconly-330m")
+    for option, text in (("--input-lens", input_lens), ("--output-lens", output_lens), ("--batch", batch)):
+        if not all(v.strip().isdigit() for v in text.split(",")):
+            fail(f"{option} takes comma-separated integers, e.g. 256,512,1024; got {text!r}")
+    overrides = [f"input_lens=[{input_lens}]", f"output_lens=[{output_lens}]", f"batch=[{batch}]", f"repeat={repeat}",
+                 f"warmup={warmup}", f"dtype={dtype}", f"runtime={runtime}",
+                 *([f"threads={threads}"] if threads else []), *([f"format={output_format}"] if output_format else []),
+                 *(a for a in arguments if "=" in a)]
+    run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 
 
 @app.command()

@@ -281,9 +281,26 @@ class EvalSchema:
     judge: Any = None
 
 
+@dataclass
+class BenchSchema:
+    models: list = field(default_factory=list)
+    input_lens: list = field(default_factory=lambda: [512])
+    output_lens: list = field(default_factory=lambda: [64])
+    batch: list = field(default_factory=lambda: [1])
+    repeat: int = 3
+    warmup: int = 1
+    dtype: str = "float32"
+    runtime: str = "torch"
+    device: str = "cpu"
+    threads: Optional[int] = None
+    format: Optional[str] = None
+    seed: int = 0
+
+
 KD_CHOICES = {"kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.targets": ("gold", "teacher", "student", "mix"),
               "kd.cross_tokenizer": ("error", "uld"), "kd.cache_dtype": ("float16", "bfloat16", "float32"),
-              "teacher.dtype": ("auto", "float32", "bfloat16", "float16"), "task.kind": ("columns", "squad", "synthetic")}
+              "teacher.dtype": ("auto", "float32", "bfloat16", "float16"), "task.kind": ("columns", "squad", "synthetic"),
+              "dtype": ("float32", "bfloat16", "float16"), "runtime": ("torch", "onnx"), "format": ("json", "csv", "md")}
 KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
 
 
@@ -300,9 +317,10 @@ GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
-STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema}
+STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema}
 # each has run(cfg, run)
-STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate"}
+STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
+                 "bench": "slmctl.bench.stage"}
 
 
 def stage_module(stage: str):
@@ -442,7 +460,7 @@ def _check_trainer(node) -> DictConfig:
 def _check_values(cfg: DictConfig) -> None:
     positive = ["batch_size", "max_source_len", "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
-                "generation.num_beams", "task.max_new_tokens"]
+                "generation.num_beams", "task.max_new_tokens", "repeat", "threads"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:

@@ -1,0 +1,112 @@
+"""One benchmark measurement: a model, a batch of random prompts, exactly N new tokens.
+
+The prompts are seeded random token ids (no tokenisation in the timings); EOS is suppressed
+(min_new_tokens = max_new_tokens) so every run decodes the same number of tokens. Each
+configuration gets warm-up runs, then `repeat` timed runs; on CUDA the clock waits for the
+device (synchronize) at every timestamp.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from slmctl.bench.timing import GenerationTiming, summarize, time_generation
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what the user gave: a preset or a path
+    model: torch.nn.Module
+    arch: str  # encdec | deconly
+    load_s: float
+
+
+def load_for_bench(ref: str, runs_dir, device: str, dtype: str, seed: int = 0) -> LoadedModel:
+    """A preset name (random weights, so no checkpoint is needed) or a model directory / run."""
+    from slmctl.model import build_model, load_model
+    from slmctl.model.config import PRESETS
+
+    started = time.perf_counter()
+    if ref in PRESETS:
+        model = build_model(ref, seed=seed)
+    else:
+        from slmctl.runs import resolve_model_path
+
+        path = resolve_model_path(ref, runs_dir)
+        if not (path / "model.json").is_file():
+            from slmctl.config import ConfigError
+
+            raise ConfigError(f"{ref}: bench measures slmctl models (model.json); {path} is not one")
+        model = load_model(path)
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    _sync(device)
+    return LoadedModel(ref, model, "encdec" if model.config.is_encoder_decoder else "deconly", time.perf_counter() - started)
+
+
+def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab_size, (batch, length), generator=generator).to(device)
+
+
+def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output_len: int, repeat: int, warmup: int,
+            seed: int = 0) -> tuple[dict, list[GenerationTiming]]:
+    """(median / p90 / stdev summary, the timed samples) of generating `output_len` tokens."""
+    model = loaded.model
+    prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, device)
+
+    def generate(on_token) -> int:
+        count = 0
+
+        def streamer(_tokens):
+            nonlocal count
+            _sync(device)
+            count += 1
+            on_token()
+
+        model.generate(prompts, max_new_tokens=output_len, min_new_tokens=output_len, streamer=streamer)
+        _sync(device)
+        return count
+
+    for _ in range(warmup):
+        generate(lambda: None)
+    samples = [time_generation(generate) for _ in range(repeat)]
+    return summarize(samples), samples
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's high-water mark
+    of resident memory (writing 5 to /proc/self/clear_refs), so each model gets its own peak."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's since it started
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak allocated memory on CUDA; otherwise the peak resident set size since the last reset."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in open("/proc/self/status", encoding="utf-8"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,225 @@
+"""The bench stage: how fast models serve, per (model, batch, input length, output length).
+
+`run(cfg, run)` measures every combination (load time, first-token latency = prompt in ->
+first token out, decode tokens/s over the remaining tokens, end-to-end time, peak memory),
+adds the analytic cost (FLOPs per prefill and per decoded token, bytes read per decoded
+token) and the decode bound that memory bandwidth allows, and writes `bench.json` (the
+environment and every record with its samples), a Rich table, and with two or more models a
+comparison (ratios against the last model) and `bench.png` (first-token latency and
+throughput against input length, the paper's Figure 1a).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from slmctl.bench import flops
+from slmctl.bench.measure import load_for_bench, measure, peak_memory_mb, reset_peak_memory
+
+console = Console()
+err_console = Console(stderr=True)
+RECORD_FIELDS = ("model", "arch", "device", "runtime", "dtype", "batch", "input_len", "output_len", "first_token_ms",
+                 "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
+                 "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction")
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def run(cfg, run):
+    from slmctl.bench.devices import check_device
+
+    check_device(cfg.device, cfg.runtime)
+    if cfg.runtime != "torch":
+        from slmctl.config import ConfigError
+
+        raise ConfigError(f"--runtime {cfg.runtime}: only torch is available (onnx comes with `slmctl export onnx`)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    environment = _environment(cfg)
+    run.log(f"environment: {environment['cpu']}, {environment['threads']} threads, torch {environment['torch']}")
+    if cfg.device == "cpu" and cfg.format is None:
+        console.print("peak memory = the process's resident high-water mark while each model loads and runs", highlight=False)
+    records = []
+    runs_dir = run.path.parent.parent
+    shown = err_console if cfg.format else console
+    for ref in cfg.models:
+        import gc
+
+        gc.collect()
+        reset_peak_memory(cfg.device)  # each model's peak is its own
+        loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed)
+        params = sum(p.numel() for p in loaded.model.parameters())
+        for batch in cfg.batch:
+            for input_len in cfg.input_lens:
+                for output_len in cfg.output_lens:
+                    summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed)
+                    record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment)
+                    records.append(record)
+                    shown.print(f"{ref} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
+                                f"decode {record['decode_tok_s']:.1f} tok/s", highlight=False)
+        del loaded
+    _add_bandwidth_bound(cfg, records, environment)  # measured after the models: its buffer must not count in their peaks
+    run.write_json("bench.json", {"environment": environment, "records": records})
+    shown.print(table(records))
+    if len(cfg.models) > 1:
+        shown.print(comparison_table(records, cfg.models))
+        plot(records, cfg.models, run.path / "bench.png")
+    if cfg.format:
+        print(format_records(records, cfg.format), end="")
+    run.succeed({f"{r['model']}:b{r['batch']}:in{r['input_len']}:first_token_ms": round(r["first_token_ms"], 2)
+                 for r in records} | {"records": len(records)})
+    return run
+
+
+def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) -> dict:
+    config = loaded.model.config
+    cost = flops.generation_cost(config, input_len, output_len, BYTES[cfg.dtype])
+    decode = cost["decode_per_token"]
+    decode_tok_s = summary["decode_tokens_per_s"]["median"] * batch  # every sequence of the batch
+    return {
+        "model": loaded.name, "arch": loaded.arch, "device": cfg.device, "runtime": cfg.runtime, "dtype": cfg.dtype,
+        "batch": batch, "input_len": input_len, "output_len": output_len,
+        "first_token_ms": summary["first_token_s"]["median"] * 1e3,
+        "first_token_ms_p90": summary["first_token_s"]["p90"] * 1e3,
+        "first_token_ms_stdev": summary["first_token_s"]["stdev"] * 1e3,
+        "decode_tok_s": decode_tok_s,
+        "decode_tok_s_p90": summary["decode_tokens_per_s"]["p90"] * batch,
+        "decode_tok_s_stdev": summary["decode_tokens_per_s"]["stdev"] * batch,
+        "e2e_ms": summary["total_s"]["median"] * 1e3,
+        "peak_mem_mb": peak_memory_mb(cfg.device), "params": params, "load_s": loaded.load_s,
+        "prefill_flops": cost["prefill"].flops, "decode_flops_per_token": decode.flops,
+        "decode_bytes_per_token": decode.weight_bytes + decode.kv_bytes,
+        "decode_weight_bytes": decode.weight_bytes, "decode_kv_bytes": decode.kv_bytes * batch,
+        "bandwidth_bound_tok_s": None, "bound_fraction": None,
+        "repeat": len(samples), "warmup": cfg.warmup,
+        "samples": [{"first_token_ms": s.first_token_s * 1e3, "decode_tok_s": s.decode_tokens_per_s * batch,
+                     "e2e_ms": s.total_s * 1e3} for s in samples],
+    }
+
+
+def _add_bandwidth_bound(cfg, records: list[dict], environment: dict) -> None:
+    """Batch-B decoding reads the weights once and every sequence's cache per step: the bound
+    is B tokens per (weights + B caches) bytes at the measured read bandwidth (CPU only)."""
+    if cfg.device != "cpu":
+        return
+    from slmctl.bench.bandwidth import measure_read_bandwidth
+
+    environment["read_bandwidth_gb_s"] = round(measure_read_bandwidth(256) / 1e9, 2)
+    for r in records:
+        step_s = (r["decode_weight_bytes"] + r["decode_kv_bytes"]) / (environment["read_bandwidth_gb_s"] * 1e9)
+        r["bandwidth_bound_tok_s"] = r["batch"] / step_s
+        r["bound_fraction"] = r["decode_tok_s"] / r["bandwidth_bound_tok_s"]
+
+
+def _environment(cfg) -> dict:
+    from slmctl.bench.devices import onnxruntime_providers
+
+    environment = {"cpu": _cpu_name(), "machine": platform.machine(), "python": platform.python_version(),
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "device": cfg.device,
+                   "onnxruntime_providers": onnxruntime_providers()}
+    if cfg.device == "cuda":
+        environment["gpu"] = torch.cuda.get_device_name()
+    return environment
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- showing ---------------------------------------------------------------------------------
+
+
+def table(records: list[dict]) -> Table:
+    result = Table(title="bench (medians)")
+    for column in ("model", "batch", "in", "out", "first token ms", "decode tok/s", "e2e ms", "peak MB", "bound frac"):
+        result.add_column(column)
+    for r in records:
+        fraction = f"{r['bound_fraction']:.2f}" if r["bound_fraction"] is not None else "-"
+        result.add_row(r["model"], str(r["batch"]), str(r["input_len"]), str(r["output_len"]), f"{r['first_token_ms']:.1f}",
+                       f"{r['decode_tok_s']:.1f}", f"{r['e2e_ms']:.0f}", f"{r['peak_mem_mb']:.0f}", fraction)
+    return result
+
+
+def comparisons(records: list[dict], models: list[str]) -> list[dict]:
+    """For each model but the last, at each (batch, input, output): ratios against the last model."""
+    baseline = models[-1]
+    by_key = {(r["model"], r["batch"], r["input_len"], r["output_len"]): r for r in records}
+    rows = []
+    for model in models[:-1]:
+        for (name, batch, input_len, output_len), r in by_key.items():
+            if name != model:
+                continue
+            b = by_key[(baseline, batch, input_len, output_len)]
+            rows.append({"model": model, "baseline": baseline, "batch": batch, "input_len": input_len, "output_len": output_len,
+                         "first_token_reduction": 1 - r["first_token_ms"] / b["first_token_ms"],
+                         "throughput_ratio": r["decode_tok_s"] / b["decode_tok_s"],
+                         "memory_ratio": r["peak_mem_mb"] / b["peak_mem_mb"]})
+    return rows
+
+
+def comparison_table(records: list[dict], models: list[str]) -> Table:
+    result = Table(title=f"against {models[-1]}")
+    for column in ("model", "batch", "in", "out", "first-token latency reduction", "throughput ratio", "memory ratio"):
+        result.add_column(column)
+    for c in comparisons(records, models):
+        result.add_row(c["model"], str(c["batch"]), str(c["input_len"]), str(c["output_len"]),
+                       f"{c['first_token_reduction']:.1%}", f"{c['throughput_ratio']:.2f}x", f"{c['memory_ratio']:.2f}x")
+    return result
+
+
+def plot(records: list[dict], models: list[str], path) -> None:
+    """First-token latency and decode throughput against input length, one line per model
+    (batch 1 and the first output length when several were measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch, output_len = records[0]["batch"], records[0]["output_len"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for model in models:
+        rows = sorted((r for r in records if r["model"] == model and r["batch"] == batch and r["output_len"] == output_len),
+                      key=lambda r: r["input_len"])
+        lengths = [r["input_len"] for r in rows]
+        left.plot(lengths, [r["first_token_ms"] for r in rows], marker="o", label=model)
+        right.plot(lengths, [r["decode_tok_s"] for r in rows], marker="o", label=model)
+    left.set(xlabel="input tokens", ylabel="first-token latency (ms)", title="first-token latency")
+    right.set(xlabel="input tokens", ylabel="decode tokens/s", title=f"throughput ({output_len} new tokens)")
+    for axes in (left, right):
+        axes.set_xscale("log", base=2)
+        axes.legend()
+    figure.suptitle(f"{records[0]['device']}, {records[0]['dtype']}, batch {batch}")
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+
+
+def format_records(records: list[dict], fmt: str) -> str:
+    """The records as json (with samples), csv or a Markdown table (without samples)."""
+    if fmt == "json":
+        return json.dumps(records, indent=2) + "\n"
+    flat = [{k: r[k] for k in RECORD_FIELDS} for r in records]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS)
+        writer.writeheader()
+        writer.writerows(flat)
+        return out.getvalue()
+    lines = ["| " + " | ".join(RECORD_FIELDS) + " |", "|" + "---|" * len(RECORD_FIELDS)]
+    for r in flat:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(lines) + "\n"

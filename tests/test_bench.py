@@ -1,0 +1,65 @@
+"""The bench stage: sensible timings, the comparison, output formats and device errors."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+
+REQUIRED = {"model", "arch", "device", "runtime", "dtype", "batch", "input_len", "output_len", "first_token_ms",
+            "decode_tok_s", "peak_mem_mb", "params", "samples", "first_token_ms_p90", "decode_tok_s_stdev", "e2e_ms",
+            "prefill_flops", "decode_flops_per_token", "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction"}
+
+
+def bench(tmp_path, *args):
+    result = CliRunner().invoke(app, ["bench", *args, "--runs-dir", str(tmp_path / "runs")])
+    return result
+
+
+def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
+    result = bench(tmp_path, "tiny", "deconly-tiny", "--compare", "--input-lens", "32,512", "--output-lens", "4",
+                   "--repeat", "3", "--format", "json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout[result.stdout.index("["):result.stdout.rindex("]") + 1])
+    assert len(records) == 4 and all(REQUIRED <= set(r) for r in records)
+    for arch in ("encdec", "deconly"):
+        short, long = sorted((r for r in records if r["arch"] == arch), key=lambda r: r["input_len"])
+        assert 0 < short["first_token_ms"] < long["first_token_ms"]  # prefill grows with the prompt
+        assert short["decode_tok_s"] > 0 and len(short["samples"]) == 3
+        assert short["prefill_flops"] < long["prefill_flops"] and 0 < short["bound_fraction"]
+    run = sorted((tmp_path / "runs" / "bench").glob("*-bench"))[-1]
+    saved = json.loads((run / "bench.json").read_text())
+    assert saved["records"][0]["model"] == "tiny" and "read_bandwidth_gb_s" in saved["environment"]
+    assert (run / "bench.png").stat().st_size > 1000
+
+
+def test_csv_and_markdown_formats(tmp_path):
+    from slmctl.bench.stage import RECORD_FIELDS
+
+    result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("model,", "tiny,"))]
+    assert lines[0].split(",") == list(RECORD_FIELDS) and lines[1].startswith("tiny,encdec,cpu,torch,float32,1,16,3,")
+    result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "md")
+    assert "| model | arch | device |" in result.stdout
+
+
+def test_npu_without_a_provider_is_exit_2_naming_the_providers(tmp_path):
+    result = bench(tmp_path, "tiny", "--device", "npu")
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "--device npu: no NPU execution provider in ONNX Runtime (available:" in message
+    assert "onnxruntime-qnn" in message and "onnxruntime-openvino" in message and "Traceback" not in message
+    assert not (tmp_path / "runs" / "bench").exists()  # nothing was started
+
+
+def test_cuda_without_a_gpu_and_bad_options_are_one_line_errors(tmp_path):
+    if not torch.cuda.is_available():
+        result = bench(tmp_path, "tiny", "--device", "cuda")
+        assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert bench(tmp_path, "tiny", "--input-lens", "12a").exit_code == 2
+    result = bench(tmp_path, "--compare", "tiny")
+    assert result.exit_code == 2 and "two or more models" in result.output
+    result = bench(tmp_path, "tiny", "--dtype", "int3")
+    assert result.exit_code == 2 and "dtype='int3' is not one of" in result.output
