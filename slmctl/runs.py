@@ -366,6 +366,18 @@ def resolve_model_path(ref: str | Path, runs_dir: str | Path) -> Path:
     return model_dir
 
 
+def model_label(path: Path) -> str:
+    """A short name for a model directory in tables: its run's name (plus /control for a distill
+    run's control student), else the directory's name."""
+    path = Path(path)
+    run_dir = owning_run(path)
+    if run_dir is None:
+        return path.name
+    inner = path.relative_to(run_dir).parts[:-1]  # e.g. ("control",) for control/model
+    name = run_dir.name.split("-", 2)[-1] if run_dir.name[:8].isdigit() else run_dir.name
+    return "/".join([name, *inner])
+
+
 def list_runs(runs_dir: str | Path, stage: str | None = None) -> list[RunInfo]:
     """Every run (of one stage, or all), newest started first."""
     runs_dir = Path(runs_dir)

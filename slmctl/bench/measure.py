@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    name: str  # what the user gave: a preset or a path
+    name: str  # a preset name, or the run / directory name of a model path
     model: torch.nn.Module
     arch: str  # encdec | deconly
     load_s: float
@@ -34,12 +34,14 @@ def load_for_bench(ref: str, runs_dir, device: str, dtype: str, seed: int = 0) -
     from slmctl.model.config import PRESETS
 
     started = time.perf_counter()
+    label = ref
     if ref in PRESETS:
         model = build_model(ref, seed=seed)
     else:
-        from slmctl.runs import resolve_model_path
+        from slmctl.runs import model_label, resolve_model_path
 
         path = resolve_model_path(ref, runs_dir)
+        label = model_label(path)
         if not (path / "model.json").is_file():
             from slmctl.config import ConfigError
 
@@ -47,7 +49,7 @@ def load_for_bench(ref: str, runs_dir, device: str, dtype: str, seed: int = 0) -
         model = load_model(path)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     _sync(device)
-    return LoadedModel(ref, model, "encdec" if model.config.is_encoder_decoder else "deconly", time.perf_counter() - started)
+    return LoadedModel(label, model, "encdec" if model.config.is_encoder_decoder else "deconly", time.perf_counter() - started)
 
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: str) -> torch.Tensor:

@@ -61,15 +61,16 @@ def run(cfg, run):
                     summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed)
                     record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment)
                     records.append(record)
-                    shown.print(f"{ref} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
+                    shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
                                 f"decode {record['decode_tok_s']:.1f} tok/s", highlight=False)
         del loaded
     _add_bandwidth_bound(cfg, records, environment)  # measured after the models: its buffer must not count in their peaks
     run.write_json("bench.json", {"environment": environment, "records": records})
     shown.print(table(records))
-    if len(cfg.models) > 1:
-        shown.print(comparison_table(records, cfg.models))
-        plot(records, cfg.models, run.path / "bench.png")
+    labels = list(dict.fromkeys(r["model"] for r in records))
+    if len(labels) > 1:
+        shown.print(comparison_table(records, labels))
+        plot(records, labels, run.path / "bench.png")
     if cfg.format:
         print(format_records(records, cfg.format), end="")
     run.succeed({f"{r['model']}:b{r['batch']}:in{r['input_len']}:first_token_ms": round(r["first_token_ms"], 2)
@@ -93,9 +94,10 @@ def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples,
         "decode_tok_s_stdev": summary["decode_tokens_per_s"]["stdev"] * batch,
         "e2e_ms": summary["total_s"]["median"] * 1e3,
         "peak_mem_mb": peak_memory_mb(cfg.device), "params": params, "load_s": loaded.load_s,
-        "prefill_flops": cost["prefill"].flops, "decode_flops_per_token": decode.flops,
-        "decode_bytes_per_token": decode.weight_bytes + decode.kv_bytes,
-        "decode_weight_bytes": decode.weight_bytes, "decode_kv_bytes": decode.kv_bytes * batch,
+        "prefill_flops": cost["prefill"].flops, "decode_flops_per_token": decode.flops if decode else None,
+        "decode_bytes_per_token": decode.weight_bytes + decode.kv_bytes if decode else None,
+        "decode_weight_bytes": decode.weight_bytes if decode else None,
+        "decode_kv_bytes": decode.kv_bytes * batch if decode else None,
         "bandwidth_bound_tok_s": None, "bound_fraction": None,
         "repeat": len(samples), "warmup": cfg.warmup,
         "samples": [{"first_token_ms": s.first_token_s * 1e3, "decode_tok_s": s.decode_tokens_per_s * batch,
@@ -112,6 +114,8 @@ def _add_bandwidth_bound(cfg, records: list[dict], environment: dict) -> None:
 
     environment["read_bandwidth_gb_s"] = round(measure_read_bandwidth(256) / 1e9, 2)
     for r in records:
+        if r["decode_weight_bytes"] is None or not r["decode_tok_s"] == r["decode_tok_s"]:  # one new token: no decode
+            continue
         step_s = (r["decode_weight_bytes"] + r["decode_kv_bytes"]) / (environment["read_bandwidth_gb_s"] * 1e9)
         r["bandwidth_bound_tok_s"] = r["batch"] / step_s
         r["bound_fraction"] = r["decode_tok_s"] / r["bandwidth_bound_tok_s"]

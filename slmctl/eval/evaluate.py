@@ -27,6 +27,7 @@ from slmctl.data.sources import DataError
 from slmctl.eval import metrics as M
 from slmctl.eval.report import bar_chart, model_table, side_by_side
 from slmctl.eval.tasks import EvalExample, load_task
+from slmctl.runs import model_label
 
 console = Console()
 
@@ -102,7 +103,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
         generators[ref] = load_generator(ref, runs_dir, cfg.device)
     generator = generators[ref]
     run.add_input("run" if _inside_run(generator.path) else "file", ref, generator.path, role="model")
-    label = _label_of_model(generator.path)
+    label = model_label(generator.path)
     max_new = cfg.generation.max_new_tokens or task.max_new_tokens
     with Progress(transient=True) as progress:
         bar = progress.add_task(f"{task.name} {label}: generating", total=len(examples))
@@ -226,19 +227,6 @@ def _inside_run(path: Path) -> bool:
     from slmctl.runs import owning_run
 
     return owning_run(Path(path)) is not None
-
-
-def _label_of_model(path: Path) -> str:
-    """A run's name (plus /control for a distill run's control student), else the directory name."""
-    from slmctl.runs import owning_run
-
-    path = Path(path)
-    run_dir = owning_run(path)
-    if run_dir is None:
-        return path.name
-    inner = path.relative_to(run_dir).parts[:-1]  # e.g. ("control",) for control/model
-    name = run_dir.name.split("-", 2)[-1] if run_dir.name[:8].isdigit() else run_dir.name
-    return "/".join([name, *inner])
 
 
 def _label_of_file(path: str) -> str:
