@@ -205,6 +205,8 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           runtime: str = typer.Option("torch", "--runtime", help="torch (onnx after slmctl export)."),
           threads: Optional[int] = typer.Option(None, "--threads", help="torch threads."),
           output_format: Optional[str] = typer.Option(None, "--format", help="json, csv or md records to stdout."),
+          estimate: Optional[str] = typer.Option(None, "--estimate", help="Roofline prediction for a conf/hardware profile "
+                                                 "(this-cpu, a100, h100, ...); with --repeat 0 nothing is run."),
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
     """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m)."""
@@ -214,12 +216,15 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
         fail("give model(s) to benchmark: presets (330m, deconly-330m, ...), model directories or runs")
     if compare and len(models) < 2:
         fail("--compare needs two or more models, e.g. slmctl bench --compare 330m deconly-330m")
+    if repeat < 0 or (repeat == 0 and not estimate):
+        fail("--repeat must be >= 1 (or 0 with --estimate PROFILE for a prediction only)")
     for option, text in (("--input-lens", input_lens), ("--output-lens", output_lens), ("--batch", batch)):
         if not all(v.strip().isdigit() for v in text.split(",")):
             fail(f"{option} takes comma-separated integers, e.g. 256,512,1024; got {text!r}")
     overrides = [f"input_lens=[{input_lens}]", f"output_lens=[{output_lens}]", f"batch=[{batch}]", f"repeat={repeat}",
                  f"warmup={warmup}", f"dtype={dtype}", f"runtime={runtime}",
                  *([f"threads={threads}"] if threads else []), *([f"format={output_format}"] if output_format else []),
+                 *([f"estimate={estimate}"] if estimate else []),
                  *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 

@@ -294,6 +294,7 @@ class BenchSchema:
     device: str = "cpu"
     threads: Optional[int] = None
     format: Optional[str] = None
+    estimate: Optional[str] = None  # a conf/hardware profile: add roofline predictions
     seed: int = 0
 
 
@@ -460,7 +461,7 @@ def _check_trainer(node) -> DictConfig:
 def _check_values(cfg: DictConfig) -> None:
     positive = ["batch_size", "max_source_len", "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
-                "generation.num_beams", "task.max_new_tokens", "repeat", "threads"]
+                "generation.num_beams", "task.max_new_tokens", "threads"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -63,3 +64,24 @@ def test_cuda_without_a_gpu_and_bad_options_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "two or more models" in result.output
     result = bench(tmp_path, "tiny", "--dtype", "int3")
     assert result.exit_code == 2 and "dtype='int3' is not one of" in result.output
+
+
+def test_roofline_estimate_only_and_measured_over_predicted(tmp_path):
+    result = bench(tmp_path, "tiny", "deconly-tiny", "--estimate", "h100", "--repeat", "0", "--dtype", "bfloat16",
+                   "--input-lens", "64,256", "--format", "json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout[result.stdout.index("["):result.stdout.rindex("]") + 1])
+    from slmctl.bench import flops
+    from slmctl.model.config import get_preset
+
+    r = records[0]
+    assert r["first_token_ms"] is None and r["device"] == "h100" and r["runtime"] == "roofline"
+    cost = flops.prefill_cost(get_preset("tiny"), 64, 2)
+    expected = max(cost.flops / 989.4e12, (cost.weight_bytes + cost.kv_bytes) / 3350e9) * 1e3  # the profile's peaks
+    assert r["predicted_first_token_ms"] == pytest.approx(expected)
+    measured = bench(tmp_path, "tiny", "--estimate", "this-cpu", "--input-lens", "64", "--output-lens", "8", "--repeat", "1",
+                     "--format", "json")
+    record = json.loads(measured.stdout[measured.stdout.index("["):measured.stdout.rindex("]") + 1])[0]
+    assert record["first_token_measured_over_predicted"] > 0 and record["decode_measured_over_predicted"] > 0
+    assert bench(tmp_path, "tiny", "--estimate", "tpu9000").exit_code == 2
+    assert bench(tmp_path, "tiny", "--repeat", "0").exit_code == 2

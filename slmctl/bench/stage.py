@@ -45,6 +45,14 @@ def run(cfg, run):
     run.log(f"environment: {environment['cpu']}, {environment['threads']} threads, torch {environment['torch']}")
     if cfg.device == "cpu" and cfg.format is None:
         console.print("peak memory = the process's resident high-water mark while each model loads and runs", highlight=False)
+    profile = None
+    if cfg.estimate:
+        from slmctl.bench.roofline import load_profile
+
+        profile = load_profile(cfg.estimate, cfg.dtype)
+        environment["estimate"] = {k: v for k, v in profile.items()}
+        run.log(f"estimate: {profile['name']}: {profile['peak_flops'] / 1e12:.3g} TFLOP/s, "
+                f"{profile['bandwidth'] / 1e9:.1f} GB/s ({profile['source']})")
     records = []
     runs_dir = run.path.parent.parent
     shown = err_console if cfg.format else console
@@ -58,8 +66,13 @@ def run(cfg, run):
         for batch in cfg.batch:
             for input_len in cfg.input_lens:
                 for output_len in cfg.output_lens:
+                    if cfg.repeat == 0:  # an estimate only
+                        records.append(_estimate_only(cfg, loaded, params, batch, input_len, output_len, profile))
+                        continue
                     summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed)
                     record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment)
+                    if profile:
+                        _add_prediction(record, loaded.model.config, cfg, profile)
                     records.append(record)
                     shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
                                 f"decode {record['decode_tok_s']:.1f} tok/s", highlight=False)
@@ -74,7 +87,7 @@ def run(cfg, run):
     if cfg.format:
         print(format_records(records, cfg.format), end="")
     run.succeed({f"{r['model']}:b{r['batch']}:in{r['input_len']}:first_token_ms": round(r["first_token_ms"], 2)
-                 for r in records} | {"records": len(records)})
+                 for r in records if r["first_token_ms"] is not None} | {"records": len(records)})
     return run
 
 
@@ -105,16 +118,41 @@ def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples,
     }
 
 
+def _add_prediction(record: dict, config, cfg, profile: dict) -> dict:
+    from slmctl.bench.roofline import predict
+
+    cost = flops.generation_cost(config, record["input_len"], record["output_len"], BYTES[cfg.dtype])
+    record.update(predict(cost["prefill"], cost["decode_per_token"], record["batch"], profile))
+    record["estimate"] = profile["name"]
+    if record.get("first_token_ms") is not None:
+        record["first_token_measured_over_predicted"] = record["first_token_ms"] / record["predicted_first_token_ms"]
+    if record.get("decode_tok_s") and record["predicted_decode_tok_s"]:
+        record["decode_measured_over_predicted"] = record["decode_tok_s"] / record["predicted_decode_tok_s"]
+    return record
+
+
+def _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile) -> dict:
+    if profile is None:
+        from slmctl.config import ConfigError
+
+        raise ConfigError("--repeat 0 measures nothing: use it with --estimate PROFILE for a prediction only")
+    record = {key: None for key in RECORD_FIELDS} | {
+        "model": loaded.name, "arch": loaded.arch, "device": profile["name"], "runtime": "roofline", "dtype": cfg.dtype,
+        "batch": batch, "input_len": input_len, "output_len": output_len, "params": params, "samples": []}
+    return _add_prediction(record, loaded.model.config, cfg, profile)
+
+
 def _add_bandwidth_bound(cfg, records: list[dict], environment: dict) -> None:
     """Batch-B decoding reads the weights once and every sequence's cache per step: the bound
     is B tokens per (weights + B caches) bytes at the measured read bandwidth (CPU only)."""
-    if cfg.device != "cpu":
+    if cfg.device != "cpu" or cfg.repeat == 0:
         return
     from slmctl.bench.bandwidth import measure_read_bandwidth
 
     environment["read_bandwidth_gb_s"] = round(measure_read_bandwidth(256) / 1e9, 2)
     for r in records:
-        if r["decode_weight_bytes"] is None or not r["decode_tok_s"] == r["decode_tok_s"]:  # one new token: no decode
+        rate = r["decode_tok_s"]
+        if r.get("decode_weight_bytes") is None or rate is None or rate != rate:  # nan: one new token, no decode
             continue
         step_s = (r["decode_weight_bytes"] + r["decode_kv_bytes"]) / (environment["read_bandwidth_gb_s"] * 1e9)
         r["bandwidth_bound_tok_s"] = r["batch"] / step_s
@@ -146,13 +184,25 @@ def _cpu_name() -> str:
 
 
 def table(records: list[dict]) -> Table:
-    result = Table(title="bench (medians)")
-    for column in ("model", "batch", "in", "out", "first token ms", "decode tok/s", "e2e ms", "peak MB", "bound frac"):
+    estimated = any("estimate" in r for r in records)
+    measured = any(r["first_token_ms"] is not None for r in records)
+    result = Table(title="bench (medians)" if measured else f"roofline estimate: {records[0]['device']}")
+    columns = ["model", "batch", "in", "out"]
+    columns += ["first token ms", "decode tok/s", "e2e ms", "peak MB", "bound frac"] if measured else []
+    for column in columns + (["predicted ft ms", "predicted tok/s"] if estimated else []):
         result.add_column(column)
+
+    def show(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for r in records:
-        fraction = f"{r['bound_fraction']:.2f}" if r["bound_fraction"] is not None else "-"
-        result.add_row(r["model"], str(r["batch"]), str(r["input_len"]), str(r["output_len"]), f"{r['first_token_ms']:.1f}",
-                       f"{r['decode_tok_s']:.1f}", f"{r['e2e_ms']:.0f}", f"{r['peak_mem_mb']:.0f}", fraction)
+        row = [r["model"], str(r["batch"]), str(r["input_len"]), str(r["output_len"])]
+        if measured:
+            row += [show(r["first_token_ms"], ".1f"), show(r["decode_tok_s"], ".1f"), show(r["e2e_ms"], ".0f"),
+                    show(r["peak_mem_mb"], ".0f"), show(r["bound_fraction"], ".2f")]
+        if estimated:
+            row += [show(r.get("predicted_first_token_ms"), ".1f"), show(r.get("predicted_decode_tok_s"), ".1f")]
+        result.add_row(*row)
     return result
 
 
@@ -166,10 +216,12 @@ def comparisons(records: list[dict], models: list[str]) -> list[dict]:
             if name != model:
                 continue
             b = by_key[(baseline, batch, input_len, output_len)]
+            measured = r["first_token_ms"] is not None  # else compare the roofline predictions
+            first, rate = ("first_token_ms", "decode_tok_s") if measured else ("predicted_first_token_ms", "predicted_decode_tok_s")
             rows.append({"model": model, "baseline": baseline, "batch": batch, "input_len": input_len, "output_len": output_len,
-                         "first_token_reduction": 1 - r["first_token_ms"] / b["first_token_ms"],
-                         "throughput_ratio": r["decode_tok_s"] / b["decode_tok_s"],
-                         "memory_ratio": r["peak_mem_mb"] / b["peak_mem_mb"]})
+                         "first_token_reduction": 1 - r[first] / b[first],
+                         "throughput_ratio": r[rate] / b[rate] if r[rate] and b[rate] else None,
+                         "memory_ratio": r["peak_mem_mb"] / b["peak_mem_mb"] if measured else None})
     return rows
 
 
@@ -179,7 +231,8 @@ def comparison_table(records: list[dict], models: list[str]) -> Table:
         result.add_column(column)
     for c in comparisons(records, models):
         result.add_row(c["model"], str(c["batch"]), str(c["input_len"]), str(c["output_len"]),
-                       f"{c['first_token_reduction']:.1%}", f"{c['throughput_ratio']:.2f}x", f"{c['memory_ratio']:.2f}x")
+                       f"{c['first_token_reduction']:.1%}",
+                       *(f"{c[k]:.2f}x" if c[k] is not None else "-" for k in ("throughput_ratio", "memory_ratio")))
     return result
 
 
@@ -193,12 +246,14 @@ def plot(records: list[dict], models: list[str], path) -> None:
 
     batch, output_len = records[0]["batch"], records[0]["output_len"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    first, rate = ("first_token_ms", "decode_tok_s") if records[0]["first_token_ms"] is not None else \
+        ("predicted_first_token_ms", "predicted_decode_tok_s")
     for model in models:
         rows = sorted((r for r in records if r["model"] == model and r["batch"] == batch and r["output_len"] == output_len),
                       key=lambda r: r["input_len"])
         lengths = [r["input_len"] for r in rows]
-        left.plot(lengths, [r["first_token_ms"] for r in rows], marker="o", label=model)
-        right.plot(lengths, [r["decode_tok_s"] for r in rows], marker="o", label=model)
+        left.plot(lengths, [r[first] for r in rows], marker="o", label=model)
+        right.plot(lengths, [r[rate] for r in rows], marker="o", label=model)
     left.set(xlabel="input tokens", ylabel="first-token latency (ms)", title="first-token latency")
     right.set(xlabel="input tokens", ylabel="decode tokens/s", title=f"throughput ({output_len} new tokens)")
     for axes in (left, right):
