@@ -123,21 +123,13 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
 
 def check_torch_device(device: str) -> None:
     """Fail before any run directory exists when the requested device is not there."""
+    from slmctl.bench.devices import check_torch_device as check
     from slmctl.config import ConfigError
 
-    if device == "cpu":
-        return
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available to torch here (use --device cpu)")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: no Apple GPU (MPS) is available to torch here (use --device cpu)")
     if device == "npu":
         raise ConfigError("--device npu: NPUs run exported ONNX graphs (slmctl export, then bench --runtime onnx), "
                           "not PyTorch; use --device cpu or cuda here")
-    if device not in ("cuda", "mps"):
-        raise ConfigError(f"unknown --device {device!r} (choose from: cpu, cuda, mps, npu)")
+    check(device)
 
 
 def resolve_resumable(ref: str, runs_dir: Path, stage: str) -> Path:

@@ -31,16 +31,23 @@ def npu_providers() -> list[str]:
     return [p for p in onnxruntime_providers() if p in NPU_PROVIDERS]
 
 
-def check_device(device: str, runtime: str = "torch") -> None:
-    """Fail (ConfigError, exit 2) unless `device` is usable with `runtime`."""
+def check_torch_device(device: str) -> None:
+    """Fail (ConfigError, exit 2) unless torch has `device` (cpu, cuda, mps; npu is checked by the caller)."""
+    if device in ("cpu", "npu"):
+        return
     import torch
 
-    if device == "cpu":
-        return
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available to torch here (use --device cpu)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: no Apple GPU (MPS) is available to torch here (use --device cpu)")
+    if device not in ("cuda", "mps"):
+        raise ConfigError(f"unknown --device {device!r} (choose from: cpu, cuda, mps, npu)")
+
+
+def check_device(device: str, runtime: str = "torch") -> None:
+    """Fail (ConfigError, exit 2) unless `device` is usable with `runtime`."""
+    check_torch_device(device)
     if device == "npu":
         found = npu_providers()
         available = ", ".join(onnxruntime_providers()) or "none (onnxruntime is not installed)"
@@ -51,5 +58,3 @@ def check_device(device: str, runtime: str = "torch") -> None:
         if runtime != "onnx":
             raise ConfigError(f"--device npu runs exported ONNX graphs (found {', '.join(found)}): "
                               f"use --runtime onnx with a model from `slmctl export onnx`")
-    elif device not in ("cuda", "mps"):
-        raise ConfigError(f"unknown --device {device!r} (choose from: cpu, cuda, mps, npu)")

@@ -147,27 +147,21 @@ def score(cfg, task, examples: list[EvalExample], predictions: list[str], nll) -
     """(metric -> {value, low, high, n}, metric -> per-example values) for the task's metrics."""
     text_metrics = [m for m in task.metrics if m not in ("perplexity", "judge")]
     references = [e.references for e in examples]
-    results = {name: r.to_dict() for name, r in
-               M.score_examples(predictions, references, text_metrics, n_resamples=cfg.bootstrap, seed=cfg.seed).items()}
+    values = M.per_example_scores(predictions, references, text_metrics)
+    results = {name: r.to_dict() for name, r in M.score_examples(predictions, references, text_metrics, n_resamples=cfg.bootstrap,
+                                                                  seed=cfg.seed, per_example=values).items()}
     per_example: dict[str, list] = {}
-    for name in text_metrics:
-        per_example[name] = _per_example(name, predictions, references)
+    for name in text_metrics:  # corpus metrics (bleu) and the has/no-answer subsets have no per-example value
+        column = values.get(name, [None] * len(predictions))
+        if name == "answer_length":
+            column = [int(v) for v in column]
+        elif name != "exact_match":
+            column = [round(v, 4) if v is not None else None for v in column]
+        per_example[name] = column
     if nll is not None:
         results["perplexity"] = _perplexity(nll, cfg.bootstrap, cfg.seed)
         per_example["nll"] = [round(total, 4) for total, _ in nll]
     return results, per_example
-
-
-def _per_example(name: str, predictions: list[str], references: list[list[str]]) -> list:
-    if name == "exact_match":
-        return [M.exact_match(p, r) for p, r in zip(predictions, references)]
-    if name == "f1":
-        return [round(M.squad_f1(p, r), 4) for p, r in zip(predictions, references)]
-    if name in ("rouge1", "rouge2", "rougeLsum"):
-        return [round(v, 4) for v in M.rouge(predictions, [r[0] if r else "" for r in references], (name,))[name]]
-    if name == "answer_length":
-        return [len(p.split()) for p in predictions]
-    return [None] * len(predictions)  # corpus metrics (bleu) and subsets have no per-example value
 
 
 def _perplexity(nll: list[tuple[float, int]], n_resamples: int, seed: int) -> dict:

@@ -208,8 +208,25 @@ class MetricResult:
         return asdict(self)
 
 
+def per_example_scores(predictions: list[str], references: list[list[str]], metrics: list[str]) -> dict[str, list[float]]:
+    """Each example's score for the per-example metrics `metrics` needs (exact_match and f1 for any
+    SQuAD metric, the ROUGE types asked for, answer_length); corpus metrics (bleu) have none."""
+    first_refs = [refs[0] if refs else "" for refs in references]
+    per_example: dict[str, list[float]] = {}
+    if any(name in ("exact_match", "f1") or name in SQUAD_SPLIT_METRICS for name in metrics):
+        per_example["exact_match"] = [exact_match(p, refs) for p, refs in zip(predictions, references)]
+        per_example["f1"] = [squad_f1(p, refs) for p, refs in zip(predictions, references)]
+    rouge_types = list(dict.fromkeys(name for name in metrics if name in ("rouge1", "rouge2", "rougeLsum")))
+    if rouge_types:
+        per_example.update(rouge(predictions, first_refs, types=rouge_types))
+    if "answer_length" in metrics:
+        per_example["answer_length"] = [float(len(p.split())) for p in predictions]
+    return per_example
+
+
 def score_examples(
-    predictions: list[str], references: list[list[str]], metrics: list[str], n_resamples: int = 1000, seed: int = 0
+    predictions: list[str], references: list[list[str]], metrics: list[str], n_resamples: int = 1000, seed: int = 0,
+    per_example: dict[str, list[float]] | None = None,
 ) -> dict[str, MetricResult]:
     """Score predictions against references, each metric with a 95% bootstrap interval.
 
@@ -218,6 +235,7 @@ def score_examples(
     for SQuAD v2-style data "exact_match_has_ans", "f1_has_ans", "exact_match_no_ans", "f1_no_ans",
     which score only the answerable / unanswerable examples and are left out when that subset is empty.
     Every metric uses the same seed, so for equal n they are scored on the same resamples.
+    `per_example` reuses `per_example_scores(...)` a caller already computed.
     """
     unknown = [name for name in metrics if name not in VALID_METRICS]
     if unknown:
@@ -228,14 +246,8 @@ def score_examples(
         raise ValueError("no examples to score")
 
     first_refs = [refs[0] if refs else "" for refs in references]
-    per_example: dict[str, list[float]] = {}
-
-    if any(name in ("exact_match", "f1") or name in SQUAD_SPLIT_METRICS for name in metrics):
-        per_example["exact_match"] = [exact_match(p, refs) for p, refs in zip(predictions, references)]
-        per_example["f1"] = [squad_f1(p, refs) for p, refs in zip(predictions, references)]
-    rouge_types = list(dict.fromkeys(name for name in metrics if name in ("rouge1", "rouge2", "rougeLsum")))
-    if rouge_types:
-        per_example.update(rouge(predictions, first_refs, types=rouge_types))
+    if per_example is None:
+        per_example = per_example_scores(predictions, references, metrics)
 
     results: dict[str, MetricResult] = {}
     for name in metrics:
@@ -246,8 +258,6 @@ def score_examples(
         if name in SQUAD_SPLIT_METRICS:
             kind, want_unanswerable = SQUAD_SPLIT_METRICS[name]
             scores = [s for s, refs in zip(per_example[kind], references) if is_unanswerable(refs) == want_unanswerable]
-        elif name == "answer_length":
-            scores = [float(len(p.split())) for p in predictions]
         else:
             scores = per_example[name]
         if not scores:

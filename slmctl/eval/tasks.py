@@ -87,14 +87,14 @@ def prompt_fields(template: str) -> list[str]:
 
 
 def _columns(rows: list[dict], where: str, cfg) -> list[EvalExample]:
-    needed = [*prompt_fields(cfg.prompt), cfg.reference]
-    _require(rows[0], needed, where, cfg)
+    fields = prompt_fields(cfg.prompt)
+    _require(rows[0], [*fields, cfg.reference], where, cfg)
     out = []
     for i, row in enumerate(rows):
         identifier = str(row[cfg.id]) if cfg.id and cfg.id in row else str(i)
         reference = row[cfg.reference]
         references = [str(r) for r in reference] if isinstance(reference, list) else [str(reference)]
-        out.append(EvalExample(identifier, cfg.prompt.format(**{k: row[k] for k in prompt_fields(cfg.prompt)}), references))
+        out.append(EvalExample(identifier, cfg.prompt.format(**{k: row[k] for k in fields}), references))
     return out
 
 

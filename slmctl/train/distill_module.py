@@ -21,7 +21,7 @@ import torch
 from slmctl.train import kd_losses
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.module import LMTrainingModule
-from slmctl.train.teacher import Teacher
+from slmctl.train.teacher import Teacher, cut_after_eos
 
 STUDENT_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
 
@@ -59,8 +59,7 @@ class DistillModule(LMTrainingModule):
 
             rows = generate(self.model, batch["input_ids"], batch["attention_mask"], max_new_tokens=self.batcher.max_target,
                             do_sample=True, temperature=self.kd.student_temperature, top_k=self.kd.student_top_k)
-            generated = [ids[: ids.index(self.batcher.student.eos_id) + 1] if self.batcher.student.eos_id in ids else ids
-                         for ids in rows.tolist()]
+            generated = [cut_after_eos(ids, self.batcher.student.eos_id) for ids in rows.tolist()]
         rebuilt = self.batcher.with_targets("train", indices, generated, by)
         return {k: v.to(self.device) for k, v in rebuilt.items()}
 

@@ -11,6 +11,7 @@ frozen, the module stays in eval mode and is not part of the student's checkpoin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -46,8 +47,9 @@ class Teacher:
         self.model.to(device)
         return self
 
-    @property
+    @cached_property
     def _keeps_logits(self) -> bool:
+        """Does the model's forward take `logits_to_keep`? (Looked up once, not every step.)"""
         import inspect
 
         return "logits_to_keep" in inspect.signature(self.model.forward).parameters
