@@ -22,8 +22,10 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Pretrain, distill, add vision to, evaluate, export and benchmark small encoder-decoder LMs.")
 runs_app = typer.Typer(add_completion=False, help="List runs, or show one with its lineage.", invoke_without_command=True)
+export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model for other runtimes (onnx).")
 recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-stage pipelines (recipes/*.yaml).")
 app.add_typer(runs_app, name="runs")
+app.add_typer(export_app, name="export")
 app.add_typer(recipe_app, name="recipe")
 
 console = Console()
@@ -102,9 +104,14 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     console.print(f"[bold]{stage}[/bold] -> {run.path}")
     from slmctl.config import stage_module
 
+    from slmctl.export.validate import ValidationFailed
+
     module = stage_module(stage)
     try:
         module.run(cfg, run)
+    except ValidationFailed as e:  # a measured failure, not a usage error
+        run.fail(str(e))
+        fail(str(e), code=1)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into SystemExit after a graceful stop)
         run.interrupt(f"interrupted by the user (resume with resume={run.path})")
         fail(f"interrupted; resume with: slmctl {stage} resume={run.path}", code=130)
@@ -194,8 +201,8 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           repeat: int = typer.Option(3, "--repeat", help="Timed runs per configuration."),
           warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-          runtime: str = typer.Option("torch", "--runtime", help="torch (onnx after slmctl export)."),
-          threads: Optional[int] = typer.Option(None, "--threads", help="torch threads."),
+          runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads."),
           output_format: Optional[str] = typer.Option(None, "--format", help="json, csv or md records to stdout."),
           estimate: Optional[str] = typer.Option(None, "--estimate", help="Roofline prediction for a conf/hardware profile "
                                                  "(this-cpu, a100, h100, ...); with --repeat 0 nothing is run."),
@@ -219,6 +226,27 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                  *([f"estimate={estimate}"] if estimate else []),
                  *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
+
+
+@export_app.command("onnx", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MODEL] (model dir, run or preset; default: the "
+                                                                "newest distill/pretrain run) and key=value overrides"),
+                static: bool = typer.Option(False, "--static", help="Fixed shapes + preallocated cache (NPU runtimes)."),
+                quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="int8 and/or qdq (repeatable)."),
+                name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
+                verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
+    """Export encoder.onnx + decoder.onnx (KV cache) with slmctl_onnx.json and the tokenizer; validate them
+    against PyTorch (exit 1 if they differ); --quantize int8|qdq adds quantized variants with a report."""
+    arguments = arguments or []
+    models = [a for a in arguments if "=" not in a]
+    if len(models) > 1:
+        fail(f"export takes one model, got {len(models)}: {' '.join(models)}")
+    overrides = [a for a in arguments if "=" in a] + [f"source={models[0]}"] * bool(models)
+    if static:
+        overrides.append("static.enabled=true")
+    if quantize:
+        overrides.append(f"quantize=[{','.join(quantize)}]")
+    run_stage("export", overrides, name, runs_dir, device, verbose, dry_run)
 
 
 @app.command()

@@ -290,7 +290,7 @@ class BenchSchema:
     repeat: int = 3
     warmup: int = 1
     dtype: str = "float32"
-    runtime: str = "torch"
+    runtime: str = "auto"
     device: str = "cpu"
     threads: Optional[int] = None
     format: Optional[str] = None
@@ -298,10 +298,70 @@ class BenchSchema:
     seed: int = 0
 
 
+@dataclass
+class StaticShapeSchema:
+    enabled: bool = False
+    batch: int = 1
+    prompt_len: int = 512
+    capacity: int = 128
+
+
+@dataclass
+class ValidationSchema:
+    prompt_lens: list = field(default_factory=lambda: [8, 33, 100])
+    steps: int = 32
+    batch: int = 2
+    tolerance: float = 1e-4
+    seed: Optional[int] = None
+
+
+@dataclass
+class Int8Schema:
+    per_channel: bool = True
+
+
+@dataclass
+class QdqSchema:
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    calibration_prompts: int = 16
+    calibration_steps: int = 8
+
+
+@dataclass
+class QuantReportSchema:
+    prompts: int = 32
+    steps: int = 32
+    eval_limit: int = 50
+    input_len: int = 128
+    output_len: int = 32
+    repeat: int = 3
+
+
+@dataclass
+class ExportSchema:
+    to: str = "onnx"
+    source: Optional[str] = None  # the model: a model dir, a run or a preset
+    quantize: list = field(default_factory=list)
+    external_data: str = "auto"
+    static: StaticShapeSchema = field(default_factory=StaticShapeSchema)
+    validation: ValidationSchema = field(default_factory=ValidationSchema)
+    int8: Int8Schema = field(default_factory=Int8Schema)
+    qdq: QdqSchema = field(default_factory=QdqSchema)
+    report: QuantReportSchema = field(default_factory=QuantReportSchema)
+    threads: Optional[int] = None
+    device: str = "cpu"
+    seed: int = 0
+    task: Any = None
+
+
 KD_CHOICES = {"kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.targets": ("gold", "teacher", "student", "mix"),
               "kd.cross_tokenizer": ("error", "uld"), "kd.cache_dtype": ("float16", "bfloat16", "float32"),
               "teacher.dtype": ("auto", "float32", "bfloat16", "float16"), "task.kind": ("columns", "squad", "synthetic"),
-              "dtype": ("float32", "bfloat16", "float16"), "runtime": ("torch", "onnx"), "format": ("json", "csv", "md")}
+              "dtype": ("float32", "bfloat16", "float16"), "runtime": ("auto", "torch", "onnx"), "format": ("json", "csv", "md"),
+              "to": ("onnx",), "external_data": ("auto", "always", "never"),
+              "qdq.activation_type": ("uint8", "uint16", "int8", "int16"), "qdq.weight_type": ("uint8", "int8")}
 KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
 
 
@@ -318,10 +378,11 @@ GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
-STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema}
+STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema,
+                 "export": ExportSchema}
 # each has run(cfg, run)
 STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
-                 "bench": "slmctl.bench.stage"}
+                 "bench": "slmctl.bench.stage", "export": "slmctl.export.stage"}
 
 
 def stage_module(stage: str):
@@ -474,6 +535,15 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
+    quantize = OmegaConf.select(cfg, "quantize")
+    if OmegaConf.select(cfg, "to") is not None and quantize is not None:
+        for method in quantize:
+            if method not in ("int8", "qdq"):
+                raise ConfigError(f"quantize={method!r} is not one of: int8, qdq")
+        for key in ("static.batch", "static.prompt_len", "static.capacity", "validation.steps", "validation.batch",
+                    "validation.tolerance", "qdq.calibration_prompts", "report.prompts", "report.steps"):
+            if OmegaConf.select(cfg, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
     beta = OmegaConf.select(cfg, "kd.beta")
     if beta is not None and OmegaConf.select(cfg, "kd.loss") == "jsd" and not 0 < beta < 1:
         raise ConfigError(f"kd.beta must be in (0, 1) for kd.loss=jsd, got {beta}")

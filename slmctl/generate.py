@@ -46,7 +46,7 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
                   seed: int = 0) -> str:
     """The generated text; `on_piece` receives it as it is produced (whole, for beam search)."""
     tokenizer = generator.tokenizer
-    ids = torch.tensor([prompt_ids(generator, text)], device=next(generator.model.parameters()).device)
+    ids = torch.tensor([prompt_ids(generator, text)], device=generator.model.device)
     sampling = {"do_sample": temperature > 0, **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {})}
     if generator.kind == "hf-causal" or num_beams > 1:
         if generator.kind == "hf-causal":

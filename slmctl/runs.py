@@ -46,7 +46,7 @@ HF_CONFIG_FILE = "config.json"  # a Hugging Face model saved with save_pretraine
 
 STATUSES = ("running", "succeeded", "failed", "interrupted")
 SEALED_STATUSES = ("succeeded", "failed")
-INPUT_KINDS = ("run", "file", "hub")
+INPUT_KINDS = ("run", "file", "hub", "preset")
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
 CHECKPOINTS = "checkpoints"

@@ -47,7 +47,7 @@ def predict(generator: Generator, sources: list[str], batch_size: int = 16, max_
             on_progress: Callable[[int], None] | None = None) -> list[str]:
     """The generated text for every source, in order."""
     tokenizer, model = generator.tokenizer, generator.model
-    device = next(model.parameters()).device
+    device = model.device
     prompts = [_prompt(generator, s, max_source_len) for s in sources]
     outputs: list[str] = [""] * len(sources)
     for batch in _batches([len(p) for p in prompts], batch_size):
@@ -77,7 +77,7 @@ def reference_nll(generator: Generator, sources: list[str], references: list[str
                   max_source_len: int = 1024, max_target_len: int = 256) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, tokens) of each reference (+ eos) given its source."""
     tokenizer, model = generator.tokenizer, generator.model
-    device = next(model.parameters()).device
+    device = model.device
     special = obj.SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id)
     sources_ids = [tokenizer.encode(s) for s in sources]
     targets_ids = [tokenizer.encode(r) for r in references]

@@ -1,0 +1,199 @@
+"""The exported graphs: the model's forward passes written with plain tensor ops.
+
+The training and generation code picks fast paths with Python branches (padding or not,
+SDPA's grouped-query flag, RoPE tables cached per length) that a tracer would freeze into
+one case. These modules compute the same function over the same weights with shape-driven
+tensor ops only, so one traced graph serves every prompt length and cache length, with no
+`If` nodes:
+
+    EncoderGraph        input_ids, attention_mask -> encoder states, cross-attention K/V per layer
+    DecoderGraph        one or more decoder tokens + self-attention cache + cross K/V -> last logits,
+                        the grown cache (empty cache on the first step)
+    StaticDecoderGraph  one token + a fixed-size cache + its position -> last logits, this step's K/V
+    DecoderOnlyGraph    the baseline: tokens + total attention mask + cache -> last logits, grown cache
+
+Grouped-query attention is computed by folding each key/value head's query group into the
+query length ([B, kv_heads, group * T, head_dim]), so no K/V head is ever repeated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from slmctl.model.base import padding_positions
+from slmctl.model.config import ModelConfig
+from slmctl.model.layers import additive_mask, apply_rope
+
+
+def rope(positions: torch.Tensor, seq_len: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [B or 1, 1, T, head_dim] for integer `positions` [B or 1, T], as
+    `RotaryEmbedding` computes them (dynamic NTK base past max_seq_len when rope_factor > 1)."""
+    d = cfg.head_dim
+    exponent = torch.arange(0, d, 2, dtype=torch.float32) / d
+    if cfg.rope_factor > 1.0:
+        length = seq_len.to(torch.float32)
+        scaled = cfg.rope_theta * (cfg.rope_factor * length / cfg.max_seq_len - (cfg.rope_factor - 1)) ** (d / (d - 2))
+        base = torch.where(length > cfg.max_seq_len, scaled, torch.full_like(length, cfg.rope_theta))
+        inv_freq = 1.0 / base ** exponent
+    else:
+        inv_freq = 1.0 / cfg.rope_theta ** exponent
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for q [B, H, T, d] over k, v [B, KV, S, d]; query head
+    j reads key/value head j // (H / KV), as SDPA's enable_gqa does."""
+    B, H, T, d = q.shape
+    n_kv = k.shape[1]
+    grouped = q.reshape(B, n_kv, (H // n_kv) * T, d)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    probs = torch.softmax(scores.reshape(B, H, T, -1) + bias, dim=-1)
+    return torch.matmul(probs.reshape(B, n_kv, (H // n_kv) * T, -1), v).reshape(B, H, T, d)
+
+
+def self_attention(attn, x: torch.Tensor, cos_sin, bias: torch.Tensor, past_k=None, past_v=None, static_slot=None):
+    """(output, keys, values) of a `SelfAttention` module. With a past cache the new keys are
+    appended (dynamic) or written where `static_slot` [1, 1, C, 1] is true (static; then the
+    returned keys/values are only the new ones)."""
+    B, T, _ = x.shape
+    qk, v = attn.qkv(x).split((attn.split[0] + attn.split[1], attn.split[2]), dim=-1)
+    qk = apply_rope(qk.reshape(B, T, attn.n_heads + attn.n_kv_heads, attn.head_dim).transpose(1, 2), cos_sin)
+    q, k = qk.split((attn.n_heads, attn.n_kv_heads), dim=1)
+    v = v.reshape(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    if static_slot is not None:
+        y = attend(q, torch.where(static_slot, k, past_k), torch.where(static_slot, v, past_v), bias)
+    else:
+        if past_k is not None:
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        y = attend(q, k, v, bias)
+    return attn.out(y.transpose(1, 2).reshape(B, T, -1)), k, v
+
+
+def cross_attention(cross, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    q = cross.q(x).reshape(B, T, cross.n_heads, cross.head_dim).transpose(1, 2)
+    return cross.out(attend(q, k, v, bias).transpose(1, 2).reshape(B, T, -1))
+
+
+def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Attention mask [B, S] (1 = real token) -> additive bias [B, 1, 1, S]."""
+    return additive_mask(mask.bool()[:, None, None, :], dtype)
+
+
+def causal_bias(start: torch.Tensor, T: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, T, keys]: query t (at position start + t) sees keys 0 .. start + t."""
+    query = torch.arange(T).unsqueeze(1) + start
+    return additive_mask((torch.arange(keys).unsqueeze(0) <= query)[None, None], dtype)
+
+
+class EncoderGraph(nn.Module):
+    """input_ids, attention_mask [B, S] -> encoder_hidden_states [B, S, D], then cross-attention
+    keys and values [B, KV, S, d] of every decoder layer (computed once per prompt)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        model = self.model
+        positions = padding_positions(attention_mask, centred=True)
+        cos_sin = rope(positions, torch.tensor(input_ids.shape[1]), model.config)
+        bias = key_bias(attention_mask, model.dtype)
+        x = model.embed(input_ids)
+        for layer in model.encoder.layers:
+            x = x + self_attention(layer.attn, layer.attn_norm(x), cos_sin, bias)[0]
+            x = x + layer.mlp(layer.mlp_norm(x))
+        hidden = model.encoder.norm(x)
+        memory = []
+        for layer in model.decoder.layers:
+            memory.extend(layer.cross_attn.memory(hidden))
+        return (hidden, *memory)
+
+
+def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, static_slot=None):
+    present = []
+    for i, layer in enumerate(model.decoder.layers):
+        y, k, v = self_attention(layer.self_attn, layer.self_attn_norm(x), cos_sin, self_bias,
+                                 past[2 * i], past[2 * i + 1], static_slot)
+        x = x + y
+        x = x + cross_attention(layer.cross_attn, layer.cross_attn_norm(x), cross[2 * i], cross[2 * i + 1], cross_bias)
+        x = x + layer.mlp(layer.mlp_norm(x))
+        present.extend((k, v))
+    return model.lm_head(model.decoder.norm(x[:, -1])), present
+
+
+class DecoderGraph(nn.Module):
+    """input_ids [B, T], encoder_attention_mask [B, S], then per layer past key, past value
+    [B, KV, P, d] (P = 0 on the first step), then per layer cross key, cross value ->
+    logits [B, vocab] of the last token, then per layer present key, value [B, KV, P + T, d]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor, *cache: torch.Tensor):
+        model = self.model
+        n = 2 * model.config.n_decoder_layers
+        past, cross = cache[:n], cache[n:]
+        T, start = input_ids.shape[1], torch.tensor(past[0].shape[2])
+        positions = (torch.arange(T) + start).unsqueeze(0)
+        cos_sin = rope(positions, start + T, model.config)
+        self_bias = causal_bias(start, T, past[0].shape[2] + T, model.dtype)
+        logits, present = _decoder_layers(model, model.embed(input_ids), cos_sin, self_bias,
+                                          key_bias(encoder_attention_mask, model.dtype), past, cross)
+        return (logits, *present)
+
+
+class StaticDecoderGraph(nn.Module):
+    """Fixed shapes for NPU runtimes: input_ids [B, 1], position [1] (tokens already cached),
+    encoder_attention_mask [B, S], per layer past key/value [B, KV, C, d] (a preallocated cache of
+    capacity C), per layer cross key/value -> logits [B, vocab], per layer this step's key/value
+    [B, KV, 1, d], which the caller writes into its cache at `position`."""
+
+    def __init__(self, model, capacity: int):
+        super().__init__()
+        self.model, self.capacity = model, capacity
+
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                *cache: torch.Tensor):
+        model = self.model
+        n = 2 * model.config.n_decoder_layers
+        past, cross = cache[:n], cache[n:]
+        slots = torch.arange(self.capacity)
+        cos_sin = rope(position.unsqueeze(0), position + 1, model.config)
+        self_bias = additive_mask((slots <= position)[None, None, None, :], model.dtype)
+        static_slot = (slots == position)[None, None, :, None]
+        logits, present = _decoder_layers(model, model.embed(input_ids), cos_sin, self_bias,
+                                          key_bias(encoder_attention_mask, model.dtype), past, cross, static_slot)
+        return (logits, *present)
+
+
+class DecoderOnlyGraph(nn.Module):
+    """The decoder-only baseline, prompt and steps alike: input_ids [B, T], attention_mask
+    [B, P + T] (prompts left-padded: 0 = padding), per layer past key/value [B, KV, P, d] ->
+    logits [B, vocab] of the last token, per layer present key/value [B, KV, P + T, d]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        model = self.model
+        T, start = input_ids.shape[1], torch.tensor(past[0].shape[2])
+        positions = padding_positions(attention_mask, centred=False)[:, -T:]
+        cos_sin = rope(positions, start + T, model.config)
+        bias = causal_bias(start, T, attention_mask.shape[1], model.dtype) + key_bias(attention_mask, model.dtype)
+        bias = bias.clamp(min=torch.finfo(model.dtype).min)
+        x = model.embed(input_ids)
+        present = []
+        for i, layer in enumerate(model.layers):
+            y, k, v = self_attention(layer.attn, layer.attn_norm(x), cos_sin, bias, past[2 * i], past[2 * i + 1])
+            x = x + y
+            x = x + layer.mlp(layer.mlp_norm(x))
+            present.extend((k, v))
+        return (model.lm_head(model.norm(x[:, -1])), *present)

@@ -1,0 +1,138 @@
+"""Trace the graphs of `slmctl.export.graphs` to ONNX files and describe them in slmctl_onnx.json.
+
+Uses torch's TorchScript-based exporter (`dynamo=False`): it traces shape arithmetic as
+graph ops, so one decoder graph takes an empty cache on the first step and a growing one
+after, and it needs no extra packages. Files are written under a temporary name, checked
+with `onnx.checker` and renamed; graphs over 2 GB (or every graph, with external_data=always)
+keep their weights in one `<graph>.onnx.data` file beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from slmctl.export.graphs import DecoderGraph, DecoderOnlyGraph, EncoderGraph, StaticDecoderGraph
+from slmctl.model.config import ModelConfig
+
+OPSET = 17
+TWO_GB = 2**31
+
+
+def cache_names(cfg: ModelConfig) -> dict[str, list[str]]:
+    layers = range(cfg.n_decoder_layers)
+    names = {
+        "past": [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")],
+        "present": [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")],
+    }
+    if cfg.is_encoder_decoder:
+        names["cross"] = [f"cross.{i}.{kind}" for i in layers for kind in ("key", "value")]
+    return names
+
+
+def _io(name: str, shape: list, dtype: str = "float32") -> dict:
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def export_graphs(model, directory: Path, static: dict | None = None, external_data: str = "auto",
+                  prefix: str = "") -> dict:
+    """Export `model` (eval, fp32, cpu) into `directory`; returns the variant's description:
+    {"graphs": {role: {file, inputs, outputs}}, "cache_names": ..., "static": ...}."""
+    cfg = model.config
+    names = cache_names(cfg)
+    kv = [cfg.n_kv_heads, cfg.head_dim]
+    graphs: dict[str, dict] = {}
+    B = static["batch"] if static else "batch"
+    if cfg.is_encoder_decoder:
+        S = static["prompt_len"] if static else "encoder_sequence"
+        cross_io = [_io(n, [B, kv[0], S, kv[1]]) for n in names["cross"]]
+        example_len = static["prompt_len"] if static else 7
+        ids = torch.randint(4, cfg.vocab_size, (2 if not static else static["batch"], example_len))
+        mask = torch.ones_like(ids)
+        encoder_inputs = [_io("input_ids", [B, S], "int64"), _io("attention_mask", [B, S], "int64")]
+        encoder_outputs = [_io("encoder_hidden_states", [B, S, cfg.d_model]), *cross_io]
+        graphs["encoder"] = _export(EncoderGraph(model), (ids, mask), directory / f"{prefix}encoder.onnx",
+                                    encoder_inputs, encoder_outputs, static is None, external_data)
+        with torch.no_grad():
+            cross = EncoderGraph(model)(ids, mask)[1:]
+        if static:
+            C = static["capacity"]
+            past = [torch.zeros(ids.shape[0], kv[0], C, kv[1]) for _ in names["past"]]
+            inputs = [_io("input_ids", [B, 1], "int64"), _io("position", [1], "int64"),
+                      _io("encoder_attention_mask", [B, S], "int64"), *[_io(n, [B, kv[0], C, kv[1]]) for n in names["past"]],
+                      *cross_io]
+            outputs = [_io("logits", [B, cfg.vocab_size]), *[_io(n, [B, kv[0], 1, kv[1]]) for n in names["present"]]]
+            args = (ids[:, :1], torch.tensor([3]), mask, *past, *cross)
+            graphs["decoder"] = _export(StaticDecoderGraph(model, C), args, directory / f"{prefix}decoder.onnx",
+                                        inputs, outputs, False, external_data)
+        else:
+            past = [torch.zeros(ids.shape[0], kv[0], 3, kv[1]) for _ in names["past"]]
+            inputs = [_io("input_ids", [B, "decoder_sequence"], "int64"), _io("encoder_attention_mask", [B, S], "int64"),
+                      *[_io(n, [B, kv[0], "past_sequence", kv[1]]) for n in names["past"]], *cross_io]
+            outputs = [_io("logits", [B, cfg.vocab_size]),
+                       *[_io(n, [B, kv[0], "past_sequence + decoder_sequence", kv[1]]) for n in names["present"]]]
+            args = (ids[:, :2], mask, *past, *cross)
+            graphs["decoder"] = _export(DecoderGraph(model), args, directory / f"{prefix}decoder.onnx",
+                                        inputs, outputs, True, external_data)
+    else:
+        if static:
+            from slmctl.config import ConfigError
+
+            raise ConfigError("--static exports the encoder-decoder; the decoder-only baseline exports dynamic graphs only")
+        ids = torch.randint(4, cfg.vocab_size, (2, 2))
+        past = [torch.zeros(2, kv[0], 3, kv[1]) for _ in names["past"]]
+        mask = torch.ones(2, 5, dtype=torch.long)
+        inputs = [_io("input_ids", [B, "sequence"], "int64"), _io("attention_mask", [B, "past_sequence + sequence"], "int64"),
+                  *[_io(n, [B, kv[0], "past_sequence", kv[1]]) for n in names["past"]]]
+        outputs = [_io("logits", [B, cfg.vocab_size]),
+                   *[_io(n, [B, kv[0], "past_sequence + sequence", kv[1]]) for n in names["present"]]]
+        graphs["decoder"] = _export(DecoderOnlyGraph(model), (ids, mask, *past), directory / f"{prefix}model.onnx",
+                                    inputs, outputs, True, external_data)
+    return {"graphs": graphs, "cache_names": names, "static": static}
+
+
+def _dynamic_axes(entries: list[dict]) -> dict:
+    axes = {}
+    for entry in entries:
+        named = {i: str(dim) for i, dim in enumerate(entry["shape"]) if isinstance(dim, str)}
+        if named:
+            axes[entry["name"]] = named
+    return axes
+
+
+def _export(graph: torch.nn.Module, args: tuple, path: Path, inputs: list[dict], outputs: list[dict], dynamic: bool,
+            external_data: str) -> dict:
+    import onnx
+
+    graph.eval()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    work = path.with_name(f".{path.name}.{os.getpid()}.trace")
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(graph, args, str(work / "graph.onnx"), dynamo=False, opset_version=OPSET,
+                              input_names=[i["name"] for i in inputs], output_names=[o["name"] for o in outputs],
+                              dynamic_axes=_dynamic_axes(inputs + outputs) if dynamic else None,
+                              do_constant_folding=True)
+        proto = onnx.load(str(work / "graph.onnx"), load_external_data=True)
+        size = sum(t.ByteSize() for t in proto.graph.initializer)
+        external = external_data == "always" or (external_data == "auto" and size >= TWO_GB - 2**26)
+        data_file = f"{path.name}.data"
+        if external:
+            onnx.save_model(proto, str(temporary), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_file, size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(temporary))
+        onnx.checker.check_model(str(temporary), full_check=True)
+        os.replace(temporary, path)
+    finally:
+        for leftover in work.iterdir():
+            leftover.unlink()
+        work.rmdir()
+        temporary.unlink(missing_ok=True)
+    return {"file": path.name, "external_data": data_file if external else None, "inputs": inputs, "outputs": outputs,
+            "bytes": path.stat().st_size + ((path.parent / data_file).stat().st_size if external else 0)}

@@ -1,0 +1,114 @@
+"""Quantized variants of an exported model, made by ONNX Runtime's quantization tools.
+
+- int8: dynamic quantization of the weight MatMul/Gemm nodes (int8 weights, activations
+  quantized per call). `MatMulConstBOnly` keeps every activation-by-activation MatMul in fp32:
+  the attention scores q k^T (and their 1/sqrt(d) scale, in self- and cross-attention) and
+  probs x V stay exact.
+- qdq: static QuantizeLinear/DequantizeLinear pairs around weights and activations, with
+  activation ranges calibrated by running the fp32 graphs on calibration prompts (the format
+  QNN's HTP backend compiles; use activation_type=uint16 weight_type=uint8 for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8", "int16": "QInt16", "uint16": "QUInt16"}
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return getattr(QuantType, QUANT_TYPES[name])
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ORT's quantizer advises pre-processing on the root logger at WARNING for every graph."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _targets(directory: Path, source: dict, prefix: str) -> dict[str, tuple[Path, Path, dict]]:
+    out = {}
+    for role, graph in source["graphs"].items():
+        target = dict(graph, file=f"{prefix}{Path(graph['file']).name}")
+        (directory / target["file"]).parent.mkdir(parents=True, exist_ok=True)
+        out[role] = (directory / graph["file"], directory / target["file"], target)
+    return out
+
+
+def _finish(directory: Path, source: dict, graphs: dict, method: str) -> dict:
+    import onnx
+
+    for _, path, target in graphs.values():
+        onnx.checker.check_model(str(path))
+        data = path.parent / f"{path.name}.data"
+        target["external_data"] = data.name if data.exists() else None
+        target["bytes"] = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return {"graphs": {role: target for role, (_, _, target) in graphs.items()}, "cache_names": source["cache_names"],
+            "static": source["static"], "quantization": method}
+
+
+def quantize_int8(directory: Path, source: dict, per_channel: bool = True, prefix: str = "int8/") -> dict:
+    """Dynamic int8 copies of the variant `source` (a slmctl_onnx.json variant) under `prefix`."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    graphs = _targets(directory, source, prefix)
+    for src, dst, graph in graphs.values():
+        with _quiet_root_logger():
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+                             weight_type=_quant_type("int8"), use_external_data_format=bool(graph.get("external_data")),
+                             extra_options={"MatMulConstBOnly": True})
+    return _finish(directory, source, graphs, {"method": "dynamic", "weights": "int8", "per_channel": per_channel})
+
+
+class _Feeds:
+    """A CalibrationDataReader over recorded input dicts."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+    def rewind(self):  # some ORT versions call it
+        pass
+
+
+def record_feeds(onnx_model, prompts: list, steps: int) -> dict[str, list[dict]]:
+    """The numpy inputs every graph of `onnx_model` (fp32) receives while greedily generating
+    `steps` tokens for each prompt [1, L]: the calibration data of a static quantization."""
+    recorded: dict[str, list[dict]] = {role: [] for role in onnx_model.sessions}
+    onnx_model.recorder = recorded
+    try:
+        for ids in prompts:
+            onnx_model.generate(ids, max_new_tokens=steps)
+    finally:
+        onnx_model.recorder = None
+    return recorded
+
+
+def quantize_qdq(directory: Path, source: dict, feeds: dict[str, list[dict]], activation_type: str = "uint8",
+                 weight_type: str = "int8", per_channel: bool = True, prefix: str = "qdq/") -> dict:
+    """Static QDQ copies of `source`, activation ranges calibrated (min/max) on `feeds`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    graphs = _targets(directory, source, prefix)
+    for role, (src, dst, graph) in graphs.items():
+        with _quiet_root_logger():
+            quantize_static(str(src), str(dst), _Feeds(feeds[role]), quant_format=QuantFormat.QDQ,
+                            activation_type=_quant_type(activation_type), weight_type=_quant_type(weight_type),
+                            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
+                            use_external_data_format=bool(graph.get("external_data")),
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    method = {"method": "static-qdq", "activations": activation_type, "weights": weight_type, "per_channel": per_channel,
+              "calibration_runs": {role: len(f) for role, f in feeds.items()}}
+    return _finish(directory, source, graphs, method)

@@ -1,0 +1,283 @@
+"""ONNX Runtime generation for exported models, behind the same `generate()` as PyTorch.
+
+`OnnxLM` loads an export directory (slmctl_onnx.json + graphs) and provides what
+`slmctl.model.generation.generate` needs: `config`, `start_decoding()` and sessions with
+`first_logits()`, `step(tokens)` and `reorder(index)`. So greedy, sampling, beam search,
+stopping rules and streaming are the torch code, and only the forward passes run in ORT.
+
+IO binding keeps the caches as ORT values: each step's `present` outputs are bound as the
+next step's `past` inputs without a round trip through numpy; cross-attention keys/values
+are computed once per prompt and stay bound. The static variant keeps one preallocated
+cache per layer whose numpy buffer ORT reads in place; each step writes only the new
+position.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmctl.model.config import ModelConfig
+
+SPEC_FILE = "slmctl_onnx.json"
+
+
+class OnnxExportError(ValueError):
+    """An export directory that cannot be run (one line, names the problem)."""
+
+
+def providers_for(device: str) -> list:
+    """ONNX Runtime execution providers for --device cpu | cuda | npu (NPU: the first NPU provider
+    found; QNN gets its HTP backend)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise OnnxExportError(f"--device cuda: this onnxruntime has no CUDAExecutionProvider (available: {', '.join(available)})")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "npu":
+        from slmctl.bench.devices import NPU_PROVIDERS
+
+        for name in NPU_PROVIDERS:
+            if name in available:
+                options = {"backend_path": "QnnHtp.dll" if _windows() else "libQnnHtp.so"} if name == "QNNExecutionProvider" else {}
+                if name == "OpenVINOExecutionProvider":
+                    options = {"device_type": "NPU"}
+                return [(name, options), "CPUExecutionProvider"]
+        raise OnnxExportError(f"--device npu: no NPU execution provider in onnxruntime (available: {', '.join(available)})")
+    raise OnnxExportError(f"unknown device {device!r} for ONNX Runtime (cpu, cuda or npu)")
+
+
+def _windows() -> bool:
+    import sys
+
+    return sys.platform == "win32"
+
+
+def read_spec(directory: str | Path) -> dict:
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise OnnxExportError(f"{directory} is not an ONNX export (no {SPEC_FILE}); make one with `slmctl export onnx MODEL`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise OnnxExportError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+class OnnxLM:
+    """An exported model on ONNX Runtime; `generate()` as `LanguageModel.generate`."""
+
+    training = False
+    recorder: dict | None = None  # role -> list of input dicts, while calibrating
+    device = torch.device("cpu")  # where input and output tensors live (ORT copies to its device)
+    dtype = torch.float32
+
+    def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None, variant: str | None = None,
+                 spec: dict | None = None):
+        import onnxruntime as ort
+
+        started = time.perf_counter()
+        self.directory = Path(directory)
+        self.spec = spec if spec is not None else read_spec(directory)
+        self.config = ModelConfig.from_dict(self.spec["model"])
+        self.variant = variant or self.spec["default_variant"]
+        if self.variant not in self.spec["variants"]:
+            raise OnnxExportError(f"{directory}: no {self.variant!r} graphs (has: {', '.join(self.spec['variants'])})")
+        self.graphs = self.spec["variants"][self.variant]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = providers_for(device)
+        self.output_device = "cuda" if device == "cuda" else "cpu"
+        self.sessions = {}
+        for role, graph in self.graphs["graphs"].items():
+            path = self.directory / graph["file"]
+            if not path.is_file():
+                raise OnnxExportError(f"{path} is missing from the export")
+            self.sessions[role] = ort.InferenceSession(str(path), options, providers=providers)
+        self.load_s = time.perf_counter() - started
+
+    @property
+    def is_static(self) -> bool:
+        return bool(self.graphs.get("static"))
+
+    def num_parameters(self) -> int:
+        return int(self.spec["parameters"])
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def start_decoding(self, input_ids, attention_mask, max_new_tokens):
+        if not self.config.is_encoder_decoder:
+            return DecoderOnlyOnnxSession(self, input_ids, attention_mask, max_new_tokens)
+        if self.is_static:
+            return StaticOnnxSession(self, input_ids, attention_mask, max_new_tokens)
+        return EncoderDecoderOnnxSession(self, input_ids, attention_mask, max_new_tokens)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        from slmctl.model.generation import generate
+
+        with torch.inference_mode():
+            return generate(self, input_ids, attention_mask=attention_mask, **kwargs).clone()
+
+    # -- running one graph ---------------------------------------------------------
+
+    def run(self, role: str, inputs: dict) -> list:
+        """Run graph `role` with numpy arrays or OrtValues; outputs stay ORT values (IO binding)."""
+        import onnxruntime as ort
+
+        session = self.sessions[role]
+        if self.recorder is not None:  # calibration for static quantization
+            self.recorder[role].append({k: (v if isinstance(v, np.ndarray) else v.numpy()).copy() for k, v in inputs.items()})
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for output in session.get_outputs():
+            binding.bind_output(output.name, self.output_device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def empty_cache(self, batch: int, length: int) -> list[np.ndarray]:
+        cfg = self.config
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * cfg.n_decoder_layers)]
+
+
+def _logits(value) -> torch.Tensor:
+    return torch.from_numpy(value.numpy())
+
+
+def _numpy(values) -> list[np.ndarray]:
+    return [v if isinstance(v, np.ndarray) else v.numpy() for v in values]
+
+
+def _mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> np.ndarray:
+    if attention_mask is None:
+        return np.ones(tuple(input_ids.shape), dtype=np.int64)
+    return attention_mask.cpu().numpy().astype(np.int64)
+
+
+def _ids(tokens: torch.Tensor) -> np.ndarray:
+    return tokens.cpu().numpy().astype(np.int64)
+
+
+class EncoderDecoderOnnxSession:
+    """Encoder once (cross K/V per layer kept bound), then the decoder graph one token a step."""
+
+    def __init__(self, lm: OnnxLM, input_ids, attention_mask, max_new_tokens: int):
+        self.lm = lm
+        self.mask = _mask(input_ids, attention_mask)
+        outputs = lm.run("encoder", {"input_ids": _ids(input_ids), "attention_mask": self.mask})
+        self.cross = outputs[1:]
+        self.cache = lm.empty_cache(input_ids.shape[0], 0)
+        self.batch_size = input_ids.shape[0]
+        self.names = lm.graphs["cache_names"]
+
+    def first_logits(self) -> torch.Tensor:
+        bos = torch.full((self.batch_size,), self.lm.config.bos_token_id, dtype=torch.long)
+        return self.step(bos)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids": _ids(tokens)[:, None], "encoder_attention_mask": self.mask}
+        inputs.update(zip(self.names["past"], self.cache))
+        inputs.update(zip(self.names["cross"], self.cross))
+        outputs = self.lm.run("decoder", inputs)
+        self.cache = outputs[1:]
+        return _logits(outputs[0])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        rows = index.cpu().numpy()
+        self.cache = [c[rows] for c in _numpy(self.cache)]
+        self.cross = [c[rows] for c in _numpy(self.cross)]
+        self.mask = self.mask[rows]
+        self.batch_size = len(rows)
+
+
+class StaticOnnxSession(EncoderDecoderOnnxSession):
+    """Fixed shapes: the prompt is right-padded to the exported length, the cache is a
+    preallocated [B, KV, capacity, d] buffer per layer that ORT reads in place."""
+
+    def __init__(self, lm: OnnxLM, input_ids, attention_mask, max_new_tokens: int):
+        static = lm.graphs["static"]
+        B, S = input_ids.shape
+        if B != static["batch"] or S > static["prompt_len"] or max_new_tokens > static["capacity"]:
+            raise OnnxExportError(f"static graphs take batch {static['batch']}, prompts up to {static['prompt_len']} tokens "
+                                  f"and {static['capacity']} new tokens; got batch {B}, prompt {S}, {max_new_tokens} new tokens")
+        padded = np.full((B, static["prompt_len"]), lm.config.pad_token_id, dtype=np.int64)
+        padded[:, :S] = _ids(input_ids)
+        mask = np.zeros_like(padded)
+        mask[:, :S] = _mask(input_ids, attention_mask)
+        self.lm, self.mask, self.batch_size = lm, mask, B
+        self.cross = lm.run("encoder", {"input_ids": padded, "attention_mask": mask})[1:]
+        self.cache = lm.empty_cache(B, static["capacity"])
+        self.position = 0
+        self.names = lm.graphs["cache_names"]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.position >= self.cache[0].shape[2]:
+            raise OnnxExportError(f"static cache full ({self.cache[0].shape[2]} positions)")
+        inputs = {"input_ids": _ids(tokens)[:, None], "position": np.array([self.position], dtype=np.int64),
+                  "encoder_attention_mask": self.mask}
+        inputs.update(zip(self.names["past"], self.cache))
+        inputs.update(zip(self.names["cross"], self.cross))
+        outputs = self.lm.run("decoder", inputs)
+        for buffer, new in zip(self.cache, outputs[1:]):
+            buffer[:, :, self.position] = new.numpy()[:, :, 0]
+        self.position += 1
+        return _logits(outputs[0])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        rows = index.cpu().numpy()
+        if len(rows) != self.batch_size:
+            raise OnnxExportError("static graphs have a fixed batch: beam search needs the dynamic export (without --static)")
+        self.cache = [np.ascontiguousarray(c[rows]) for c in self.cache]
+        self.cross = [c[rows] for c in _numpy(self.cross)]
+        self.mask = self.mask[rows]
+        self.batch_size = len(rows)
+
+
+class DecoderOnlyOnnxSession:
+    """Prompts left-aligned (as the torch session does), prefill through the same graph as steps."""
+
+    def __init__(self, lm: OnnxLM, input_ids, attention_mask, max_new_tokens: int):
+        from slmctl.model.deconly import left_align
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        input_ids, mask = left_align(input_ids, mask)
+        self.lm, self.prompt = lm, _ids(input_ids)
+        self.mask = _mask(input_ids, mask)
+        self.cache = lm.empty_cache(input_ids.shape[0], 0)
+        self.names = lm.graphs["cache_names"]
+
+    def _run(self, ids: np.ndarray) -> torch.Tensor:
+        inputs = {"input_ids": ids, "attention_mask": self.mask}
+        inputs.update(zip(self.names["past"], self.cache))
+        outputs = self.lm.run("decoder", inputs)
+        self.cache = outputs[1:]
+        return _logits(outputs[0])
+
+    def first_logits(self) -> torch.Tensor:
+        return self._run(self.prompt)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), dtype=np.int64)], axis=1)
+        return self._run(_ids(tokens)[:, None])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        rows = index.cpu().numpy()
+        self.cache = [c[rows] for c in _numpy(self.cache)]
+        self.mask = self.mask[rows]

@@ -1,0 +1,169 @@
+"""The export stage: ONNX graphs of a model, validated against PyTorch, optionally quantized.
+
+`run(cfg, run)` writes into `<run>/export/`:
+
+    encoder.onnx, decoder.onnx     (model.onnx for the decoder-only baseline; --static: fixed shapes)
+    int8/..., qdq/...              quantized variants (--quantize)
+    tokenizer files, generation.json
+    slmctl_onnx.json               the model config, special ids, every graph's inputs/outputs with
+                                   shapes and dtypes, the variants, and the validation report
+    validation.json, quantization.json
+
+Validation is a gate: logits beyond the tolerance or any differing greedy token fails the
+run (exit 1), and the graphs are not described as usable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from slmctl.config import ConfigError
+from slmctl.export.onnx_export import OPSET, export_graphs
+from slmctl.export.runtime import SPEC_FILE, OnnxLM
+from slmctl.export.validate import ValidationFailed, validate
+
+console = Console()
+EXPORT_DIR = "export"
+TOKENIZER_FILES = ("tokenizer.json", "slmctl_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "generation.json")
+
+
+def run(cfg, run):
+    model, source = _load(cfg, run)
+    out = run.path / EXPORT_DIR
+    out.mkdir(exist_ok=True)
+    static = dict(batch=cfg.static.batch, prompt_len=cfg.static.prompt_len, capacity=cfg.static.capacity) if cfg.static.enabled else None
+    started = time.perf_counter()
+    fp32 = export_graphs(model, out, static=static, external_data=cfg.external_data)
+    export_s = time.perf_counter() - started
+    run.log(f"exported {', '.join(g['file'] for g in fp32['graphs'].values())} in {export_s:.1f} s "
+            f"({sum(g['bytes'] for g in fp32['graphs'].values()) / 1e6:.1f} MB)")
+    spec = _spec(model, source, cfg, {"fp32": fp32})
+    _copy_tokenizer(source, out)
+    onnx_model = OnnxLM(out, threads=cfg.threads, spec=spec)
+    report = _validate(cfg, model, onnx_model, static)
+    run.write_json("validation.json", report)
+    _print_validation(report)
+    if not report["passed"]:  # no slmctl_onnx.json: nothing describes these graphs as usable
+        worst, cases = report["max_abs_logit_diff"], report["cases"]
+        diverged = [c["prompt_len"] for c in cases if not c["greedy_identical"]]
+        raise ValidationFailed(f"validation failed: max |logit diff| {worst:.3g} (tolerance {report['tolerance']:g})"
+                               + (f", greedy tokens differ for prompt lengths {diverged}" if diverged else ""))
+    spec["validation"] = {k: report[k] for k in ("passed", "max_abs_logit_diff", "tolerance", "greedy_identical")}
+    quantized = {}
+    if cfg.quantize:
+        from slmctl.export.quality import quantize_and_report
+
+        quantized, quality = quantize_and_report(cfg, run, out, model, source, onnx_model, fp32)
+        run.write_json("quantization.json", quality)
+    spec["variants"].update(quantized)
+    run.write_json(f"{EXPORT_DIR}/{SPEC_FILE}", spec)
+    summary = {"graphs": len(fp32["graphs"]), "max_abs_logit_diff": f"{report['max_abs_logit_diff']:.2e}",
+               "greedy_identical": report["greedy_identical"], "export_s": round(export_s, 1),
+               "fp32_mb": round(sum(g["bytes"] for g in fp32["graphs"].values()) / 1e6, 1)}
+    for name, variant in quantized.items():
+        summary[f"{name}_mb"] = round(sum(g["bytes"] for g in variant["graphs"].values()) / 1e6, 1)
+    run.succeed(summary)
+    return run
+
+
+def _load(cfg, run):
+    """(model in eval mode, fp32, cpu; the model directory or None for a preset)."""
+    from slmctl.model import build_model, load_model
+    from slmctl.model.config import PRESETS
+    from slmctl.runs import resolve_model_path
+
+    ref = cfg.source
+    runs_dir = run.path.parent.parent
+    if ref is None:
+        ref = _newest_model_run(runs_dir)
+    if ref in PRESETS:
+        run.add_input("preset", ref, None, role="model")
+        run.log(f"model: preset {ref} with random weights (seed {cfg.seed})")
+        return build_model(ref, seed=cfg.seed).eval(), None
+    path = resolve_model_path(ref, runs_dir)
+    if not (path / "model.json").is_file():
+        raise ConfigError(f"{ref}: export takes slmctl models (model.json); {path} is not one")
+    from slmctl.runs import owning_run
+
+    run.add_input("run" if owning_run(path) else "file", str(ref), path, role="model")
+    return load_model(path).float().eval(), path
+
+
+def _newest_model_run(runs_dir: Path) -> str:
+    from slmctl.runs import latest_run
+
+    found = [p for p in (latest_run(runs_dir, stage) for stage in ("distill", "pretrain")) if p is not None]
+    if not found:
+        raise ConfigError(f"no model given and no succeeded distill or pretrain run under {runs_dir}: "
+                          f"slmctl export onnx MODEL (a model dir, a run, or a preset like 330m)")
+    return str(max(found, key=lambda p: p.name))
+
+
+def _spec(model, source: Path | None, cfg, variants: dict) -> dict:
+    import onnx
+    import onnxruntime
+
+    c = model.config
+    return {
+        "format": "slmctl-onnx", "version": 1, "opset": OPSET,
+        "architecture": "encoder-decoder" if c.is_encoder_decoder else "decoder-only",
+        "model": c.to_dict(), "parameters": model.num_parameters(),
+        "special_tokens": {"pad": c.pad_token_id, "bos": c.bos_token_id, "eos": c.eos_token_id,
+                           "decoder_start": c.bos_token_id if c.is_encoder_decoder else None},
+        "tokenizer": "tokenizer.json" if source is not None and (source / "tokenizer.json").is_file() else None,
+        "source": str(source) if source is not None else f"preset {cfg.source} (random weights, seed {cfg.seed})",
+        "default_variant": "fp32",
+        "variants": variants,
+        "how_to_run": _how_to_run(c),
+        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def _how_to_run(c) -> list[str]:
+    if c.is_encoder_decoder:
+        return ["encoder: input_ids, attention_mask (int64, 1 = token) -> encoder_hidden_states, cross.{i}.key/value",
+                "decoder, step 1: input_ids = [[decoder_start]] per row, past_key_values.{i}.* of length 0, "
+                "cross.{i}.* and encoder_attention_mask from the encoder",
+                "decoder, step n: the chosen token; past_key_values.{i}.* = the previous step's present.{i}.*",
+                "static graphs: past_key_values.{i}.* are [B, KV, capacity, d] buffers; feed position = tokens so far "
+                "and write present.{i}.* (the step's key/value) into the buffers at that position"]
+    return ["model: input_ids (the prompt, left-padded, then one token a step), attention_mask over past + new "
+            "tokens (0 = padding), past_key_values.{i}.* (length 0 first) -> logits of the last token, present.{i}.*"]
+
+
+def _copy_tokenizer(source: Path | None, out: Path) -> None:
+    if source is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+
+
+def _validate(cfg, model, onnx_model, static) -> dict:
+    lens = [int(n) for n in cfg.validation.prompt_lens]
+    if static:
+        lens = sorted({min(n, static["prompt_len"]) for n in lens})
+    seed = cfg.validation.seed if cfg.validation.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
+    steps = cfg.validation.steps if not static else min(cfg.validation.steps, static["capacity"])
+    batch = static["batch"] if static else cfg.validation.batch
+    return validate(model, onnx_model, lens, steps, batch, cfg.validation.tolerance, seed)
+
+
+def _print_validation(report: dict) -> None:
+    table = Table(title=f"validation: ONNX Runtime vs PyTorch (seed {report['seed']})")
+    for column in ("prompt len", "batch", "steps", "max |logit diff|", "greedy identical"):
+        table.add_column(column)
+    for case in report["cases"]:
+        table.add_row(str(case["prompt_len"]), str(case["batch"]), str(case["steps"]), f"{case['max_abs_logit_diff']:.2e}",
+                      "yes" if case["greedy_identical"] else f"no (step {case['first_divergence']})")
+    console.print(table)
+    verdict = "[green]passed[/green]" if report["passed"] else "[bold red]FAILED[/bold red]"
+    console.print(f"validation {verdict}: max |logit diff| {report['max_abs_logit_diff']:.2e} <= {report['tolerance']:g} "
+                  f"and identical greedy tokens", highlight=False)
