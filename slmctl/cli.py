@@ -258,8 +258,10 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
              top_p: float = typer.Option(1.0, "--top-p"),
              seed: int = typer.Option(0, "--seed"),
+             runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
+             threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
-    """Print (streaming) what a model generates for each prompt."""
+    """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
     from slmctl.generate import generate_text, load_generator
 
     try:
@@ -268,8 +270,15 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
             texts += _read_prompt_file(file)
         if not texts:
             fail('give prompt="..." or --file prompts.jsonl')
-        check_torch_device(device)
-        generator = load_generator(model, runs_dir, device)
+        if runtime not in ("auto", "torch", "onnx"):
+            fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+        if runtime == "torch":
+            check_torch_device(device)
+        else:
+            from slmctl.bench.devices import check_device
+
+            check_device(device, runtime)
+        generator = load_generator(model, runs_dir, device, runtime, threads)
     except _user_errors() as e:
         if verbose:
             raise

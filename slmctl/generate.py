@@ -20,10 +20,24 @@ class Generator:
     path: Path
 
 
-def load_generator(ref: str | Path, runs_dir: str | Path = "runs", device: str = "cpu") -> Generator:
+def load_generator(ref: str | Path, runs_dir: str | Path = "runs", device: str = "cpu", runtime: str = "auto",
+                   threads: int | None = None) -> Generator:
+    """`runtime` auto: ONNX Runtime for an export (`slmctl export onnx`, `EXPORT:int8` for a
+    variant), PyTorch for the rest."""
+    from slmctl.export.runtime import find_export
     from slmctl.model import load_model
     from slmctl.runs import resolve_model_path
 
+    found = find_export(ref, runs_dir) if runtime in ("auto", "onnx") else None
+    if found is not None:
+        from slmctl.export.runtime import OnnxLM
+
+        model = OnnxLM(found[0], device=device, threads=threads, variant=found[1])
+        return Generator(model, TextTokenizer.load(found[0]), "encdec" if model.config.is_encoder_decoder else "deconly", found[0])
+    if runtime == "onnx":
+        from slmctl.config import ConfigError
+
+        raise ConfigError(f"{ref}: --runtime onnx runs ONNX exports; make one with `slmctl export onnx {ref}`")
     path = resolve_model_path(ref, runs_dir)  # a run resolves to its model/
     tokenizer = TextTokenizer.load(path)
     if not (path / "model.json").is_file():  # a Hugging Face causal LM (save_pretrained's config.json)

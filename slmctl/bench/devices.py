@@ -55,6 +55,6 @@ def check_device(device: str, runtime: str = "torch") -> None:
             packages = "; ".join(f"{name}: {how}" for name, how in NPU_PROVIDERS.items())
             raise ConfigError(f"--device npu: no NPU execution provider in ONNX Runtime (available: {available}); "
                               f"an NPU needs one of {packages}")
-        if runtime != "onnx":
+        if runtime == "torch":
             raise ConfigError(f"--device npu runs exported ONNX graphs (found {', '.join(found)}): "
                               f"use --runtime onnx with a model from `slmctl export onnx`")

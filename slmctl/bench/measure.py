@@ -22,14 +22,41 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    name: str  # a preset name, or the run / directory name of a model path
-    model: torch.nn.Module
+    name: str  # a preset name, or the run / directory name of a model path (+ :variant for an export)
+    model: torch.nn.Module  # or an `OnnxLM`
     arch: str  # encdec | deconly
     load_s: float
+    runtime: str = "torch"  # torch | onnx
+    dtype: str = "float32"  # the weights: float32, bfloat16, float16, or an export's variant (int8, qdq)
 
 
-def load_for_bench(ref: str, runs_dir, device: str, dtype: str, seed: int = 0) -> LoadedModel:
-    """A preset name (random weights, so no checkpoint is needed) or a model directory / run."""
+def load_for_bench(ref: str, runs_dir, device: str, dtype: str, seed: int = 0, runtime: str = "auto",
+                   threads: int | None = None) -> LoadedModel:
+    """A preset name (random weights, so no checkpoint is needed), a model directory / run, or an
+    ONNX export (`slmctl export onnx`; `EXPORT:int8` picks a variant), run by ONNX Runtime."""
+    from slmctl.config import ConfigError
+    from slmctl.export.runtime import find_export
+
+    found = find_export(ref, runs_dir) if runtime in ("auto", "onnx") else None
+    if found is not None:
+        return _load_export(found, device, threads)
+    if runtime == "onnx" or device == "npu":
+        raise ConfigError(f"{ref}: --runtime onnx / --device npu run ONNX exports; make one with `slmctl export onnx {ref}`")
+    return _load_torch(ref, runs_dir, device, dtype, seed)
+
+
+def _load_export(found: tuple, device: str, threads: int | None) -> LoadedModel:
+    from slmctl.export.runtime import OnnxLM
+    from slmctl.runs import model_label
+
+    path, variant = found
+    model = OnnxLM(path, device=device, threads=threads, variant=variant)
+    arch = "encdec" if model.config.is_encoder_decoder else "deconly"
+    return LoadedModel(f"{model_label(path)}:{model.variant}", model, arch, model.load_s, "onnx",
+                       "float32" if model.variant == "fp32" else model.variant)
+
+
+def _load_torch(ref: str, runs_dir, device: str, dtype: str, seed: int) -> LoadedModel:
     from slmctl.model import build_model, load_model
     from slmctl.model.config import PRESETS
 
@@ -49,7 +76,8 @@ def load_for_bench(ref: str, runs_dir, device: str, dtype: str, seed: int = 0) -
         model = load_model(path)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     _sync(device)
-    return LoadedModel(label, model, "encdec" if model.config.is_encoder_decoder else "deconly", time.perf_counter() - started)
+    return LoadedModel(label, model, "encdec" if model.config.is_encoder_decoder else "deconly", time.perf_counter() - started,
+                       "torch", dtype)
 
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: str) -> torch.Tensor:
@@ -61,7 +89,7 @@ def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output
             seed: int = 0) -> tuple[dict, list[GenerationTiming]]:
     """(median / p90 / stdev summary, the timed samples) of generating `output_len` tokens."""
     model = loaded.model
-    prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, device)
+    prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, model.device)
 
     def generate(on_token) -> int:
         count = 0

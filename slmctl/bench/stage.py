@@ -22,23 +22,20 @@ from rich.table import Table
 
 from slmctl.bench import flops
 from slmctl.bench.measure import load_for_bench, measure, peak_memory_mb, reset_peak_memory
+from slmctl.runs import owning_run
 
 console = Console()
 err_console = Console(stderr=True)
 RECORD_FIELDS = ("model", "arch", "device", "runtime", "dtype", "batch", "input_len", "output_len", "first_token_ms",
                  "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
                  "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction")
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "qdq": 1}  # per weight (int8/qdq: quantized exports)
 
 
 def run(cfg, run):
     from slmctl.bench.devices import check_device
 
     check_device(cfg.device, cfg.runtime)
-    if cfg.runtime != "torch":
-        from slmctl.config import ConfigError
-
-        raise ConfigError(f"--runtime {cfg.runtime}: only torch is available (onnx comes with `slmctl export onnx`)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     environment = _environment(cfg)
@@ -61,8 +58,10 @@ def run(cfg, run):
 
         gc.collect()
         reset_peak_memory(cfg.device)  # each model's peak is its own
-        loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed)
-        params = sum(p.numel() for p in loaded.model.parameters())
+        loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads)
+        params = loaded.model.num_parameters()
+        if loaded.runtime == "onnx":
+            run.add_input("run" if owning_run(loaded.model.directory) else "file", ref, loaded.model.directory, role="model")
         for batch in cfg.batch:
             for input_len in cfg.input_lens:
                 for output_len in cfg.output_lens:
@@ -93,11 +92,11 @@ def run(cfg, run):
 
 def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) -> dict:
     config = loaded.model.config
-    cost = flops.generation_cost(config, input_len, output_len, BYTES[cfg.dtype])
+    cost = flops.generation_cost(config, input_len, output_len, BYTES[loaded.dtype])
     decode = cost["decode_per_token"]
     decode_tok_s = summary["decode_tokens_per_s"]["median"] * batch  # every sequence of the batch
     return {
-        "model": loaded.name, "arch": loaded.arch, "device": cfg.device, "runtime": cfg.runtime, "dtype": cfg.dtype,
+        "model": loaded.name, "arch": loaded.arch, "device": cfg.device, "runtime": loaded.runtime, "dtype": loaded.dtype,
         "batch": batch, "input_len": input_len, "output_len": output_len,
         "first_token_ms": summary["first_token_s"]["median"] * 1e3,
         "first_token_ms_p90": summary["first_token_s"]["p90"] * 1e3,
@@ -121,7 +120,7 @@ def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples,
 def _add_prediction(record: dict, config, cfg, profile: dict) -> dict:
     from slmctl.bench.roofline import predict
 
-    cost = flops.generation_cost(config, record["input_len"], record["output_len"], BYTES[cfg.dtype])
+    cost = flops.generation_cost(config, record["input_len"], record["output_len"], BYTES[record["dtype"]])
     record.update(predict(cost["prefill"], cost["decode_per_token"], record["batch"], profile))
     record["estimate"] = profile["name"]
     if record.get("first_token_ms") is not None:
@@ -137,7 +136,7 @@ def _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile) -
 
         raise ConfigError("--repeat 0 measures nothing: use it with --estimate PROFILE for a prediction only")
     record = {key: None for key in RECORD_FIELDS} | {
-        "model": loaded.name, "arch": loaded.arch, "device": profile["name"], "runtime": "roofline", "dtype": cfg.dtype,
+        "model": loaded.name, "arch": loaded.arch, "device": profile["name"], "runtime": "roofline", "dtype": loaded.dtype,
         "batch": batch, "input_len": input_len, "output_len": output_len, "params": params, "samples": []}
     return _add_prediction(record, loaded.model.config, cfg, profile)
 

@@ -71,6 +71,26 @@ def read_spec(directory: str | Path) -> dict:
         raise OnnxExportError(f"{path}: not valid JSON ({e.msg})") from None
 
 
+def find_export(ref: str | Path, runs_dir: str | Path) -> tuple[Path, str | None] | None:
+    """(export directory, variant or None) when `ref` names an ONNX export: a directory with
+    slmctl_onnx.json, a run holding export/, or either with `:variant` (e.g. `runs/export/latest:int8`)."""
+    from slmctl.runs import RunError, resolve_run
+
+    text, variant = str(ref), None
+    base, _, suffix = text.rpartition(":")
+    if base and suffix and "/" not in suffix:
+        text, variant = base, suffix
+    path = Path(text)
+    for candidate in (path, path / "export"):
+        if (candidate / SPEC_FILE).is_file():
+            return candidate, variant
+    try:
+        run_dir = resolve_run(text, runs_dir)
+    except RunError:
+        return None
+    return (run_dir / "export", variant) if (run_dir / "export" / SPEC_FILE).is_file() else None
+
+
 class OnnxLM:
     """An exported model on ONNX Runtime; `generate()` as `LanguageModel.generate`."""
 

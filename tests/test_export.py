@@ -1,0 +1,212 @@
+"""slmctl export onnx: graphs that ONNX Runtime runs and that compute what PyTorch computes."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+from slmctl.config import compose
+from slmctl.export.runtime import SPEC_FILE, OnnxExportError, OnnxLM
+from slmctl.model import build_model
+from slmctl.runs import Run
+
+FAST = ["validation.prompt_lens=[5,19]", "validation.steps=12"]
+SMALL_REPORT = ["report.prompts=6", "report.steps=8", "report.eval_limit=8", "report.input_len=16", "report.output_len=4",
+                "report.repeat=1", "qdq.calibration_prompts=4", "qdq.calibration_steps=3", "task.n_people=200"]
+
+
+def export(tmp_path, *args):
+    result = CliRunner().invoke(app, ["export", "onnx", *args, "--runs-dir", str(tmp_path / "runs")])
+    runs = sorted((tmp_path / "runs" / "export").glob("*"))
+    return result, (runs[-1] if runs else None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained encoder-decoder with its tokenizer (a pretrain run)."""
+    from slmctl.train import pretrain
+
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = compose("pretrain", ["objective=seq2seq", "model=tiny", "tokenizer.vocab_size=400", "data.n_people=200",
+                               "data.train_examples=200", "data.validation_examples=16", "data.min_facts=1",
+                               "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8",
+                               "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"])
+    run = Run.create(runs, "pretrain", "tiny", cfg, argv=["test"])
+    pretrain.run(cfg, run)
+    return run.path
+
+
+def test_encoder_decoder_export_is_described_checked_and_validated(tmp_path):
+    result, run = export(tmp_path, "tiny", *FAST)
+    assert result.exit_code == 0, result.output
+    out = run / "export"
+    spec = json.loads((out / SPEC_FILE).read_text())
+    graphs = spec["variants"]["fp32"]["graphs"]
+    assert set(graphs) == {"encoder", "decoder"} and spec["opset"] >= 17
+    encoder = [o["name"] for o in graphs["encoder"]["outputs"]]
+    assert encoder[0] == "encoder_hidden_states" and encoder[1:3] == ["cross.0.key", "cross.0.value"]
+    decoder_inputs = {i["name"]: i for i in graphs["decoder"]["inputs"]}
+    assert decoder_inputs["past_key_values.0.key"]["shape"] == ["batch", 2, "past_sequence", 16]
+    assert decoder_inputs["input_ids"]["dtype"] == "int64" and spec["special_tokens"]["decoder_start"] == 1
+    for graph in graphs.values():
+        model = onnx.load(str(out / graph["file"]))
+        onnx.checker.check_model(model, full_check=True)
+        assert not [n for n in model.graph.node if n.op_type in ("If", "Loop")]  # one graph, no control flow
+    report = json.loads((run / "validation.json").read_text())
+    assert report["passed"] and report["greedy_identical"] and [c["prompt_len"] for c in report["cases"]] == [5, 19]
+    assert all(c["max_abs_logit_diff"] <= 1e-4 and c["steps"] == 12 for c in report["cases"])
+    manifest = json.loads((run / "MANIFEST.json").read_text())
+    assert "export/encoder.onnx" in manifest and f"export/{SPEC_FILE}" in manifest
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deconly-tiny"])
+def test_greedy_and_beam_generations_match_torch_on_padded_batches(tmp_path, preset):
+    from tests.conftest import randomize
+
+    model = randomize(build_model(preset, seed=0)).eval()
+    from slmctl.export.stage import export_graphs, _spec
+
+    spec = _spec(model, None, compose("export", [f"source={preset}"]), {})
+    spec["variants"]["fp32"] = export_graphs(model, tmp_path)
+    onnx_model = OnnxLM(tmp_path, spec=spec)
+    ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if model.config.is_encoder_decoder:
+        mask[1, 7:], mask[2, 3:] = 0, 0
+    else:
+        mask[1, :4], mask[2, :8] = 0, 0
+    for kwargs in ({"max_new_tokens": 32}, {"max_new_tokens": 10, "num_beams": 3}):
+        expected = model.generate(ids, mask, **kwargs)
+        assert torch.equal(onnx_model.generate(ids, mask, **kwargs), expected)
+    for row in range(3):  # a padded row decodes as it does alone
+        alone = ids[row:row + 1, mask[row].bool()]
+        assert torch.equal(onnx_model.generate(alone, max_new_tokens=16), model.generate(ids, mask, max_new_tokens=16)[row:row + 1])
+
+
+def test_decoder_only_export_is_one_graph_with_cache(tmp_path):
+    result, run = export(tmp_path, "deconly-tiny", *FAST)
+    assert result.exit_code == 0, result.output
+    spec = json.loads((run / "export" / SPEC_FILE).read_text())
+    assert list(spec["variants"]["fp32"]["graphs"]) == ["decoder"] and spec["architecture"] == "decoder-only"
+    assert (run / "export" / "model.onnx").is_file() and json.loads((run / "validation.json").read_text())["passed"]
+
+
+def test_static_variant_runs_on_ort_cpu_with_fixed_shapes(tmp_path):
+    result, run = export(tmp_path, "tiny", "--static", "static.prompt_len=24", "static.capacity=40", *FAST)
+    assert result.exit_code == 0, result.output
+    out = run / "export"
+    for name in ("encoder.onnx", "decoder.onnx"):
+        graph = onnx.load(str(out / name)).graph
+        for value in [*graph.input, *graph.output]:
+            assert all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim), value.name
+    onnx_model = OnnxLM(out)
+    assert onnx_model.is_static
+    inputs = [i.name for i in onnx_model.sessions["decoder"].get_inputs()]
+    assert inputs[:3] == ["input_ids", "position", "encoder_attention_mask"]
+    model = build_model("tiny", seed=0).eval()
+    ids = torch.randint(4, 512, (1, 17), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(onnx_model.generate(ids, max_new_tokens=40), model.generate(ids, max_new_tokens=40))
+    with pytest.raises(OnnxExportError, match="prompts up to 24 tokens"):
+        onnx_model.generate(torch.ones(1, 30, dtype=torch.long), max_new_tokens=4)
+
+
+def test_a_tampered_weight_fails_validation_with_exit_1(tmp_path, monkeypatch):
+    import slmctl.export.stage as stage
+
+    original = stage.export_graphs
+
+    def export_then_tamper(model, directory, **kwargs):
+        variant = original(model, directory, **kwargs)
+        path = directory / variant["graphs"]["decoder"]["file"]
+        graph = onnx.load(str(path))
+        weight = max(graph.graph.initializer, key=lambda t: len(t.raw_data))
+        values = onnx.numpy_helper.to_array(weight).copy()
+        values *= 1.01  # a 1% change of one weight matrix
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+        onnx.save(graph, str(path))
+        return variant
+
+    monkeypatch.setattr(stage, "export_graphs", export_then_tamper)
+    result, run = export(tmp_path, "tiny", *FAST)
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert "validation failed: max |logit diff|" in message and "Traceback" not in message
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and "validation failed" in status["error"]
+    assert not (run / "export" / SPEC_FILE).exists()  # nothing describes the graphs as usable
+    assert json.loads((run / "validation.json").read_text())["passed"] is False
+
+
+def test_external_data_keeps_weights_beside_the_graph(tmp_path):
+    result, run = export(tmp_path, "tiny", "external_data=always", *FAST)
+    assert result.exit_code == 0, result.output
+    out = run / "export"
+    assert (out / "decoder.onnx.data").stat().st_size > (out / "decoder.onnx").stat().st_size
+    graph = json.loads((out / SPEC_FILE).read_text())["variants"]["fp32"]["graphs"]["decoder"]
+    assert graph["external_data"] == "decoder.onnx.data"
+
+
+def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_path, trained):
+    result, run = export(tmp_path, str(trained), "--quantize", "int8", "--quantize", "qdq", *FAST, *SMALL_REPORT)
+    assert result.exit_code == 0, result.output
+    out = run / "export"
+    assert (out / "tokenizer.json").is_file()
+    report = json.loads((run / "quantization.json").read_text())
+    fp32, int8, qdq = (report["variants"][name] for name in ("fp32", "int8", "qdq"))
+    assert report["prompt_source"] == "task"
+    for row in (int8, qdq):
+        assert 0 <= row["token_agreement"] <= 1 and row["prompts"] == 6 and row["size_vs_fp32"] < 0.9
+        assert row["decode_tok_s"] > 0 and row["task"]["metric"] == "exact_match" and row["task"]["n"] == 8
+    assert fp32["task"]["n"] == 8 and fp32["size_vs_fp32"] == 1.0
+    ops = {n.op_type for n in onnx.load(str(out / "int8" / "decoder.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / "qdq" / "decoder.onnx")).graph.node}
+    spec = json.loads((out / SPEC_FILE).read_text())
+    assert set(spec["variants"]) == {"fp32", "int8", "qdq"}
+
+    runs_dir = tmp_path / "runs"
+    generated = CliRunner().invoke(app, ["generate", str(run), "prompt=Where does Ana live?", "--max-new-tokens", "6",
+                                         "--runs-dir", str(runs_dir)])
+    torch_generated = CliRunner().invoke(app, ["generate", str(trained), "prompt=Where does Ana live?",
+                                               "--max-new-tokens", "6", "--runs-dir", str(runs_dir)])
+    assert generated.exit_code == 0, generated.output
+    assert generated.stdout.splitlines()[1:] == torch_generated.stdout.splitlines()[1:]
+
+    bench = CliRunner().invoke(app, ["bench", "--compare", f"{run}:int8", str(run), str(trained), "--input-lens", "16",
+                                     "--output-lens", "4", "--repeat", "1", "--format", "json", "--runs-dir", str(runs_dir)])
+    assert bench.exit_code == 0, bench.output
+    records = json.loads(bench.stdout[bench.stdout.index("["):bench.stdout.rindex("]") + 1])
+    assert [(r["runtime"], r["dtype"]) for r in records] == [("onnx", "int8"), ("onnx", "float32"), ("torch", "float32")]
+    assert records[0]["model"].endswith(":int8") and all(r["decode_tok_s"] > 0 for r in records)
+
+
+def test_onnx_runtime_needs_an_export(tmp_path, trained):
+    result = CliRunner().invoke(app, ["bench", str(trained), "--runtime", "onnx", "--repeat", "1",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "slmctl export onnx" in result.output
+    result = CliRunner().invoke(app, ["generate", str(trained), "prompt=hi", "--runtime", "onnx"])
+    assert result.exit_code == 2 and "make one with `slmctl export onnx" in " ".join(result.output.split())
+    result, _ = export(tmp_path, "tiny", "--quantize", "int4")
+    assert result.exit_code == 2 and "quantize='int4' is not one of: int8, qdq" in result.output
+
+
+def test_ort_outputs_stay_bound_between_steps(tmp_path):
+    """IO binding: the decoder's present outputs are fed back as ORT values, not numpy copies."""
+    import onnxruntime as ort
+
+    from slmctl.export.runtime import EncoderDecoderOnnxSession
+
+    model = build_model("tiny", seed=0).eval()
+    from slmctl.export.stage import export_graphs, _spec
+
+    spec = _spec(model, None, compose("export", ["source=tiny"]), {})
+    spec["variants"]["fp32"] = export_graphs(model, tmp_path)
+    session = EncoderDecoderOnnxSession(OnnxLM(tmp_path, spec=spec), torch.ones(1, 5, dtype=torch.long), None, 4)
+    session.first_logits()
+    session.step(torch.tensor([7]))
+    assert all(isinstance(v, ort.OrtValue) for v in session.cache + session.cross)
+    assert session.cache[0].shape() == [1, 2, 2, 16] and np.isfinite(session.cache[0].numpy()).all()
