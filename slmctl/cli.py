@@ -418,10 +418,13 @@ def _age(delta) -> str:
 def recipe_run(path: Path = typer.Argument(..., help="A recipe file, e.g. recipes/quickstart.yaml."),
                runs_dir: Path = RUNS_DIR, verbose: bool = VERBOSE) -> None:
     """Run a multi-stage pipeline; later steps consume earlier runs as ${runs.<step>}."""
+    from slmctl.export.validate import ValidationFailed
     from slmctl.recipes import run_recipe
 
     try:
         run_recipe(path, runs_dir, verbose=verbose)
+    except ValidationFailed as e:
+        fail(str(e), code=1)
     except _user_errors() as e:
         if verbose:
             raise

@@ -47,6 +47,12 @@ def test_a_pipeline_distils_its_own_llama_teacher_with_a_control(tmp_path):
         {"name": "eval", "stage": "eval",
          "overrides": ["models=[${runs.distill},${runs.distill}/control/model]", "task.n_people=200", "task.n=6",
                        "bootstrap=50"]},
+        {"name": "export", "stage": "export",
+         "overrides": ["source=${runs.distill}", "quantize=[int8]", "validation.prompt_lens=[6]", "validation.steps=8",
+                       "report.prompts=4", "report.steps=6", "report.eval_limit=4", "report.input_len=16",
+                       "report.output_len=4", "report.repeat=1", "task.n_people=200"]},
+        {"name": "bench", "stage": "bench",
+         "overrides": ["models=[${runs.export}:int8,${runs.distill}]", "input_lens=[16]", "output_lens=[4]", "repeat=1"]},
     ]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -59,6 +65,9 @@ def test_a_pipeline_distils_its_own_llama_teacher_with_a_control(tmp_path):
     metrics = json.loads((produced["eval"] / "metrics.json").read_text())
     assert list(metrics["tasks"]["synthetic_qa"]["models"]) == ["distill", "distill/control"]
     assert (produced["eval"] / "comparison-synthetic_qa.png").is_file()
+    records = json.loads((produced["bench"] / "bench.json").read_text())["records"]
+    assert [(r["runtime"], r["dtype"]) for r in records] == [("onnx", "int8"), ("torch", "float32")]
+    assert json.loads((produced["export"] / "validation.json").read_text())["passed"]
 
 
 @pytest.mark.parametrize("recipe, message", [

@@ -56,12 +56,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return torch.matmul(probs.reshape(B, n_kv, (H // n_kv) * T, -1), v).reshape(B, H, T, d)
 
 
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear over [B, T, D] as one 2-D Gemm, so ONNX Runtime adds the bias inside the GEMM
+    instead of in a separate pass over the output."""
+    out = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
+    return out.reshape(*x.shape[:-1], module.out_features)
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm written as x / sqrt(mean(x^2) + eps) * weight: the pattern ONNX Runtime fuses
+    into one SimplifiedLayerNormalization kernel."""
+    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def mlp(module, x: torch.Tensor) -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))); at opset 20 the tanh GELU is one Gelu node."""
+    return linear(module.fc2, torch.nn.functional.gelu(linear(module.fc1, x), approximate="tanh"))
+
+
 def self_attention(attn, x: torch.Tensor, cos_sin, bias: torch.Tensor, past_k=None, past_v=None, static_slot=None):
     """(output, keys, values) of a `SelfAttention` module. With a past cache the new keys are
     appended (dynamic) or written where `static_slot` [1, 1, C, 1] is true (static; then the
     returned keys/values are only the new ones)."""
     B, T, _ = x.shape
-    qk, v = attn.qkv(x).split((attn.split[0] + attn.split[1], attn.split[2]), dim=-1)
+    qk, v = linear(attn.qkv, x).split((attn.split[0] + attn.split[1], attn.split[2]), dim=-1)
     qk = apply_rope(qk.reshape(B, T, attn.n_heads + attn.n_kv_heads, attn.head_dim).transpose(1, 2), cos_sin)
     q, k = qk.split((attn.n_heads, attn.n_kv_heads), dim=1)
     v = v.reshape(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
@@ -71,13 +89,20 @@ def self_attention(attn, x: torch.Tensor, cos_sin, bias: torch.Tensor, past_k=No
         if past_k is not None:
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
         y = attend(q, k, v, bias)
-    return attn.out(y.transpose(1, 2).reshape(B, T, -1)), k, v
+    return linear(attn.out, y.transpose(1, 2).reshape(B, T, -1)), k, v
 
 
 def cross_attention(cross, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     B, T, _ = x.shape
-    q = cross.q(x).reshape(B, T, cross.n_heads, cross.head_dim).transpose(1, 2)
-    return cross.out(attend(q, k, v, bias).transpose(1, 2).reshape(B, T, -1))
+    q = linear(cross.q, x).reshape(B, T, cross.n_heads, cross.head_dim).transpose(1, 2)
+    return linear(cross.out, attend(q, k, v, bias).transpose(1, 2).reshape(B, T, -1))
+
+
+def cross_memory(cross, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention keys and values [B, KV, S, d] of one decoder layer."""
+    B, S, _ = hidden.shape
+    kv = linear(cross.kv, hidden).reshape(B, S, 2, cross.n_kv_heads, cross.head_dim)
+    return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
 
 def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,25 +131,26 @@ class EncoderGraph(nn.Module):
         bias = key_bias(attention_mask, model.dtype)
         x = model.embed(input_ids)
         for layer in model.encoder.layers:
-            x = x + self_attention(layer.attn, layer.attn_norm(x), cos_sin, bias)[0]
-            x = x + layer.mlp(layer.mlp_norm(x))
-        hidden = model.encoder.norm(x)
+            x = x + self_attention(layer.attn, rms_norm(layer.attn_norm, x), cos_sin, bias)[0]
+            x = x + mlp(layer.mlp, rms_norm(layer.mlp_norm, x))
+        hidden = rms_norm(model.encoder.norm, x)
         memory = []
         for layer in model.decoder.layers:
-            memory.extend(layer.cross_attn.memory(hidden))
+            memory.extend(cross_memory(layer.cross_attn, hidden))
         return (hidden, *memory)
 
 
 def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, static_slot=None):
     present = []
     for i, layer in enumerate(model.decoder.layers):
-        y, k, v = self_attention(layer.self_attn, layer.self_attn_norm(x), cos_sin, self_bias,
+        y, k, v = self_attention(layer.self_attn, rms_norm(layer.self_attn_norm, x), cos_sin, self_bias,
                                  past[2 * i], past[2 * i + 1], static_slot)
         x = x + y
-        x = x + cross_attention(layer.cross_attn, layer.cross_attn_norm(x), cross[2 * i], cross[2 * i + 1], cross_bias)
-        x = x + layer.mlp(layer.mlp_norm(x))
+        x = x + cross_attention(layer.cross_attn, rms_norm(layer.cross_attn_norm, x), cross[2 * i], cross[2 * i + 1],
+                                cross_bias)
+        x = x + mlp(layer.mlp, rms_norm(layer.mlp_norm, x))
         present.extend((k, v))
-    return model.lm_head(model.decoder.norm(x[:, -1])), present
+    return model.lm_head(rms_norm(model.decoder.norm, x[:, -1])), present
 
 
 class DecoderGraph(nn.Module):
@@ -192,8 +218,8 @@ class DecoderOnlyGraph(nn.Module):
         x = model.embed(input_ids)
         present = []
         for i, layer in enumerate(model.layers):
-            y, k, v = self_attention(layer.attn, layer.attn_norm(x), cos_sin, bias, past[2 * i], past[2 * i + 1])
+            y, k, v = self_attention(layer.attn, rms_norm(layer.attn_norm, x), cos_sin, bias, past[2 * i], past[2 * i + 1])
             x = x + y
-            x = x + layer.mlp(layer.mlp_norm(x))
+            x = x + mlp(layer.mlp, rms_norm(layer.mlp_norm, x))
             present.extend((k, v))
-        return (model.lm_head(model.norm(x[:, -1])), *present)
+        return (model.lm_head(rms_norm(model.norm, x[:, -1])), *present)

@@ -18,7 +18,7 @@ import torch
 from slmctl.export.graphs import DecoderGraph, DecoderOnlyGraph, EncoderGraph, StaticDecoderGraph
 from slmctl.model.config import ModelConfig
 
-OPSET = 17
+OPSET = 20
 TWO_GB = 2**31
 
 
