@@ -241,7 +241,7 @@ def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MOD
     models = [a for a in arguments if "=" not in a]
     if len(models) > 1:
         fail(f"export takes one model, got {len(models)}: {' '.join(models)}")
-    overrides = [a for a in arguments if "=" in a] + [f"source={models[0]}"] * bool(models)
+    overrides = [a for a in arguments if "=" in a] + [f"source={model}" for model in models]
     if static:
         overrides.append("static.enabled=true")
     if quantize:

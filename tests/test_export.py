@@ -210,3 +210,31 @@ def test_ort_outputs_stay_bound_between_steps(tmp_path):
     session.step(torch.tensor([7]))
     assert all(isinstance(v, ort.OrtValue) for v in session.cache + session.cross)
     assert session.cache[0].shape() == [1, 2, 2, 16] and np.isfinite(session.cache[0].numpy()).all()
+
+
+def test_without_a_model_the_newest_distill_or_pretrain_run_is_exported(tmp_path, trained):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained.parent.parent, runs, symlinks=True)
+    result, run = export(tmp_path, *FAST)
+    assert result.exit_code == 0, result.output
+    inputs = json.loads((run / "inputs.json").read_text())
+    assert inputs[0]["role"] == "model" and inputs[0]["path"].endswith("/model")
+    empty = CliRunner().invoke(app, ["export", "onnx", "--runs-dir", str(tmp_path / "none")])
+    assert empty.exit_code == 2 and "no model given and no succeeded distill or pretrain run" in " ".join(empty.output.split())
+
+
+def test_npu_providers_are_chosen_with_their_npu_settings(monkeypatch):
+    import onnxruntime
+
+    from slmctl.export.runtime import providers_for
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["QNNExecutionProvider", "CPUExecutionProvider"])
+    provider, options = providers_for("npu")[0]
+    assert provider == "QNNExecutionProvider" and options["backend_path"].startswith(("libQnnHtp", "QnnHtp"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    assert providers_for("npu")[0] == ("OpenVINOExecutionProvider", {"device_type": "NPU"})
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(OnnxExportError, match="no NPU execution provider"):
+        providers_for("npu")
