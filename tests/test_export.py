@@ -238,3 +238,34 @@ def test_npu_providers_are_chosen_with_their_npu_settings(monkeypatch):
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(OnnxExportError, match="no NPU execution provider"):
         providers_for("npu")
+
+
+def test_the_docs_standalone_example_matches_slmctl_generate(tmp_path, trained, capsys):
+    """docs/export.md's ONNX Runtime loop (no slmctl) answers what `slmctl generate` answers."""
+    import re
+    from pathlib import Path
+
+    result, run = export(tmp_path, str(trained), *FAST)
+    assert result.exit_code == 0, result.output
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    code = code.replace('"runs/export/latest/export"', repr(str(run / "export")))
+    capsys.readouterr()
+    exec(compile(code, "docs/export.md", "exec"), {})
+    standalone = capsys.readouterr().out.strip()
+    generated = CliRunner().invoke(app, ["generate", str(run), "prompt=Where does Ana live?", "--max-new-tokens", "16"])
+    assert generated.exit_code == 0, generated.output
+    assert standalone == generated.stdout.splitlines()[1].strip()
+
+
+def test_eval_scores_an_export_like_its_torch_model(tmp_path, trained):
+    result, run = export(tmp_path, str(trained), *FAST)
+    assert result.exit_code == 0, result.output
+    evaluated = CliRunner().invoke(app, ["eval", str(run), str(trained), "task.n_people=200", "limit=8", "bootstrap=20",
+                                         "--runs-dir", str(tmp_path / "runs")])
+    assert evaluated.exit_code == 0, evaluated.output
+    eval_run = sorted((tmp_path / "runs" / "eval").glob("*"))[-1]
+    models = json.loads((eval_run / "metrics.json").read_text())["tasks"]["synthetic_qa"]["models"]
+    onnx_scores, torch_scores = (models[name] for name in models)
+    assert list(models)[0].endswith("export:fp32") and "perplexity" not in onnx_scores
+    assert onnx_scores["exact_match"] == torch_scores["exact_match"] and onnx_scores["f1"] == torch_scores["f1"]

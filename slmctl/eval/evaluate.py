@@ -103,7 +103,10 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
         generators[ref] = load_generator(ref, runs_dir, cfg.device)
     generator = generators[ref]
     run.add_input("run" if _inside_run(generator.path) else "file", ref, generator.path, role="model")
-    label = model_label(generator.path)
+    from slmctl.export.runtime import OnnxLM
+
+    exported = isinstance(generator.model, OnnxLM)  # ONNX Runtime: generation only, no teacher-forced scoring
+    label = model_label(generator.path) + (f":{generator.model.variant}" if exported else "")
     max_new = cfg.generation.max_new_tokens or task.max_new_tokens
     with Progress(transient=True) as progress:
         bar = progress.add_task(f"{task.name} {label}: generating", total=len(examples))
@@ -111,7 +114,9 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
                               cfg.generation.length_penalty, cfg.max_source_len,
                               on_progress=lambda n: progress.advance(bar, n))
     nll = reference_nll(generator, [e.source for e in examples], [e.references[0] if e.references else "" for e in examples],
-                        cfg.batch_size, cfg.max_source_len) if "perplexity" in task.metrics else None
+                        cfg.batch_size, cfg.max_source_len) if "perplexity" in task.metrics and not exported else None
+    if exported and "perplexity" in task.metrics:
+        run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
     return predictions, nll, label
 
 

@@ -83,12 +83,12 @@ def find_export(ref: str | Path, runs_dir: str | Path) -> tuple[Path, str | None
     path = Path(text)
     for candidate in (path, path / "export"):
         if (candidate / SPEC_FILE).is_file():
-            return candidate, variant
+            return candidate.resolve(), variant
     try:
         run_dir = resolve_run(text, runs_dir)
     except RunError:
         return None
-    return (run_dir / "export", variant) if (run_dir / "export" / SPEC_FILE).is_file() else None
+    return ((run_dir / "export").resolve(), variant) if (run_dir / "export" / SPEC_FILE).is_file() else None
 
 
 class OnnxLM:
