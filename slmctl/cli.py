@@ -35,7 +35,7 @@ RUNS_DIR = typer.Option(Path("runs"), "--runs-dir", help="Where run directories 
 NAME = typer.Option(None, "--name", help="Run name (the directory is <runs-dir>/<stage>/<time>-<name>).")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, mps or npu (sets trainer.accelerator for training).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks.")
-TRAINING_STAGES = ("pretrain", "distill")  # the others take --device as `device=`, not a Lightning accelerator
+TRAINING_STAGES = ("pretrain", "distill", "add-vision")  # the others take --device as `device=`, not a Lightning accelerator
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved config and exit.")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -178,6 +178,21 @@ def distill(overrides: Optional[list[str]] = typer.Argument(None, help="key=valu
     run_stage("distill", overrides or [], name, runs_dir, device, verbose, dry_run)
 
 
+@app.command("add-vision", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def add_vision(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (an encoder-decoder run or model dir) "
+                                                               "and key=value overrides (vision=..., data=...)"),
+               name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
+               verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
+    """Attach a vision tower (vision=vit-tiny|vit-small|clip-vit-l-336|siglip) to an encoder-decoder and train
+    it on image-text data (data=shapes|images): stage 1 aligns the projector, stage 2 tunes the model."""
+    arguments = arguments or []
+    models = [a for a in arguments if "=" not in a]
+    if len(models) > 1:
+        fail(f"add-vision takes one text model, got {len(models)}: {' '.join(models)}")
+    overrides = [a for a in arguments if "=" in a] + [f"source={model}" for model in models]
+    run_stage("add-vision", overrides, name, runs_dir, device, verbose, dry_run)
+
+
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (model dirs or runs) and key=value overrides"),
              predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a jsonl of {id, prediction} instead."),
@@ -251,7 +266,7 @@ def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MOD
 
 @app.command()
 def generate(model: str = typer.Argument(..., help="A model directory, a run, or runs/<stage>/latest."),
-             prompts: Optional[list[str]] = typer.Argument(None, help='prompt="..." (repeatable)'),
+             prompts: Optional[list[str]] = typer.Argument(None, help='prompt="..." (repeatable), image=PATH for a vision model'),
              file: Optional[Path] = typer.Option(None, "--file", help="jsonl with a 'prompt' (or 'source') per line."),
              max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
              num_beams: int = typer.Option(1, "--num-beams"),
@@ -260,12 +275,16 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              seed: int = typer.Option(0, "--seed"),
              runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
              threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
+             image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
     from slmctl.generate import generate_text, load_generator
 
     try:
-        texts = [p.split("=", 1)[1] if p.startswith("prompt=") else p for p in (prompts or [])]
+        words = prompts or []
+        image_paths = [Path(w.split("=", 1)[1]) for w in words if w.startswith("image=")] + list(image or [])
+        texts = [p.split("=", 1)[1] if p.startswith("prompt=") else p for p in words if not p.startswith("image=")]
+        images = [_read_image(p) for p in image_paths]
         if file is not None:
             texts += _read_prompt_file(file)
         if not texts:
@@ -286,9 +305,25 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
         return
     for text in texts:
         console.print(f"[bold]> {text}[/bold]", highlight=False)
-        generate_text(generator, text, on_piece=lambda piece: console.print(piece, end="", highlight=False, soft_wrap=True),
-                      max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed)
+        try:
+            generate_text(generator, text, on_piece=lambda piece: console.print(piece, end="", highlight=False, soft_wrap=True),
+                          max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed,
+                          images=images)
+        except (_user_errors() + (ValueError,)) as e:
+            if verbose:
+                raise
+            fail(str(e))
         console.print()
+
+
+def _read_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        fail(f"image {path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
 def _read_prompt_file(path: Path) -> list[str]:

@@ -98,6 +98,24 @@ class FilesDataSchema:
 
 
 @dataclass
+class ShapesDataSchema:
+    kind: str = "shapes"
+    seed: int = 0
+    train_examples: int = 4000
+    validation_examples: int = 100
+
+
+@dataclass
+class ImagesDataSchema:
+    kind: str = "images"
+    train: str = "???"
+    validation: Optional[str] = None
+    validation_fraction: float = 0.05
+    skip_bad: bool = False
+    allow_outside_root: bool = False
+
+
+@dataclass
 class HubDataSchema:
     kind: str = "hub"
     id: str = "???"
@@ -228,7 +246,7 @@ class DistillSchema:
 @dataclass
 class TaskSchema:
     name: str = "???"
-    kind: str = "columns"  # columns | squad | synthetic
+    kind: str = "columns"  # columns | squad | synthetic | shapes | images
     hub_id: Optional[str] = None
     subset: Optional[str] = None
     split: str = "validation"
@@ -299,6 +317,61 @@ class BenchSchema:
 
 
 @dataclass
+class VisionSchema:
+    tower: str = "vit"  # vit | clip | siglip
+    path: Optional[str] = None
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    feature_layer: int = -2
+    anyres: bool = True
+    grids: list = field(default_factory=lambda: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])
+    compress: str = "avgpool"
+    compress_factor: int = 2
+    max_tokens_per_image: int = 64
+    projector: str = "mlp2x_gelu"
+    pixel_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    pixel_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    train_tower: bool = False
+
+
+@dataclass
+class VisionStageSchema:
+    steps: int = 100
+    lr: float = 1e-3
+    tower_lr: Optional[float] = None
+
+
+@dataclass
+class VisionOptimSchema:
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class AddVisionSchema:
+    source: Optional[str] = None
+    seed: int = 0
+    batch_size: int = 16
+    max_source_len: int = 256
+    max_target_len: int = 16
+    stage1: VisionStageSchema = field(default_factory=VisionStageSchema)
+    stage2: VisionStageSchema = field(default_factory=VisionStageSchema)
+    optim: VisionOptimSchema = field(default_factory=VisionOptimSchema)
+    validation_every: int = 100
+    vision: Any = None
+    data: Any = None
+    trainer: Any = None
+
+
+@dataclass
 class StaticShapeSchema:
     enabled: bool = False
     batch: int = 1
@@ -358,9 +431,11 @@ class ExportSchema:
 
 KD_CHOICES = {"kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.targets": ("gold", "teacher", "student", "mix"),
               "kd.cross_tokenizer": ("error", "uld"), "kd.cache_dtype": ("float16", "bfloat16", "float32"),
-              "teacher.dtype": ("auto", "float32", "bfloat16", "float16"), "task.kind": ("columns", "squad", "synthetic"),
+              "teacher.dtype": ("auto", "float32", "bfloat16", "float16"),
+              "task.kind": ("columns", "squad", "synthetic", "shapes", "images"),
               "dtype": ("float32", "bfloat16", "float16"), "runtime": ("auto", "torch", "onnx"), "format": ("json", "csv", "md"),
-              "to": ("onnx",), "external_data": ("auto", "always", "never"),
+              "to": ("onnx",), "vision.tower": ("vit", "clip", "siglip"), "vision.compress": ("none", "avgpool", "ldpv2"),
+              "vision.projector": ("linear", "mlp2x_gelu"), "external_data": ("auto", "always", "never"),
               "qdq.activation_type": ("uint8", "uint16", "int8", "int16"), "qdq.weight_type": ("uint8", "int8")}
 KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
 
@@ -372,17 +447,20 @@ GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     "teacher": ("kind", {"hf": TeacherSchema, "run": TeacherSchema}),
     "task": ("", {"": TaskSchema}),
     "judge": ("kind", {"none": JudgeSchema, "local": JudgeSchema, "endpoint": JudgeSchema}),
-    "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema}),
+    "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema,
+                      "shapes": ShapesDataSchema, "images": ImagesDataSchema}),
+    "vision": ("", {"": VisionSchema}),
     "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema,
                            "teacher": TeacherTokenizerSchema}),
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
 STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema,
-                 "export": ExportSchema}
+                 "export": ExportSchema, "add-vision": AddVisionSchema}
 # each has run(cfg, run)
 STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
-                 "bench": "slmctl.bench.stage", "export": "slmctl.export.stage"}
+                 "bench": "slmctl.bench.stage", "export": "slmctl.export.stage",
+                 "add-vision": "slmctl.train.add_vision"}
 
 
 def stage_module(stage: str):

@@ -57,18 +57,31 @@ def prompt_ids(generator: Generator, text: str) -> list[int]:
 
 def generate_text(generator: Generator, text: str, on_piece: Callable[[str], None] | None = None,
                   max_new_tokens: int = 64, num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int = 0) -> str:
-    """The generated text; `on_piece` receives it as it is produced (whole, for beam search)."""
+                  seed: int = 0, images: list | None = None) -> str:
+    """The generated text; `on_piece` receives it as it is produced (whole, for beam search).
+    `images` (PIL) go to a vision model, one per <image> placeholder (prepended when the prompt has none)."""
     tokenizer = generator.tokenizer
-    ids = torch.tensor([prompt_ids(generator, text)], device=generator.model.device)
     sampling = {"do_sample": temperature > 0, **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {})}
+    if images:
+        from slmctl.model.vlm import VisionEncoderDecoderLM
+
+        if not isinstance(generator.model, VisionEncoderDecoderLM):
+            from slmctl.config import ConfigError
+
+            raise ConfigError(f"{generator.path} has no vision tower: images need a model from `slmctl add-vision`")
+        if "<image>" not in text:
+            text = "<image>\n" * len(images) + text
+        vision = {"images": [images]}
+    else:
+        vision = {}
+    ids = torch.tensor([prompt_ids(generator, text)], device=generator.model.device)
     if generator.kind == "hf-causal" or num_beams > 1:
         if generator.kind == "hf-causal":
             out = generator.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                            num_beams=num_beams, pad_token_id=tokenizer.pad_id,
                                            eos_token_id=tokenizer.eos_id, **sampling)[0, ids.shape[1]:]
         else:
-            out = generator.model.generate(ids, max_new_tokens=max_new_tokens, num_beams=num_beams)[0]
+            out = generator.model.generate(ids, max_new_tokens=max_new_tokens, num_beams=num_beams, **vision)[0]
         result = tokenizer.decode(out.tolist())
         if on_piece:
             on_piece(result)
@@ -86,7 +99,7 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
 
     torch_generator = torch.Generator(device=ids.device).manual_seed(seed) if temperature > 0 else None
     generator.model.generate(ids, max_new_tokens=max_new_tokens, streamer=on_token, generator=torch_generator,
-                             **sampling)
+                             **sampling, **vision)
     result = tokenizer.decode(new)
     if on_piece and result.startswith(shown) and len(result) > len(shown):
         on_piece(result[len(shown):])

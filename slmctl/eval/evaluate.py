@@ -110,11 +110,18 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     max_new = cfg.generation.max_new_tokens or task.max_new_tokens
     with Progress(transient=True) as progress:
         bar = progress.add_task(f"{task.name} {label}: generating", total=len(examples))
+        with_images = any(e.images for e in examples)
+        if with_images:
+            from slmctl.model.vlm import VisionEncoderDecoderLM
+
+            if not isinstance(generator.model, VisionEncoderDecoderLM):
+                raise ConfigError(f"task {task.name} has images; {ref} has no vision tower (make one with `slmctl add-vision`)")
         predictions = predict(generator, [e.source for e in examples], cfg.batch_size, max_new, cfg.generation.num_beams,
                               cfg.generation.length_penalty, cfg.max_source_len,
-                              on_progress=lambda n: progress.advance(bar, n))
+                              on_progress=lambda n: progress.advance(bar, n),
+                              images=[e.images for e in examples] if with_images else None)
     nll = reference_nll(generator, [e.source for e in examples], [e.references[0] if e.references else "" for e in examples],
-                        cfg.batch_size, cfg.max_source_len) if "perplexity" in task.metrics and not exported else None
+                        cfg.batch_size, cfg.max_source_len) if "perplexity" in task.metrics and not exported and not with_images else None
     if exported and "perplexity" in task.metrics:
         run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
     return predictions, nll, label

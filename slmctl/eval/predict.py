@@ -44,8 +44,8 @@ def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, t
 @torch.inference_mode()
 def predict(generator: Generator, sources: list[str], batch_size: int = 16, max_new_tokens: int = 64, num_beams: int = 1,
             length_penalty: float = 1.0, max_source_len: int = 1024,
-            on_progress: Callable[[int], None] | None = None) -> list[str]:
-    """The generated text for every source, in order."""
+            on_progress: Callable[[int], None] | None = None, images: list | None = None) -> list[str]:
+    """The generated text for every source, in order (`images[i]`: source i's images, for a vision model)."""
     tokenizer, model = generator.tokenizer, generator.model
     device = model.device
     prompts = [_prompt(generator, s, max_source_len) for s in sources]
@@ -61,8 +61,9 @@ def predict(generator: Generator, sources: list[str], batch_size: int = 16, max_
                                  eos_token_id=tokenizer.eos_id)[:, width:]
         else:
             ids, mask = _right_pad(rows, tokenizer.pad_id, device)
+            vision = {"images": [list(images[i]) for i in batch]} if images is not None else {}
             new = model.generate(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                 length_penalty=length_penalty)
+                                 length_penalty=length_penalty, **vision)
         for i, tokens in zip(batch, new.tolist()):
             if tokenizer.eos_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_id)]

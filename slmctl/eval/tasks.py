@@ -9,6 +9,8 @@ Three row layouts exist:
 - `squad`: SQuAD v2 rows (id, question, context, answers = {text: [...], answer_start: [...]});
   every answer text is a reference, and none means unanswerable (the expected answer is empty).
 - `synthetic`: the embedded synthetic world's held-out QA (no network).
+- `shapes`: the embedded shape scenes' held-out (test split) questions, with their images.
+- `images`: image-text jsonl rows {image, prompt, answer} (`data_files`), image paths relative to the file.
 
 Examples keep the source order, so `limit=N` always means the same first N examples.
 """
@@ -28,6 +30,7 @@ class EvalExample:
     id: str
     source: str  # the prompt the model reads
     references: list[str]  # empty list: unanswerable (SQuAD v2)
+    images: tuple = ()  # PIL images for a vision model, one per <image> placeholder
 
 
 def load_task(cfg, limit: int | None = None) -> list[EvalExample]:
@@ -38,6 +41,19 @@ def load_task(cfg, limit: int | None = None) -> list[EvalExample]:
         world = SyntheticWorld(seed=cfg.seed, n_people=cfg.n_people)
         rows = world.qa(split="test", n=cfg.n, min_facts=cfg.min_facts, max_facts=cfg.max_facts)
         examples = [EvalExample(r["id"], r["source"], [r["target"]]) for r in rows]
+    elif cfg.kind == "shapes":
+        from slmctl.data.shapes import ShapeScenes
+
+        scenes = ShapeScenes(seed=cfg.seed)
+        examples = [EvalExample(e["id"], e["prompt"], [e["answer"]], (e["image"],))
+                    for e in (scenes.example("test", i) for i in range(min(cfg.n, limit or cfg.n)))]
+    elif cfg.kind == "images":
+        from slmctl.data.images import load_jsonl
+
+        if not cfg.data_files:
+            raise DataError(f"task {cfg.name}: set task.data_files to an image-text jsonl ({{image, prompt, answer}} rows)")
+        rows, _ = load_jsonl(cfg.data_files, limit=limit)
+        examples = [EvalExample(r.id, r.prompt, [r.answer], tuple(r.images)) for r in rows]
     else:
         table, where = _rows(cfg)
         examples = _squad(table, where, cfg) if cfg.kind == "squad" else _columns(table, where, cfg)

@@ -145,6 +145,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         with torch.device("meta"):
             model = build_model(cfg)
         load_state(model, state, source=str(weights))
+        if (model_dir / "vision.json").is_file():  # a vision-language model (slmctl add-vision)
+            from slmctl.model.vlm import attach_saved_vision
+
+            model = attach_saved_vision(model, model_dir)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
 
 

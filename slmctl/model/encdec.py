@@ -45,16 +45,18 @@ class EncoderDecoderLM(LanguageModel):
 
     # -- encoder -------------------------------------------------------------
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final (normed) encoder states [B, S, d_model]."""
-        B, S = input_ids.shape
+    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (normed) encoder states [B, S, d_model] of token ids, or of `inputs_embeds`
+        [B, S, d_model] (token embeddings with image tokens spliced in)."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
         if has_padding(attention_mask):
             positions = padding_positions(attention_mask, centred=True)
         else:
-            positions = (torch.arange(S, device=input_ids.device) - (S - 1) // 2)[None]
+            positions = (torch.arange(S, device=x.device) - (S - 1) // 2)[None]
         rope = self.rope(positions, S, self.dtype)
         mask, _ = self.self_attention_mask(attention_mask, S, causal=False)
-        x = self.embed(input_ids)
         for layer in self.encoder.layers:
             x = layer(x, rope, mask, False)
         return self.encoder.norm(x)
@@ -90,15 +92,15 @@ class EncoderDecoderLM(LanguageModel):
             cache.advance(T)
         return self.decoder.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None) -> LMOutput:
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                labels=None, inputs_embeds=None) -> LMOutput:
         """Teacher-forced logits [B, T, vocab]. Without `decoder_input_ids`, the decoder
         sees BOS + labels[:-1] (labels of -100 become padding)."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
-        encoder_out = self.encode(input_ids, attention_mask)
+        encoder_out = self.encode(input_ids, attention_mask, inputs_embeds)
         hidden = self.decode(decoder_input_ids, encoder_out, self.memory_mask(attention_mask), decoder_attention_mask)
         logits = self.lm_head(hidden)
         loss = self.loss(logits, labels) if labels is not None else None
@@ -111,23 +113,23 @@ class EncoderDecoderLM(LanguageModel):
 
     # -- generation ----------------------------------------------------------
 
-    def start_decoding(self, input_ids, attention_mask, max_new_tokens) -> "EncoderDecoderSession":
-        return EncoderDecoderSession(self, input_ids, attention_mask, max_new_tokens)
+    def start_decoding(self, input_ids, attention_mask, max_new_tokens, inputs_embeds=None) -> "EncoderDecoderSession":
+        return EncoderDecoderSession(self, input_ids, attention_mask, max_new_tokens, inputs_embeds)
 
 
 class EncoderDecoderSession:
     """Incremental decoding state: the encoder runs once, every decoder layer's
     cross-attention keys/values are computed once, self-attention grows a KV cache."""
 
-    def __init__(self, model: EncoderDecoderLM, input_ids, attention_mask, max_new_tokens: int):
+    def __init__(self, model: EncoderDecoderLM, input_ids, attention_mask, max_new_tokens: int, inputs_embeds=None):
         cfg = model.config
         self.model = model
-        encoder_out = model.encode(input_ids, attention_mask)
+        encoder_out = model.encode(input_ids, attention_mask, inputs_embeds)
         self.memory = [layer.cross_attn.memory(encoder_out) for layer in model.decoder.layers]
         self.memory_mask = model.memory_mask(attention_mask)
-        self.cache = KVCache(cfg.n_decoder_layers, input_ids.shape[0], cfg.n_kv_heads, max_new_tokens + 1,
+        self.batch_size = encoder_out.shape[0]
+        self.cache = KVCache(cfg.n_decoder_layers, self.batch_size, cfg.n_kv_heads, max_new_tokens + 1,
                              cfg.head_dim, model.dtype, model.device)
-        self.batch_size = input_ids.shape[0]
 
     def first_logits(self) -> torch.Tensor:
         """Logits [B, vocab] for the first new token (the decoder reads BOS)."""

@@ -1,0 +1,227 @@
+"""The add-vision stage: a text encoder-decoder + a vision tower -> a vision-language model.
+
+`run(cfg, run)` attaches the tower, compressor and projector of `cfg.vision` to the
+encoder-decoder `cfg.source` and trains in two Lightning stages, as LLaVA-style models are:
+
+    stage 1 (align)  projector + compressor trained; tower and language model frozen
+    stage 2 (tune)   projector + compressor + language model; the tower too when
+                     vision.train_tower (our own ViTs, trained from scratch), at stage2.tower_lr
+
+What each stage froze and trained is written to `stages.json`. The model directory holds the
+text model's files plus vision.safetensors / vision.json; the summary reports exact match on
+the held-out validation examples against chance (always answering each question kind's most
+frequent answer).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from slmctl.config import ConfigError
+from slmctl.data import objectives as obj
+from slmctl.data.images import ImageExample, load_jsonl
+from slmctl.data.tokenizer import TextTokenizer
+from slmctl.model import load_model
+from slmctl.model.vision import VisionConfig
+from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
+from slmctl.train.datamodule import PretrainDataModule
+from slmctl.train.module import LMTrainingModule, lr_lambda
+from slmctl.train.pretrain import model_dir_of, progress_bar, quiet_lightning
+from slmctl.train.run_logger import RunLogger
+
+PARTS = ("tower", "compressor", "projector", "text")
+
+
+class ShapeExamples:
+    """The shape scenes of one split as a lazily rendered sequence of `ImageExample`s."""
+
+    def __init__(self, seed: int, split: str, n: int):
+        from slmctl.data.shapes import ShapeScenes
+
+        self.scenes, self.split, self.n = ShapeScenes(seed=seed), split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> ImageExample:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        e = self.scenes.example(self.split, index)
+        return ImageExample(e["prompt"], e["answer"], [e["image"]], e["id"], e["kind"])
+
+
+class VisionTrainingModule(LMTrainingModule):
+    """LMTrainingModule with one learning rate per part (projector, tower, language model)."""
+
+    def __init__(self, model, optim, max_steps: int, lrs: dict[str, float]):
+        super().__init__(model, optim, max_steps)
+        self.lrs = lrs
+
+    def configure_optimizers(self):
+        groups = []
+        for part, lr in self.lrs.items():
+            params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": self.optim.weight_decay})
+        o = self.optim
+        optimizer = torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def run(cfg, run):
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if not cfg.source:
+        raise ConfigError("give the text model: slmctl add-vision MODEL vision=... data=... (an encoder-decoder run or model dir)")
+    source = model_dir_of(cfg.source, run)
+    text = load_model(source)
+    if isinstance(text, VisionEncoderDecoderLM):
+        raise ConfigError(f"{cfg.source} already has a vision tower; add-vision starts from a text model")
+    if not text.config.is_encoder_decoder:
+        raise ConfigError(f"{cfg.source} is a decoder-only model; add-vision feeds images to an encoder (use an encoder-decoder)")
+    run.add_input("run", str(cfg.source), source, role="text model")
+    tokenizer = TextTokenizer.load(source)
+    train, validation = _data(cfg, run)
+    vision_settings = OmegaConf.to_container(cfg.vision, resolve=True)
+    train_tower = vision_settings.pop("train_tower")
+    torch.manual_seed(cfg.seed)
+    model = VisionEncoderDecoderLM(text, VisionConfig.from_dict(vision_settings), tokenizer.image_id)
+    if model.vision_config.tower != "vit" and model.vision_config.path:
+        run.add_input("file" if _is_local(model.vision_config.path) else "hub", model.vision_config.path,
+                      model.vision_config.path, role="vision tower")
+    counts = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in PARTS}
+    run.log("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in counts.items()))
+
+    special = obj.SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id, sentinels=tokenizer.sentinel_ids)
+    make_batch = partial(make_vision_batch, tokenizer=tokenizer, special=special, max_source=cfg.max_source_len,
+                         max_target=cfg.max_target_len)
+    datamodule = PretrainDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed)
+    stages, started = [], time.perf_counter()
+    for number, settings in ((1, cfg.stage1), (2, cfg.stage2)):
+        trained = ["compressor", "projector"] + (["text"] if number == 2 else []) + (["tower"] if number == 2 and train_tower else [])
+        lrs = {part: (settings.tower_lr or settings.lr) if part == "tower" else settings.lr for part in trained}
+        for part in PARTS:
+            getattr(model, part).requires_grad_(part in trained)
+        stages.append({"stage": number, "steps": settings.steps, "trained": trained,
+                       "frozen": [p for p in PARTS if p not in trained], "lr": lrs,
+                       "trainable_parameters": sum(counts[p] for p in trained)})
+        run.log(f"stage {number}: training {', '.join(trained)} for {settings.steps} steps; frozen: {', '.join(stages[-1]['frozen'])}")
+        if settings.steps > 0:  # steps=0 skips a stage (e.g. stage2.steps=0: alignment only)
+            _fit(cfg, run, model, datamodule, number, settings.steps, lrs)
+    run.write_json("stages.json", stages)
+    save_vision_model(model, run.model_dir, tokenizer)
+    accuracy = held_out_accuracy(model, tokenizer, validation, cfg.max_target_len)
+    run.write_json("validation.json", accuracy)
+    summary = {"exact_match": accuracy["exact_match"], "chance": accuracy["chance"]["overall"],
+               "tokens_per_image": accuracy["tokens_per_image"], "examples": accuracy["n"],
+               "train_seconds": round(time.perf_counter() - started, 1), "tower": model.vision_config.tower,
+               "compress": model.vision_config.compress}
+    run.succeed(summary)
+    return run
+
+
+def _is_local(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).exists()
+
+
+def _data(cfg, run):
+    data = cfg.data
+    if data.kind == "shapes":
+        run.log(f"data: shape scenes (seed {data.seed}): {data.train_examples} train / {data.validation_examples} validation")
+        return ShapeExamples(data.seed, "train", data.train_examples), ShapeExamples(data.seed, "validation", data.validation_examples)
+    if data.kind != "images":
+        raise ConfigError(f"add-vision takes data=shapes or data=images (image-text jsonl), not data={data.kind}")
+    train, skipped = load_jsonl(data.train, data.skip_bad, data.allow_outside_root)
+    run.add_input("file", data.train, data.train, role="train data")
+    if data.validation:
+        validation, skipped_val = load_jsonl(data.validation, data.skip_bad, data.allow_outside_root)
+        run.add_input("file", data.validation, data.validation, role="validation data")
+        skipped += skipped_val
+    else:
+        cut = max(1, int(len(train) * data.validation_fraction))
+        if cut >= len(train):
+            raise ConfigError(f"{data.train}: too few examples ({len(train)}) to hold out a validation split")
+        train, validation = train[:-cut], train[-cut:]
+    run.log(f"data: {len(train)} train / {len(validation)} validation examples"
+            + (f"; {skipped} rows skipped for unreadable images" if skipped else ""))
+    return train, validation
+
+
+def make_vision_batch(examples: list[ImageExample], rngs, tokenizer: TextTokenizer, special, max_source: int,
+                      max_target: int) -> dict:
+    """Encoder: the prompt with its <image> placeholders; decoder: the answer + eos."""
+    pairs = []
+    for e in examples:
+        source = tokenizer.encode(e.prompt)[:max_source]
+        if source.count(tokenizer.image_id) != len(e.images):
+            raise ConfigError(f"example {e.id}: {source.count(tokenizer.image_id)} <image> placeholder(s) for "
+                              f"{len(e.images)} image(s) (after cutting the prompt to max_source_len={max_source})")
+        pairs.append(obj.seq2seq(source, tokenizer.encode(e.answer), special, max_source, max_target))
+    batch = obj.collate_seq2seq(pairs, special)
+    batch.pop("decoder_attention_mask")
+    batch["images"] = [e.images for e in examples]
+    return batch
+
+
+def _fit(cfg, run, model, datamodule, number: int, steps: int, lrs: dict) -> None:
+    module = VisionTrainingModule(model, cfg.optim, steps, lrs)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args.update(max_steps=steps, val_check_interval=min(cfg.validation_every, steps))
+    checkpoints = ModelCheckpoint(dirpath=run.checkpoint_dir / f"stage{number}", filename="step-{step:08d}",
+                                  auto_insert_metric_name=False, every_n_train_steps=steps, save_top_k=-1)
+    progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
+    trainer = L.Trainer(logger=RunLogger(run, prefix=f"stage{number}_"), callbacks=[checkpoints, *progress],
+                        default_root_dir=str(run.path), **trainer_args)
+    trainer.fit(module, datamodule=datamodule)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+
+@torch.inference_mode()
+def held_out_accuracy(model, tokenizer: TextTokenizer, examples, max_new_tokens: int, batch_size: int = 16) -> dict:
+    """Greedy exact match (SQuAD normalisation) overall and per question kind, with chance."""
+    from slmctl.data.shapes import chance
+    from slmctl.eval.metrics import exact_match
+
+    items = [examples[i] for i in range(len(examples))]
+    predictions = predict_images(model, tokenizer, items, max_new_tokens, batch_size)
+    correct = [exact_match(p, [e.answer]) for p, e in zip(predictions, items)]
+    kinds = sorted({e.kind for e in items if e.kind})
+    per_kind = {k: sum(c for c, e in zip(correct, items) if e.kind == k) / sum(e.kind == k for e in items) for k in kinds}
+    tokens = [t.shape[0] for e in items[:16] for t in model.image_tokens(e.images)]
+    baseline = chance([{"kind": e.kind or "all", "answer": e.answer} for e in items])
+    return {"n": len(items), "exact_match": sum(correct) / len(items), "per_kind": per_kind, "chance": baseline,
+            "tokens_per_image": sum(tokens) / max(len(tokens), 1),
+            "examples": [{"id": e.id, "prompt": e.prompt, "answer": e.answer, "prediction": p}
+                         for e, p in list(zip(items, predictions))[:20]]}
+
+
+def predict_images(model, tokenizer: TextTokenizer, examples: list[ImageExample], max_new_tokens: int,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy answers for image-text examples, in order."""
+    outputs = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        rows = [tokenizer.encode(e.prompt) for e in chunk]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        new = model.generate(ids.to(model.device), mask.to(model.device), images=[e.images for e in chunk],
+                             max_new_tokens=max_new_tokens)
+        for tokens in new.tolist():
+            if tokenizer.eos_id in tokens:
+                tokens = tokens[:tokens.index(tokenizer.eos_id)]
+            outputs.append(tokenizer.decode(tokens).strip())
+    return outputs
