@@ -15,7 +15,7 @@ from slmctl.runs import Run
 
 TINY_VISION = ["vision.image_size=32", "vision.patch_size=8", "vision.width=32", "vision.layers=2", "vision.heads=2",
                "vision.max_tokens_per_image=16", "batch_size=4", "validation_every=2", "stage1.steps=3", "stage2.steps=3",
-               "trainer.enable_progress_bar=false"]
+               "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 SHAPES = ["data.train_examples=24", "data.validation_examples=6"]
 
 
@@ -39,11 +39,12 @@ def text_runs(tmp_path_factory):
 
 def add_vision(runs, *args):
     result = CliRunner().invoke(app, ["add-vision", *args, "--runs-dir", str(runs)])
-    found = sorted(p for p in (runs / "add-vision").glob("*") if p.name != "latest") if (runs / "add-vision").exists() else []
+    stage_dir = runs / "add-vision"
+    found = sorted(p for p in stage_dir.glob("*-*") if p.is_dir() and p.name != "latest") if stage_dir.exists() else []
     return result, (found[-1] if found else None)
 
 
-def test_two_stages_train_the_right_parts_and_write_a_loadable_vision_model(text_runs):
+def test_two_stages_train_the_right_parts_and_write_a_loadable_vision_model(text_runs, tmp_path):
     runs, made = text_runs
     result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES)
     assert result.exit_code == 0, result.output
@@ -60,7 +61,7 @@ def test_two_stages_train_the_right_parts_and_write_a_loadable_vision_model(text
     ids = torch.tensor([[3, 10, 11]])
     assert model.generate(ids, images=[[image]], max_new_tokens=4).shape[1] <= 4
     generated = CliRunner().invoke(app, ["generate", str(run), "prompt=<image>\nWhat color is the circle?",
-                                         "--image", str(_save(image, run.parent / "x.png")), "--max-new-tokens", "4"])
+                                         "--image", str(_save(image, tmp_path / "x.png")), "--max-new-tokens", "4"])
     assert generated.exit_code == 0, generated.output
 
 

@@ -173,13 +173,15 @@ class VisionEncoderDecoderLM(nn.Module):
 
 def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, tokenizer=None) -> Path:
     """The text model's directory plus vision.safetensors and vision.json (a Hugging Face tower's
-    config in vision_tower/, its weights in vision.safetensors)."""
+    config in vision_tower/, its weights in vision.safetensors); `tokenizer`: a TextTokenizer."""
     from safetensors.torch import save_file
 
     from slmctl.atomic import atomic_write_text
     from slmctl.model.checkpoint import save_model
 
-    directory = save_model(model.text, directory, tokenizer)
+    directory = save_model(model.text, directory)
+    if tokenizer is not None:
+        tokenizer.save(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("text.")}
     temporary = directory / f".{VISION_WEIGHTS}.tmp"
     save_file(state, str(temporary), metadata={"format": "pt", "slmctl": "1"})

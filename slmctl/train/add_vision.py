@@ -49,7 +49,9 @@ class ShapeExamples:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> ImageExample:
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
         if not 0 <= index < self.n:
             raise IndexError(index)
         e = self.scenes.example(self.split, index)
