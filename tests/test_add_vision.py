@@ -97,3 +97,59 @@ def test_bad_inputs_are_one_line_errors(text_runs, tmp_path):
                              "data.skip_bad=true", "data.validation_fraction=0.3")
     assert result.exit_code == 0, result.output
     assert "1 rows skipped for unreadable images" in (run / "log.txt").read_text()
+
+
+def test_eval_scores_a_vision_model_on_held_out_shape_scenes(text_runs):
+    runs, made = text_runs
+    result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES, "--name", "for-eval")
+    assert result.exit_code == 0, result.output
+    evaluated = CliRunner().invoke(app, ["eval", str(run), "task=shapes_vqa", "limit=6", "bootstrap=20", "--runs-dir", str(runs)])
+    assert evaluated.exit_code == 0, evaluated.output
+    eval_run = sorted(p for p in (runs / "eval").glob("*-*") if p.is_dir())[-1]
+    scores = json.loads((eval_run / "metrics.json").read_text())["tasks"]["shapes_vqa"]
+    assert scores["n"] == 6 and 0 <= next(iter(scores["models"].values()))["exact_match"]["value"] <= 1
+    text_only = CliRunner().invoke(app, ["eval", str(made["encdec"]), "task=shapes_vqa", "limit=2", "--runs-dir", str(runs)])
+    assert text_only.exit_code == 2 and "has no vision tower" in " ".join(text_only.output.split())
+
+
+def test_a_siglip_tower_loads_from_a_directory(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from slmctl.model import build_model
+    from slmctl.model.vision import VisionConfig
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    vision = VisionConfig(tower="siglip", path=str(tmp_path / "siglip"), anyres=False, compress="none")
+    vlm = VisionEncoderDecoderLM(build_model("tiny", seed=0), vision, image_token_id=3).eval()
+    assert vlm.image_tokens([Image.new("RGB", (32, 32))])[0].shape == (16, 64)  # no class token to drop
+    from slmctl.model.vlm import save_vision_model
+
+    save_vision_model(vlm, tmp_path / "saved")
+    loaded = load_model(tmp_path / "saved")
+    image = Image.new("RGB", (32, 32), (9, 99, 199))
+    assert torch.equal(loaded.image_tokens([image])[0], vlm.image_tokens([image])[0])
+
+
+def test_a_vision_model_exports_to_onnx_and_generates_what_torch_generates(text_runs):
+    from slmctl.data.shapes import ShapeScenes
+    from slmctl.export.runtime import OnnxLM
+
+    runs, made = text_runs
+    result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=1", "--name", "for-export")
+    assert result.exit_code == 0, result.output
+    exported = CliRunner().invoke(app, ["export", "onnx", str(run), "validation.prompt_lens=[4,9]", "validation.steps=8",
+                                        "--runs-dir", str(runs)])
+    assert exported.exit_code == 0, exported.output
+    export_run = sorted(p for p in (runs / "export").glob("*-*") if p.is_dir())[-1]
+    report = json.loads((export_run / "validation.json").read_text())
+    assert report["passed"] and report["vision_max_abs_diff"] <= 1e-4
+    assert (export_run / "export" / "vision.onnx").is_file()
+    onnx_model, vlm = OnnxLM(export_run / "export"), load_model(run / "model").eval()
+    scenes = ShapeScenes(seed=5)
+    images = [[scenes.example("test", 0)["image"]], [scenes.example("test", 1)["image"], scenes.example("test", 2)["image"]]]
+    ids = torch.tensor([[3, 40, 41, 0], [42, 3, 43, 3]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert torch.equal(onnx_model.generate(ids, mask, images=images, max_new_tokens=6),
+                       vlm.generate(ids, mask, images=images, max_new_tokens=6))

@@ -7,7 +7,7 @@ from PIL import Image
 from slmctl.data.shapes import ShapeScenes, chance
 from slmctl.model import build_model
 from slmctl.model.anyres import assemble, best_grid, tile_image, tokens_for
-from slmctl.model.compress import TokenCompressor
+from slmctl.model.compress import TokenCompressor, cap
 from slmctl.model.vision import VisionConfig
 from slmctl.model.vlm import VisionEncoderDecoderLM
 
@@ -42,8 +42,9 @@ def test_compression_reduces_tokens_by_the_factor_squared_and_respects_the_cap(k
     assert pooled.shape == (8, 6, 8) and pooled.shape[0] * pooled.shape[1] * 4 == 16 * 12
     assert torch.allclose(pooled[0, 0], features[:2, :2].mean(dim=(0, 1)), atol=1e-6)  # ldpv2 starts as the average
     assert TokenCompressor(kind, 2, channels=8)(torch.randn(5, 7, 8)).shape[:2] == (3, 4)  # border repeated
-    capped = compressor(features, budget=20)
+    capped = cap(pooled, 20)
     assert capped.shape[0] * capped.shape[1] <= 20 and capped.shape[0] > capped.shape[1]
+    assert compressor(features[None].repeat(3, 1, 1, 1)).shape == (3, 8, 6, 8)  # a batch of crops
     assert TokenCompressor("none", 2, channels=8)(features).shape == features.shape
 
 

@@ -6,7 +6,8 @@ one case. These modules compute the same function over the same weights with sha
 tensor ops only, so one traced graph serves every prompt length and cache length, with no
 `If` nodes:
 
-    EncoderGraph        input_ids, attention_mask -> encoder states, cross-attention K/V per layer
+    VisionGraph         image crops -> projected image-token maps (tower, compression, projector)
+    EncoderGraph        input_ids, attention_mask (+ image_features) -> encoder states, cross K/V per layer
     DecoderGraph        one or more decoder tokens + self-attention cache + cross K/V -> last logits,
                         the grown cache (empty cache on the first step)
     StaticDecoderGraph  one token + a fixed-size cache + its position -> last logits, this step's K/V
@@ -116,20 +117,42 @@ def causal_bias(start: torch.Tensor, T: int, keys: int, dtype: torch.dtype) -> t
     return additive_mask((torch.arange(keys).unsqueeze(0) <= query)[None, None], dtype)
 
 
+class VisionGraph(nn.Module):
+    """pixel_values [N, 3, S, S] (crops in [0, 1]: each image's global view, then its tiles) ->
+    image_tokens [N, g', g', d_model]. Assembling an image's tiles and the token cap are cheap
+    index and pooling steps the caller does (slmctl.model.vlm.arrange_tokens)."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vlm.crop_tokens(pixel_values)
+
+
 class EncoderGraph(nn.Module):
     """input_ids, attention_mask [B, S] -> encoder_hidden_states [B, S, D], then cross-attention
-    keys and values [B, KV, S, d] of every decoder layer (computed once per prompt)."""
+    keys and values [B, KV, S, d] of every decoder layer (computed once per prompt).
 
-    def __init__(self, model):
+    With `image_token_id`, a third input image_features [M, D] holds the image tokens of the
+    whole batch in order; input_ids carries one image_token_id per image token (each <image>
+    placeholder expanded to its image's token count), and those positions read the features."""
+
+    def __init__(self, model, image_token_id: int | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.image_token_id = model, image_token_id
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None = None):
         model = self.model
         positions = padding_positions(attention_mask, centred=True)
         cos_sin = rope(positions, torch.tensor(input_ids.shape[1]), model.config)
         bias = key_bias(attention_mask, model.dtype)
         x = model.embed(input_ids)
+        if image_features is not None:
+            is_image = input_ids == self.image_token_id
+            order = (torch.cumsum(is_image.reshape(-1).long(), dim=0) - 1).clamp(min=0)
+            spliced = image_features.index_select(0, order).reshape(x.shape)
+            x = torch.where(is_image.unsqueeze(-1), spliced, x)
         for layer in model.encoder.layers:
             x = x + self_attention(layer.attn, rms_norm(layer.attn_norm, x), cos_sin, bias)[0]
             x = x + mlp(layer.mlp, rms_norm(layer.mlp_norm, x))

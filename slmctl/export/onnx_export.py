@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slmctl.export.graphs import DecoderGraph, DecoderOnlyGraph, EncoderGraph, StaticDecoderGraph
+from slmctl.export.graphs import DecoderGraph, DecoderOnlyGraph, EncoderGraph, StaticDecoderGraph, VisionGraph
 from slmctl.model.config import ModelConfig
 
 OPSET = 20
@@ -40,7 +40,17 @@ def _io(name: str, shape: list, dtype: str = "float32") -> dict:
 def export_graphs(model, directory: Path, static: dict | None = None, external_data: str = "auto",
                   prefix: str = "") -> dict:
     """Export `model` (eval, fp32, cpu) into `directory`; returns the variant's description:
-    {"graphs": {role: {file, inputs, outputs}}, "cache_names": ..., "static": ...}."""
+    {"graphs": {role: {file, inputs, outputs}}, "cache_names": ..., "static": ...}. A vision model
+    adds vision.onnx, and its encoder takes image_features."""
+    from slmctl.model.vlm import VisionEncoderDecoderLM
+
+    vlm = model if isinstance(model, VisionEncoderDecoderLM) else None
+    if vlm is not None:
+        if static:
+            from slmctl.config import ConfigError
+
+            raise ConfigError("--static is not available for vision models yet (their prompt length depends on the image)")
+        model = vlm.text
     cfg = model.config
     names = cache_names(cfg)
     kv = [cfg.n_kv_heads, cfg.head_dim]
@@ -54,10 +64,18 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
         mask = torch.ones_like(ids)
         encoder_inputs = [_io("input_ids", [B, S], "int64"), _io("attention_mask", [B, S], "int64")]
         encoder_outputs = [_io("encoder_hidden_states", [B, S, cfg.d_model]), *cross_io]
-        graphs["encoder"] = _export(EncoderGraph(model), (ids, mask), directory / f"{prefix}encoder.onnx",
+        encoder, encoder_args = EncoderGraph(model), (ids, mask)
+        if vlm is not None:
+            graphs["vision"] = _export_vision(vlm, directory / f"{prefix}vision.onnx", external_data)
+            ids = ids.clone()
+            ids[:, 1:3] = vlm.image_token_id
+            encoder = EncoderGraph(model, vlm.image_token_id)
+            encoder_args = (ids, mask, torch.randn(4, cfg.d_model))
+            encoder_inputs.append(_io("image_features", ["image_tokens", cfg.d_model]))
+        graphs["encoder"] = _export(encoder, encoder_args, directory / f"{prefix}encoder.onnx",
                                     encoder_inputs, encoder_outputs, static is None, external_data)
         with torch.no_grad():
-            cross = EncoderGraph(model)(ids, mask)[1:]
+            cross = encoder(*encoder_args)[1:]
         if static:
             C = static["capacity"]
             past = [torch.zeros(ids.shape[0], kv[0], C, kv[1]) for _ in names["past"]]
@@ -92,6 +110,18 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
         graphs["decoder"] = _export(DecoderOnlyGraph(model), (ids, mask, *past), directory / f"{prefix}model.onnx",
                                     inputs, outputs, True, external_data)
     return {"graphs": graphs, "cache_names": names, "static": static}
+
+
+def _export_vision(vlm, path: Path, external_data: str) -> dict:
+    size = vlm.tower.image_size
+    pixels = torch.rand(3, 3, size, size)
+    with torch.no_grad():
+        grid = tuple(VisionGraph(vlm)(pixels).shape[1:3])
+    inputs = [_io("pixel_values", ["crops", 3, size, size])]
+    outputs = [_io("image_tokens", ["crops", grid[0], grid[1], vlm.config.d_model])]
+    graph = _export(VisionGraph(vlm), (pixels,), path, inputs, outputs, True, external_data)
+    graph["vision"] = vlm.vision_config.to_dict() | {"tile": size, "image_token_id": vlm.image_token_id}
+    return graph
 
 
 def _dynamic_axes(entries: list[dict]) -> dict:

@@ -96,6 +96,7 @@ class OnnxLM:
 
     training = False
     recorder: dict | None = None  # role -> list of input dicts, while calibrating
+    image_features = None  # the image tokens of the generation in progress (vision exports)
     device = torch.device("cpu")  # where input and output tensors live (ORT copies to its device)
     dtype = torch.float32
 
@@ -145,11 +146,73 @@ class OnnxLM:
             return StaticOnnxSession(self, input_ids, attention_mask, max_new_tokens)
         return EncoderDecoderOnnxSession(self, input_ids, attention_mask, max_new_tokens)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, images=None,
+                 **kwargs) -> torch.Tensor:
+        """New token ids [B, T_new]; `images[b]`: row b's PIL images for a vision export."""
         from slmctl.model.generation import generate
 
-        with torch.inference_mode():
-            return generate(self, input_ids, attention_mask=attention_mask, **kwargs).clone()
+        if "vision" in self.sessions:
+            input_ids, attention_mask, self.image_features = self.prepare_images(
+                input_ids, attention_mask, images or [[] for _ in range(input_ids.shape[0])])
+        elif images and any(images):
+            raise OnnxExportError(f"{self.directory} has no vision graph: images need an export of an add-vision model")
+        try:
+            with torch.inference_mode():
+                return generate(self, input_ids, attention_mask=attention_mask, **kwargs).clone()
+        finally:
+            self.image_features = None
+
+    @property
+    def is_vision(self) -> bool:
+        return "vision" in self.sessions
+
+    def prepare_images(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: list[list]):
+        """(input_ids with each <image> placeholder repeated once per image token, its mask, the
+        image tokens of the batch in order [M, d_model]): vision.onnx on every crop, then each
+        image's tiles assembled and capped as `slmctl.model.vlm.arrange_tokens` does."""
+        from slmctl.model.vision import VisionConfig
+        from slmctl.model.vlm import arrange_tokens, image_crops
+
+        meta = self.graphs["graphs"]["vision"]["vision"]
+        cfg = VisionConfig.from_dict({k: v for k, v in meta.items() if k not in ("tile", "image_token_id")})
+        image_id = meta["image_token_id"]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        crops, layout = [], []
+        for row in images:
+            for image in row:
+                pixels, grid = image_crops(image, cfg, meta["tile"])
+                crops.append(pixels)
+                layout.append((grid, image.size, pixels.shape[0]))
+        tokens = []
+        if crops:
+            maps = torch.from_numpy(self.run("vision", {"pixel_values": torch.cat(crops).numpy()})[0].numpy())
+            start = 0
+            for grid, size, count in layout:
+                tokens.append(arrange_tokens(maps[start:start + count], grid, size, cfg.max_tokens_per_image))
+                start += count
+        rows, flat, k = [], [], 0
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b][mask[b].bool()].tolist()
+            expanded = []
+            for token in ids:
+                if token == image_id:
+                    if k >= len(tokens) or b >= len(images):
+                        raise OnnxExportError(f"prompt {b} has more <image> placeholders than images")
+                    expanded += [image_id] * tokens[k].shape[0]
+                    flat.append(tokens[k])
+                    k += 1
+                else:
+                    expanded.append(token)
+            rows.append(expanded)
+        if k != len(tokens):
+            raise OnnxExportError(f"{len(tokens)} images for {k} <image> placeholders")
+        width = max(len(r) for r in rows)
+        new_ids = torch.full((len(rows), width), self.config.pad_token_id, dtype=torch.long)
+        new_mask = torch.zeros_like(new_ids)
+        for b, row in enumerate(rows):
+            new_ids[b, :len(row)], new_mask[b, :len(row)] = torch.tensor(row, dtype=torch.long), 1
+        features = torch.cat(flat) if flat else torch.zeros(1, self.config.d_model)  # never empty: a Gather needs a row
+        return new_ids, new_mask, features.float().numpy()
 
     # -- running one graph ---------------------------------------------------------
 
@@ -201,7 +264,11 @@ class EncoderDecoderOnnxSession:
     def __init__(self, lm: OnnxLM, input_ids, attention_mask, max_new_tokens: int):
         self.lm = lm
         self.mask = _mask(input_ids, attention_mask)
-        outputs = lm.run("encoder", {"input_ids": _ids(input_ids), "attention_mask": self.mask})
+        inputs = {"input_ids": _ids(input_ids), "attention_mask": self.mask}
+        if lm.is_vision:
+            inputs["image_features"] = lm.image_features if lm.image_features is not None else np.zeros(
+                (1, lm.config.d_model), dtype=np.float32)
+        outputs = lm.run("encoder", inputs)
         self.cross = outputs[1:]
         self.cache = lm.empty_cache(input_ids.shape[0], 0)
         self.batch_size = input_ids.shape[0]

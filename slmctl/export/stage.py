@@ -53,8 +53,10 @@ def run(cfg, run):
     if not report["passed"]:  # no slmctl_onnx.json: nothing describes these graphs as usable
         worst, cases = report["max_abs_logit_diff"], report["cases"]
         diverged = [c["prompt_len"] for c in cases if not c["greedy_identical"]]
+        vision = report.get("vision_max_abs_diff")
         raise ValidationFailed(f"validation failed: max |logit diff| {worst:.3g} (tolerance {report['tolerance']:g})"
-                               + (f", greedy tokens differ for prompt lengths {diverged}" if diverged else ""))
+                               + (f", greedy tokens differ for prompt lengths {diverged}" if diverged else "")
+                               + (f", vision graph max |diff| {vision:.3g}" if vision is not None else ""))
     spec["validation"] = {k: report[k] for k in ("passed", "max_abs_logit_diff", "tolerance", "greedy_identical")}
     quantized = {}
     if cfg.quantize:
@@ -153,6 +155,10 @@ def _validate(cfg, model, onnx_model, static) -> dict:
     seed = cfg.validation.seed if cfg.validation.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
     steps = cfg.validation.steps if not static else min(cfg.validation.steps, static["capacity"])
     batch = static["batch"] if static else cfg.validation.batch
+    if onnx_model.is_vision:
+        from slmctl.export.validate import validate_vision
+
+        return validate_vision(model, onnx_model, lens, steps, batch, cfg.validation.tolerance, seed)
     return validate(model, onnx_model, lens, steps, batch, cfg.validation.tolerance, seed)
 
 

@@ -35,8 +35,12 @@ def random_batch(config, batch: int, length: int, generator: torch.Generator, pa
 def compare_decoding(reference, candidate, input_ids, attention_mask, steps: int) -> dict:
     """Greedy decoding led by `reference` (torch); `candidate` reads the same tokens.
     -> {max_abs_logit_diff, greedy_identical, first_divergence (step or None), tokens}"""
-    ours = reference.start_decoding(input_ids, attention_mask, steps)
-    theirs = candidate.start_decoding(input_ids, attention_mask, steps)
+    return compare_sessions(reference.start_decoding(input_ids, attention_mask, steps),
+                            candidate.start_decoding(input_ids, attention_mask, steps), steps)
+
+
+def compare_sessions(ours, theirs, steps: int) -> dict:
+    """`compare_decoding` over two started decoding sessions."""
     expected, got = ours.first_logits(), theirs.first_logits()
     worst, divergence, tokens = 0.0, None, []
     for step in range(steps):
@@ -67,6 +71,38 @@ def validate(model, onnx_model, prompt_lens: list[int], steps: int, batch: int, 
     identical = all(c["greedy_identical"] for c in cases)
     return {"passed": worst <= tolerance and identical, "max_abs_logit_diff": worst, "tolerance": tolerance,
             "greedy_identical": identical, "seed": seed, "cases": cases}
+
+
+@torch.inference_mode()
+def validate_vision(vlm, onnx_model, prompt_lens: list[int], steps: int, batch: int, tolerance: float, seed: int) -> dict:
+    """A vision export: vision.onnx against the torch tower + compressor + projector on random crops,
+    then greedy decoding with shape-scene images (each prompt starts with <image>), as `validate`."""
+    from slmctl.data.shapes import ShapeScenes
+
+    generator = torch.Generator().manual_seed(seed)
+    size = vlm.tower.image_size
+    pixels = torch.rand(3, 3, size, size, generator=generator)
+    got = torch.from_numpy(onnx_model.run("vision", {"pixel_values": pixels.numpy()})[0].numpy())
+    vision_diff = (vlm.crop_tokens(pixels) - got).abs().max().item()
+    scenes, cases = ShapeScenes(seed=seed), []
+    for length in prompt_lens:
+        ids, mask = random_batch(vlm.config, batch, max(length, 2), generator, "right")
+        ids[:, 0] = vlm.image_token_id
+        images = [[scenes.example("validation", length * batch + b)["image"]] for b in range(batch)]
+        embeds, embed_mask = vlm.embed_inputs(ids, mask, images)
+        ours = vlm.text.start_decoding(None, embed_mask, steps, inputs_embeds=embeds)
+        expanded, expanded_mask, onnx_model.image_features = onnx_model.prepare_images(ids, mask, images)
+        try:
+            result = compare_sessions(ours, onnx_model.start_decoding(expanded, expanded_mask, steps), steps)
+        finally:
+            onnx_model.image_features = None
+        cases.append({"prompt_len": length, "batch": batch, "steps": steps, "max_abs_logit_diff": result["max_abs_logit_diff"],
+                      "greedy_identical": result["greedy_identical"], "first_divergence": result["first_divergence"]})
+    worst = max(c["max_abs_logit_diff"] for c in cases)
+    identical = all(c["greedy_identical"] for c in cases)
+    return {"passed": worst <= tolerance and identical and vision_diff <= tolerance, "max_abs_logit_diff": worst,
+            "vision_max_abs_diff": vision_diff, "tolerance": tolerance, "greedy_identical": identical, "seed": seed,
+            "cases": cases}
 
 
 def token_agreement(reference, candidate, prompts: list[torch.Tensor], steps: int) -> dict:

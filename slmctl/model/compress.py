@@ -6,8 +6,9 @@
               stride `factor`, initialised to the average) followed by a positional block
               (a 3x3 depthwise conv added to its input, initialised to zero: an identity at first)
 
-Feature maps are [H, W, C]; a map whose side is not a multiple of `factor` is padded by
-repeating its border, so every output token averages real features.
+Compression runs per crop (the global view and every tile), on maps [N, H, W, C]; a map whose
+side is not a multiple of `factor` is padded by repeating its border, so every output token
+averages real features. `cap` then pools an assembled map down to a token budget.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class TokenCompressor(nn.Module):
             nn.init.zeros_(self.position.weight)
             nn.init.zeros_(self.position.bias)
 
-    def forward(self, feature_map: torch.Tensor, budget: int | None = None) -> torch.Tensor:
-        """[H, W, C] -> [H', W', C], then pooled down to at most `budget` tokens when given."""
-        x = feature_map.permute(2, 0, 1)[None]  # [1, C, H, W]
+    def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """[N, H, W, C] (or one map [H, W, C]) -> [N, H', W', C]."""
+        single = feature_maps.dim() == 3
+        x = (feature_maps[None] if single else feature_maps).permute(0, 3, 1, 2)  # [N, C, H, W]
         if self.kind != "none" and self.factor > 1:
             f = self.factor
             pad_h, pad_w = (-x.shape[2]) % f, (-x.shape[3]) % f
@@ -51,6 +53,14 @@ class TokenCompressor(nn.Module):
                 x = self.pool(x)
         if self.kind == "ldpv2":
             x = x + self.position(x)
-        if budget is not None and x.shape[2] * x.shape[3] > budget:
-            x = F.adaptive_avg_pool2d(x, cap_shape(x.shape[2], x.shape[3], budget))
-        return x[0].permute(1, 2, 0)
+        x = x.permute(0, 2, 3, 1)
+        return x[0] if single else x
+
+
+def cap(feature_map: torch.Tensor, budget: int) -> torch.Tensor:
+    """[H, W, C] average-pooled down to at most `budget` tokens (aspect ratio kept); unchanged if it fits."""
+    H, W, _ = feature_map.shape
+    if H * W <= budget:
+        return feature_map
+    x = F.adaptive_avg_pool2d(feature_map.permute(2, 0, 1)[None], cap_shape(H, W, budget))
+    return x[0].permute(1, 2, 0)

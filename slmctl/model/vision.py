@@ -64,6 +64,27 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
 
+class ViTBlock(nn.Module):
+    """Pre-norm: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, mlp_ratio * width)
+        self.fc2 = nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.out(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.mlp_norm(x))))
+
+
 class ViT(nn.Module):
     """A plain pre-norm ViT: patch embedding, learned positions, transformer blocks."""
 
@@ -74,10 +95,9 @@ class ViT(nn.Module):
         self.cfg, self.image_size = cfg, cfg.image_size
         self.patch = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.positions = nn.Parameter(torch.randn(1, cfg.grid_side ** 2, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.mlp_ratio * cfg.width, dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(cfg.layers))
+        if cfg.width % cfg.heads:
+            raise ValueError(f"vision.width {cfg.width} must be a multiple of vision.heads {cfg.heads}")
+        self.blocks = nn.ModuleList(ViTBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.register_buffer("mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
 

@@ -1,7 +1,8 @@
 """A vision-language encoder-decoder, as in the paper: image tokens enter the ENCODER.
 
     image -> [global view + any-resolution tiles] -> tower (patch features, layer -2)
-          -> re-assembled feature map -> compression (+ cap) -> projector (-> d_model)
+          -> compression and projector per crop (-> d_model)
+          -> tiles re-assembled into one map, padding removed, pooled down to the token cap
     prompt "<image>\\nWhat color is the triangle?" -> token embeddings with each <image>
           placeholder replaced by that image's projected tokens -> encoder
     decoder: unchanged; it sees the image only through cross-attention.
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from slmctl.model.anyres import assemble, best_grid, tile_image
-from slmctl.model.compress import TokenCompressor
+from slmctl.model.compress import TokenCompressor, cap
 from slmctl.model.vision import VisionConfig, build_tower
 
 PROJECTORS = ("linear", "mlp2x_gelu")
@@ -40,6 +41,24 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def image_crops(image, cfg: VisionConfig, tile: int) -> tuple[torch.Tensor, tuple | None]:
+    """(crops [1 + tiles, 3, tile, tile] in [0, 1]: the global view first; the grid, or None without anyres)."""
+    if not cfg.anyres:
+        return tile_image(image, (1, 1), tile)[1], None
+    grid = best_grid(image.size, cfg.grids, tile)
+    tiles, global_view = tile_image(image, grid, tile)
+    return torch.cat([global_view, tiles]), grid
+
+
+def arrange_tokens(maps: torch.Tensor, grid: tuple | None, size: tuple[int, int], budget: int) -> torch.Tensor:
+    """One image's projected token maps (global view first, then its tiles) -> its tokens [n, d_model]:
+    the global view's, then the re-assembled, un-padded high-resolution map's, pooled to the budget."""
+    parts = [cap(maps[0], budget).flatten(0, 1)]
+    if grid is not None:
+        parts.append(cap(assemble(maps[1:], grid, size), max(budget - parts[0].shape[0], 1)).flatten(0, 1))
+    return torch.cat(parts)
 
 
 class VisionEncoderDecoderLM(nn.Module):
@@ -72,13 +91,7 @@ class VisionEncoderDecoderLM(nn.Module):
     # -- images -> tokens ------------------------------------------------------------------
 
     def crops(self, image) -> tuple[torch.Tensor, tuple | None]:
-        """(crops [1 + tiles, 3, S, S]: the global view first, the grid or None)."""
-        cfg, size = self.vision_config, self.tower.image_size
-        if not cfg.anyres:
-            return tile_image(image, (1, 1), size)[1], None
-        grid = best_grid(image.size, cfg.grids, size)
-        tiles, global_view = tile_image(image, grid, size)
-        return torch.cat([global_view, tiles]), grid
+        return image_crops(image, self.vision_config, self.tower.image_size)
 
     def image_tokens(self, images: list) -> list[torch.Tensor]:
         """Projected tokens [n_i, d_model] of each PIL image (one tower call for all crops)."""
@@ -89,23 +102,22 @@ class VisionEncoderDecoderLM(nn.Module):
             pixels, grid = self.crops(image)
             crops.append(pixels)
             layout.append((grid, image.size, pixels.shape[0]))
-        pixels = torch.cat(crops).to(self.device, self.tower_dtype)
+        crop_tokens = self.crop_tokens(torch.cat(crops).to(self.device, self.tower_dtype))
+        return [self.arrange(crop_tokens[start:start + count], grid, size)
+                for (grid, size, count), start in zip(layout, _offsets([count for _, _, count in layout]))]
+
+    def crop_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Crops [N, 3, S, S] in [0, 1] -> projected token maps [N, g', g', d_model]
+        (tower, compression, projector: the exported vision graph)."""
         if any(p.requires_grad for p in self.tower.parameters()):
             features = self.tower(pixels)
         else:  # a frozen tower: no activations kept for backward
             with torch.no_grad():
                 features = self.tower(pixels)
-        cap = self.vision_config.max_tokens_per_image
-        tokens, offset = [], 0
-        for grid, size, count in layout:
-            maps = features[offset:offset + count].to(self.dtype)
-            offset += count
-            parts = [self.compressor(maps[0], budget=cap).flatten(0, 1)]
-            if grid is not None:
-                high = self.compressor(assemble(maps[1:], grid, size), budget=max(cap - parts[0].shape[0], 1))
-                parts.append(high.flatten(0, 1))
-            tokens.append(self.projector(torch.cat(parts)))
-        return tokens
+        return self.projector(self.compressor(features.to(self.dtype)))
+
+    def arrange(self, maps: torch.Tensor, grid: tuple | None, size: tuple[int, int]) -> torch.Tensor:
+        return arrange_tokens(maps, grid, size, self.vision_config.max_tokens_per_image)
 
     @property
     def tower_dtype(self) -> torch.dtype:
@@ -169,6 +181,14 @@ class VisionEncoderDecoderLM(nn.Module):
         finally:
             self.train(was_training)
         return new_tokens.clone()
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    starts, total = [], 0
+    for n in counts:
+        starts.append(total)
+        total += n
+    return starts
 
 
 def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, tokenizer=None) -> Path:
