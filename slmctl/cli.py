@@ -221,6 +221,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           output_format: Optional[str] = typer.Option(None, "--format", help="json, csv or md records to stdout."),
           estimate: Optional[str] = typer.Option(None, "--estimate", help="Roofline prediction for a conf/hardware profile "
                                                  "(this-cpu, a100, h100, ...); with --repeat 0 nothing is run."),
+          image_size: str = typer.Option("336x336", "--image-size", help="Vision models: the image each prompt carries (WxH)."),
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
     """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m)."""
@@ -235,10 +236,13 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
     for option, text in (("--input-lens", input_lens), ("--output-lens", output_lens), ("--batch", batch)):
         if not all(v.strip().isdigit() for v in text.split(",")):
             fail(f"{option} takes comma-separated integers, e.g. 256,512,1024; got {text!r}")
+    width, _, height = image_size.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        fail(f"--image-size takes WIDTHxHEIGHT, e.g. 672x336; got {image_size!r}")
     overrides = [f"input_lens=[{input_lens}]", f"output_lens=[{output_lens}]", f"batch=[{batch}]", f"repeat={repeat}",
                  f"warmup={warmup}", f"dtype={dtype}", f"runtime={runtime}",
                  *([f"threads={threads}"] if threads else []), *([f"format={output_format}"] if output_format else []),
-                 *([f"estimate={estimate}"] if estimate else []),
+                 *([f"estimate={estimate}"] if estimate else []), f"image_size=[{width},{height}]",
                  *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 

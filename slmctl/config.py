@@ -313,6 +313,7 @@ class BenchSchema:
     threads: Optional[int] = None
     format: Optional[str] = None
     estimate: Optional[str] = None  # a conf/hardware profile: add roofline predictions
+    image_size: list = field(default_factory=lambda: [336, 336])  # vision models: the image each prompt carries
     seed: int = 0
 
 

@@ -153,3 +153,10 @@ def test_a_vision_model_exports_to_onnx_and_generates_what_torch_generates(text_
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     assert torch.equal(onnx_model.generate(ids, mask, images=images, max_new_tokens=6),
                        vlm.generate(ids, mask, images=images, max_new_tokens=6))
+
+    bench = CliRunner().invoke(app, ["bench", str(export_run), str(run), "--input-lens", "8", "--output-lens", "3",
+                                     "--repeat", "1", "--image-size", "96x48", "--format", "json", "--runs-dir", str(runs)])
+    assert bench.exit_code == 0, bench.output
+    records = json.loads(bench.stdout[bench.stdout.index("["):bench.stdout.rindex("]") + 1])
+    assert [r["runtime"] for r in records] == ["onnx", "torch"] and records[0]["image_size"] == [96, 48]
+    assert records[0]["tokens_per_image"] == records[1]["tokens_per_image"] <= 16 and records[1]["vision_ms"] > 0

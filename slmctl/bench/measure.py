@@ -86,10 +86,15 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: 
 
 
 def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output_len: int, repeat: int, warmup: int,
-            seed: int = 0) -> tuple[dict, list[GenerationTiming]]:
-    """(median / p90 / stdev summary, the timed samples) of generating `output_len` tokens."""
+            seed: int = 0, image=None) -> tuple[dict, list[GenerationTiming]]:
+    """(median / p90 / stdev summary, the timed samples) of generating `output_len` tokens. With
+    `image` (a vision model), every prompt starts with an <image> placeholder for it."""
     model = loaded.model
     prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, model.device)
+    vision = {}
+    if image is not None:
+        prompts[:, 0] = image_token_id(model)
+        vision = {"images": [[image] for _ in range(batch)]}
 
     def generate(on_token) -> int:
         count = 0
@@ -100,7 +105,7 @@ def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output
             count += 1
             on_token()
 
-        model.generate(prompts, max_new_tokens=output_len, min_new_tokens=output_len, streamer=streamer)
+        model.generate(prompts, max_new_tokens=output_len, min_new_tokens=output_len, streamer=streamer, **vision)
         _sync(device)
         return count
 
@@ -108,6 +113,36 @@ def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output
         generate(lambda: None)
     samples = [time_generation(generate) for _ in range(repeat)]
     return summarize(samples), samples
+
+
+def is_vision(model) -> bool:
+    from slmctl.model.vlm import VisionEncoderDecoderLM
+
+    return isinstance(model, VisionEncoderDecoderLM) or bool(getattr(model, "is_vision", False))
+
+
+def image_token_id(model) -> int:
+    if hasattr(model, "image_token_id"):
+        return model.image_token_id
+    return model.graphs["graphs"]["vision"]["vision"]["image_token_id"]  # an ONNX export
+
+
+def time_vision(model, image, repeat: int) -> tuple[float, int]:
+    """(median ms to turn one image into its tokens: tiling, tower, compression, projector,
+    assembly; the image's token count)."""
+    import statistics
+
+    times, count = [], 0
+    for _ in range(max(repeat, 1) + 1):  # the first call warms up
+        started = time.perf_counter()
+        with torch.inference_mode():
+            if hasattr(model, "image_tokens"):
+                count = model.image_tokens([image])[0].shape[0]
+            else:
+                ids = torch.tensor([[image_token_id(model)]])
+                count = model.prepare_images(ids, None, [[image]])[2].shape[0]
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]) * 1e3, count
 
 
 def reset_peak_memory(device: str) -> None:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slmctl.bench import flops
-from slmctl.bench.measure import load_for_bench, measure, peak_memory_mb, reset_peak_memory
+from slmctl.bench.measure import is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory, time_vision
 from slmctl.runs import owning_run
 
 console = Console()
@@ -62,14 +62,22 @@ def run(cfg, run):
         params = loaded.model.num_parameters()
         if loaded.runtime == "onnx":
             run.add_input("run" if owning_run(loaded.model.directory) else "file", ref, loaded.model.directory, role="model")
+        image = _bench_image(cfg) if is_vision(loaded.model) else None
+        vision = {}
+        if image is not None:
+            vision_ms, tokens = time_vision(loaded.model, image, cfg.repeat)
+            vision = {"image_size": list(image.size), "tokens_per_image": tokens, "vision_ms": vision_ms}
+            shown.print(f"{loaded.name}: a {image.size[0]}x{image.size[1]} image -> {tokens} tokens in {vision_ms:.1f} ms",
+                        highlight=False)
         for batch in cfg.batch:
             for input_len in cfg.input_lens:
                 for output_len in cfg.output_lens:
                     if cfg.repeat == 0:  # an estimate only
                         records.append(_estimate_only(cfg, loaded, params, batch, input_len, output_len, profile))
                         continue
-                    summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed)
-                    record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment)
+                    summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed,
+                                               image)
+                    record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) | vision
                     if profile:
                         _add_prediction(record, loaded.model.config, cfg, profile)
                     records.append(record)
@@ -115,6 +123,14 @@ def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples,
         "samples": [{"first_token_ms": s.first_token_s * 1e3, "decode_tok_s": s.decode_tokens_per_s * batch,
                      "e2e_ms": s.total_s * 1e3} for s in samples],
     }
+
+
+def _bench_image(cfg):
+    """A shape scene resized to `image_size` (width, height): what a vision model reads per prompt."""
+    from slmctl.data.shapes import ShapeScenes
+
+    width, height = cfg.image_size
+    return ShapeScenes(seed=cfg.seed).example("test", 0)["image"].resize((int(width), int(height)))
 
 
 def _add_prediction(record: dict, config, cfg, profile: dict) -> dict:
