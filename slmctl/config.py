@@ -103,6 +103,7 @@ class ShapesDataSchema:
     seed: int = 0
     train_examples: int = 4000
     validation_examples: int = 100
+    max_shapes: int = 4
 
 
 @dataclass
@@ -262,6 +263,7 @@ class TaskSchema:
     n: int = 200
     min_facts: int = 8
     max_facts: int = 16
+    max_shapes: int = 4  # shapes kind: shapes per scene, 1 to this
 
 
 @dataclass

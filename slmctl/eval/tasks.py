@@ -44,7 +44,7 @@ def load_task(cfg, limit: int | None = None) -> list[EvalExample]:
     elif cfg.kind == "shapes":
         from slmctl.data.shapes import ShapeScenes
 
-        scenes = ShapeScenes(seed=cfg.seed)
+        scenes = ShapeScenes(seed=cfg.seed, max_shapes=cfg.max_shapes)
         examples = [EvalExample(e["id"], e["prompt"], [e["answer"]], (e["image"],))
                     for e in (scenes.example("test", i) for i in range(min(cfg.n, limit or cfg.n)))]
     elif cfg.kind == "images":

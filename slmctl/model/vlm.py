@@ -30,14 +30,21 @@ VISION_WEIGHTS, VISION_CONFIG, TOWER_DIR = "vision.safetensors", "vision.json", 
 
 
 class Projector(nn.Module):
-    """Vision features -> d_model: one Linear, or Linear-GELU-Linear (LLaVA's mlp2x_gelu)."""
+    """Vision features -> d_model: LayerNorm, then one Linear or Linear-GELU-Linear (LLaVA's
+    mlp2x_gelu). The norm and an output layer initialised at the scale of the token embeddings
+    (`token_std`) make image tokens start as loud as text tokens: raw tower features (a residual
+    stream) can be tens of times larger, and then drown the prompt."""
 
-    def __init__(self, kind: str, width: int, d_model: int):
+    def __init__(self, kind: str, width: int, d_model: int, token_std: float = 0.02):
         super().__init__()
         if kind not in PROJECTORS:
             raise ValueError(f"vision.projector must be one of {', '.join(PROJECTORS)}, got {kind!r}")
-        layers = [nn.Linear(width, d_model)] if kind == "linear" else [nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model)]
+        layers = [nn.LayerNorm(width)]
+        layers += [nn.Linear(width, d_model)] if kind == "linear" else [nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model)]
         self.net = nn.Sequential(*layers)
+        last = self.net[-1]
+        nn.init.normal_(last.weight, std=token_std / last.in_features ** 0.5 * (2.0 if kind == "mlp2x_gelu" else 1.0))
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -70,7 +77,8 @@ class VisionEncoderDecoderLM(nn.Module):
         self.tower = build_tower(vision, pretrained_tower)
         self.vision_config = dataclasses.replace(vision, feature_width=self.tower.width)
         self.compressor = TokenCompressor(vision.compress, vision.compress_factor, self.tower.width)
-        self.projector = Projector(vision.projector, self.tower.width, text.config.d_model)
+        self.projector = Projector(vision.projector, self.tower.width, text.config.d_model,
+                                   token_std=float(text.embed.weight.detach().float().std()))
         self.image_token_id = image_token_id
 
     @property

@@ -41,10 +41,10 @@ PARTS = ("tower", "compressor", "projector", "text")
 class ShapeExamples:
     """The shape scenes of one split as a lazily rendered sequence of `ImageExample`s."""
 
-    def __init__(self, seed: int, split: str, n: int):
+    def __init__(self, seed: int, split: str, n: int, max_shapes: int = 4):
         from slmctl.data.shapes import ShapeScenes
 
-        self.scenes, self.split, self.n = ShapeScenes(seed=seed), split, n
+        self.scenes, self.split, self.n = ShapeScenes(seed=seed, max_shapes=max_shapes), split, n
 
     def __len__(self) -> int:
         return self.n
@@ -140,7 +140,8 @@ def _data(cfg, run):
     data = cfg.data
     if data.kind == "shapes":
         run.log(f"data: shape scenes (seed {data.seed}): {data.train_examples} train / {data.validation_examples} validation")
-        return ShapeExamples(data.seed, "train", data.train_examples), ShapeExamples(data.seed, "validation", data.validation_examples)
+        return (ShapeExamples(data.seed, "train", data.train_examples, data.max_shapes),
+                ShapeExamples(data.seed, "validation", data.validation_examples, data.max_shapes))
     if data.kind != "images":
         raise ConfigError(f"add-vision takes data=shapes or data=images (image-text jsonl), not data={data.kind}")
     train, skipped = load_jsonl(data.train, data.skip_bad, data.allow_outside_root)
