@@ -15,6 +15,7 @@ run (exit 1), and the graphs are not described as usable.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -152,7 +153,7 @@ def _validate(cfg, model, onnx_model, static) -> dict:
     lens = [int(n) for n in cfg.validation.prompt_lens]
     if static:
         lens = sorted({min(n, static["prompt_len"]) for n in lens})
-    seed = cfg.validation.seed if cfg.validation.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
+    seed = cfg.validation.seed if cfg.validation.seed is not None else int.from_bytes(os.urandom(4), "little")
     steps = cfg.validation.steps if not static else min(cfg.validation.steps, static["capacity"])
     batch = static["batch"] if static else cfg.validation.batch
     if onnx_model.is_vision:
