@@ -112,10 +112,7 @@ class OnnxLM:
         if self.variant not in self.spec["variants"]:
             raise OnnxExportError(f"{directory}: no {self.variant!r} graphs (has: {', '.join(self.spec['variants'])})")
         self.graphs = self.spec["variants"][self.variant]
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = _options(threads, spinning=True)
         providers = providers_for(device)
         self.output_device = "cuda" if device == "cuda" else "cpu"
         self.sessions = {}
@@ -123,7 +120,10 @@ class OnnxLM:
             path = self.directory / graph["file"]
             if not path.is_file():
                 raise OnnxExportError(f"{path} is missing from the export")
-            self.sessions[role] = ort.InferenceSession(str(path), options, providers=providers)
+            role_options = options
+            if role in ("encoder", "vision"):  # run once per prompt: their threads must not spin on while the decoder runs
+                role_options = _options(threads, spinning=False)
+            self.sessions[role] = ort.InferenceSession(str(path), role_options, providers=providers)
         self.load_s = time.perf_counter() - started
 
     @property
@@ -238,6 +238,21 @@ class OnnxLM:
         cfg = self.config
         shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in range(2 * cfg.n_decoder_layers)]
+
+
+def _options(threads: int | None, spinning: bool):
+    """Session options: full graph optimisation, `threads` intra-op threads; `spinning=False` lets the
+    threads sleep as soon as a run ends (measured at 330m: the first decoder step after the encoder
+    took 57-63 ms with the encoder's threads still spinning, 48-58 ms without)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _logits(value) -> torch.Tensor:
