@@ -45,7 +45,8 @@ def _targets(directory: Path, source: dict, prefix: str) -> dict[str, tuple[Path
     return out
 
 
-def _finish(directory: Path, source: dict, graphs: dict, method: str) -> dict:
+def _finish(source: dict, graphs: dict, method: dict) -> dict:
+    """The quantized variant's description (slmctl_onnx.json), after checking each graph."""
     import onnx
 
     for _, path, target in graphs.values():
@@ -67,7 +68,7 @@ def quantize_int8(directory: Path, source: dict, per_channel: bool = True, prefi
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                              weight_type=_quant_type("int8"), use_external_data_format=bool(graph.get("external_data")),
                              extra_options={"MatMulConstBOnly": True})
-    return _finish(directory, source, graphs, {"method": "dynamic", "weights": "int8", "per_channel": per_channel})
+    return _finish(source, graphs, {"method": "dynamic", "weights": "int8", "per_channel": per_channel})
 
 
 class _Feeds:
@@ -111,4 +112,4 @@ def quantize_qdq(directory: Path, source: dict, feeds: dict[str, list[dict]], ac
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     method = {"method": "static-qdq", "activations": activation_type, "weights": weight_type, "per_channel": per_channel,
               "calibration_runs": {role: len(f) for role, f in feeds.items()}}
-    return _finish(directory, source, graphs, method)
+    return _finish(source, graphs, method)

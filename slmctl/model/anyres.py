@@ -79,14 +79,6 @@ def assemble(tile_features: torch.Tensor, grid: tuple[int, int], size: tuple[int
     return full[top:top + content_h, left:left + content_w]
 
 
-def tokens_for(size: tuple[int, int], grids, tile: int, patch: int) -> int:
-    """Patch tokens before compression: the global view plus the un-padded high-resolution map."""
-    grid = best_grid(size, grids, tile)
-    g = tile // patch
-    w, h = fitted_size(size, (grid[0] * g, grid[1] * g))
-    return g * g + w * h
-
-
 def cap_shape(height: int, width: int, cap: int) -> tuple[int, int]:
     """The largest (h, w) with h * w <= cap and the aspect ratio of (height, width) kept."""
     if height * width <= cap:
