@@ -105,6 +105,7 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     from slmctl.config import stage_module
 
     from slmctl.export.validate import ValidationFailed
+    from slmctl.train.module import TrainingDiverged
 
     module = stage_module(stage)
     try:
@@ -112,6 +113,11 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     except ValidationFailed as e:  # a measured failure, not a usage error
         run.fail(str(e))
         fail(str(e), code=1)
+    except TrainingDiverged as e:
+        kept = sorted(run.checkpoint_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        message = f"{e}; last good checkpoint: {kept[-1]}" if kept else f"{e}; no checkpoint was written before it"
+        run.fail(message)
+        fail(message, code=1)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into SystemExit after a graceful stop)
         run.interrupt(f"interrupted by the user (resume with resume={run.path})")
         fail(f"interrupted; resume with: slmctl {stage} resume={run.path}", code=130)

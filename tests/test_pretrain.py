@@ -1,5 +1,7 @@
 """The pretrain stage: learning, resuming, and the artifacts other stages consume."""
 
+import json
+
 import pytest
 import torch
 from conftest import Crash
@@ -115,3 +117,22 @@ def test_cli_resume_latest_finishes_a_killed_run(tmp_path):
     assert (tmp_path / "runs" / "pretrain" / "latest").resolve() == killed.path
     nothing_left = runner.invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(tmp_path / "runs")])
     assert nothing_left.exit_code == 2 and "no unfinished pretrain run" in nothing_left.output
+
+
+def test_a_diverging_loss_fails_the_run_at_its_step_and_keeps_the_checkpoints_before_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from slmctl.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", *BASE, "model=tiny", "optim.lr=1e30", "optim.warmup_steps=1",
+                                      "trainer.gradient_clip_val=0", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                                      "checkpoint_every=1", "--runs-dir", str(tmp_path / "runs")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "training diverged" in message and "Traceback" not in result.output
+    step = int(message.split("at step ")[1].split(":")[0])
+    run = next((tmp_path / "runs" / "pretrain").glob("*-pretrain"))
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and f"at step {step}" in status["error"]
+    kept = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert len(kept) == step and "last good checkpoint" in status["error"]  # one per finished step before it
+    assert not (run / "model").exists()

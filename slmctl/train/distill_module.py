@@ -20,7 +20,7 @@ import torch
 
 from slmctl.train import kd_losses
 from slmctl.train.distill_data import DistillBatcher
-from slmctl.train.module import LMTrainingModule
+from slmctl.train.module import LMTrainingModule, check_finite
 from slmctl.train.teacher import Teacher, cut_after_eos
 
 STUDENT_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
@@ -101,6 +101,7 @@ class DistillModule(LMTrainingModule):
             if self.kd.targets == "mix":
                 self.log("on_policy", float(source == "student"), on_step=True, on_epoch=False)
         loss = ce if kd is None else alpha * kd + (1 - alpha) * ce
+        check_finite(loss, self.global_step)
         size = int(batch["labels"].shape[0])
         self._log_throughput(int((batch["labels"] != -100).sum()))
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)

@@ -16,6 +16,17 @@ import numpy as np
 import torch
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite: the run fails (exit 1) at that step; the
+    checkpoints written before it are kept."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise TrainingDiverged(f"the training loss is {float(loss.detach()):g} at step {step}: training diverged "
+                               f"(lower optim.lr, or look for bad data in that batch)")
+
+
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate at `step`: linear warmup, then cosine to min_lr_ratio."""
     if step < warmup_steps:
@@ -44,6 +55,7 @@ class LMTrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, tokens = self.loss_and_tokens(batch)
+        check_finite(loss, self.global_step)
         self._log_throughput(tokens)
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
