@@ -50,11 +50,12 @@ INPUT_KINDS = ("run", "file", "hub", "preset")
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"  # the pid of the process writing the run; two processes never write one run
 # Files the Run object keeps itself; write_text/json/bytes refuse them.
 BOOKKEEPING_FILES = ("config.yaml", "command.txt", "env.json", "status.json", "metrics.jsonl", "log.txt",
                      "inputs.json", MANIFEST)
 # Left out of the manifest because they change after it is written (or are it).
-NOT_IN_MANIFEST = (MANIFEST, "status.json", "log.txt", "metrics.jsonl")
+NOT_IN_MANIFEST = (MANIFEST, "status.json", "log.txt", "metrics.jsonl", LOCK)
 KEY_METRICS = ("val_loss", "loss", "score")
 VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "onnx", "onnxruntime")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -108,6 +109,7 @@ class Run:
         started = utc_now()
         path = claim_directory(stage_dir, f"{started:%Y%m%d-%H%M%S}-{name}")
         run = cls(path, stage, name, started, "running")
+        run._lock()
         atomic_write_text(path / "config.yaml", config_yaml)
         atomic_write_text(path / "command.txt", shlex.join(str(arg) for arg in argv) + "\n")
         atomic_write_text(path / "env.json", to_json(environment(device)))
@@ -128,8 +130,10 @@ class Run:
                    datetime.fromisoformat(status["started"]), status["status"])
 
     def resume(self) -> None:
-        """Mark an interrupted (or killed, still "running") run as running again."""
+        """Mark an interrupted (or killed, still "running") run as running again; refused while
+        another live process holds the run's lock."""
         self._check_writable()
+        self._lock()
         self._write_status("running")
         self._append_log("resumed")
 
@@ -208,6 +212,7 @@ class Run:
         self._check_writable()
         atomic_write_text(self.path / MANIFEST, to_json(build_manifest(self.path)))
         self._write_status("succeeded", summary=summary or {})
+        self._unlock()
         try:
             point_latest(self.path)
         except OSError as e:  # "latest" is a convenience: resolution scans status.json files without it
@@ -219,14 +224,43 @@ class Run:
         self._check_writable()
         self._append_log(f"failed: {error}")
         self._write_status("failed", error=first_line(error, default="failed"))
+        self._unlock()
 
     def interrupt(self, error: str = "interrupted") -> None:
         """Mark the run interrupted; it stays writable so it can be resumed."""
         self._check_writable()
         self._append_log(error)
         self._write_status("interrupted", error=first_line(error, default="interrupted"))
+        self._unlock()
 
     # ---- internals ----------------------------------------------------------------
+
+    def _lock(self) -> None:
+        """Take the run's lock file (O_EXCL create, our pid inside). A lock held by this process is
+        ours already; one whose process is gone (killed) is stale and taken over."""
+        lock = self.path / LOCK
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner == os.getpid():
+                    return
+                if owner is not None and _alive(owner):
+                    raise RunError(f"{self.path} is in use by process {owner} (another slmctl is writing it); "
+                                   f"wait for it to finish or stop it") from None
+                self._append_log(f"taking over the lock of process {owner}, which is gone")
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return
+        raise RunError(f"{self.path}: could not take the run's lock file {lock}")
+
+    def _unlock(self) -> None:
+        lock = self.path / LOCK
+        if _lock_owner(lock) == os.getpid():
+            lock.unlink(missing_ok=True)
 
     def _check_writable(self) -> None:
         if self._status in SEALED_STATUSES:
@@ -472,6 +506,23 @@ def point_latest(run_dir: Path) -> None:
     finally:
         if temporary.is_symlink():
             temporary.unlink()
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def claim_directory(stage_dir: Path, base_name: str) -> Path:

@@ -386,3 +386,28 @@ def test_list_runs_newest_first_with_key_metric(tmp_path, clock):
 
     assert [info.path for info in list_runs(tmp_path, "pretrain")] == [running.path, second.path, first.path]
     assert list_runs(tmp_path, "export") == [] and list_runs(tmp_path / "nothing-here") == []
+
+
+def test_a_run_is_locked_by_its_writer_and_released_when_it_ends(tmp_path):
+    run = new_run(tmp_path)
+    assert (run.path / ".lock").read_text().strip() == str(os.getpid())
+    run.succeed()
+    assert not (run.path / ".lock").exists()
+    assert ".lock" not in json.loads((run.path / "MANIFEST.json").read_text())
+
+
+def test_a_second_process_cannot_resume_a_locked_run_but_a_dead_owner_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    run = new_run(tmp_path)
+    run.interrupt("stopped")
+    (run.path / ".lock").write_text("1\n")  # init: alive, and not us
+    with pytest.raises(RunError, match="is in use by process 1"):
+        Run.open(run.path).resume()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run.path / ".lock").write_text(dead.stdout)
+    reopened = Run.open(run.path)
+    reopened.resume()
+    assert (run.path / ".lock").read_text().strip() == str(os.getpid())
+    assert f"taking over the lock of process {dead.stdout.strip()}" in (run.path / "log.txt").read_text()
