@@ -93,7 +93,7 @@ def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output
     prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, model.device)
     vision = {}
     if image is not None:
-        prompts[:, 0] = image_token_id(model)
+        prompts[:, 0] = model.image_token_id
         vision = {"images": [[image] for _ in range(batch)]}
 
     def generate(on_token) -> int:
@@ -116,15 +116,8 @@ def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output
 
 
 def is_vision(model) -> bool:
-    from slmctl.model.vlm import VisionEncoderDecoderLM
-
-    return isinstance(model, VisionEncoderDecoderLM) or bool(getattr(model, "is_vision", False))
-
-
-def image_token_id(model) -> int:
-    if hasattr(model, "image_token_id"):
-        return model.image_token_id
-    return model.graphs["graphs"]["vision"]["vision"]["image_token_id"]  # an ONNX export
+    """A vision model, in torch (`VisionEncoderDecoderLM`) or exported (`OnnxLM` with vision.onnx)."""
+    return getattr(model, "image_token_id", None) is not None
 
 
 def time_vision(model, image, repeat: int) -> tuple[float, int]:
@@ -139,7 +132,7 @@ def time_vision(model, image, repeat: int) -> tuple[float, int]:
             if hasattr(model, "image_tokens"):
                 count = model.image_tokens([image])[0].shape[0]
             else:
-                ids = torch.tensor([[image_token_id(model)]])
+                ids = torch.tensor([[model.image_token_id]])
                 count = model.prepare_images(ids, None, [[image]])[2].shape[0]
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:]) * 1e3, count

@@ -29,11 +29,24 @@ class ImageExample:
     kind: str = ""
 
 
-def shape_examples(seed: int, split: str, n: int) -> list[ImageExample]:
-    from slmctl.data.shapes import ShapeScenes
+class ShapeExamples:
+    """The shape scenes of one split as a lazily rendered sequence of `ImageExample`s."""
 
-    return [ImageExample(e["prompt"], e["answer"], [e["image"]], e["id"], e["kind"])
-            for e in ShapeScenes(seed=seed).examples(split, n)]
+    def __init__(self, seed: int, split: str, n: int, max_shapes: int = 4):
+        from slmctl.data.shapes import ShapeScenes
+
+        self.scenes, self.split, self.n = ShapeScenes(seed=seed, max_shapes=max_shapes), split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        e = self.scenes.example(self.split, index)
+        return ImageExample(e["prompt"], e["answer"], [e["image"]], e["id"], e["kind"])
 
 
 def load_jsonl(path: str | Path, skip_bad: bool = False, allow_outside_root: bool = False,

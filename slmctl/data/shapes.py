@@ -125,6 +125,10 @@ class ShapeScenes:
         winner = min((a, b), key=lambda s: s.x if side == "left" else -s.x)
         return kind, f"Which is further {side}: the {a.name} or the {b.name}?", winner.name
 
+    def questions(self, split: str, n: int) -> list[dict]:
+        """{"kind", "answer"} of the first n scenes, without drawing them (e.g. for `chance`)."""
+        return [dict(zip(("kind", "question", "answer"), self.question(split, i, self.scene(split, i)[2]))) for i in range(n)]
+
     def example(self, split: str, index: int) -> dict:
         """{"image": PIL image, "prompt": "<image>\\nquestion", "answer", "kind", "id"}."""
         size, background, shapes = self.scene(split, index)

@@ -70,7 +70,8 @@ def run(cfg, run):
         if task.kind == "shapes":  # the accuracy of guessing each question kind's most frequent answer
             from slmctl.data.shapes import ShapeScenes, chance
 
-            report[task.name]["chance"] = chance(ShapeScenes(seed=task.seed, max_shapes=task.max_shapes).examples("test", len(examples)))
+            scenes = ShapeScenes(seed=task.seed, max_shapes=task.max_shapes)
+            report[task.name]["chance"] = chance(scenes.questions("test", len(examples)))
             run.log(f"{task.name}: chance (most frequent answer per question kind) {report[task.name]['chance']['overall']:.3f}")
     run.write_text("predictions.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     run.write_json("metrics.json", {"tasks": report})

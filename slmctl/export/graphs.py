@@ -120,7 +120,7 @@ def causal_bias(start: torch.Tensor, T: int, keys: int, dtype: torch.dtype) -> t
 class VisionGraph(nn.Module):
     """pixel_values [N, 3, S, S] (crops in [0, 1]: each image's global view, then its tiles) ->
     image_tokens [N, g', g', d_model]. Assembling an image's tiles and the token cap are cheap
-    index and pooling steps the caller does (slmctl.model.vlm.arrange_tokens)."""
+    index and pooling steps the caller does (slmctl.model.vlm.arrange_images)."""
 
     def __init__(self, vlm):
         super().__init__()

@@ -33,12 +33,16 @@ def cache_names(cfg: ModelConfig) -> dict[str, list[str]]:
     return names
 
 
+def variant_mb(variant: dict) -> float:
+    """Megabytes on disk of a variant's graphs (with their external data)."""
+    return sum(g["bytes"] for g in variant["graphs"].values()) / 1e6
+
+
 def _io(name: str, shape: list, dtype: str = "float32") -> dict:
     return {"name": name, "shape": shape, "dtype": dtype}
 
 
-def export_graphs(model, directory: Path, static: dict | None = None, external_data: str = "auto",
-                  prefix: str = "") -> dict:
+def export_graphs(model, directory: Path, static: dict | None = None, external_data: str = "auto") -> dict:
     """Export `model` (eval, fp32, cpu) into `directory`; returns the variant's description:
     {"graphs": {role: {file, inputs, outputs}}, "cache_names": ..., "static": ...}. A vision model
     adds vision.onnx, and its encoder takes image_features."""
@@ -66,13 +70,13 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
         encoder_outputs = [_io("encoder_hidden_states", [B, S, cfg.d_model]), *cross_io]
         encoder, encoder_args = EncoderGraph(model), (ids, mask)
         if vlm is not None:
-            graphs["vision"] = _export_vision(vlm, directory / f"{prefix}vision.onnx", external_data)
+            graphs["vision"] = _export_vision(vlm, directory / "vision.onnx", external_data)
             ids = ids.clone()
             ids[:, 1:3] = vlm.image_token_id
             encoder = EncoderGraph(model, vlm.image_token_id)
             encoder_args = (ids, mask, torch.randn(4, cfg.d_model))
             encoder_inputs.append(_io("image_features", ["image_tokens", cfg.d_model]))
-        graphs["encoder"] = _export(encoder, encoder_args, directory / f"{prefix}encoder.onnx",
+        graphs["encoder"] = _export(encoder, encoder_args, directory / "encoder.onnx",
                                     encoder_inputs, encoder_outputs, static is None, external_data)
         with torch.no_grad():
             cross = encoder(*encoder_args)[1:]
@@ -84,7 +88,7 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
                       *cross_io]
             outputs = [_io("logits", [B, cfg.vocab_size]), *[_io(n, [B, kv[0], 1, kv[1]]) for n in names["present"]]]
             args = (ids[:, :1], torch.tensor([3]), mask, *past, *cross)
-            graphs["decoder"] = _export(StaticDecoderGraph(model, C), args, directory / f"{prefix}decoder.onnx",
+            graphs["decoder"] = _export(StaticDecoderGraph(model, C), args, directory / "decoder.onnx",
                                         inputs, outputs, False, external_data)
         else:
             past = [torch.zeros(ids.shape[0], kv[0], 3, kv[1]) for _ in names["past"]]
@@ -93,7 +97,7 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
             outputs = [_io("logits", [B, cfg.vocab_size]),
                        *[_io(n, [B, kv[0], "past_sequence + decoder_sequence", kv[1]]) for n in names["present"]]]
             args = (ids[:, :2], mask, *past, *cross)
-            graphs["decoder"] = _export(DecoderGraph(model), args, directory / f"{prefix}decoder.onnx",
+            graphs["decoder"] = _export(DecoderGraph(model), args, directory / "decoder.onnx",
                                         inputs, outputs, True, external_data)
     else:
         if static:
@@ -107,7 +111,7 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
                   *[_io(n, [B, kv[0], "past_sequence", kv[1]]) for n in names["past"]]]
         outputs = [_io("logits", [B, cfg.vocab_size]),
                    *[_io(n, [B, kv[0], "past_sequence + sequence", kv[1]]) for n in names["present"]]]
-        graphs["decoder"] = _export(DecoderOnlyGraph(model), (ids, mask, *past), directory / f"{prefix}model.onnx",
+        graphs["decoder"] = _export(DecoderOnlyGraph(model), (ids, mask, *past), directory / "model.onnx",
                                     inputs, outputs, True, external_data)
     return {"graphs": graphs, "cache_names": names, "static": static}
 

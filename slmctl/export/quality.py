@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from slmctl.export.onnx_export import variant_mb
 from slmctl.export.quantize import quantize_int8, quantize_qdq, record_feeds
 from slmctl.export.runtime import OnnxLM
 from slmctl.export.validate import token_agreement
@@ -27,7 +28,7 @@ def quantize_and_report(cfg, run, out: Path, model, source: Path | None, fp32_mo
     variants, rows = {}, {}
     baseline = _measure(cfg, fp32_model, "fp32")
     task = _task_metric(cfg, fp32_model, tokenizer, source) if tokenizer is not None else None
-    rows["fp32"] = {"mb": _mb(fp32), **baseline, **({"task": task} if task else {})}
+    rows["fp32"] = {"mb": variant_mb(fp32), **baseline, **({"task": task} if task else {})}
     for method in cfg.quantize:
         if method == "int8":
             variant = quantize_int8(out, fp32, per_channel=cfg.int8.per_channel)
@@ -38,7 +39,7 @@ def quantize_and_report(cfg, run, out: Path, model, source: Path | None, fp32_mo
         spec = dict(fp32_model.spec, variants={"fp32": fp32, method: variant})
         quantized = OnnxLM(out, threads=cfg.threads, variant=method, spec=spec)
         agreement = token_agreement(fp32_model, quantized, prompts[: cfg.report.prompts], cfg.report.steps)
-        row = {"mb": _mb(variant), **_measure(cfg, quantized, method), **agreement}
+        row = {"mb": variant_mb(variant), **_measure(cfg, quantized, method), **agreement}
         if tokenizer is not None:
             row["task"] = _task_metric(cfg, quantized, tokenizer, source)
         rows[method] = row
@@ -52,10 +53,6 @@ def quantize_and_report(cfg, run, out: Path, model, source: Path | None, fp32_mo
               "methods": {name: v["quantization"] for name, v in variants.items()}}
     console.print(_table(rows, task is not None))
     return variants, report
-
-
-def _mb(variant: dict) -> float:
-    return sum(g["bytes"] for g in variant["graphs"].values()) / 1e6
 
 
 def _prompts(cfg, model, source: Path | None):

@@ -124,6 +124,7 @@ class OnnxLM:
             if role in ("encoder", "vision"):  # run once per prompt: their threads must not spin on while the decoder runs
                 role_options = _options(threads, spinning=False)
             self.sessions[role] = ort.InferenceSession(str(path), role_options, providers=providers)
+        self.output_names = {role: [o.name for o in session.get_outputs()] for role, session in self.sessions.items()}
         self.load_s = time.perf_counter() - started
 
     @property
@@ -151,7 +152,7 @@ class OnnxLM:
         """New token ids [B, T_new]; `images[b]`: row b's PIL images for a vision export."""
         from slmctl.model.generation import generate
 
-        if "vision" in self.sessions:
+        if self.is_vision:
             input_ids, attention_mask, self.image_features = self.prepare_images(
                 input_ids, attention_mask, images or [[] for _ in range(input_ids.shape[0])])
         elif images and any(images):
@@ -166,30 +167,27 @@ class OnnxLM:
     def is_vision(self) -> bool:
         return "vision" in self.sessions
 
+    @property
+    def image_token_id(self) -> int | None:
+        return self.graphs["graphs"]["vision"]["vision"]["image_token_id"] if self.is_vision else None
+
     def prepare_images(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: list[list]):
         """(input_ids with each <image> placeholder repeated once per image token, its mask, the
         image tokens of the batch in order [M, d_model]): vision.onnx on every crop, then each
-        image's tiles assembled and capped as `slmctl.model.vlm.arrange_tokens` does."""
+        image's tiles assembled and capped as the torch model does (`slmctl.model.vlm`)."""
         from slmctl.model.vision import VisionConfig
-        from slmctl.model.vlm import arrange_tokens, image_crops
+        from slmctl.model.vlm import arrange_images, crop_images
 
         meta = self.graphs["graphs"]["vision"]["vision"]
         cfg = VisionConfig.from_dict({k: v for k, v in meta.items() if k not in ("tile", "image_token_id")})
-        image_id = meta["image_token_id"]
+        image_id = self.image_token_id
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        crops, layout = [], []
-        for row in images:
-            for image in row:
-                pixels, grid = image_crops(image, cfg, meta["tile"])
-                crops.append(pixels)
-                layout.append((grid, image.size, pixels.shape[0]))
+        flat_images = [image for row in images for image in row]
         tokens = []
-        if crops:
-            maps = torch.from_numpy(self.run("vision", {"pixel_values": torch.cat(crops).numpy()})[0].numpy())
-            start = 0
-            for grid, size, count in layout:
-                tokens.append(arrange_tokens(maps[start:start + count], grid, size, cfg.max_tokens_per_image))
-                start += count
+        if flat_images:
+            pixels, layout = crop_images(flat_images, cfg, meta["tile"])
+            maps = torch.from_numpy(self.run("vision", {"pixel_values": pixels.numpy()})[0].numpy())
+            tokens = arrange_images(maps, layout, cfg.max_tokens_per_image)
         rows, flat, k = [], [], 0
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][mask[b].bool()].tolist()
@@ -229,8 +227,8 @@ class OnnxLM:
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for output in session.get_outputs():
-            binding.bind_output(output.name, self.output_device)
+        for name in self.output_names[role]:
+            binding.bind_output(name, self.output_device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slmctl.config import ConfigError
-from slmctl.export.onnx_export import OPSET, export_graphs
+from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
 from slmctl.export.runtime import SPEC_FILE, OnnxLM
 from slmctl.export.validate import ValidationFailed, validate
 
@@ -44,7 +44,7 @@ def run(cfg, run):
     fp32 = export_graphs(model, out, static=static, external_data=cfg.external_data)
     export_s = time.perf_counter() - started
     run.log(f"exported {', '.join(g['file'] for g in fp32['graphs'].values())} in {export_s:.1f} s "
-            f"({sum(g['bytes'] for g in fp32['graphs'].values()) / 1e6:.1f} MB)")
+            f"({variant_mb(fp32):.1f} MB)")
     spec = _spec(model, source, cfg, {"fp32": fp32})
     _copy_tokenizer(source, out)
     onnx_model = OnnxLM(out, threads=cfg.threads, spec=spec)
@@ -69,9 +69,9 @@ def run(cfg, run):
     run.write_json(f"{EXPORT_DIR}/{SPEC_FILE}", spec)
     summary = {"graphs": len(fp32["graphs"]), "max_abs_logit_diff": f"{report['max_abs_logit_diff']:.2e}",
                "greedy_identical": report["greedy_identical"], "export_s": round(export_s, 1),
-               "fp32_mb": round(sum(g["bytes"] for g in fp32["graphs"].values()) / 1e6, 1)}
+               "fp32_mb": round(variant_mb(fp32), 1)}
     for name, variant in quantized.items():
-        summary[f"{name}_mb"] = round(sum(g["bytes"] for g in variant["graphs"].values()) / 1e6, 1)
+        summary[f"{name}_mb"] = round(variant_mb(variant), 1)
     run.succeed(summary)
     return run
 

@@ -50,22 +50,34 @@ class Projector(nn.Module):
         return self.net(x)
 
 
-def image_crops(image, cfg: VisionConfig, tile: int) -> tuple[torch.Tensor, tuple | None]:
-    """(crops [1 + tiles, 3, tile, tile] in [0, 1]: the global view first; the grid, or None without anyres)."""
-    if not cfg.anyres:
-        return tile_image(image, (1, 1), tile)[1], None
-    grid = best_grid(image.size, cfg.grids, tile)
-    tiles, global_view = tile_image(image, grid, tile)
-    return torch.cat([global_view, tiles]), grid
+def crop_images(images: list, cfg: VisionConfig, tile: int) -> tuple[torch.Tensor, list[tuple]]:
+    """(crops [N, 3, tile, tile] in [0, 1] of every image: its global view first, then its tiles
+    on the grid fitted to it (anyres); the layout: (grid or None, size, number of crops) per image)."""
+    crops, layout = [], []
+    for image in images:
+        if cfg.anyres:
+            grid = best_grid(image.size, cfg.grids, tile)
+            tiles, global_view = tile_image(image, grid, tile)
+            pixels = torch.cat([global_view, tiles])
+        else:
+            grid, pixels = None, tile_image(image, (1, 1), tile)[1]
+        crops.append(pixels)
+        layout.append((grid, image.size, pixels.shape[0]))
+    return torch.cat(crops), layout
 
 
-def arrange_tokens(maps: torch.Tensor, grid: tuple | None, size: tuple[int, int], budget: int) -> torch.Tensor:
-    """One image's projected token maps (global view first, then its tiles) -> its tokens [n, d_model]:
-    the global view's, then the re-assembled, un-padded high-resolution map's, pooled to the budget."""
-    parts = [cap(maps[0], budget).flatten(0, 1)]
-    if grid is not None:
-        parts.append(cap(assemble(maps[1:], grid, size), max(budget - parts[0].shape[0], 1)).flatten(0, 1))
-    return torch.cat(parts)
+def arrange_images(maps: torch.Tensor, layout: list[tuple], budget: int) -> list[torch.Tensor]:
+    """Projected token maps of all crops -> each image's tokens [n, d_model]: its global view's, then
+    its re-assembled, un-padded high-resolution map's, pooled to the per-image budget."""
+    tokens, start = [], 0
+    for grid, size, count in layout:
+        own = maps[start:start + count]
+        start += count
+        parts = [cap(own[0], budget).flatten(0, 1)]
+        if grid is not None:
+            parts.append(cap(assemble(own[1:], grid, size), max(budget - parts[0].shape[0], 1)).flatten(0, 1))
+        tokens.append(torch.cat(parts))
+    return tokens
 
 
 class VisionEncoderDecoderLM(nn.Module):
@@ -98,21 +110,13 @@ class VisionEncoderDecoderLM(nn.Module):
 
     # -- images -> tokens ------------------------------------------------------------------
 
-    def crops(self, image) -> tuple[torch.Tensor, tuple | None]:
-        return image_crops(image, self.vision_config, self.tower.image_size)
-
     def image_tokens(self, images: list) -> list[torch.Tensor]:
         """Projected tokens [n_i, d_model] of each PIL image (one tower call for all crops)."""
         if not images:
             return []
-        layout, crops = [], []
-        for image in images:
-            pixels, grid = self.crops(image)
-            crops.append(pixels)
-            layout.append((grid, image.size, pixels.shape[0]))
-        crop_tokens = self.crop_tokens(torch.cat(crops).to(self.device, self.tower_dtype))
-        return [self.arrange(crop_tokens[start:start + count], grid, size)
-                for (grid, size, count), start in zip(layout, _offsets([count for _, _, count in layout]))]
+        pixels, layout = crop_images(images, self.vision_config, self.tower.image_size)
+        maps = self.crop_tokens(pixels.to(self.device, self.tower_dtype))
+        return arrange_images(maps, layout, self.vision_config.max_tokens_per_image)
 
     def crop_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Crops [N, 3, S, S] in [0, 1] -> projected token maps [N, g', g', d_model]
@@ -123,9 +127,6 @@ class VisionEncoderDecoderLM(nn.Module):
             with torch.no_grad():
                 features = self.tower(pixels)
         return self.projector(self.compressor(features.to(self.dtype)))
-
-    def arrange(self, maps: torch.Tensor, grid: tuple | None, size: tuple[int, int]) -> torch.Tensor:
-        return arrange_tokens(maps, grid, size, self.vision_config.max_tokens_per_image)
 
     @property
     def tower_dtype(self) -> torch.dtype:
@@ -189,14 +190,6 @@ class VisionEncoderDecoderLM(nn.Module):
         finally:
             self.train(was_training)
         return new_tokens.clone()
-
-
-def _offsets(counts: list[int]) -> list[int]:
-    starts, total = [], 0
-    for n in counts:
-        starts.append(total)
-        total += n
-    return starts
 
 
 def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, tokenizer=None) -> Path:

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from slmctl.config import ConfigError
 from slmctl.data import objectives as obj
-from slmctl.data.images import ImageExample, load_jsonl
+from slmctl.data.images import ImageExample, ShapeExamples, load_jsonl
 from slmctl.data.tokenizer import TextTokenizer
 from slmctl.model import load_model
 from slmctl.model.vision import VisionConfig
@@ -36,26 +36,6 @@ from slmctl.train.pretrain import model_dir_of, progress_bar, quiet_lightning
 from slmctl.train.run_logger import RunLogger
 
 PARTS = ("tower", "compressor", "projector", "text")
-
-
-class ShapeExamples:
-    """The shape scenes of one split as a lazily rendered sequence of `ImageExample`s."""
-
-    def __init__(self, seed: int, split: str, n: int, max_shapes: int = 4):
-        from slmctl.data.shapes import ShapeScenes
-
-        self.scenes, self.split, self.n = ShapeScenes(seed=seed, max_shapes=max_shapes), split, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.n))]
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        e = self.scenes.example(self.split, index)
-        return ImageExample(e["prompt"], e["answer"], [e["image"]], e["id"], e["kind"])
 
 
 class VisionTrainingModule(LMTrainingModule):
@@ -195,9 +175,12 @@ def held_out_accuracy(model, tokenizer: TextTokenizer, examples, max_new_tokens:
     """Greedy exact match (SQuAD normalisation) overall and per question kind, with chance."""
     from slmctl.data.shapes import chance
     from slmctl.eval.metrics import exact_match
+    from slmctl.eval.predict import predict
+    from slmctl.generate import Generator
 
     items = [examples[i] for i in range(len(examples))]
-    predictions = predict_images(model, tokenizer, items, max_new_tokens, batch_size)
+    predictions = predict(Generator(model, tokenizer, "encdec", None), [e.prompt for e in items], batch_size, max_new_tokens,
+                          images=[e.images for e in items])
     correct = [exact_match(p, [e.answer]) for p, e in zip(predictions, items)]
     kinds = sorted({e.kind for e in items if e.kind})
     per_kind = {k: sum(c for c, e in zip(correct, items) if e.kind == k) / sum(e.kind == k for e in items) for k in kinds}
@@ -207,24 +190,3 @@ def held_out_accuracy(model, tokenizer: TextTokenizer, examples, max_new_tokens:
             "tokens_per_image": sum(tokens) / max(len(tokens), 1),
             "examples": [{"id": e.id, "prompt": e.prompt, "answer": e.answer, "prediction": p}
                          for e, p in list(zip(items, predictions))[:20]]}
-
-
-def predict_images(model, tokenizer: TextTokenizer, examples: list[ImageExample], max_new_tokens: int,
-                   batch_size: int = 16) -> list[str]:
-    """Greedy answers for image-text examples, in order."""
-    outputs = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        rows = [tokenizer.encode(e.prompt) for e in chunk]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-        new = model.generate(ids.to(model.device), mask.to(model.device), images=[e.images for e in chunk],
-                             max_new_tokens=max_new_tokens)
-        for tokens in new.tolist():
-            if tokenizer.eos_id in tokens:
-                tokens = tokens[:tokens.index(tokenizer.eos_id)]
-            outputs.append(tokenizer.decode(tokens).strip())
-    return outputs
