@@ -11,7 +11,9 @@ Errors a user can fix (bad override, missing file, bad checkpoint) print one lin
 
 from __future__ import annotations
 
+import errno
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -105,12 +107,14 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     from slmctl.config import stage_module
 
     from slmctl.export.validate import ValidationFailed
+    from slmctl.train.checkpoints import CheckpointSaveFailed
     from slmctl.train.module import TrainingDiverged
 
     module = stage_module(stage)
     try:
-        module.run(cfg, run)
-    except ValidationFailed as e:  # a measured failure, not a usage error
+        with sigterm_as_interrupt():
+            module.run(cfg, run)
+    except (ValidationFailed, CheckpointSaveFailed) as e:  # a measured failure or a fault, not a usage error
         run.fail(str(e))
         fail(str(e), code=1)
     except TrainingDiverged as e:
@@ -118,20 +122,51 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
         message = f"{e}; last good checkpoint: {kept[-1]}" if kept else f"{e}; no checkpoint was written before it"
         run.fail(message)
         fail(message, code=1)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into SystemExit after a graceful stop)
-        run.interrupt(f"interrupted by the user (resume with resume={run.path})")
-        fail(f"interrupted; resume with: slmctl {stage} resume={run.path}", code=130)
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, SIGTERM (Lightning turns a Ctrl-C it caught into SystemExit)
+        why = str(e) if isinstance(e, KeyboardInterrupt) and str(e) else "interrupted"
+        run.interrupt(f"{why} (resume with resume={run.path})")
+        fail(f"{why}; resume with: slmctl {stage} resume={run.path}", code=130)
     except _user_errors() as e:
         run.fail(str(e))
         if verbose:
             raise
         fail(str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            run.fail(f"{type(e).__name__}: {e}")
+            raise
+        message = f"no space left on device writing {e.filename or 'an artifact'}; free space and run again"
+        run.fail(message)
+        fail(message, code=1)
     except Exception as e:  # a bug or an environment problem: record it, show it
         run.fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         raise
     status = run.status()
     summary = status.get("summary") or {}
     _print_summary(stage, run.path, summary)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (kill, a scheduler's preemption) ends a stage like Ctrl-C: the run is marked
+    interrupted instead of being left "running". Training replaces this with a graceful stop
+    that first saves a checkpoint (train/stopping.py)."""
+    import signal
+
+    from slmctl.train.stopping import Stopped
+
+    def stop(signum, frame):
+        raise Stopped("stopped by SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_torch_device(device: str) -> None:

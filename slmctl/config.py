@@ -362,6 +362,7 @@ class VisionOptimSchema:
 class AddVisionSchema:
     source: Optional[str] = None
     seed: int = 0
+    resume: Optional[str] = None
     batch_size: int = 16
     max_source_len: int = 256
     max_target_len: int = 16
@@ -369,6 +370,7 @@ class AddVisionSchema:
     stage2: VisionStageSchema = field(default_factory=VisionStageSchema)
     optim: VisionOptimSchema = field(default_factory=VisionOptimSchema)
     validation_every: int = 100
+    checkpoint_every: int = 100
     vision: Any = None
     data: Any = None
     trainer: Any = None

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from slmctl.config import compose
 from slmctl.runs import Run
 from slmctl.train import pretrain
+from slmctl.train.checkpoints import last_good_checkpoint
 
 BASE = ["tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32", "batch_size=8",
         "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5"]
@@ -48,7 +49,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     with pytest.raises(SystemExit):
         pretrain.run(cfg, killed, callbacks=[Crash(6)])
     assert killed.status()["status"] == "running"  # what a SIGKILL leaves behind
-    assert pretrain.last_checkpoint(killed.checkpoint_dir).name == "step-00000004.ckpt"
+    assert last_good_checkpoint(killed.checkpoint_dir).name == "step-00000004.ckpt"
 
     resumed = Run.open(killed.path)
     resumed.resume()

@@ -20,7 +20,6 @@ from functools import partial
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from slmctl.config import ConfigError
@@ -32,7 +31,8 @@ from slmctl.model.vision import VisionConfig
 from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.module import LMTrainingModule, lr_lambda
-from slmctl.train.pretrain import model_dir_of, progress_bar, quiet_lightning
+from slmctl.train.fit import fit, quiet_lightning
+from slmctl.train.pretrain import model_dir_of
 from slmctl.train.run_logger import RunLogger
 
 PARTS = ("tower", "compressor", "projector", "text")
@@ -160,14 +160,9 @@ def _fit(cfg, run, model, datamodule, number: int, steps: int, lrs: dict) -> Non
     module = VisionTrainingModule(model, cfg.optim, steps, lrs)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.update(max_steps=steps, val_check_interval=min(cfg.validation_every, steps))
-    checkpoints = ModelCheckpoint(dirpath=run.checkpoint_dir / f"stage{number}", filename="step-{step:08d}",
-                                  auto_insert_metric_name=False, every_n_train_steps=steps, save_top_k=-1)
-    progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
-    trainer = L.Trainer(logger=RunLogger(run, prefix=f"stage{number}_"), callbacks=[checkpoints, *progress],
-                        default_root_dir=str(run.path), **trainer_args)
-    trainer.fit(module, datamodule=datamodule)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
+    # Each stage checkpoints in checkpoints/stage<N>/; on resume a finished stage only reloads its weights.
+    fit(module, datamodule, run, trainer_args, run.checkpoint_dir / f"stage{number}", RunLogger(run, prefix=f"stage{number}_"),
+        cfg.checkpoint_every, resume=bool(cfg.resume))
 
 
 @torch.inference_mode()

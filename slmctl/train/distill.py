@@ -17,7 +17,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from slmctl.config import ConfigError, model_config_from
@@ -28,7 +27,8 @@ from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.distill_module import DistillModule
 from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
-from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, last_checkpoint, model_dir_of, progress_bar, quiet_lightning
+from slmctl.train.fit import fit, quiet_lightning
+from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, model_dir_of
 from slmctl.train.run_logger import RunLogger
 from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
 
@@ -106,20 +106,9 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
     module = DistillModule(student, teacher, batcher, kd, cfg.optim, cfg.trainer.max_steps, cfg.seed, shared)
     datamodule = PretrainDataModule(batcher.examples["train"], batcher.examples["validation"], batcher, cfg.batch_size,
                                     cfg.seed, make_val_batch=partial(batcher, split="validation"))
-    checkpoint_dir = directory / "checkpoints"
-    checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
-                                  every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=False)
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
-    trainer = L.Trainer(logger=logger, callbacks=[checkpoints, *progress, *(callbacks or [])],
-                        default_root_dir=str(directory), **trainer_args)
-    resume_from = last_checkpoint(checkpoint_dir) if cfg.resume else None
-    if resume_from:
-        run.log(f"resuming from {resume_from.relative_to(run.path)}")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-    if trainer.interrupted:  # Lightning stopped gracefully on Ctrl-C: the run is not finished
-        raise KeyboardInterrupt
+    trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), directory / "checkpoints", logger,
+                  cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     return {**metrics, "steps": trainer.global_step, "train_seconds": round(time.perf_counter() - started, 2)}
 

@@ -2,7 +2,7 @@
 
 `run(cfg, run)` trains (or, with `init=`, fine-tunes) one model on one objective and
 writes `model/` (weights, model.json, generation.json, tokenizer) into the run directory;
-resumable checkpoints go to `checkpoints/step-XXXXXXXX.ckpt`.
+resumable checkpoints go to `checkpoints/step-XXXXXXXX.ckpt` (see train/fit.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from slmctl.config import ConfigError, model_config_from
@@ -22,24 +21,13 @@ from slmctl.data.sources import load_pairs, load_texts
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
 from slmctl.model import build_model, load_model, save_model
 from slmctl.train.datamodule import PretrainDataModule
+from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.run_logger import RunLogger
 
 ENCDEC_OBJECTIVES = ("prefix_lm", "span_corruption", "seq2seq")
 CAUSAL_OBJECTIVES = ("causal_lm", "seq2seq")  # seq2seq: prompt + completion, loss on the completion
 TOKENIZER_DIR = "tokenizer"  # the run's tokenizer, saved before training so a resume reuses it
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's console to what a user acts on (no accelerator banners, tips or
-    deprecation notes from its internals); our progress bar and summary say the rest."""
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def run(cfg, run, callbacks: list | None = None):
@@ -74,20 +62,10 @@ def run(cfg, run, callbacks: list | None = None):
     datamodule = PretrainDataModule(train_examples, val_examples, make_batch, cfg.batch_size, cfg.seed)
     module = LMTrainingModule(model, cfg.optim, max_steps=cfg.trainer.max_steps, hf_causal=arch == "hf-causal")
 
-    checkpoints = ModelCheckpoint(dirpath=run.checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
-                                  every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=False)
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
-    trainer = L.Trainer(logger=RunLogger(run), callbacks=[checkpoints, *progress, *(callbacks or [])],
-                        default_root_dir=str(run.path), **trainer_args)
-    resume_from = last_checkpoint(run.checkpoint_dir) if cfg.resume else None
-    if resume_from:
-        run.log(f"resuming from {resume_from.name}")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), run.checkpoint_dir,
+                  RunLogger(run), cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
     seconds = time.perf_counter() - started
-    if trainer.interrupted:  # Lightning stopped gracefully on Ctrl-C: the run is not finished
-        raise KeyboardInterrupt
 
     _save_artifact(model, tokenizer, run, arch)
     val_loss = trainer.callback_metrics.get("val_loss")
@@ -98,11 +76,6 @@ def run(cfg, run, callbacks: list | None = None):
     return run
 
 
-def last_checkpoint(directory: Path) -> Path | None:
-    found = sorted(Path(directory).glob("step-*.ckpt"))
-    return found[-1] if found else None
-
-
 # -- pieces -------------------------------------------------------------------
 
 
@@ -111,23 +84,6 @@ def model_dir_of(ref: str, run) -> Path:
     from slmctl.runs import resolve_model_path
 
     return resolve_model_path(ref, run.path.parent.parent)  # a run resolves to its model/
-
-
-def progress_bar() -> list:
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    class StepProgressBar(RichProgressBar):
-        """Training runs by steps on an endless stream: say "train", not "Epoch 0/-2", and drop v_num."""
-
-        def _get_train_description(self, current_epoch: int) -> str:
-            return "train"
-
-        def get_metrics(self, trainer, pl_module):
-            metrics = super().get_metrics(trainer, pl_module)
-            metrics.pop("v_num", None)
-            return metrics
-
-    return [StepProgressBar(leave=True)]
 
 
 def build_tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:

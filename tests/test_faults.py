@@ -1,0 +1,171 @@
+"""Faults during training: signals, kills at any moment, corrupt checkpoints, full disks.
+Each test states a guarantee listed in docs/failure-modes.md."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import Crash
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+from slmctl.config import compose
+from slmctl.model.checkpoint import CheckpointError
+from slmctl.runs import Run
+from slmctl.train import pretrain
+from slmctl.train.checkpoints import MANIFEST, VerifiedCheckpointIO, last_good_checkpoint, problem_with
+from slmctl.train.stopping import Stopped
+
+BASE = ["model=tiny", "model.dropout=0.1", "tokenizer.vocab_size=400", "data.train_examples=400",
+        "data.validation_examples=32", "batch_size=8", "max_source_len=48", "max_target_len=16",
+        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "trainer.val_check_interval=5"]
+
+
+def train(tmp_path, name, overrides, callbacks=None):
+    cfg = compose("pretrain", [*BASE, *overrides])
+    run = Run.create(tmp_path / "runs", "pretrain", name, cfg, argv=["test"])
+    pretrain.run(cfg, run, callbacks=callbacks)
+    return run
+
+
+def resume(run_path, overrides):
+    cfg = OmegaConf.merge(compose("pretrain", [*BASE, *overrides]), {"resume": str(run_path)})
+    run = Run.open(run_path)
+    run.resume()
+    pretrain.run(cfg, run)
+    return run
+
+
+def same_weights(a, b):
+    wa, wb = load_file(a.model_dir / "model.safetensors"), load_file(b.model_dir / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class SendSignal(Callback):
+    """Sends this process `signum` during step `step`, as a user's Ctrl-C or a scheduler would."""
+
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("whole"), "whole", ["trainer.max_steps=10", "checkpoint_every=4"])
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, uninterrupted):
+    overrides = ["trainer.max_steps=10", "checkpoint_every=4"]
+    cfg = compose("pretrain", [*BASE, *overrides])
+    run = Run.create(tmp_path / "runs", "pretrain", "stopped", cfg, argv=["test"])
+    with pytest.raises(Stopped, match="stopped by SIGINT after step 7; checkpoint saved: checkpoints/step-00000007.ckpt"):
+        pretrain.run(cfg, run, callbacks=[SendSignal(6, signal.SIGINT)])
+    assert problem_with(run.checkpoint_dir / "step-00000007.ckpt") is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are given back
+    assert same_weights(resume(run.path, overrides), uninterrupted)
+
+
+def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_latest_finishes_it(tmp_path):
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "slmctl", "pretrain", *BASE, "trainer.max_steps=100000", "checkpoint_every=100000",
+               "--runs-dir", str(runs)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = list(runs.glob("pretrain/*/metrics.jsonl"))
+        if metrics and metrics[0].read_text().count("train_loss") >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "stopped by SIGTERM after step" in stderr and "resume with: slmctl pretrain resume=" in stderr
+    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and "SIGTERM" in status["error"]
+    saved = last_good_checkpoint(run_dir / "checkpoints")
+    step = int(saved.stem.split("-")[1])
+    assert step >= 3 and not (run_dir / ".lock").exists()
+    assert (run_dir / "checkpoints" / MANIFEST).is_file()
+
+
+def test_a_corrupt_or_unrecorded_newest_checkpoint_is_skipped_and_the_resumed_run_still_matches(tmp_path, uninterrupted):
+    overrides = ["trainer.max_steps=10", "checkpoint_every=2"]
+    cfg = compose("pretrain", [*BASE, *overrides])
+    killed = Run.create(tmp_path / "runs", "pretrain", "killed", cfg, argv=["test"])
+    with pytest.raises(SystemExit):
+        pretrain.run(cfg, killed, callbacks=[Crash(7)])
+    newest = killed.checkpoint_dir / "step-00000006.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    newest.write_bytes(bytes(data))
+    (killed.checkpoint_dir / "step-00000007.ckpt").write_bytes(b"half a checkpoint")  # killed before its record
+    assert "corrupt" in problem_with(newest)
+    assert "not recorded" in problem_with(killed.checkpoint_dir / "step-00000007.ckpt")
+
+    resumed = resume(killed.path, ["trainer.max_steps=10", "checkpoint_every=4"])
+    log = (resumed.path / "log.txt").read_text()
+    assert "skipping checkpoint" in log and "resuming from checkpoints/step-00000004.ckpt" in log
+    assert same_weights(resumed, uninterrupted)
+
+
+def test_loading_a_damaged_checkpoint_is_a_one_line_error(tmp_path):
+    io = VerifiedCheckpointIO()
+    path = tmp_path / "step-00000001.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "global_step": 1}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"is 100 bytes, \d+ were saved \(truncated or replaced\)") as error:
+        io.load_checkpoint(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_full_disk_while_saving_fails_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from slmctl.train import checkpoints
+
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save_until_the_disk_is_full)
+    result = CliRunner().invoke(app, ["pretrain", *BASE, "trainer.max_steps=10", "checkpoint_every=2",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert "could not save checkpoint step-00000004.ckpt: no space left on device" in message
+    (run_dir,) = [p for p in (tmp_path / "runs" / "pretrain").iterdir()]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "no space left" in status["error"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [MANIFEST, "step-00000002.ckpt"]
+    assert problem_with(run_dir / "checkpoints" / "step-00000002.ckpt") is None
+
+
+def test_a_full_disk_while_writing_the_model_fails_the_run_with_one_line(tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "model/model.safetensors")
+
+    monkeypatch.setattr(pretrain, "save_model", no_space)
+    result = CliRunner().invoke(app, ["pretrain", *BASE, "trainer.max_steps=2", "checkpoint_every=2",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 1
+    assert "no space left on device writing model/model.safetensors" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    (run_dir,) = [p for p in (tmp_path / "runs" / "pretrain").iterdir()]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
