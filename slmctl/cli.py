@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -83,7 +84,10 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
         if dry_run:
             console.print(to_yaml(cfg), highlight=False, end="")
             return
-        if cfg.get("resume"):
+        follower = stage in TRAINING_STAGES and follower_run(stage, cfg)
+        if follower:
+            run, cfg = follower
+        elif cfg.get("resume"):
             others = [o for o in overrides if not o.startswith("resume=") and not o.startswith("trainer.accelerator=")]
             if others:
                 from slmctl.config import ConfigError
@@ -103,7 +107,8 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
             raise
         fail(str(e))
         return
-    console.print(f"[bold]{stage}[/bold] -> {run.path}")
+    if run.is_writer:
+        console.print(f"[bold]{stage}[/bold] -> {run.path}")
     from slmctl.config import stage_module
 
     from slmctl.export.validate import ValidationFailed
@@ -112,7 +117,7 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
 
     module = stage_module(stage)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), shared_with_other_ranks(run, stage):
             module.run(cfg, run)
     except (ValidationFailed, CheckpointSaveFailed) as e:  # a measured failure or a fault, not a usage error
         run.fail(str(e))
@@ -141,9 +146,46 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     except Exception as e:  # a bug or an environment problem: record it, show it
         run.fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         raise
-    status = run.status()
-    summary = status.get("summary") or {}
-    _print_summary(stage, run.path, summary)
+    if run.is_writer:
+        _print_summary(stage, run.path, run.status().get("summary") or {})
+
+
+def follower_run(stage: str, cfg):
+    """(run, config) for a training process that is not global rank 0, else None: it follows the
+    run rank 0 opened (train/ranks.py) and trains with that run's saved config."""
+    from omegaconf import OmegaConf
+
+    from slmctl.config import compose
+    from slmctl.runs import Run
+    from slmctl.train import ranks
+
+    rank = ranks.spawned_rank()
+    if rank is not None:
+        run = Run.follow(os.environ[ranks.RUN_DIR_ENV], rank)
+    else:
+        rank, world_size = ranks.launched_rank()
+        if rank == 0:
+            return None
+        run = Run.follow(ranks.share_run_dir(None, rank, world_size), rank)
+    return run, OmegaConf.merge(compose(stage, []), run.config(), {"resume": cfg.get("resume")})
+
+
+@contextmanager
+def shared_with_other_ranks(run, stage: str):
+    """Rank 0 of a (possibly) multi-process training run tells the other ranks where the run is."""
+    from slmctl.train import ranks
+
+    if stage not in TRAINING_STAGES or not run.is_writer:
+        yield
+        return
+    rank, world_size = ranks.launched_rank()
+    if world_size > 1:  # torchrun / SLURM: the other ranks are already waiting for the path
+        ranks.share_run_dir(run.path, rank, world_size)
+    os.environ[ranks.RUN_DIR_ENV] = str(run.path)  # inherited by the processes Lightning starts
+    try:
+        yield
+    finally:
+        os.environ.pop(ranks.RUN_DIR_ENV, None)
 
 
 @contextmanager

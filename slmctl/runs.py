@@ -51,6 +51,7 @@ LATEST = "latest"
 MANIFEST = "MANIFEST.json"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"  # the pid of the process writing the run; two processes never write one run
+RANK_LOGS = "ranks"  # ranks/rank-<N>.log: what the other processes of a multi-process run logged
 # Files the Run object keeps itself; write_text/json/bytes refuse them.
 BOOKKEEPING_FILES = ("config.yaml", "command.txt", "env.json", "status.json", "metrics.jsonl", "log.txt",
                      "inputs.json", MANIFEST)
@@ -74,7 +75,12 @@ def iso(moment: datetime) -> str:
 
 
 class Run:
-    """One run directory. Make one with `Run.create`, or reopen one with `Run.open`."""
+    """One run directory. Make one with `Run.create`, or reopen one with `Run.open`.
+
+    In a multi-process (DDP/FSDP) run only global rank 0 writes; the other ranks hold a
+    `Run.follow` view whose writes are skipped and whose log goes to ranks/rank-<N>.log."""
+
+    rank = 0
 
     def __init__(self, path: Path, stage: str, name: str, started: datetime, status: str):
         self.path = path
@@ -82,6 +88,11 @@ class Run:
         self.name = name
         self.started = started
         self._status = status  # what this object last wrote to (or read from) status.json
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run (global rank 0)."""
+        return self.rank == 0
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self._status!r})"
@@ -129,9 +140,18 @@ class Run:
         return cls(path, status.get("stage", path.parent.name), status.get("name", path.name),
                    datetime.fromisoformat(status["started"]), status["status"])
 
+    @classmethod
+    def follow(cls, path: str | Path, rank: int) -> Run:
+        """Rank `rank`'s read-only view of the run rank 0 writes."""
+        run = cls.open(path)
+        run.rank = rank
+        return run
+
     def resume(self) -> None:
         """Mark an interrupted (or killed, still "running") run as running again; refused while
         another live process holds the run's lock."""
+        if not self.is_writer:
+            return
         self._check_writable()
         self._lock()
         self._write_status("running")
@@ -159,7 +179,8 @@ class Run:
 
     def write_text(self, rel: str | Path, text: str) -> Path:
         path = self._artifact_path(rel)
-        atomic_write_text(path, text)
+        if self.is_writer:
+            atomic_write_text(path, text)
         return path
 
     def write_json(self, rel: str | Path, obj: Any) -> Path:
@@ -167,7 +188,8 @@ class Run:
 
     def write_bytes(self, rel: str | Path, data: bytes) -> Path:
         path = self._artifact_path(rel)
-        atomic_write_bytes(path, data)
+        if self.is_writer:
+            atomic_write_bytes(path, data)
         return path
 
     def log(self, message: str) -> None:
@@ -178,6 +200,8 @@ class Run:
     def log_metrics(self, metrics: dict) -> None:
         """Append one JSON line to metrics.jsonl ("time" is added if absent)."""
         self._check_writable()
+        if not self.is_writer:
+            return
         record = dict(metrics)
         record.setdefault("time", iso(utc_now()))
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -192,6 +216,8 @@ class Run:
         inside one, like its model/) the stage defaults to that run's stage. `role` says what the
         input was for when a stage takes several models (e.g. "teacher", "student")."""
         self._check_writable()
+        if not self.is_writer:
+            return
         if kind not in INPUT_KINDS:
             raise RunError(f"input kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
         if path is not None:
@@ -210,6 +236,8 @@ class Run:
     def succeed(self, summary: dict | None = None) -> None:
         """Write MANIFEST.json, mark the run succeeded, and point <stage>/latest at it."""
         self._check_writable()
+        if not self.is_writer:
+            return self._append_log("finished")
         atomic_write_text(self.path / MANIFEST, to_json(build_manifest(self.path)))
         self._write_status("succeeded", summary=summary or {})
         self._unlock()
@@ -222,6 +250,8 @@ class Run:
         """Mark the run failed with the first line of `error` (all of it goes to log.txt).
         Never touches "latest"."""
         self._check_writable()
+        if not self.is_writer:
+            return self._append_log(f"failed: {error}")
         self._append_log(f"failed: {error}")
         self._write_status("failed", error=first_line(error, default="failed"))
         self._unlock()
@@ -229,6 +259,8 @@ class Run:
     def interrupt(self, error: str = "interrupted") -> None:
         """Mark the run interrupted; it stays writable so it can be resumed."""
         self._check_writable()
+        if not self.is_writer:
+            return self._append_log(error)
         self._append_log(error)
         self._write_status("interrupted", error=first_line(error, default="interrupted"))
         self._unlock()
@@ -280,7 +312,11 @@ class Run:
         return target
 
     def _append_log(self, message: str) -> None:
-        with open(self.path / "log.txt", "a", encoding="utf-8") as f:
+        log = self.path / "log.txt"
+        if not self.is_writer:
+            log = self.path / RANK_LOGS / f"rank-{self.rank}.log"
+            log.parent.mkdir(exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:
             f.write(f"{iso(utc_now())} {message}\n")
             f.flush()
 
@@ -544,7 +580,7 @@ def manifest_files(run_dir: Path) -> list[str]:
     for directory, subdirectories, filenames in os.walk(run_dir):
         relative_dir = Path(directory).relative_to(run_dir)
         if relative_dir == Path("."):
-            subdirectories[:] = [d for d in subdirectories if d != CHECKPOINTS]
+            subdirectories[:] = [d for d in subdirectories if d not in (CHECKPOINTS, RANK_LOGS)]
         for filename in filenames:
             relative = (relative_dir / filename).as_posix()
             if relative not in NOT_IN_MANIFEST:
@@ -554,7 +590,7 @@ def manifest_files(run_dir: Path) -> list[str]:
 
 def build_manifest(run_dir: Path) -> dict[str, dict]:
     """{relative path: {"sha256", "size"}} for every file in the run except MANIFEST.json,
-    status.json, log.txt, metrics.jsonl and checkpoints/, which change after it is written."""
+    status.json, log.txt, metrics.jsonl, checkpoints/ and ranks/, which change after it is written."""
     return {relative: {"sha256": sha256_file(run_dir / relative), "size": (run_dir / relative).stat().st_size}
             for relative in manifest_files(run_dir)}
 

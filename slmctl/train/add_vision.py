@@ -98,6 +98,8 @@ def run(cfg, run):
         run.log(f"stage {number}: training {', '.join(trained)} for {settings.steps} steps; frozen: {', '.join(stages[-1]['frozen'])}")
         if settings.steps > 0:  # steps=0 skips a stage (e.g. stage2.steps=0: alignment only)
             _fit(cfg, run, model, datamodule, number, settings.steps, lrs)
+    if not run.is_writer:  # another rank of a multi-process run: rank 0 writes and scores the model
+        return run
     run.write_json("stages.json", stages)
     save_vision_model(model, run.model_dir, tokenizer)
     accuracy = held_out_accuracy(model, tokenizer, validation, cfg.max_target_len)

@@ -4,6 +4,10 @@ Training batches come from an endless stream in which batch k is built from exam
 k*B .. k*B+B-1 of a seeded per-epoch permutation, each passed through the objective with
 its own seeded RNG. The stream starts at the batch the trainer has reached, so a resumed
 run sees exactly the batches an uninterrupted run would have seen.
+
+`batch_size` is the global batch: on W processes (DDP/FSDP) rank r takes the r-th of W equal
+slices of every batch, so the examples (and the optimizer steps, see module.py) are those of
+a one-process run with the same batch_size. Validation batches are dealt out round-robin.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ MakeBatch = Callable[[list[Example], list[random.Random]], dict]
 
 
 class StepStream(IterableDataset):
-    """Endless batches; batch k uses examples at stream positions k*B .. k*B+B-1."""
+    """Endless batches; batch k uses examples at stream positions k*B .. k*B+B-1 (of which
+    rank r of W takes the slice k*B + r*B/W .. k*B + (r+1)*B/W - 1)."""
 
-    def __init__(self, examples: list, batch_size: int, seed: int, make_batch: MakeBatch, start_batch: int = 0):
+    def __init__(self, examples: list, batch_size: int, seed: int, make_batch: MakeBatch, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.make_batch, self.start_batch = make_batch, start_batch
+        self.rank, self.world_size = rank, world_size
 
     def _permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -33,7 +40,9 @@ class StepStream(IterableDataset):
     def batch(self, k: int) -> dict:
         n = len(self.examples)
         chosen, rngs, cache = [], [], {}
-        for position in range(k * self.batch_size, (k + 1) * self.batch_size):
+        share = self.batch_size // self.world_size
+        first = k * self.batch_size + self.rank * share
+        for position in range(first, first + share):
             epoch = position // n
             if epoch not in cache:
                 cache[epoch] = self._permutation(epoch)
@@ -60,8 +69,13 @@ class PretrainDataModule(L.LightningDataModule):
         # Micro-batches already consumed (the trainer's step counts optimizer steps).
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
         start = self.trainer.global_step * accumulate if self.trainer else 0
-        stream = StepStream(self.train_examples, self.batch_size, self.seed, self.make_batch, start_batch=start)
+        rank, world_size = self._rank()  # batch_size splits over world_size (train/fit.py checks)
+        stream = StepStream(self.train_examples, self.batch_size, self.seed, self.make_batch, start_batch=start,
+                            rank=rank, world_size=world_size)
         return DataLoader(stream, batch_size=None, num_workers=0, generator=_own_generator(self.seed))
+
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def val_dataloader(self):
         batches = []
@@ -69,7 +83,8 @@ class PretrainDataModule(L.LightningDataModule):
             chunk = self.val_examples[i:i + self.batch_size]
             rngs = [random.Random(f"validation:{self.seed}:{i + j}") for j in range(len(chunk))]
             batches.append(self.make_val_batch(chunk, rngs))
-        return DataLoader(batches, batch_size=None, num_workers=0, generator=_own_generator(self.seed))
+        rank, world_size = self._rank()
+        return DataLoader(batches[rank::world_size], batch_size=None, num_workers=0, generator=_own_generator(self.seed))
 
 
 def _own_generator(seed: int) -> torch.Generator:

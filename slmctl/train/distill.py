@@ -28,6 +28,7 @@ from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.distill_module import DistillModule
 from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
 from slmctl.train.fit import fit, quiet_lightning
+from slmctl.train.ranks import rank0_first
 from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, model_dir_of
 from slmctl.train.run_logger import RunLogger
 from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
@@ -68,14 +69,15 @@ def run(cfg, run, callbacks: list | None = None):
     batcher.tokenize("train", train_pairs)
     batcher.tokenize("validation", val_pairs)
     if kd.cache:
-        batcher.cache = _logit_cache(cfg, run, teacher, batcher, shared)
+        with rank0_first(run):  # torchrun/SLURM: the other ranks reuse the cache rank 0 builds
+            batcher.cache = _logit_cache(cfg, run, teacher, batcher, shared)
 
     done = run.path / DISTILLED
     if done.is_file():  # a resumed run whose distillation finished before its control did
         summary = json.loads(done.read_text())
     else:
         summary = _fit(cfg, run, student, teacher, batcher, shared, run.path, RunLogger(run), callbacks, kd)
-        _save(student, tokenizer, run.model_dir)
+        _save(student, tokenizer, run.model_dir, run)
         summary |= {"teacher": teacher.name, "teacher_parameters": teacher.num_parameters(),
                     "student": cfg.student.init or cfg.student.preset, "parameters": student.num_parameters(),
                     "kd_loss": kd.loss, "alpha": kd.alpha, "targets": kd.targets}
@@ -87,7 +89,7 @@ def run(cfg, run, callbacks: list | None = None):
         control_kd = OmegaConf.merge(kd, {"alpha": 0.0})
         result = _fit(cfg, run, control, teacher, batcher, shared, run.path / CONTROL_DIR,
                       RunLogger(run, prefix="control_"), callbacks, control_kd)
-        _save(control, tokenizer, run.path / CONTROL_DIR / "model")
+        _save(control, tokenizer, run.path / CONTROL_DIR / "model", run)
         summary |= {f"control_{k}": v for k, v in result.items() if k.startswith("val_")}
         if summary.get("val_ce_loss") is not None and summary.get("control_val_ce_loss") is not None:
             summary["val_ce_gain"] = round(summary["control_val_ce_loss"] - summary["val_ce_loss"], 4)
@@ -113,7 +115,9 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
     return {**metrics, "steps": trainer.global_step, "train_seconds": round(time.perf_counter() - started, 2)}
 
 
-def _save(model, tokenizer: TextTokenizer, directory: Path) -> None:
+def _save(model, tokenizer: TextTokenizer, directory: Path, run) -> None:
+    if not run.is_writer:  # another rank of a multi-process run
+        return
     save_model(model.eval(), directory)
     tokenizer.save(directory)
 
@@ -136,7 +140,8 @@ def _student_tokenizer(cfg, run, teacher: Teacher, train_pairs) -> TextTokenizer
                                           or cfg.teacher.path, cfg.tokenizer.n_sentinels, cfg.teacher.trust_remote_code)
     else:
         return build_tokenizer(cfg, run, train_pairs, seq2seq_data=True)
-    tokenizer.save(saved)
+    if run.is_writer:
+        tokenizer.save(saved)
     return tokenizer
 
 

@@ -20,7 +20,7 @@ import torch
 
 from slmctl.train import kd_losses
 from slmctl.train.distill_data import DistillBatcher
-from slmctl.train.module import LMTrainingModule, check_finite
+from slmctl.train.module import LMTrainingModule, check_finite, global_token_mean, sum_over_ranks
 from slmctl.train.teacher import Teacher, cut_after_eos
 
 STUDENT_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
@@ -36,7 +36,8 @@ class DistillModule(LMTrainingModule):
         self._val: dict[str, float] = {}
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        if self.batcher.cache is None:  # with a logit cache the teacher is not needed: it stays on the CPU
+            self.teacher.to(self.device)
 
     # -- what the KD term is computed on --------------------------------------
 
@@ -101,10 +102,12 @@ class DistillModule(LMTrainingModule):
             if self.kd.targets == "mix":
                 self.log("on_policy", float(source == "student"), on_step=True, on_epoch=False)
         loss = ce if kd is None else alpha * kd + (1 - alpha) * ce
-        check_finite(loss, self.global_step)
+        tokens = int((batch["labels"] != -100).sum())
+        loss, reported = global_token_mean(self, loss, tokens)
+        check_finite(reported, self.global_step)
         size = int(batch["labels"].shape[0])
-        self._log_throughput(int((batch["labels"] != -100).sum()))
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self._log_throughput(tokens)
+        self.log("train_loss", reported, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         self.log("train_ce_loss", ce, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         if kd is not None:
             self.log("train_kd_loss", kd, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
@@ -130,7 +133,7 @@ class DistillModule(LMTrainingModule):
         self._val["kd_tokens"] += kd_tokens
 
     def on_validation_epoch_end(self):
-        v = self._val
+        v = dict(zip(self._val, sum_over_ranks(self, [float(x) for x in self._val.values()])))
         if not v["tokens"]:
             return
         ce, kd = v["ce"] / v["tokens"], v["kd"] / max(1, v["kd_tokens"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from slmctl.config import ConfigError
 from slmctl.train.checkpoints import VerifiedCheckpointIO, last_good_checkpoint
 from slmctl.train.stopping import GracefulStop, Stopped
 
@@ -24,7 +25,11 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
     stop = GracefulStop(checkpoint_dir)
     progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
     trainer = L.Trainer(logger=logger, callbacks=[periodic, stop, *progress, *(callbacks or [])],
-                        plugins=[VerifiedCheckpointIO()], default_root_dir=str(run.path), **trainer_args)
+                        plugins=[VerifiedCheckpointIO()], default_root_dir=str(run.path),
+                        **{**trainer_args, "use_distributed_sampler": False})  # the data module shards itself
+    if datamodule.batch_size % trainer.world_size:
+        raise ConfigError(f"batch_size={datamodule.batch_size} is the global batch and does not split over "
+                          f"{trainer.world_size} processes; use a multiple of {trainer.world_size}")
     resume_from = last_good_checkpoint(checkpoint_dir, run.log) if resume else None
     if resume_from:
         run.log(f"resuming from {resume_from.relative_to(run.path)}")
@@ -34,9 +39,8 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
                       f"checkpoint saved: {stop.saved.relative_to(run.path)}")
     if trainer.interrupted:  # Lightning stopped on a KeyboardInterrupt it caught itself
         raise KeyboardInterrupt
-    final = checkpoint_dir / f"step-{trainer.global_step:08d}.ckpt"
-    if not final.exists():  # a resumed run whose training had finished reloads this, not an older one
-        trainer.save_checkpoint(final)
+    if trainer.global_step % checkpoint_every:  # a resume after training finished reloads this, not an older one
+        trainer.save_checkpoint(checkpoint_dir / f"step-{trainer.global_step:08d}.ckpt")
     return trainer
 
 
@@ -51,6 +55,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")  # module.py sums over ranks itself
 
 
 def progress_bar() -> list:

@@ -27,6 +27,25 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
                                f"(lower optim.lr, or look for bad data in that batch)")
 
 
+def sum_over_ranks(module: L.LightningModule, values: list[float]) -> list[float]:
+    """Each value summed over the processes of a multi-process run (as is on one process)."""
+    if module.trainer.world_size == 1:
+        return values
+    summed = module.trainer.strategy.reduce(torch.tensor(values, dtype=torch.float64), reduce_op="sum")
+    return summed.tolist()
+
+
+def global_token_mean(module: L.LightningModule, loss: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, loss over every process's tokens). DDP and FSDP average gradients
+    over W processes; scaling each rank's token-mean loss by W * its share of the global tokens
+    makes that average the gradient of the global token mean, so W processes take the same
+    steps as one process with the same global batch (uneven token counts included)."""
+    if module.trainer.world_size == 1:
+        return loss, loss.detach()
+    loss_sum, total = sum_over_ranks(module, [float(loss.detach()) * tokens, float(tokens)])
+    return loss * (tokens * module.trainer.world_size / total), torch.tensor(loss_sum / total)
+
+
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate at `step`: linear warmup, then cosine to min_lr_ratio."""
     if step < warmup_steps:
@@ -55,9 +74,10 @@ class LMTrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, tokens = self.loss_and_tokens(batch)
-        check_finite(loss, self.global_step)
+        loss, reported = global_token_mean(self, loss, tokens)
+        check_finite(reported, self.global_step)
         self._log_throughput(tokens)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
+        self.log("train_loss", reported, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
@@ -77,8 +97,9 @@ class LMTrainingModule(L.LightningModule):
         self._val_tokens += tokens
 
     def on_validation_epoch_end(self):
-        if self._val_tokens:
-            self.log("val_loss", self._val_loss_sum / self._val_tokens, prog_bar=True)
+        loss_sum, tokens = sum_over_ranks(self, [self._val_loss_sum, float(self._val_tokens)])
+        if tokens:
+            self.log("val_loss", loss_sum / tokens, prog_bar=True)
         self._step_started = None  # validation time is not training throughput
 
     def configure_optimizers(self):

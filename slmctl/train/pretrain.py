@@ -66,6 +66,8 @@ def run(cfg, run, callbacks: list | None = None):
     trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), run.checkpoint_dir,
                   RunLogger(run), cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
     seconds = time.perf_counter() - started
+    if not run.is_writer:  # another rank of a multi-process run: rank 0 writes the artifacts
+        return run
 
     _save_artifact(model, tokenizer, run, arch)
     val_loss = trainer.callback_metrics.get("val_loss")
@@ -106,7 +108,8 @@ def build_tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
         tokenizer = load_hf_tokenizer(cfg.tokenizer.path, cfg.tokenizer.n_sentinels)
         run.add_input("hub" if not Path(cfg.tokenizer.path).exists() else "file", cfg.tokenizer.path,
                       cfg.tokenizer.path)
-    tokenizer.save(saved)
+    if run.is_writer:
+        tokenizer.save(saved)
     return tokenizer
 
 

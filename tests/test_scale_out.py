@@ -1,0 +1,63 @@
+"""Multi-process training through Lightning's DDP strategy: two CPU processes (gloo) take the
+same optimizer steps as one process with the same global batch, and only rank 0 writes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+from slmctl.config import compose
+from slmctl.runs import Run, verify_manifest
+from slmctl.train import pretrain
+
+BASE = ["model=tiny", "tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32",
+        "batch_size=8", "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1", "trainer.val_check_interval=3", "trainer.max_steps=6", "checkpoint_every=3"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+LAUNCHES = {
+    "lightning": [sys.executable, "-m", "slmctl", "pretrain"],  # Lightning starts the second process
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "slmctl", "pretrain"],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    cfg = compose("pretrain", BASE)
+    run = Run.create(tmp_path_factory.mktemp("single") / "runs", "pretrain", "single", cfg, argv=["test"])
+    pretrain.run(cfg, run)
+    return run
+
+
+def train_losses(run_dir):
+    return [m["train_loss"] for m in Run.open(run_dir).metrics() if "train_loss" in m]
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_two_process_ddp_equals_one_process_and_writes_one_artifact(tmp_path, one_process, launch):
+    runs = tmp_path / "runs"
+    result = subprocess.run([*LAUNCHES[launch], *BASE, *DDP, "--runs-dir", str(runs)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    assert len(run_dirs) == 1  # one run, written by rank 0
+    run_dir = run_dirs[0]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "succeeded"
+    assert len(list(tmp_path.rglob("model.safetensors"))) == 1
+    assert verify_manifest(run_dir) == []
+    assert "data: 400 train" in (run_dir / "ranks" / "rank-1.log").read_text()  # rank 1 logs to its own file
+
+    assert train_losses(run_dir) == pytest.approx(train_losses(one_process.path), abs=1e-4)
+    ddp = load_file(run_dir / "model" / "model.safetensors")
+    single = load_file(one_process.model_dir / "model.safetensors")
+    assert max(float((ddp[k] - single[k]).abs().max()) for k in single) < 1e-4
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_a_one_line_error(tmp_path):
+    result = CliRunner().invoke(app, ["pretrain", *BASE, *DDP, "trainer.devices=3", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert "batch_size=8 is the global batch and does not split over 3 processes" in " ".join(result.output.split())
