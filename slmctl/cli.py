@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -21,8 +22,36 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+try:  # Typer 0.26+ carries its own copy of Click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, an unknown option) as one line on stderr with exit 2,
+    like every other error, instead of Click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:
+            e.show()  # a bare command prints its help
+            result = e.exit_code
+        except click_errors.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            err_console.print(f"[bold red]error:[/bold red] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+            result = 2
+        except typer.Abort:
+            err_console.print("[bold red]error:[/bold red] aborted", highlight=False)
+            result = 130
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, cls=OneLineErrors,
                   help="Pretrain, distill, add vision to, evaluate, export and benchmark small encoder-decoder LMs.")
 runs_app = typer.Typer(add_completion=False, help="List runs, or show one with its lineage.", invoke_without_command=True)
 export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model for other runtimes (onnx).")
@@ -45,10 +74,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from slmctl.config import ConfigError
     from slmctl.data.sources import DataError
     from slmctl.data.tokenizer import TokenizerError
+    from slmctl.export.runtime import OnnxExportError
     from slmctl.model.checkpoint import CheckpointError
     from slmctl.runs import RunError
 
-    return (ConfigError, DataError, TokenizerError, CheckpointError, RunError, FileNotFoundError)
+    return (ConfigError, DataError, TokenizerError, CheckpointError, RunError, OnnxExportError, FileNotFoundError)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -88,7 +118,7 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
         if follower:
             run, cfg = follower
         elif cfg.get("resume"):
-            others = [o for o in overrides if not o.startswith("resume=") and not o.startswith("trainer.accelerator=")]
+            others = [o for o in overrides if not o.startswith(("resume=", "trainer.accelerator=", "device="))]  # the last two: --device
             if others:
                 from slmctl.config import ConfigError
 
@@ -309,6 +339,9 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           dry_run: bool = DRY_RUN) -> None:
     """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m)."""
     arguments = arguments or []
+    if any(a.startswith("resume=") for a in arguments):  # the run's saved config has the models and options
+        run_stage("bench", arguments, name, runs_dir, device, verbose, dry_run)
+        return
     models = [a for a in arguments if "=" not in a]
     if not models:
         fail("give model(s) to benchmark: presets (330m, deconly-330m, ...), model directories or runs")

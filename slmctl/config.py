@@ -290,6 +290,7 @@ class EvalSchema:
     models: list = field(default_factory=list)
     tasks: list = field(default_factory=list)  # several task names; empty: the `task` group's choice
     predictions: Optional[str] = None
+    resume: Optional[str] = None
     limit: Optional[int] = None
     batch_size: int = 16
     max_source_len: int = 1024
@@ -317,6 +318,7 @@ class BenchSchema:
     estimate: Optional[str] = None  # a conf/hardware profile: add roofline predictions
     image_size: list = field(default_factory=lambda: [336, 336])  # vision models: the image each prompt carries
     seed: int = 0
+    resume: Optional[str] = None
 
 
 @dataclass

@@ -420,9 +420,10 @@ def is_model_dir(path: Path) -> bool:
 def resolve_model_path(ref: str | Path, runs_dir: str | Path) -> Path:
     """A model directory (ours with model.json, or a Hugging Face one with config.json), a run
     whose model/ is one (any form `resolve_run` accepts), or an existing file such as a
-    reference `.pt` checkpoint."""
+    reference `.pt` checkpoint; verified against its run's manifest when it lies in one."""
     path = Path(ref)
     if is_model_dir(path) or path.is_file():
+        verify_artifact(path)
         return path.resolve()
     try:
         run_dir = resolve_run(ref, runs_dir)
@@ -433,7 +434,37 @@ def resolve_model_path(ref: str | Path, runs_dir: str | Path) -> Path:
     if not is_model_dir(model_dir):
         raise RunError(f"run {run_dir} has no model ({model_dir / MODEL_CONFIG_FILE} is missing); "
                        f"pass a run of a stage that writes one, e.g. pretrain/latest")
+    verify_artifact(model_dir)
     return model_dir
+
+
+def verify_artifact(path: Path) -> None:
+    """Refuse a model or export directory inside a finished run whose files no longer match
+    the run's MANIFEST.json (changed, truncated or replaced after the run finished). Outside a
+    run, or in a run without a manifest, there is nothing to check against."""
+    path = Path(path).resolve()
+    run_dir = owning_run(path)
+    if run_dir is None or not (run_dir / MANIFEST).is_file():
+        return
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunError(f"{run_dir / MANIFEST} is unreadable ({e}); the run is damaged") from None
+    inside = path.relative_to(run_dir.resolve()).as_posix()
+    for relative, expected in manifest.items():
+        if inside != "." and relative != inside and not relative.startswith(inside + "/"):
+            continue
+        file = run_dir / relative
+        if not file.is_file():
+            problem = "is missing"
+        elif file.stat().st_size != expected["size"]:
+            problem = f"is {file.stat().st_size} bytes, the run wrote {expected['size']}"
+        elif sha256_file(file) != expected["sha256"]:
+            problem = "has changed"
+        else:
+            continue
+        raise RunError(f"{file} {problem} since its run finished (it does not match {run_dir / MANIFEST}); "
+                       f"restore it or run the stage again")
 
 
 def model_label(path: Path) -> str:

@@ -32,7 +32,7 @@ def test_text_csv_and_txt(tmp_path):
 
 
 @pytest.mark.parametrize("content, name, message", [
-    ('{"text": "fine"}\n{"text": broken\n', "bad.jsonl", "cannot read"),
+    ('{"text": "fine"}\n{"text": broken\n', "bad.jsonl", "bad.jsonl:2: not valid JSON"),
     ('{"body": "x"}\n{"body": "y"}\n{"body": "z"}\n', "cols.jsonl", "has no column 'text' (columns: body); set data.columns.text=NAME"),
     ("", "empty.txt", ""),
 ])

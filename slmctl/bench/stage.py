@@ -6,7 +6,9 @@ adds the analytic cost (FLOPs per prefill and per decoded token, bytes read per 
 token) and the decode bound that memory bandwidth allows, and writes `bench.json` (the
 environment and every record with its samples), a Rich table, and with two or more models a
 comparison (ratios against the last model) and `bench.png` (first-token latency and
-throughput against input length, the paper's Figure 1a).
+throughput against input length, the paper's Figure 1a). Each configuration is appended to
+progress/bench.jsonl as soon as it is measured; `resume=RUN` continues an interrupted bench
+with the configurations missing there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rich.table import Table
 
 from slmctl.bench import flops
 from slmctl.bench.measure import is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory, time_vision
+from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.runs import owning_run
 
 console = Console()
@@ -53,9 +56,18 @@ def run(cfg, run):
     records = []
     runs_dir = run.path.parent.parent
     shown = err_console if cfg.format else console
+    saved = run.path / PROGRESS_DIR / "bench.jsonl"
+    measured = {tuple(p["key"]): p["record"] for p in read_progress(saved)}  # what a resumed run has already
+    if measured:
+        run.log(f"{len(measured)} configurations reused from {saved.relative_to(run.path)}")
     for ref in cfg.models:
         import gc
 
+        keys = [(ref, batch, input_len, output_len) for batch in cfg.batch for input_len in cfg.input_lens
+                for output_len in cfg.output_lens]  # one measurement each: (model as given, batch, in, out)
+        if all(key in measured for key in keys):  # nothing left to measure: not even loaded
+            records += [measured[key] for key in keys]
+            continue
         gc.collect()
         reset_peak_memory(cfg.device)  # each model's peak is its own
         loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads)
@@ -75,11 +87,16 @@ def run(cfg, run):
                     if cfg.repeat == 0:  # an estimate only
                         records.append(_estimate_only(cfg, loaded, params, batch, input_len, output_len, profile))
                         continue
+                    key = (ref, batch, input_len, output_len)
+                    if key in measured:
+                        records.append(measured[key])
+                        continue
                     summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed,
                                                image)
                     record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) | vision
                     if profile:
                         _add_prediction(record, loaded.model.config, cfg, profile)
+                    append_progress(saved, [{"key": key, "record": record}])
                     records.append(record)
                     shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
                                 f"decode {record['decode_tok_s']:.1f} tok/s", highlight=False)

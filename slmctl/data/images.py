@@ -9,11 +9,10 @@ Paths may not leave the jsonl file's directory (`allow_outside_root` lifts that)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmctl.data.sources import DataError
+from slmctl.data.sources import DataError, check_jsonl, quiet_datasets
 
 
 class UnreadableImage(DataError):
@@ -81,19 +80,11 @@ def load_jsonl(path: str | Path, skip_bad: bool = False, allow_outside_root: boo
 
 
 def _rows(path: Path) -> list[dict]:
-    import datasets
-
+    check_jsonl([str(path)])  # a malformed line is named as file:line before datasets reads the file
+    datasets = quiet_datasets()
     try:
         return list(datasets.load_dataset("json", data_files=str(path), split="train"))
-    except Exception:  # find the line that broke it, for a file:line message
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                if not isinstance(json.loads(line), dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object per line")
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    except Exception:  # e.g. rows whose columns disagree in type
         raise DataError(f"{path}: could not be read as jsonl (rows need image, prompt, answer)") from None
 
 

@@ -95,11 +95,42 @@ def _resolve_files(pattern: str) -> list[str]:
     return files
 
 
-def _load_files(cfg, split: str):
+def quiet_datasets():
+    """The `datasets` module, with its progress bars and logged tracebacks off: a bad file is
+    reported once, as our one-line error."""
     import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def check_jsonl(files: list[str]) -> None:
+    """Name the first line of a .jsonl file that is not a JSON object (`file:line`), before
+    `datasets` reads it (its own error names neither file nor line)."""
+    import json
+
+    for file in files:
+        if Path(file).suffix.lower() != ".jsonl":
+            continue
+        with open(file, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{file}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{file}:{number}: a row must be a JSON object, got {type(row).__name__}")
+
+
+def _load_files(cfg, split: str):
+    datasets = quiet_datasets()
 
     source = cfg.train if split == "train" or cfg.validation is None else cfg.validation
     files = _resolve_files(source)
+    check_jsonl(files)
     builder = FORMATS[Path(files[0]).suffix.lower()]
     try:
         dataset = datasets.load_dataset(builder, data_files=files, split="train")
@@ -116,7 +147,7 @@ def _load_files(cfg, split: str):
 
 
 def _load_hub(cfg, split: str):
-    import datasets
+    datasets = quiet_datasets()
 
     split_name = cfg.train_split if split == "train" else cfg.validation_split
     if split_name is None:

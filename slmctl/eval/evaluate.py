@@ -10,6 +10,8 @@ configured, the LLM-judge score), and writes into the run:
     metrics.json                {"tasks": {task: {"n", "models": {model: {metric: {value, low,
                                 high, n}}}}}} (+ the judge's missing count)
     comparison-<task>.png       with several models: grouped bars of the 0..1 metrics
+    progress/<task>/<model>.jsonl  each generated example (id, prediction, reference NLL) as its
+                                batch finishes: `resume=RUN` continues an interrupted eval from them
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from slmctl.data.sources import DataError
 from slmctl.eval import metrics as M
 from slmctl.eval.report import bar_chart, model_table, side_by_side
 from slmctl.eval.tasks import EvalExample, load_task
+from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.runs import model_label
 
 console = Console()
@@ -36,6 +39,8 @@ def run(cfg, run):
     if bool(cfg.models) == bool(cfg.predictions):
         raise ConfigError("give model(s) to evaluate (slmctl eval MODEL... task=...) or --predictions FILE, not both")
     tasks = _tasks(cfg)
+    if cfg.judge.kind == "local" and cfg.judge.trust_remote_code:
+        run.log("judge.trust_remote_code=true: code from the judge's repository runs in this process")
     judge, judge_cache = _judge(cfg)
     runs_dir = run.path.parent.parent
     generators: dict[str, object] = {}  # each model is loaded once, whatever the number of tasks
@@ -47,11 +52,11 @@ def run(cfg, run):
         results: dict[str, dict] = {}
         for ref in [None] if cfg.predictions else list(cfg.models):
             if ref is None:
-                label, predictions, nll = _label_of_file(cfg.predictions), _read_predictions(Path(cfg.predictions), examples), None
+                label = _unique(_label_of_file(cfg.predictions), results)
+                predictions, nll = _read_predictions(Path(cfg.predictions), examples), None
                 run.add_input("file", cfg.predictions, cfg.predictions, role="predictions")
             else:
-                predictions, nll, label = _generate(cfg, task, run, ref, runs_dir, examples, generators)
-            label = _unique(label, results)
+                predictions, nll, label = _generate(cfg, task, run, ref, runs_dir, examples, generators, taken=results)
             scores, per_example = score(cfg, task, examples, predictions, nll)
             if judge is not None:
                 scores["judge"], judge_scores, counts = _judged(cfg, judge, judge_cache, examples, predictions)
@@ -101,8 +106,11 @@ def _tasks(cfg) -> list:
 # -- predictions ---------------------------------------------------------------------------
 
 
-def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExample], generators: dict):
-    from slmctl.eval.predict import predict, reference_nll
+def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExample], generators: dict, taken: dict):
+    """(predictions, reference NLLs or None, label) of one model on a task. Each batch is appended to
+    progress/<task>/<label>.jsonl as it finishes, so a resumed run generates only the examples
+    missing there (those of the same model: a `latest` that has moved on starts over)."""
+    from slmctl.eval.predict import predict_batches, reference_nll
     from slmctl.generate import load_generator
 
     if ref not in generators:
@@ -112,24 +120,39 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     from slmctl.export.runtime import OnnxLM
 
     exported = isinstance(generator.model, OnnxLM)  # ONNX Runtime: generation only, no teacher-forced scoring
-    label = model_label(generator.path) + (f":{generator.model.variant}" if exported else "")
+    label = _unique(model_label(generator.path) + (f":{generator.model.variant}" if exported else ""), taken)
     max_new = cfg.generation.max_new_tokens or task.max_new_tokens
-    with Progress(transient=True) as progress:
-        bar = progress.add_task(f"{task.name} {label}: generating", total=len(examples))
-        with_images = any(e.images for e in examples)
-        if with_images:
-            from slmctl.model.vlm import VisionEncoderDecoderLM
+    with_images = any(e.images for e in examples)
+    if with_images:
+        from slmctl.model.vlm import VisionEncoderDecoderLM
 
-            if not isinstance(generator.model, VisionEncoderDecoderLM):
-                raise ConfigError(f"task {task.name} has images; {ref} has no vision tower (make one with `slmctl add-vision`)")
-        predictions = predict(generator, [e.source for e in examples], cfg.batch_size, max_new, cfg.generation.num_beams,
-                              cfg.generation.length_penalty, cfg.max_source_len,
-                              on_progress=lambda n: progress.advance(bar, n),
-                              images=[e.images for e in examples] if with_images else None)
-    nll = reference_nll(generator, [e.source for e in examples], [e.references[0] if e.references else "" for e in examples],
-                        cfg.batch_size, cfg.max_source_len) if "perplexity" in task.metrics and not exported and not with_images else None
+        if not isinstance(generator.model, VisionEncoderDecoderLM):
+            raise ConfigError(f"task {task.name} has images; {ref} has no vision tower (make one with `slmctl add-vision`)")
+    with_nll = "perplexity" in task.metrics and not exported and not with_images
     if exported and "perplexity" in task.metrics:
         run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
+    sources = [e.source for e in examples]
+    references = [e.references[0] if e.references else "" for e in examples]
+    model = str(generator.path)
+    saved = run.path / PROGRESS_DIR / task.name / f"{label}.jsonl"
+    done = {r["id"]: r for r in read_progress(saved) if r["model"] == model}  # id -> {id, model, prediction, nll}
+    finished = [i for i, e in enumerate(examples) if e.id in done]
+    if finished:
+        run.log(f"{task.name} {label}: {len(finished)} of {len(examples)} examples reused from {saved.relative_to(run.path)}")
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(f"{task.name} {label}: generating", total=len(examples), completed=len(finished))
+        for batch, texts in predict_batches(generator, sources, cfg.batch_size, max_new, cfg.generation.num_beams,
+                                            cfg.generation.length_penalty, cfg.max_source_len,
+                                            images=[e.images for e in examples] if with_images else None, skip=finished):
+            nll = reference_nll(generator, [sources[i] for i in batch], [references[i] for i in batch], len(batch),
+                                cfg.max_source_len) if with_nll else [None] * len(batch)
+            records = [{"id": examples[i].id, "model": model, "prediction": text, "nll": pair}
+                       for i, text, pair in zip(batch, texts, nll)]
+            append_progress(saved, records)
+            done.update((r["id"], r) for r in records)
+            progress.advance(bar, len(batch))
+    predictions = [done[e.id]["prediction"] for e in examples]
+    nll = [tuple(done[e.id]["nll"]) for e in examples] if with_nll else None
     return predictions, nll, label
 
 

@@ -2,13 +2,14 @@
 
 Prompts are tokenised once, sorted by length into batches (less padding), generated with the
 model's cached generation (greedy by default, beam search optional) and put back in the
-task's order, so results never depend on the batch size. The same batching scores the
-reference answer teacher-forced, for perplexity.
+task's order, so results never depend on the batch size. Each batch is handed back as it
+finishes (`predict_batches`), so an eval can save it and, resumed, skip the batches it has.
+The same batching scores the reference answer teacher-forced, for perplexity.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Collection, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +42,34 @@ def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, t
     return ids.to(device), mask.to(device)
 
 
-@torch.inference_mode()
 def predict(generator: Generator, sources: list[str], batch_size: int = 16, max_new_tokens: int = 64, num_beams: int = 1,
             length_penalty: float = 1.0, max_source_len: int = 1024,
             on_progress: Callable[[int], None] | None = None, images: list | None = None) -> list[str]:
     """The generated text for every source, in order (`images[i]`: source i's images, for a vision model)."""
+    outputs: list[str] = [""] * len(sources)
+    for batch, texts in predict_batches(generator, sources, batch_size, max_new_tokens, num_beams, length_penalty,
+                                        max_source_len, images):
+        for i, text in zip(batch, texts):
+            outputs[i] = text
+        if on_progress:
+            on_progress(len(batch))
+    return outputs
+
+
+@torch.inference_mode()
+def predict_batches(generator: Generator, sources: list[str], batch_size: int = 16, max_new_tokens: int = 64,
+                    num_beams: int = 1, length_penalty: float = 1.0, max_source_len: int = 1024,
+                    images: list | None = None, skip: Collection[int] = ()) -> Iterator[tuple[list[int], list[str]]]:
+    """(source indices, generated texts) of each batch as it finishes, so a caller can save them as
+    it goes. A batch whose sources are all in `skip` (finished before a resume) is not generated;
+    the batches do not depend on `skip`, so every text is the one an uninterrupted run generates."""
     tokenizer, model = generator.tokenizer, generator.model
     device = model.device
     prompts = [_prompt(generator, s, max_source_len) for s in sources]
-    outputs: list[str] = [""] * len(sources)
+    skip = set(skip)
     for batch in _batches([len(p) for p in prompts], batch_size):
+        if skip.issuperset(batch):
+            continue
         rows = [prompts[i] for i in batch]
         if generator.kind == "hf-causal":
             width = max(len(r) for r in rows)  # left padding: generation continues every row at the end
@@ -64,13 +83,12 @@ def predict(generator: Generator, sources: list[str], batch_size: int = 16, max_
             vision = {"images": [list(images[i]) for i in batch]} if images is not None else {}
             new = model.generate(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                  length_penalty=length_penalty, **vision)
-        for i, tokens in zip(batch, new.tolist()):
+        texts = []
+        for tokens in new.tolist():
             if tokenizer.eos_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_id)]
-            outputs[i] = tokenizer.decode(tokens).strip()
-        if on_progress:
-            on_progress(len(batch))
-    return outputs
+            texts.append(tokenizer.decode(tokens).strip())
+        yield batch, texts
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmctl.data.sources import FORMATS, DataError
+from slmctl.data.sources import FORMATS, DataError, check_jsonl, quiet_datasets
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def load_task(cfg, limit: int | None = None) -> list[EvalExample]:
 
 
 def _rows(cfg) -> tuple[list[dict], str]:
-    import datasets
+    datasets = quiet_datasets()
 
     if cfg.data_files:
         files = sorted(glob.glob(str(Path(cfg.data_files).expanduser())))
@@ -72,6 +72,7 @@ def _rows(cfg) -> tuple[list[dict], str]:
         builder = FORMATS.get(Path(files[0]).suffix.lower())
         if builder not in ("json", "parquet", "csv"):
             raise DataError(f"task {cfg.name}: {files[0]} is not json/jsonl/parquet/csv")
+        check_jsonl(files)
         try:
             dataset = datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as e:  # datasets raises many types for unreadable files

@@ -91,6 +91,25 @@ def find_export(ref: str | Path, runs_dir: str | Path) -> tuple[Path, str | None
     return ((run_dir / "export").resolve(), variant) if (run_dir / "export" / SPEC_FILE).is_file() else None
 
 
+def check_graph(path: Path, session, graph: dict) -> None:
+    """Refuse a graph whose inputs and outputs are not the ones slmctl_onnx.json describes
+    (names, and every fixed dimension): a graph copied in from another model or export."""
+    for kind, described, actual in (("input", graph["inputs"], session.get_inputs()),
+                                    ("output", graph["outputs"], session.get_outputs())):
+        found = {a.name: a.shape for a in actual}
+        for entry in described:
+            shape = found.get(entry["name"])
+            if shape is None:
+                problem = f"has no {kind} {entry['name']}"
+            elif len(shape) != len(entry["shape"]) or any(
+                    isinstance(want, int) and want != got for want, got in zip(entry["shape"], shape)):
+                problem = f"{kind} {entry['name']} has shape {list(shape)}, {SPEC_FILE} says {entry['shape']}"
+            else:
+                continue
+            raise OnnxExportError(f"{path} is not the graph {SPEC_FILE} describes: it {problem} "
+                                  f"(a graph from another model?); export the model again")
+
+
 class OnnxLM:
     """An exported model on ONNX Runtime; `generate()` as `LanguageModel.generate`."""
 
@@ -103,6 +122,8 @@ class OnnxLM:
     def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None, variant: str | None = None,
                  spec: dict | None = None):
         import onnxruntime as ort
+
+        from slmctl.runs import verify_artifact
 
         started = time.perf_counter()
         self.directory = Path(directory)
@@ -120,10 +141,14 @@ class OnnxLM:
             path = self.directory / graph["file"]
             if not path.is_file():
                 raise OnnxExportError(f"{path} is missing from the export")
+            for file in (graph["file"], graph.get("external_data")):
+                if file:
+                    verify_artifact(self.directory / file)  # inside an export run: unchanged since it was validated
             role_options = options
             if role in ("encoder", "vision"):  # run once per prompt: their threads must not spin on while the decoder runs
                 role_options = _options(threads, spinning=False)
             self.sessions[role] = ort.InferenceSession(str(path), role_options, providers=providers)
+            check_graph(path, self.sessions[role], graph)
         self.output_names = {role: [o.name for o in session.get_outputs()] for role, session in self.sessions.items()}
         self.load_s = time.perf_counter() - started
 

@@ -135,6 +135,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise CheckpointError(f"{model_dir / CONFIG_FILE}: {e}") from None
         if config_overrides:
             cfg = cfg.replace(**config_overrides)
+        check_tokenizer_fits(model_dir, cfg.vocab_size)
         weights = model_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise CheckpointError(f"{model_dir} has no {WEIGHTS_FILE}")
@@ -150,6 +151,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
             model = attach_saved_vision(model, model_dir)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+
+
+def check_tokenizer_fits(model_dir: Path, vocab_size: int) -> None:
+    """A tokenizer saved beside the weights must not produce ids past the embedding table:
+    such a pair was put together from two different models."""
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    except Exception as e:  # tokenizers raises its own exception type
+        raise CheckpointError(f"{tokenizer_file} is unreadable: {e}") from None
+    if size > vocab_size:
+        raise CheckpointError(f"{model_dir}: the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}; "
+                              f"the tokenizer is not this model's")
 
 
 def load_state(model: LanguageModel, state: dict[str, torch.Tensor], source: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,7 +96,11 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         problem = problem_with(Path(path))
         if problem is not None:
             raise CheckpointError(problem)
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path} holds objects other than tensors and plain values; refusing to unpickle it "
+                                  f"({str(e).splitlines()[0]})") from None
 
     def remove_checkpoint(self, path) -> None:
         path = Path(path)

@@ -1,0 +1,160 @@
+"""Interrupted evals and benches resume where they stopped: what was finished is read back from
+the run's progress file, only the rest is computed, and the results equal an uninterrupted run's."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+from slmctl.eval.predict import predict_batches
+from slmctl.progress import append_progress, read_progress
+from slmctl.runs import Run
+
+# 1,024 held-out questions, 16 batches of 64, a few new tokens each: a long eval that runs in seconds.
+EVAL = ["task.n_people=200", "task.n=1024", "batch_size=64", "generation.max_new_tokens=4", "bootstrap=100"]
+BENCH = ["tiny", "deconly-tiny", "--input-lens", "8,16", "--output-lens", "2", "--repeat", "1", "--warmup", "0"]
+TIMINGS = {"first_token_ms", "first_token_ms_p90", "first_token_ms_stdev", "decode_tok_s", "decode_tok_s_p90",
+           "decode_tok_s_stdev", "e2e_ms", "peak_mem_mb", "load_s", "samples", "bandwidth_bound_tok_s", "bound_fraction"}
+BANDWIDTH = {"bandwidth_bound_tok_s", "bound_fraction"}  # filled in for every record after all are measured
+
+
+def slmctl(runs, *args):
+    return CliRunner().invoke(app, [*args, "--runs-dir", str(runs)])
+
+
+def run_dir(runs, stage, name):
+    (found,) = (runs / stage).glob(f"*-{name}")
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests compare runs with each other, not speeds; on a busy 2-core machine one torch
+    thread generated 8x faster than two (conftest's setting), which is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny encoder-decoder trained for three steps (as in test_eval)."""
+    from slmctl.config import compose
+    from slmctl.train import pretrain
+
+    cfg = compose("pretrain", ["model=tiny", "tokenizer.vocab_size=400", "objective=seq2seq", "data.n_people=200",
+                               "data.train_examples=200", "data.validation_examples=16", "data.min_facts=1",
+                               "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8",
+                               "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"])
+    run = Run.create(tmp_path_factory.mktemp("runs"), "pretrain", "encdec", cfg, argv=["test"])
+    pretrain.run(cfg, run)
+    return run.path
+
+
+def count_generated(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """The indices of the examples eval generates from now on; after `stop_after` batches the
+    next one raises KeyboardInterrupt (what Ctrl-C raises) instead of being generated."""
+    generated = []
+
+    def batches(*args, **kwargs):
+        for number, (batch, texts) in enumerate(predict_batches(*args, **kwargs), start=1):
+            generated.extend(batch)
+            yield batch, texts
+            if number == stop_after:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr("slmctl.eval.predict.predict_batches", batches)
+    return generated
+
+
+def test_interrupted_eval_of_1024_prompts_resumes_generating_only_the_missing_ones(tmp_path, model, monkeypatch):
+    runs = tmp_path / "runs"
+    whole = slmctl(runs, "eval", str(model), *EVAL, "--name", "whole")
+    assert whole.exit_code == 0, whole.output
+
+    generated = count_generated(monkeypatch, stop_after=3)
+    killed = slmctl(runs, "eval", str(model), *EVAL, "--name", "killed")
+    assert killed.exit_code == 130 and "resume with: slmctl eval resume=" in killed.output, killed.output
+    killed_dir = run_dir(runs, "eval", "killed")
+    assert Run.open(killed_dir).status()["status"] == "interrupted"
+    saved = killed_dir / "progress" / "synthetic_qa" / "encdec.jsonl"
+    assert len(read_progress(saved)) == len(generated) == 3 * 64
+    with open(saved, "a", encoding="utf-8") as f:
+        f.write('{"id": "test-0123", "model": "')  # killed in the middle of a line
+
+    finished_before = set(generated)
+    generated = count_generated(monkeypatch)
+    resumed = slmctl(runs, "eval", "resume=latest")
+    assert resumed.exit_code == 0, resumed.output
+    assert len(generated) == 1024 - 3 * 64 and not finished_before & set(generated)  # only the missing ones
+    assert Run.open(killed_dir).status()["status"] == "succeeded"
+    assert "192 of 1024 examples reused from progress/synthetic_qa/encdec.jsonl" in (killed_dir / "log.txt").read_text()
+    assert len(read_progress(saved)) == len(saved.read_text().splitlines()) == 1024  # the partial line was cut off
+
+    whole_dir = run_dir(runs, "eval", "whole")
+    for name in ("predictions.jsonl", "metrics.json"):
+        assert (killed_dir / name).read_text() == (whole_dir / name).read_text(), name
+    assert len((whole_dir / "predictions.jsonl").read_text().splitlines()) == 1024
+
+
+def test_interrupted_bench_resumes_measuring_only_the_rest(tmp_path, monkeypatch):
+    from slmctl.bench import stage
+
+    runs = tmp_path / "runs"
+    whole = slmctl(runs, "bench", *BENCH, "--name", "whole")
+    assert whole.exit_code == 0, whole.output
+
+    measure, load_for_bench = stage.measure, stage.load_for_bench
+    measured, loaded, stop_after = [], [], 3
+
+    def counting_measure(loaded_model, device, batch, input_len, output_len, *args):
+        if len(measured) == stop_after:
+            raise KeyboardInterrupt
+        measured.append((loaded_model.name, batch, input_len, output_len))
+        return measure(loaded_model, device, batch, input_len, output_len, *args)
+
+    def counting_load(ref, *args):
+        loaded.append(ref)
+        return load_for_bench(ref, *args)
+
+    monkeypatch.setattr(stage, "measure", counting_measure)
+    monkeypatch.setattr(stage, "load_for_bench", counting_load)
+    killed = slmctl(runs, "bench", *BENCH, "--name", "killed")
+    assert killed.exit_code == 130, killed.output
+    killed_dir = run_dir(runs, "bench", "killed")
+    before = [p["record"] for p in read_progress(killed_dir / "progress" / "bench.jsonl")]
+    assert [(r["model"], r["input_len"]) for r in before] == [("tiny", 8), ("tiny", 16), ("deconly-tiny", 8)]
+
+    measured.clear()
+    loaded.clear()
+    stop_after = None
+    resumed = slmctl(runs, "bench", "resume=latest")
+    assert resumed.exit_code == 0, resumed.output
+    assert measured == [("deconly-tiny", 1, 16, 2)]  # the one configuration left
+    assert loaded == ["deconly-tiny"]  # tiny was finished: not even loaded
+
+    records = json.loads((killed_dir / "bench.json").read_text())["records"]
+    for reused, saved in zip(records, before):  # the timings of the first run, not new ones
+        assert {k: v for k, v in reused.items() if k not in BANDWIDTH} == {k: v for k, v in saved.items() if k not in BANDWIDTH}
+    expected = json.loads((run_dir(runs, "bench", "whole") / "bench.json").read_text())["records"]
+
+    def without_timings(rows):
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+    assert without_timings(records) == without_timings(expected) and len(records) == 4
+    assert all(r["bound_fraction"] > 0 for r in records)
+    assert Run.open(killed_dir).status()["summary"]["records"] == 4
+
+
+def test_a_partial_last_line_is_ignored_and_cut_off_before_the_next_append(tmp_path):
+    path = tmp_path / "progress" / "x.jsonl"
+    assert read_progress(path) == []
+    append_progress(path, [{"id": "a"}, {"id": "b"}])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"id": "c", "predic')  # a process killed mid-write
+    assert read_progress(path) == [{"id": "a"}, {"id": "b"}]
+    append_progress(path, [{"id": "c"}])
+    assert read_progress(path) == [{"id": "a"}, {"id": "b"}, {"id": "c"}]
