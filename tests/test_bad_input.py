@@ -111,6 +111,8 @@ MATRIX = {
         ("modified checkpoint", lambda w: [f"init={w['modified_model']}", *SYNTHETIC, "objective=seq2seq"], "MANIFEST"),
         ("wrong architecture", lambda w: [f"init={w['wrong_arch']}", *SYNTHETIC, "objective=seq2seq"], "model.safetensors"),
         ("device not present", lambda w: ["model=tiny", "--device", "cuda"], "cuda"),
+        ("trainer the machine cannot run", lambda w: ["model=tiny", *SYNTHETIC, "trainer=fsdp", "trainer.accelerator=cpu"],
+         "the trainer settings do not work here: The strategy `fsdp` requires a GPU accelerator"),
     ],
     "distill": [
         ("unknown override", lambda w: [*teacher(w), "kd.alhpa=1"], "unknown config key 'kd.alhpa'"),

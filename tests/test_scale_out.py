@@ -1,5 +1,6 @@
 """Multi-process training through Lightning's DDP strategy: two CPU processes (gloo) take the
-same optimizer steps as one process with the same global batch, and only rank 0 writes."""
+same optimizer steps as one process with the same global batch, in every training stage, and
+only rank 0 writes."""
 
 import json
 import subprocess
@@ -13,6 +14,8 @@ from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.runs import Run, verify_manifest
 from slmctl.train import pretrain
+from test_distill import DATA as DISTILL_DATA
+from test_distill import llama_dir, world_texts  # noqa: F401 (fixtures)
 
 BASE = ["model=tiny", "tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32",
         "batch_size=8", "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false",
@@ -60,3 +63,30 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_a_one_line_err
     result = CliRunner().invoke(app, ["pretrain", *BASE, *DDP, "trainer.devices=3", "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2
     assert "batch_size=8 is the global batch and does not split over 3 processes" in " ".join(result.output.split())
+
+
+def test_distill_and_add_vision_under_ddp_equal_one_process(tmp_path, llama_dir):
+    """The other two training stages: two processes end where one process does."""
+    distill = [f"teacher.path={llama_dir}", "tokenizer=teacher", "student=tiny", "control=false", *DISTILL_DATA,
+               "trainer.max_steps=4", "trainer.val_check_interval=2"]
+    vision = ["vision.image_size=32", "vision.patch_size=16", "vision.width=32", "vision.layers=1", "vision.heads=2",
+              "vision.max_tokens_per_image=8", "stage1.steps=2", "stage2.steps=2", "batch_size=4",
+              "trainer.enable_progress_bar=false", "data.train_examples=40", "data.validation_examples=8"]
+    for stage, args in (("distill", distill), ("add-vision", vision)):
+        made = {}
+        for label, extra in (("ddp", DDP), ("one", [])):
+            runs = tmp_path / label
+            source = [str(next((runs / "distill").glob("2*")))] if stage == "add-vision" else []
+            command = [*source, *args, *extra, "--runs-dir", str(runs)]
+            if extra:  # a real process: Lightning starts the second one by re-running its command
+                result = subprocess.run([sys.executable, "-m", "slmctl", stage, *command], capture_output=True, text=True,
+                                        timeout=600)
+                assert result.returncode == 0, result.stderr[-3000:]
+            else:
+                result = CliRunner().invoke(app, [stage, *command])
+                assert result.exit_code == 0, result.output
+            (made[label],) = (runs / stage).glob("2*")
+        for weights in made["one"].glob("model/*.safetensors"):
+            ddp, single = load_file(made["ddp"] / "model" / weights.name), load_file(weights)
+            assert max(float((ddp[k] - single[k]).abs().max()) for k in single) < 1e-4, (stage, weights.name)
+        assert (made["ddp"] / "ranks" / "rank-1.log").is_file() and verify_manifest(made["ddp"]) == []

@@ -162,6 +162,8 @@ def _fit(cfg, run, model, datamodule, number: int, steps: int, lrs: dict) -> Non
     module = VisionTrainingModule(model, cfg.optim, steps, lrs)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.update(max_steps=steps, val_check_interval=min(cfg.validation_every, steps))
+    if trainer_args.get("strategy") == "ddp":  # parts without a use in this stage's loss (e.g. an unused compressor)
+        trainer_args["strategy"] = "ddp_find_unused_parameters_true"
     # Each stage checkpoints in checkpoints/stage<N>/; on resume a finished stage only reloads its weights.
     fit(module, datamodule, run, trainer_args, run.checkpoint_dir / f"stage{number}", RunLogger(run, prefix=f"stage{number}_"),
         cfg.checkpoint_every, resume=bool(cfg.resume))

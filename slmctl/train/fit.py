@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from slmctl.config import ConfigError
 from slmctl.train.checkpoints import VerifiedCheckpointIO, last_good_checkpoint
@@ -24,9 +25,13 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
                                every_n_train_steps=checkpoint_every, save_top_k=-1, save_last=False)
     stop = GracefulStop(checkpoint_dir)
     progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
-    trainer = L.Trainer(logger=logger, callbacks=[periodic, stop, *progress, *(callbacks or [])],
-                        plugins=[VerifiedCheckpointIO()], default_root_dir=str(run.path),
-                        **{**trainer_args, "use_distributed_sampler": False})  # the data module shards itself
+    try:
+        trainer = L.Trainer(logger=logger, callbacks=[periodic, stop, *progress, *(callbacks or [])],
+                            plugins=[VerifiedCheckpointIO()], default_root_dir=str(run.path),
+                            **{**trainer_args, "use_distributed_sampler": False})  # the data module shards itself
+    except (ValueError, TypeError, MisconfigurationException) as e:  # e.g. trainer=fsdp without a GPU
+        message = " ".join(str(e).split())
+        raise ConfigError(f"the trainer settings do not work here: {message}") from None
     if datamodule.batch_size % trainer.world_size:
         raise ConfigError(f"batch_size={datamodule.batch_size} is the global batch and does not split over "
                           f"{trainer.world_size} processes; use a multiple of {trainer.world_size}")
