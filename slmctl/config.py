@@ -161,6 +161,7 @@ class TeacherSchema:
     tokenizer: Optional[str] = None  # hf only: where its tokenizer is, if not beside the weights
     dtype: str = "auto"
     trust_remote_code: bool = False
+    shard: bool = False  # several training processes: each holds 1/N of the teacher's weights (FSDP2)
 
 
 @dataclass

@@ -230,9 +230,11 @@ def test_bad_kd_settings_are_one_line_errors(override, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_cache_needs_gold_targets(llama_dir, tmp_path):
+def test_cache_and_a_sharded_teacher_need_gold_targets(llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="kd.cache=true needs kd.targets=gold"):
         distil(tmp_path, "bad", [f"teacher.path={llama_dir}", "kd.cache=true", "kd.targets=student"])
+    with pytest.raises(ConfigError, match="teacher.shard=true needs kd.targets=gold"):
+        distil(tmp_path, "bad", [f"teacher.path={llama_dir}", "teacher.shard=true", "kd.targets=teacher"])
 
 
 def test_missing_teacher_directory_is_a_one_line_error(tmp_path):

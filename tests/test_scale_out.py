@@ -65,28 +65,31 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_a_one_line_err
     assert "batch_size=8 is the global batch and does not split over 3 processes" in " ".join(result.output.split())
 
 
-def test_distill_and_add_vision_under_ddp_equal_one_process(tmp_path, llama_dir):
-    """The other two training stages: two processes end where one process does."""
+def test_distill_with_a_replicated_or_sharded_teacher_and_add_vision_under_ddp_equal_one_process(tmp_path, llama_dir):
+    """The other two training stages: two processes end where one process does, also when the
+    teacher's weights are sharded over them (teacher.shard=true). Three validation batches over
+    two ranks: one rank runs an unscored repeat, so both run the teacher equally often."""
     distill = [f"teacher.path={llama_dir}", "tokenizer=teacher", "student=tiny", "control=false", *DISTILL_DATA,
                "trainer.max_steps=4", "trainer.val_check_interval=2"]
     vision = ["vision.image_size=32", "vision.patch_size=16", "vision.width=32", "vision.layers=1", "vision.heads=2",
               "vision.max_tokens_per_image=8", "stage1.steps=2", "stage2.steps=2", "batch_size=4",
               "trainer.enable_progress_bar=false", "data.train_examples=40", "data.validation_examples=8"]
+    one = tmp_path / "one"
     for stage, args in (("distill", distill), ("add-vision", vision)):
-        made = {}
-        for label, extra in (("ddp", DDP), ("one", [])):
+        source = [str(next((one / "distill").glob("2*")))] if stage == "add-vision" else []
+        result = CliRunner().invoke(app, [stage, *source, *args, "--runs-dir", str(one)])
+        assert result.exit_code == 0, result.output
+        (single,) = (one / stage).glob("2*")
+        variants = {"replicated": [], "sharded": ["teacher.shard=true"]} if stage == "distill" else {"ddp": []}
+        for label, extra in variants.items():
             runs = tmp_path / label
-            source = [str(next((runs / "distill").glob("2*")))] if stage == "add-vision" else []
-            command = [*source, *args, *extra, "--runs-dir", str(runs)]
-            if extra:  # a real process: Lightning starts the second one by re-running its command
-                result = subprocess.run([sys.executable, "-m", "slmctl", stage, *command], capture_output=True, text=True,
-                                        timeout=600)
-                assert result.returncode == 0, result.stderr[-3000:]
-            else:
-                result = CliRunner().invoke(app, [stage, *command])
-                assert result.exit_code == 0, result.output
-            (made[label],) = (runs / stage).glob("2*")
-        for weights in made["one"].glob("model/*.safetensors"):
-            ddp, single = load_file(made["ddp"] / "model" / weights.name), load_file(weights)
-            assert max(float((ddp[k] - single[k]).abs().max()) for k in single) < 1e-4, (stage, weights.name)
-        assert (made["ddp"] / "ranks" / "rank-1.log").is_file() and verify_manifest(made["ddp"]) == []
+            result = subprocess.run([sys.executable, "-m", "slmctl", stage, *source, *args, *extra, *DDP, "--runs-dir",
+                                     str(runs)], capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+            (ddp,) = (runs / stage).glob("2*")
+            for weights in single.glob("model/*.safetensors"):
+                a, b = load_file(ddp / "model" / weights.name), load_file(weights)
+                assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-4, (stage, label, weights.name)
+            assert (ddp / "ranks" / "rank-1.log").is_file() and verify_manifest(ddp) == []
+            if label == "sharded":
+                assert "teacher sharded over 2 processes" in (ddp / "log.txt").read_text()

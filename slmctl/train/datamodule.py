@@ -7,7 +7,8 @@ run sees exactly the batches an uninterrupted run would have seen.
 
 `batch_size` is the global batch: on W processes (DDP/FSDP) rank r takes the r-th of W equal
 slices of every batch, so the examples (and the optimizer steps, see module.py) are those of
-a one-process run with the same batch_size. Validation batches are dealt out round-robin.
+a one-process run with the same batch_size. Validation batches are dealt out round-robin,
+with unscored repeats so every rank runs the same number.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+PADDING = "padding"  # marks a validation batch a rank runs only to keep step with the others
 Example = object  # a token-id list, or a (source ids, target ids) pair
 MakeBatch = Callable[[list[Example], list[random.Random]], dict]
 
@@ -84,7 +86,11 @@ class PretrainDataModule(L.LightningDataModule):
             rngs = [random.Random(f"validation:{self.seed}:{i + j}") for j in range(len(chunk))]
             batches.append(self.make_val_batch(chunk, rngs))
         rank, world_size = self._rank()
-        return DataLoader(batches[rank::world_size], batch_size=None, num_workers=0, generator=_own_generator(self.seed))
+        mine = batches[rank::world_size]
+        # Every rank runs as many validation batches (FSDP and a sharded teacher gather weights in
+        # each forward, so all ranks must run the same number); the extra ones are not scored.
+        mine += [{**batches[0], PADDING: True}] * (-(-len(batches) // world_size) - len(mine))
+        return DataLoader(mine, batch_size=None, num_workers=0, generator=_own_generator(self.seed))
 
 
 def _own_generator(seed: int) -> torch.Generator:

@@ -42,6 +42,9 @@ def run(cfg, run, callbacks: list | None = None):
     """Distil as `cfg` says, writing into `run`; returns the run (succeeded)."""
     quiet_lightning()
     kd = cfg.kd
+    if cfg.teacher.shard and kd.targets != "gold":
+        raise ConfigError(f"teacher.shard=true needs kd.targets=gold (every process must run the sharded teacher "
+                          f"equally often; generating targets does not), got kd.targets={kd.targets}")
     if kd.cache and kd.targets != "gold":
         raise ConfigError(f"kd.cache=true needs kd.targets=gold (the cache holds the teacher's view of the data's own "
                           f"targets), got kd.targets={kd.targets}")
@@ -105,7 +108,8 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
          logger: RunLogger, callbacks, kd) -> dict:
     """Train one student in `directory` (checkpoints/ beneath it); its validation metrics."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = DistillModule(student, teacher, batcher, kd, cfg.optim, cfg.trainer.max_steps, cfg.seed, shared)
+    module = DistillModule(student, teacher, batcher, kd, cfg.optim, cfg.trainer.max_steps, cfg.seed, shared,
+                           shard_teacher=cfg.teacher.shard)
     datamodule = PretrainDataModule(batcher.examples["train"], batcher.examples["validation"], batcher, cfg.batch_size,
                                     cfg.seed, make_val_batch=partial(batcher, split="validation"))
     started = time.perf_counter()

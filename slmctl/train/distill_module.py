@@ -19,6 +19,7 @@ import random
 import torch
 
 from slmctl.train import kd_losses
+from slmctl.train.datamodule import PADDING
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.module import LMTrainingModule, check_finite, global_token_mean, sum_over_ranks
 from slmctl.train.teacher import Teacher, cut_after_eos
@@ -28,16 +29,23 @@ STUDENT_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_a
 
 class DistillModule(LMTrainingModule):
     def __init__(self, student: torch.nn.Module, teacher: Teacher, batcher: DistillBatcher, kd, optim, max_steps: int,
-                 seed: int, shared_vocab: int | None):
+                 seed: int, shared_vocab: int | None, shard_teacher: bool = False):
         super().__init__(student, optim, max_steps)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen and not checkpointed
         self.batcher, self.kd, self.seed = batcher, kd, seed
         self.shared_vocab = shared_vocab  # None: different tokenizers (ULD)
+        self.shard_teacher = shard_teacher
         self._val: dict[str, float] = {}
 
     def on_fit_start(self) -> None:
-        if self.batcher.cache is None:  # with a logit cache the teacher is not needed: it stays on the CPU
-            self.teacher.to(self.device)
+        if self.batcher.cache is not None:  # with a logit cache the teacher is not needed: it stays on the CPU
+            return
+        self.teacher.to(self.device)
+        if self.shard_teacher and self.trainer.world_size > 1 and not getattr(self.teacher, "sharded", False):
+            self.teacher.shard()
+            self.teacher.sharded = True  # a second fit in the same process (the control student) reuses it
+            world = self.trainer.world_size
+            self.logger.experiment.log(f"teacher sharded over {world} processes (FSDP2): each holds 1/{world} of its weights")
 
     # -- what the KD term is computed on --------------------------------------
 
@@ -125,6 +133,8 @@ class DistillModule(LMTrainingModule):
         out = self._student(batch)
         tokens = int((batch["labels"] != -100).sum())
         kd, agree = self.kd_terms(batch, out.logits)
+        if batch.get(PADDING):  # keeps this rank's collectives in step with the others; not scored
+            return
         kd_tokens = int(batch["kd_mask"].sum())
         self._val["ce"] += float(out.loss) * tokens
         self._val["tokens"] += tokens

@@ -15,6 +15,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from slmctl.train.datamodule import PADDING
+
 
 class TrainingDiverged(RuntimeError):
     """The training loss stopped being finite: the run fails (exit 1) at that step; the
@@ -92,6 +94,9 @@ class LMTrainingModule(L.LightningModule):
         self._val_loss_sum, self._val_tokens = 0.0, 0
 
     def validation_step(self, batch, batch_idx):
+        if batch.get(PADDING):  # keeps this rank's collectives in step with the others; not scored
+            self.loss_and_tokens({k: v for k, v in batch.items() if k != PADDING})
+            return
         loss, tokens = self.loss_and_tokens(batch)
         self._val_loss_sum += float(loss) * tokens
         self._val_tokens += tokens

@@ -47,6 +47,19 @@ class Teacher:
         self.model.to(device)
         return self
 
+    def shard(self) -> None:
+        """Spread the weights over the ranks of the process group (FSDP2's `fully_shard`): each
+        rank keeps 1/N of every block and gathers one block at a time for a forward pass, so a
+        teacher too large for one device fits N of them. Every rank must then run the teacher
+        equally often (teacher-forced gold targets; validation batches are dealt out evenly)."""
+        from torch.distributed.fsdp import fully_shard
+
+        block_types = set(getattr(self.model, "_no_split_modules", None) or ["SelfAttentionBlock"])
+        for module in self.model.modules():
+            if type(module).__name__ in block_types:
+                fully_shard(module)
+        fully_shard(self.model)
+
     @cached_property
     def _keeps_logits(self) -> bool:
         """Does the model's forward take `logits_to_keep`? (Looked up once, not every step.)"""
