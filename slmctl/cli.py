@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +26,7 @@ try:  # Typer 0.26+ carries its own copy of Click
     from typer._click import exceptions as click_errors
 except ImportError:
     from click import exceptions as click_errors
+
 
 class OneLineErrors(TyperGroup):
     """Usage errors (a bad option value, an unknown option) as one line on stderr with exit 2,
@@ -92,6 +91,8 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     `extra` holds values from options and arguments (e.g. eval's models), merged after composing."""
     from slmctl.config import compose, to_yaml
     from slmctl.runs import Run
+    from slmctl.train.ranks import follow_rank0, shared_with_other_ranks
+    from slmctl.train.stopping import sigterm_as_interrupt
 
     argv = ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
             *(["--device", device] if device != "cpu" else [])]
@@ -114,11 +115,12 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
         if dry_run:
             console.print(to_yaml(cfg), highlight=False, end="")
             return
-        follower = stage in TRAINING_STAGES and follower_run(stage, cfg)
+        follower = stage in TRAINING_STAGES and follow_rank0(stage, cfg)
         if follower:
             run, cfg = follower
         elif cfg.get("resume"):
-            others = [o for o in overrides if not o.startswith(("resume=", "trainer.accelerator=", "device="))]  # the last two: --device
+            from_device_option = ("trainer.accelerator=", "device=")  # added above from --device
+            others = [o for o in overrides if not o.startswith(("resume=", *from_device_option))]
             if others:
                 from slmctl.config import ConfigError
 
@@ -147,7 +149,7 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
 
     module = stage_module(stage)
     try:
-        with sigterm_as_interrupt(), shared_with_other_ranks(run, stage):
+        with sigterm_as_interrupt(), shared_with_other_ranks(run, training=stage in TRAINING_STAGES):
             module.run(cfg, run)
     except (ValidationFailed, CheckpointSaveFailed) as e:  # a measured failure or a fault, not a usage error
         run.fail(str(e))
@@ -178,67 +180,6 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
         raise
     if run.is_writer:
         _print_summary(stage, run.path, run.status().get("summary") or {})
-
-
-def follower_run(stage: str, cfg):
-    """(run, config) for a training process that is not global rank 0, else None: it follows the
-    run rank 0 opened (train/ranks.py) and trains with that run's saved config."""
-    from omegaconf import OmegaConf
-
-    from slmctl.config import compose
-    from slmctl.runs import Run
-    from slmctl.train import ranks
-
-    rank = ranks.spawned_rank()
-    if rank is not None:
-        run = Run.follow(os.environ[ranks.RUN_DIR_ENV], rank)
-    else:
-        rank, world_size = ranks.launched_rank()
-        if rank == 0:
-            return None
-        run = Run.follow(ranks.share_run_dir(None, rank, world_size), rank)
-    return run, OmegaConf.merge(compose(stage, []), run.config(), {"resume": cfg.get("resume")})
-
-
-@contextmanager
-def shared_with_other_ranks(run, stage: str):
-    """Rank 0 of a (possibly) multi-process training run tells the other ranks where the run is."""
-    from slmctl.train import ranks
-
-    if stage not in TRAINING_STAGES or not run.is_writer:
-        yield
-        return
-    rank, world_size = ranks.launched_rank()
-    if world_size > 1:  # torchrun / SLURM: the other ranks are already waiting for the path
-        ranks.share_run_dir(run.path, rank, world_size)
-    os.environ[ranks.RUN_DIR_ENV] = str(run.path)  # inherited by the processes Lightning starts
-    try:
-        yield
-    finally:
-        os.environ.pop(ranks.RUN_DIR_ENV, None)
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (kill, a scheduler's preemption) ends a stage like Ctrl-C: the run is marked
-    interrupted instead of being left "running". Training replaces this with a graceful stop
-    that first saves a checkpoint (train/stopping.py)."""
-    import signal
-
-    from slmctl.train.stopping import Stopped
-
-    def stop(signum, frame):
-        raise Stopped("stopped by SIGTERM")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_torch_device(device: str) -> None:

@@ -69,3 +69,38 @@ def rank0_first(run):
     yield
     if synchronised and run.is_writer:
         dist.barrier()
+
+
+def follow_rank0(stage: str, cfg):
+    """(run, config) for a training process that is not global rank 0, else None: it follows the
+    run rank 0 opened and trains with that run's saved config (resuming when rank 0 does)."""
+    from omegaconf import OmegaConf
+
+    from slmctl.config import compose
+    from slmctl.runs import Run
+
+    rank = spawned_rank()
+    if rank is not None:
+        run = Run.follow(os.environ[RUN_DIR_ENV], rank)
+    else:
+        rank, world_size = launched_rank()
+        if rank == 0:
+            return None
+        run = Run.follow(share_run_dir(None, rank, world_size), rank)
+    return run, OmegaConf.merge(compose(stage, []), run.config(), {"resume": cfg.get("resume")})
+
+
+@contextmanager
+def shared_with_other_ranks(run, training: bool):
+    """Rank 0 of a (possibly) multi-process training run tells the other ranks where the run is."""
+    if not training or not run.is_writer:
+        yield
+        return
+    rank, world_size = launched_rank()
+    if world_size > 1:  # torchrun / SLURM: the other ranks are already waiting for the path
+        share_run_dir(run.path, rank, world_size)
+    os.environ[RUN_DIR_ENV] = str(run.path)  # inherited by the processes Lightning starts
+    try:
+        yield
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)

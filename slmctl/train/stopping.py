@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -15,6 +16,25 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class Stopped(KeyboardInterrupt):
     """A run stopped on request; the message says how far it got and what was saved."""
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM ends any stage like Ctrl-C: the run is marked interrupted instead of being left
+    "running". During training `GracefulStop` takes over and first saves a checkpoint."""
+
+    def stop(signum, frame):
+        raise Stopped("stopped by SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class GracefulStop(Callback):
