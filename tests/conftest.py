@@ -1,10 +1,13 @@
-"""Shared test helpers: deterministic CPU settings and randomised tiny models."""
+"""Shared test helpers: deterministic CPU settings, randomised tiny models, a tiny Llama teacher on disk."""
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from slmctl.data.synthetic import SyntheticWorld
+from slmctl.data.tokenizer import train_bpe
 from slmctl.model import build_model
+from slmctl.model.config import vocab_size_for
 
 torch.set_num_threads(2)
 
@@ -68,3 +71,35 @@ class Crash(Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
             raise SystemExit("simulated kill")
+
+
+def save_llama(directory, tokenizer, seed=0, hidden=64):
+    """A tiny random LlamaForCausalLM and its tokenizer, as `save_pretrained` leaves them."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size_for(len(tokenizer)), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # peaked, input-dependent distributions (the training init is nearly uniform)
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    model.save_pretrained(directory)
+    backend = Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tokenizer.bos_id)])  # as Llama's
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def world_texts():
+    return SyntheticWorld(seed=0, n_people=200).texts("train", 300)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, world_texts):
+    return save_llama(tmp_path_factory.mktemp("llama"), train_bpe(world_texts, vocab_size=400))

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from slmctl.cli import app
 from slmctl.model import build_model, save_model
-from test_distill import save_llama
+from conftest import save_llama
 
 TRAIN = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.enable_progress_bar=false"]
 SYNTHETIC = ["data.n_people=50", "data.train_examples=40", "data.validation_examples=8", "data.min_facts=1",

@@ -15,7 +15,6 @@ from slmctl.config import compose
 from slmctl.runs import Run, verify_manifest
 from slmctl.train import pretrain
 from test_distill import DATA as DISTILL_DATA
-from test_distill import llama_dir, world_texts  # noqa: F401 (fixtures)
 
 BASE = ["model=tiny", "tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32",
         "batch_size=8", "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false",

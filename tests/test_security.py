@@ -14,7 +14,8 @@ from slmctl.data.images import load_jsonl
 from slmctl.data.sources import DataError
 from slmctl.model.checkpoint import CheckpointError
 from slmctl.train.checkpoints import VerifiedCheckpointIO
-from test_distill import DATA, save_llama
+from conftest import save_llama
+from test_distill import DATA
 
 
 class Payload:
