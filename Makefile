@@ -23,7 +23,7 @@ test-slow: install
 
 # The model speed comparison of docs/speed.md (330m, fp32, 2 threads, 512 -> 128 tokens).
 speed: install
-	$(PYTHON) -m slmctl.bench.t5_baseline --preset 330m --prompt-len 512 --new-tokens 128 --threads 2
+	$(PYTHON) -m slmctl.bench.t5_baseline --preset 330m --prompt-len 512 --new-tokens 128 --threads 2 --onnx
 
 lint:
 	$(PIP) install --quiet ruff

@@ -85,3 +85,15 @@ def test_roofline_estimate_only_and_measured_over_predicted(tmp_path):
     assert record["first_token_measured_over_predicted"] > 0 and record["decode_measured_over_predicted"] > 0
     assert bench(tmp_path, "tiny", "--estimate", "tpu9000").exit_code == 2
     assert bench(tmp_path, "tiny", "--repeat", "0").exit_code == 2
+
+
+def test_t5_comparison_times_ours_t5_and_the_onnx_export_in_one_run(tmp_path):
+    from slmctl.bench import t5_baseline
+
+    summary = t5_baseline.main(["--preset", "tiny", "--prompt-len", "16", "--new-tokens", "4", "--repeat", "1",
+                                "--threads", "1", "--onnx", "--output", str(tmp_path / "speed.json")])
+    assert set(summary["results"]) == {"slmctl", "transformers T5", "slmctl ONNX Runtime"}
+    for result in summary["results"].values():
+        assert result["decode_tokens_per_s"]["median"] > 0 and result["first_token_s"]["median"] > 0
+    assert summary["onnx"]["decode_speedup_vs_t5"] > 0 and summary["onnx"]["decode_fraction_of_bound"] > 0
+    assert json.loads((tmp_path / "speed.json").read_text())["onnx"] == summary["onnx"]

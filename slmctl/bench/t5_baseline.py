@@ -1,10 +1,12 @@
 """Our encoder-decoder against Hugging Face `T5ForConditionalGeneration` of matching size.
 
-    python -m slmctl.bench.t5_baseline --preset 330m --prompt-len 512 --new-tokens 128 --threads 2
+    python -m slmctl.bench.t5_baseline --preset 330m --prompt-len 512 --new-tokens 128 --threads 2 [--onnx]
 
 Both models get random weights, fp32, batch 1, greedy decoding of exactly
 `--new-tokens` tokens (EOS suppressed), the same thread count, a warm-up run and
-`--repeat` timed runs in the same process. T5 is built with the preset's dimensions
+`--repeat` timed runs in the same process. `--onnx` adds our model exported to ONNX
+(the same weights, exported in a child process) and run by slmctl's ONNX Runtime generator
+after the PyTorch and T5 rounds. T5 is built with the preset's dimensions
 (d_model, d_ff, heads of 64, encoder/decoder layers, `gelu_new` MLP, tied
 embeddings). Also reported: the memory-bandwidth bound on decoding, i.e. bytes of
 decoder + LM-head weights read per token over the measured read bandwidth.
@@ -15,6 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -83,6 +88,38 @@ def run_t5(t5, prompt, new_tokens):
     return run
 
 
+def export_in_subprocess(preset: str, directory: Path) -> None:
+    """Export the preset's model (seed 0, the weights `main` builds) in a child process: tracing
+    and ONNX Runtime change how this process's allocator behaves (glibc raises its mmap threshold
+    after large frees), which would change the PyTorch and T5 timings measured here."""
+    code = ("import torch; from pathlib import Path; from slmctl.model import build_model; "
+            "from slmctl.export.onnx_export import export_graphs; import json, sys; torch.manual_seed(0); "
+            f"m = build_model({preset!r}).eval(); v = export_graphs(m, Path({str(directory)!r})); "
+            "json.dump({'model': m.config.to_dict(), 'parameters': m.num_parameters(), 'default_variant': 'fp32', "
+            f"'variants': {{'fp32': v}}}}, open(Path({str(directory)!r}) / 'spec.json', 'w'))")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def run_onnx(directory: Path, prompt, new_tokens, threads: int):
+    """The exported graphs on slmctl's ONNX Runtime generator."""
+    from slmctl.export.runtime import OnnxLM
+
+    spec = json.loads((directory / "spec.json").read_text())
+    return run_ours(OnnxLM(directory, threads=threads, spec=spec), prompt, new_tokens)
+
+
+def time_runners(runners: dict, repeat: int) -> dict:
+    """label -> timing summary; one warm-up each, then `repeat` rounds interleaved so drifts in
+    machine speed hit every runner alike."""
+    timings = {label: [] for label in runners}
+    for runner in runners.values():
+        time_generation(runner)
+    for _ in range(repeat):
+        for label, runner in runners.items():
+            timings[label].append(time_generation(runner))
+    return {label: summarize(timings[label]) for label in runners}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="330m")
@@ -91,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.add_argument("--onnx", action="store_true", help="also time the model exported to ONNX, on ONNX Runtime")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -100,16 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
     t5 = build_t5(ours)
     prompt = torch.randint(3, ours.config.vocab_size, (1, args.prompt_len))
     runners = {"slmctl": run_ours(ours, prompt, args.new_tokens), "transformers T5": run_t5(t5, prompt, args.new_tokens)}
-    timings = {label: [] for label in runners}
-    for runner in runners.values():
-        time_generation(runner)  # warm-up
-    with console.status("timing"):
-        for _ in range(args.repeat):  # interleaved, so drifts in machine speed hit both alike
-            for label, runner in runners.items():
-                timings[label].append(time_generation(runner))
-    results = {label: summarize(timings[label]) for label in runners}
-    results["slmctl"]["parameters"] = ours.num_parameters()
-    results["transformers T5"]["parameters"] = sum(p.numel() for p in t5.parameters())
+    with tempfile.TemporaryDirectory() as exported:
+        if args.onnx:  # exported before any timing, loaded only after PyTorch and T5 are timed
+            with console.status("exporting to ONNX (in a child process)"):
+                export_in_subprocess(args.preset, Path(exported))
+        with console.status("timing"):
+            results = time_runners(runners, args.repeat)
+            if args.onnx:
+                ort = run_onnx(Path(exported), prompt, args.new_tokens, args.threads)
+                results.update(time_runners({"slmctl ONNX Runtime": ort}, args.repeat))
+    for label in results:
+        results[label]["parameters"] = sum(p.numel() for p in t5.parameters()) if label == "transformers T5" else ours.num_parameters()
 
     bandwidth = measure_read_bandwidth()
     weight_bytes = decoder_weight_bytes(ours)
@@ -125,6 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
         "first_token_ratio_vs_t5": mine["first_token_s"]["median"] / theirs["first_token_s"]["median"],
         "results": results,
     }
+    if args.onnx:
+        ort = results["slmctl ONNX Runtime"]
+        summary["onnx"] = {
+            "decode_fraction_of_bound": ort["decode_tokens_per_s"]["median"] / bound,
+            "decode_speedup_vs_t5": ort["decode_tokens_per_s"]["median"] / theirs["decode_tokens_per_s"]["median"],
+            "first_token_ratio_vs_t5": ort["first_token_s"]["median"] / theirs["first_token_s"]["median"],
+        }
 
     table = Table(title=f"{args.preset}, fp32, {args.threads} threads, batch 1, {args.prompt_len} -> {args.new_tokens} tokens, greedy")
     for column in ("model", "parameters", "first token (ms)", "decode (tokens/s)", "total (s)"):
@@ -135,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(table)
     console.print(f"decode speed-up vs T5: {summary['decode_speedup_vs_t5']:.2f}x   "
                   f"first-token latency vs T5: {summary['first_token_ratio_vs_t5']:.2f}x")
+    if args.onnx:
+        console.print(f"ONNX Runtime: decode {summary['onnx']['decode_speedup_vs_t5']:.2f}x T5, first token "
+                      f"{summary['onnx']['first_token_ratio_vs_t5']:.2f}x, {summary['onnx']['decode_fraction_of_bound']:.0%} of the bound")
     console.print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {weight_bytes / 1e6:.0f} MB of weights per token -> "
                   f"bound {bound:.1f} tokens/s; achieved {summary['decode_fraction_of_bound']:.0%} of it")
     if args.output:
