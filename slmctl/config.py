@@ -320,6 +320,7 @@ class BenchSchema:
     image_size: list = field(default_factory=lambda: [336, 336])  # vision models: the image each prompt carries
     seed: int = 0
     resume: Optional[str] = None
+    isolate: bool = False  # each model measured in its own child process
 
 
 @dataclass

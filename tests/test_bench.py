@@ -97,3 +97,19 @@ def test_t5_comparison_times_ours_t5_and_the_onnx_export_in_one_run(tmp_path):
         assert result["decode_tokens_per_s"]["median"] > 0 and result["first_token_s"]["median"] > 0
     assert summary["onnx"]["decode_speedup_vs_t5"] > 0 and summary["onnx"]["decode_fraction_of_bound"] > 0
     assert json.loads((tmp_path / "speed.json").read_text())["onnx"] == summary["onnx"]
+
+
+def test_isolate_measures_each_model_in_its_own_process(tmp_path, monkeypatch):
+    from slmctl.bench import stage
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("measured in the parent process")
+
+    monkeypatch.setattr(stage, "measure", not_here)
+    result = CliRunner().invoke(app, ["bench", "tiny", "deconly-tiny", "--compare", "--isolate", "--input-lens", "16",
+                                      "--output-lens", "4", "--repeat", "2", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    (bench,) = (tmp_path / "runs" / "bench").glob("2*/bench.json")
+    records = json.loads(bench.read_text())["records"]
+    assert [r["model"] for r in records] == ["tiny", "deconly-tiny"]
+    assert all(r["first_token_ms"] > 0 and r["decode_tok_s"] > 0 and len(r["samples"]) == 2 for r in records)

@@ -8,7 +8,8 @@ environment and every record with its samples), a Rich table, and with two or mo
 comparison (ratios against the last model) and `bench.png` (first-token latency and
 throughput against input length, the paper's Figure 1a). Each configuration is appended to
 progress/bench.jsonl as soon as it is measured; `resume=RUN` continues an interrupted bench
-with the configurations missing there.
+with the configurations missing there. With `isolate=true` each model is measured in its own
+child process.
 """
 
 from __future__ import annotations
@@ -61,46 +62,21 @@ def run(cfg, run):
     if measured:
         run.log(f"{len(measured)} configurations reused from {saved.relative_to(run.path)}")
     for ref in cfg.models:
-        import gc
-
         keys = [(ref, batch, input_len, output_len) for batch in cfg.batch for input_len in cfg.input_lens
                 for output_len in cfg.output_lens]  # one measurement each: (model as given, batch, in, out)
-        if all(key in measured for key in keys):  # nothing left to measure: not even loaded
+        if cfg.repeat and all(key in measured for key in keys):  # nothing left to measure: not even loaded
             records += [measured[key] for key in keys]
             continue
-        gc.collect()
-        reset_peak_memory(cfg.device)  # each model's peak is its own
-        loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads)
-        params = loaded.model.num_parameters()
-        if loaded.runtime == "onnx":
-            run.add_input("run" if owning_run(loaded.model.directory) else "file", ref, loaded.model.directory, role="model")
-        image = _bench_image(cfg) if is_vision(loaded.model) else None
-        vision = {}
-        if image is not None:
-            vision_ms, tokens = time_vision(loaded.model, image, cfg.repeat)
-            vision = {"image_size": list(image.size), "tokens_per_image": tokens, "vision_ms": vision_ms}
-            shown.print(f"{loaded.name}: a {image.size[0]}x{image.size[1]} image -> {tokens} tokens in {vision_ms:.1f} ms",
-                        highlight=False)
-        for batch in cfg.batch:
-            for input_len in cfg.input_lens:
-                for output_len in cfg.output_lens:
-                    if cfg.repeat == 0:  # an estimate only
-                        records.append(_estimate_only(cfg, loaded, params, batch, input_len, output_len, profile))
-                        continue
-                    key = (ref, batch, input_len, output_len)
-                    if key in measured:
-                        records.append(measured[key])
-                        continue
-                    summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed,
-                                               image)
-                    record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) | vision
-                    if profile:
-                        _add_prediction(record, loaded.model.config, cfg, profile)
-                    append_progress(saved, [{"key": key, "record": record}])
-                    records.append(record)
-                    shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
-                                f"decode {record['decode_tok_s']:.1f} tok/s", highlight=False)
-        del loaded
+        _record_input(run, ref, runs_dir, cfg.runtime)
+        skip = [key for key in keys if key in measured]
+        new = measure_in_child(cfg, ref, runs_dir, environment, profile, skip) if cfg.isolate else \
+            measure_model(cfg, ref, runs_dir, environment, profile, skip, shown)
+        fresh = {}
+        for key, record in new:
+            if cfg.repeat:  # a measurement (not an estimate): kept for a resume
+                append_progress(saved, [{"key": key, "record": record}])
+            fresh[key] = record
+        records += [measured.get(key) or fresh[key] for key in keys] if cfg.repeat else list(fresh.values())
     _add_bandwidth_bound(cfg, records, environment)  # measured after the models: its buffer must not count in their peaks
     run.write_json("bench.json", {"environment": environment, "records": records})
     shown.print(table(records))
@@ -113,6 +89,74 @@ def run(cfg, run):
     run.succeed({f"{r['model']}:b{r['batch']}:in{r['input_len']}:first_token_ms": round(r["first_token_ms"], 2)
                  for r in records if r["first_token_ms"] is not None} | {"records": len(records)})
     return run
+
+
+def measure_model(cfg, ref: str, runs_dir, environment: dict, profile: dict | None, skip: list, shown):
+    """(key, record) for every configuration of one model not in `skip`, as each is measured."""
+    import gc
+
+    gc.collect()
+    reset_peak_memory(cfg.device)  # each model's peak is its own
+    loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads)
+    params = loaded.model.num_parameters()
+    image = _bench_image(cfg) if is_vision(loaded.model) else None
+    vision = {}
+    if image is not None:
+        vision_ms, tokens = time_vision(loaded.model, image, cfg.repeat)
+        vision = {"image_size": list(image.size), "tokens_per_image": tokens, "vision_ms": vision_ms}
+        shown.print(f"{loaded.name}: a {image.size[0]}x{image.size[1]} image -> {tokens} tokens in {vision_ms:.1f} ms",
+                    highlight=False)
+    skip = {tuple(key) for key in skip}
+    for batch in cfg.batch:
+        for input_len in cfg.input_lens:
+            for output_len in cfg.output_lens:
+                key = (ref, batch, input_len, output_len)
+                if cfg.repeat == 0:  # an estimate only
+                    yield key, _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile)
+                    continue
+                if key in skip:
+                    continue
+                summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed,
+                                           image)
+                record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) | vision
+                if profile:
+                    _add_prediction(record, loaded.model.config, cfg, profile)
+                shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
+                            f"decode {record['decode_tok_s']:.1f} tok/s", highlight=False)
+                yield key, record
+
+
+def measure_in_child(cfg, ref: str, runs_dir, environment: dict, profile: dict | None, skip: list):
+    """`measure_model` in a fresh Python process (`isolate=true`): models measured one after the
+    other then share no allocator state, thread pools or caches (in one process, ONNX Runtime's
+    large allocations change how fast PyTorch's prefill allocates: docs/speed.md)."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    job = {"cfg": OmegaConf.to_container(cfg, resolve=True), "ref": ref, "runs_dir": str(runs_dir),
+           "environment": environment, "profile": profile, "skip": skip}
+    child = subprocess.Popen([sys.executable, "-m", "slmctl.bench.isolated"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    child.stdin.write(json.dumps(job))
+    child.stdin.close()
+    for line in child.stdout:  # one (key, record) per line, as each is measured
+        key, record = json.loads(line)
+        yield tuple(key), record
+    if child.wait() != 0:
+        from slmctl.config import ConfigError
+
+        raise ConfigError(f"measuring {ref} in a child process failed (exit {child.returncode}; its error is above)")
+
+
+def _record_input(run, ref: str, runs_dir, runtime: str) -> None:
+    """Lineage: an ONNX export that is benchmarked is an input of the run."""
+    from slmctl.export.runtime import find_export
+
+    found = find_export(ref, runs_dir) if runtime in ("auto", "onnx") else None
+    if found is not None:
+        run.add_input("run" if owning_run(found[0]) else "file", ref, found[0], role="model")
 
 
 def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) -> dict:
