@@ -169,3 +169,26 @@ def test_a_full_disk_while_writing_the_model_fails_the_run_with_one_line(tmp_pat
     assert "Traceback" not in result.output
     (run_dir,) = [p for p in (tmp_path / "runs" / "pretrain").iterdir()]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_sigkill_while_checkpointing_every_step_leaves_a_run_that_resumes_to_the_same_weights(tmp_path):
+    """kill -9 lands wherever it lands (here: while checkpoints are written every step); the
+    killed run still says "running", its lock names a dead process, and resume=latest finishes it."""
+    runs = tmp_path / "runs"
+    overrides = ["trainer.max_steps=40", "checkpoint_every=1"]
+    process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *BASE, *overrides, "--runs-dir", str(runs)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(runs.glob("pretrain/*/checkpoints/step-*.ckpt"))) < 5:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+    assert last_good_checkpoint(run_dir / "checkpoints") is not None
+
+    result = CliRunner().invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert "taking over the lock of process" in (run_dir / "log.txt").read_text()
+    whole = train(tmp_path / "whole", "whole", overrides)
+    assert same_weights(Run.open(run_dir), whole)
