@@ -45,7 +45,7 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
     if trainer.interrupted:  # Lightning stopped on a KeyboardInterrupt it caught itself
         raise KeyboardInterrupt
     if trainer.global_step % checkpoint_every:  # a resume after training finished reloads this, not an older one
-        trainer.save_checkpoint(checkpoint_dir / f"step-{trainer.global_step:08d}.ckpt")
+        trainer.save_checkpoint(checkpoint_dir / f"step-{trainer.global_step:08d}.ckpt", weights_only=False)
     return trainer
 
 

@@ -63,7 +63,7 @@ class GracefulStop(Callback):
         if stop and self.saved is None:
             self.requested = self.requested or "a signal to another rank"
             self.saved = self.checkpoint_dir / f"step-{trainer.global_step:08d}.ckpt"
-            trainer.save_checkpoint(self.saved)
+            trainer.save_checkpoint(self.saved, weights_only=False)  # the whole training state: resumable
             trainer.should_stop = True
 
     def _restore(self) -> None:
