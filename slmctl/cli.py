@@ -276,7 +276,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           estimate: Optional[str] = typer.Option(None, "--estimate", help="Roofline prediction for a conf/hardware profile "
                                                  "(this-cpu, a100, h100, ...); with --repeat 0 nothing is run."),
           image_size: str = typer.Option("336x336", "--image-size", help="Vision models: the image each prompt carries (WxH)."),
-          isolate: bool = typer.Option(False, "--isolate", help="Measure each model in its own child process (nothing shared between models)."),
+          isolate: bool = typer.Option(False, "--isolate", help="Measure each model in its own child process (nothing shared)."),
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
     """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m)."""
