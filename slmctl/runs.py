@@ -454,17 +454,10 @@ def verify_artifact(path: Path) -> None:
     for relative, expected in manifest.items():
         if inside != "." and relative != inside and not relative.startswith(inside + "/"):
             continue
-        file = run_dir / relative
-        if not file.is_file():
-            problem = "is missing"
-        elif file.stat().st_size != expected["size"]:
-            problem = f"is {file.stat().st_size} bytes, the run wrote {expected['size']}"
-        elif sha256_file(file) != expected["sha256"]:
-            problem = "has changed"
-        else:
-            continue
-        raise RunError(f"{file} {problem} since its run finished (it does not match {run_dir / MANIFEST}); "
-                       f"restore it or run the stage again")
+        problem = file_problem(run_dir / relative, expected)
+        if problem is not None:
+            raise RunError(f"{run_dir / relative}: {problem}, since its run finished (checked against "
+                           f"{run_dir / MANIFEST}); restore it or run the stage again")
 
 
 def model_label(path: Path) -> str:
@@ -639,17 +632,24 @@ def verify_manifest(run_dir: str | Path) -> list[str]:
         return [f"{manifest_path} is unreadable: {e}"]
     problems = []
     for relative, expected in manifest.items():
-        path = run_dir / relative
-        if not path.is_file():
-            problems.append(f"{relative}: missing")
-        elif path.stat().st_size != expected["size"]:
-            problems.append(f"{relative}: size {path.stat().st_size}, manifest says {expected['size']}")
-        elif sha256_file(path) != expected["sha256"]:
-            problems.append(f"{relative}: sha256 differs from the manifest (modified)")
+        problem = file_problem(run_dir / relative, expected)
+        if problem is not None:
+            problems.append(f"{relative}: {problem}")
     for relative in manifest_files(run_dir):
         if relative not in manifest:
             problems.append(f"{relative}: not in the manifest (added after the run finished)")
     return problems
+
+
+def file_problem(path: Path, expected: dict) -> str | None:
+    """How `path` differs from its manifest entry {"sha256", "size"}, or None when it matches."""
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != expected["size"]:
+        return f"size {path.stat().st_size}, manifest says {expected['size']}"
+    if sha256_file(path) != expected["sha256"]:
+        return "sha256 differs from the manifest (modified)"
+    return None
 
 
 def sha256_file(path: Path) -> str:
