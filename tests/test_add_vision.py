@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from slmctl.cli import app
 from slmctl.config import compose
+from slmctl.data.shapes import ShapeScenes
 from slmctl.model import load_model
 from slmctl.model.vlm import VisionEncoderDecoderLM
 from slmctl.runs import Run
@@ -109,6 +110,11 @@ def test_eval_scores_a_vision_model_on_held_out_shape_scenes(text_runs):
     scores = json.loads((eval_run / "metrics.json").read_text())["tasks"]["shapes_vqa"]
     assert scores["n"] == 6 and 0 <= next(iter(scores["models"].values()))["exact_match"]["value"] <= 1
     assert 0 < scores["chance"]["overall"] <= 1
+    (label, overall), = scores["models"].items()
+    per_kind = scores["per_kind"][label]  # the kinds the 6 test questions have, each with its chance beside it
+    kinds = [q["kind"] for q in ShapeScenes(seed=0).questions("test", 6)]
+    assert set(per_kind) == set(kinds) and set(per_kind) < set(scores["chance"])
+    assert abs(sum(per_kind[k] * kinds.count(k) for k in per_kind) / 6 - overall["exact_match"]["value"]) < 1e-9
     text_only = CliRunner().invoke(app, ["eval", str(made["encdec"]), "task=shapes_vqa", "limit=2", "--runs-dir", str(runs)])
     assert text_only.exit_code == 2 and "has no vision tower" in " ".join(text_only.output.split())
 

@@ -114,10 +114,29 @@ def test_shape_scenes_are_seeded_and_their_answers_match_the_scene():
         elif kind == "colour":
             asked = question.split("the ")[1].rstrip("?")
             assert [s.color for s in shapes if s.kind == asked] == [answer]
-    assert sizes == {"wide", "tall", "square"} and kinds == {"colour", "count", "left"}
+        elif kind == "shape":
+            asked = question.split("the ")[1].split(" one")[0]
+            assert [s.kind for s in shapes if s.color == asked] == [answer]
+    assert sizes == {"wide", "tall", "square"} and kinds == {"colour", "shape", "count", "left"}
     assert scenes.example("train", 0)["id"] != scenes.example("test", 0)["id"]
     baseline = chance(scenes.examples("validation", 200))
-    assert 0.1 < baseline["overall"] < 0.6 and set(baseline) == {"colour", "count", "left", "overall"}
+    assert 0.1 < baseline["overall"] < 0.6 and set(baseline) == {"colour", "shape", "count", "left", "overall"}
+
+
+def test_count_questions_ask_about_present_and_absent_shapes_alike():
+    """With one shape per scene, "0" must not be the cheap answer: a model that never looks at
+    the shape gets half the count questions right, not two thirds."""
+    scenes = ShapeScenes(seed=0, max_shapes=1)
+    answers = [q["answer"] for q in scenes.questions("train", 600) if q["kind"] == "count"]
+    assert set(answers) == {"0", "1"} and 0.4 < answers.count("0") / len(answers) < 0.6
+
+
+def test_fewer_shapes_are_drawn_bigger():
+    lone = [s.radius / min(size) for size, _, shapes in (ShapeScenes(seed=0, max_shapes=1).scene("train", i) for i in range(40))
+            for s in shapes]
+    crowded = [s.radius / min(size) for size, _, shapes in (ShapeScenes(seed=0, max_shapes=4).scene("train", i) for i in range(80))
+               for s in shapes if len(shapes) == 4]
+    assert 0.14 <= min(lone) and max(lone) <= 0.32 and 0.07 <= min(crowded) and max(crowded) <= 0.16
 
 
 def test_image_jsonl_errors_name_the_file_and_bad_images_can_be_skipped(tmp_path):

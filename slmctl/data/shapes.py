@@ -1,13 +1,16 @@
 """The embedded image-text default: seeded scenes of coloured shapes, with questions.
 
 No network and no download: a scene is a pure function of (seed, split, index). It has one
-to four shapes (circle, square, triangle) in six colours, of several sizes, at random
+to four shapes (circle, square, triangle) in six colours, of several sizes (fewer shapes, bigger
+ones: a lone shape spans 28-64% of the short side, one of four 14-32%), at random
 non-overlapping positions, on a varied background (flat or a two-colour gradient), at one of
 several resolutions and aspect ratios (square, wide, tall), so the vision pipeline's
 any-resolution tiling sees every case. Each scene comes with one question, drawn from:
 
     colour   "What color is the triangle?"                   -> "red"     (one shape of that kind)
-    count    "How many circles are there?"                   -> "2"       (0-4)
+    shape    "What shape is the red one?"                    -> "circle"  (one shape of that colour)
+    count    "How many circles are there?"                   -> "2"       (0-4; half the time about a
+             shape the scene has, so "0" is never the cheap answer)
     left     "Which is further left: the red circle or the blue square?" -> "red circle"
              (or "right"; a pair whose centres are well apart)
 
@@ -32,7 +35,7 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 20)}
 SIZES = ((224, 224), (336, 336), (448, 224), (224, 448), (384, 256), (256, 384), (512, 336))  # (width, height)
-KINDS = ("colour", "count", "left")
+KINDS = ("colour", "shape", "count", "left")
 SPLITS = ("train", "validation", "test")
 IMAGE_PROMPT = "<image>\n{question}"
 
@@ -72,7 +75,7 @@ class ShapeScenes:
         for _ in range(200):  # rejection sampling of non-overlapping positions
             if len(shapes) == target:
                 break
-            radius = rng.uniform(0.07, 0.16) * min(width, height)
+            radius = rng.uniform(0.07, 0.16) * (4 / target) ** 0.5 * min(width, height)
             x, y = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
             if all((x - s.x) ** 2 + (y - s.y) ** 2 > (radius + s.radius + 4) ** 2 for s in shapes):
                 shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), x, y, radius))
@@ -108,15 +111,21 @@ class ShapeScenes:
         rng = random.Random(f"shapes-question-{self.seed}-{split}-{index}")
         counts = Counter(s.kind for s in shapes)
         unique = [s for s in shapes if counts[s.kind] == 1]
+        colours = Counter(s.color for s in shapes)
+        lone_colour = [s for s in shapes if colours[s.color] == 1]
         pairs = [(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:]
                  if a.name != b.name and abs(a.x - b.x) > 2 * max(a.radius, b.radius)]
-        kinds = ["count"] + ["colour"] * bool(unique) + ["left"] * bool(pairs)
+        kinds = ["count"] + ["colour"] * bool(unique) + ["shape"] * bool(lone_colour) + ["left"] * bool(pairs)
         kind = rng.choice(kinds)
         if kind == "colour":
             shape = rng.choice(unique)
             return kind, f"What color is the {shape.kind}?", shape.color
+        if kind == "shape":
+            shape = rng.choice(lone_colour)
+            return kind, f"What shape is the {shape.color} one?", shape.kind
         if kind == "count":
-            asked = rng.choice(SHAPES)
+            present, absent = sorted(counts), [k for k in SHAPES if k not in counts]
+            asked = rng.choice(absent if absent and rng.random() < 0.5 else present)
             return kind, f"How many {asked}s are there?", str(counts[asked])
         a, b = rng.choice(pairs)
         if rng.random() < 0.5:
@@ -164,3 +173,11 @@ def chance(examples: list[dict]) -> dict[str, float]:
     result = {kind: counter.most_common(1)[0][1] / sum(counter.values()) for kind, counter in by_kind.items()}
     result["overall"] = sum(c.most_common(1)[0][1] for c in by_kind.values()) / max(len(examples), 1)
     return result
+
+
+def exact_match_by_kind(questions: list[dict], scores: list[float]) -> dict[str, float]:
+    """Mean exact match per question kind (questions as `ShapeScenes.questions` gives them)."""
+    by_kind: dict[str, list[float]] = {}
+    for question, value in zip(questions, scores, strict=True):
+        by_kind.setdefault(question["kind"], []).append(value)
+    return {kind: sum(values) / len(values) for kind, values in sorted(by_kind.items())}

@@ -73,11 +73,20 @@ def run(cfg, run):
             bar_chart(results, task.name, run.path / f"comparison-{task.name}.png")
         report[task.name] = {"n": len(examples), "models": results}
         if task.kind == "shapes":  # the accuracy of guessing each question kind's most frequent answer
-            from slmctl.data.shapes import ShapeScenes, chance
+            from slmctl.data.shapes import ShapeScenes, chance, exact_match_by_kind
 
             scenes = ShapeScenes(seed=task.seed, max_shapes=task.max_shapes)
-            report[task.name]["chance"] = chance(scenes.questions("test", len(examples)))
+            questions = scenes.questions("test", len(examples))
+            report[task.name]["chance"] = chance(questions)
             run.log(f"{task.name}: chance (most frequent answer per question kind) {report[task.name]['chance']['overall']:.3f}")
+            if "exact_match" in task.metrics:  # which kinds of question each model answers, against their chance
+                report[task.name]["per_kind"] = {}
+                for label in results:
+                    scored = [line["scores"]["exact_match"] for line in lines if line["task"] == task.name and line["model"] == label]
+                    per_kind = exact_match_by_kind(questions, scored)
+                    report[task.name]["per_kind"][label] = per_kind
+                    run.log(f"{task.name} {label}: exact match by kind " + ", ".join(
+                        f"{kind} {value:.3f} (chance {report[task.name]['chance'][kind]:.3f})" for kind, value in per_kind.items()))
     run.write_text("predictions.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     run.write_json("metrics.json", {"tasks": report})
     summary = {}
