@@ -50,6 +50,7 @@ def run(cfg, run):
         examples = load_task(task, cfg.limit)
         run.log(f"task {task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
         results: dict[str, dict] = {}
+        exact_matches: dict[str, list] = {}  # label -> per-example exact match (shapes: split by question kind)
         for ref in [None] if cfg.predictions else list(cfg.models):
             if ref is None:
                 label = _unique(_label_of_file(cfg.predictions), results)
@@ -63,6 +64,8 @@ def run(cfg, run):
                 per_example["judge"] = judge_scores
                 run.log(f"{task.name} {label}: judge {judge.id}: {counts}")
             results[label] = scores
+            if "exact_match" in per_example:
+                exact_matches[label] = per_example["exact_match"]
             for i, (example, prediction) in enumerate(zip(examples, predictions)):
                 lines.append({"task": task.name, "model": label, "id": example.id, "source": example.source,
                               "references": example.references, "prediction": prediction,
@@ -79,10 +82,9 @@ def run(cfg, run):
             questions = scenes.questions("test", len(examples))
             report[task.name]["chance"] = chance(questions)
             run.log(f"{task.name}: chance (most frequent answer per question kind) {report[task.name]['chance']['overall']:.3f}")
-            if "exact_match" in task.metrics:  # which kinds of question each model answers, against their chance
+            if exact_matches:  # which kinds of question each model answers, against their chance
                 report[task.name]["per_kind"] = {}
-                for label in results:
-                    scored = [line["scores"]["exact_match"] for line in lines if line["task"] == task.name and line["model"] == label]
+                for label, scored in exact_matches.items():
                     per_kind = exact_match_by_kind(questions, scored)
                     report[task.name]["per_kind"][label] = per_kind
                     run.log(f"{task.name} {label}: exact match by kind " + ", ".join(
