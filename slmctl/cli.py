@@ -142,7 +142,6 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
     if run.is_writer:
         console.print(f"[bold]{stage}[/bold] -> {run.path}")
     from slmctl.config import stage_module
-
     from slmctl.export.validate import ValidationFailed
     from slmctl.train.checkpoints import CheckpointSaveFailed
     from slmctl.train.module import TrainingDiverged

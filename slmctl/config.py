@@ -19,13 +19,14 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from slmctl.errors import UserError, first_line
 from slmctl.model.config import ModelConfig
 
 CONF_DIR = Path(os.environ.get("SLMCTL_CONF", Path(__file__).resolve().parent.parent / "conf"))
 HIDDEN_GROUPS = {"common"}  # building blocks of other groups, not choices
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad composition or value; the message is one line naming the problem and the fix."""
 
 
@@ -534,7 +535,7 @@ def compose(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConf
                 pass
         raise ConfigError(message) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(str(e))) from None
+        raise ConfigError(first_line(str(e)), "invalid config") from None
     return validate(cfg, stage)
 
 
@@ -543,7 +544,7 @@ def validate(cfg: DictConfig, stage: str) -> DictConfig:
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(str(e))) from None
+        raise ConfigError(first_line(str(e)), "invalid config") from None
     checked = {}
     for group, (key, options) in GROUP_SCHEMAS.items():
         if group not in cfg:
@@ -571,7 +572,7 @@ def _merge(schema: type, node, prefix: str | None) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         full = f"{prefix}.{key}" if prefix and key else (key or prefix or "config")
-        message = _one_line(getattr(e, "msg", None) or str(e))
+        message = first_line(getattr(e, "msg", None) or str(e), "invalid config")
         if "not in struct" in message or "Key '" in message and "not" in message:
             valid = ", ".join(f.name for f in dataclasses.fields(schema))
             raise ConfigError(f"unknown config key {full!r} (valid keys{' of ' + prefix if prefix else ''}: {valid})") from None
@@ -652,12 +653,7 @@ def _explain_hydra_error(message: str, stage: str) -> str:
     found = re.search(r"Key '([^']+)' is not in struct", message)
     if found:
         return f"unknown config key {found.group(1)!r} (see `slmctl validate {stage} --show`)"
-    return _one_line(" ".join(lines))
-
-
-def _one_line(message: str) -> str:
-    first = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-    return first[0] if first else "invalid config"
+    return first_line(" ".join(lines), "invalid config")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -667,9 +663,7 @@ def to_yaml(cfg: DictConfig) -> str:
 def model_config_from(cfg: DictConfig, **fallbacks) -> ModelConfig:
     """The ModelConfig a `model` group node describes (preset + non-null overrides), with
     `fallbacks` (e.g. the tokenizer's vocab size and token ids) used where the node is null."""
-    from slmctl.model.config import get_preset
-
-    from slmctl.model.config import matched_decoder_only
+    from slmctl.model.config import get_preset, matched_decoder_only
 
     node = OmegaConf.to_container(cfg, resolve=True)
     changes = {k: v for k, v in fallbacks.items() if node.get(k) is None}

@@ -40,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from slmctl import __version__
 from slmctl.atomic import atomic_write_bytes, atomic_write_text
+from slmctl.errors import UserError, first_line
 
 MODEL_CONFIG_FILE = "model.json"  # = slmctl.model.checkpoint.CONFIG_FILE, not imported: that pulls in torch
 HF_CONFIG_FILE = "config.json"  # a Hugging Face model saved with save_pretrained
@@ -62,7 +63,7 @@ VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "onnx", "onnxruntime
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A run directory problem; the message is one line naming the problem and the fix."""
 
 
@@ -668,11 +669,6 @@ def check_name(name: str, what: str) -> None:
         raise RunError(f"{what} {name!r} is not a valid directory name; use letters, digits, '.', '_' and '-'")
 
 
-def first_line(text: str, default: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[0] if lines else default
-
-
 def plain(value: Any) -> Any:
     """What json cannot write itself: tensors and numpy values, paths, datetimes, dataclasses."""
     if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
@@ -697,7 +693,7 @@ def config_to_yaml(config: dict | DictConfig) -> str:
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     except OmegaConfBaseException as e:
-        raise RunError(f"the config cannot be resolved: {first_line(str(e), default=type(e).__name__)}") from None
+        raise RunError(f"the config cannot be resolved: {first_line(e)}") from None
     resolved = json.loads(json.dumps(resolved, default=plain))  # Path etc. -> plain YAML types
     return OmegaConf.to_yaml(OmegaConf.create(resolved))
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+from slmctl.errors import UserError, first_line
+
 SPLITS = ("train", "validation")
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable training data (one-line message naming the file or dataset)."""
 
 
@@ -135,7 +137,7 @@ def _load_files(cfg, split: str):
     try:
         dataset = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"cannot read {source}: {_first_line(e)}") from None
+        raise DataError(f"cannot read {source}: {first_line(e)}") from None
     if cfg.validation is None:  # hold out a deterministic slice of train
         if len(dataset) < 2:
             raise DataError(f"{source} has {len(dataset)} row(s): too few to hold out validation data")
@@ -155,12 +157,7 @@ def _load_hub(cfg, split: str):
     try:
         dataset = datasets.load_dataset(cfg.id, cfg.subset, split=split_name)
     except Exception as e:
-        raise DataError(f"cannot load hub dataset {cfg.id!r} split {split_name!r}: {_first_line(e)}") from None
+        raise DataError(f"cannot load hub dataset {cfg.id!r} split {split_name!r}: {first_line(e)}") from None
     if len(dataset) == 0:
         raise DataError(f"hub dataset {cfg.id!r} split {split_name!r} is empty")
     return dataset.to_dict(), dataset.column_names, f"{cfg.id}[{split_name}]"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

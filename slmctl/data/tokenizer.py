@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from slmctl.errors import UserError
+
 PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
 SENTINEL = "<extra_id_{}>"
 SPECIAL_FILE = "slmctl_tokenizer.json"  # our record of which tokens play which role
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be built or loaded (one-line message)."""
 
 

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from slmctl.errors import UserError, first_line
+
 RUBRIC_VERSION = "1"
 MAX_FIELD_CHARS = 4000  # per field; a longer field keeps its first MAX_FIELD_CHARS characters and gets TRUNCATION_MARK
 TRUNCATION_MARK = " [...truncated]"
@@ -76,7 +78,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 HTTP_RETRIES = 2  # extra attempts after a 429, a 5xx, a timeout or a connection error
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError, ValueError):
     """A judge cannot be built or cannot answer; the message is one line."""
 
 
@@ -109,11 +111,6 @@ def parse_score(reply: str) -> float | None:
     return score if 0.0 <= score <= 1.0 else None
 
 
-def _one_line(error: BaseException | str) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else (type(error).__name__ if isinstance(error, BaseException) else "")
-
-
 # ---------------------------------------------------------------------------
 # Local judge
 
@@ -144,7 +141,7 @@ class LocalJudge:
             self.model = AutoModelForCausalLM.from_pretrained(
                 where, dtype="auto" if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, ImportError) as e:
-            raise JudgeError(f"cannot load judge model {path!r}: {_one_line(e)}") from None
+            raise JudgeError(f"cannot load judge model {path!r}: {first_line(e)}") from None
         self.model.to(device).eval().requires_grad_(False)
         self.tokenizer.padding_side = "left"  # every prompt ends where generation starts
         if self.tokenizer.pad_token is None:
@@ -246,7 +243,7 @@ class EndpointJudge:
                 if (e.code == 429 or e.code >= 500) and not last:
                     time.sleep(self.backoff * 2 ** attempt)
                     continue
-                detail = _one_line(e.read().decode("utf-8", "replace"))[:200]
+                detail = first_line(e.read().decode("utf-8", "replace"))[:200]
                 hint = f" (environment variable {self.api_key_env} is not set)" if e.code in (401, 403) and not key else ""
                 raise JudgeError(_redact(f"judge endpoint {url} answered HTTP {e.code}{hint}: {detail or e.reason}", key)) from None
             except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
@@ -254,12 +251,12 @@ class EndpointJudge:
                     time.sleep(self.backoff * 2 ** attempt)
                     continue
                 reason = e.reason if isinstance(e, urllib.error.URLError) else e
-                raise JudgeError(_redact(f"cannot reach judge endpoint {url}: {_one_line(str(reason))}", key)) from None
+                raise JudgeError(_redact(f"cannot reach judge endpoint {url}: {first_line(str(reason))}", key)) from None
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise JudgeError(f"judge endpoint {url} did not answer in the chat-completions format: "
-                             f"{_redact(_one_line(payload.decode('utf-8', 'replace'))[:200], key)}") from None
+                             f"{_redact(first_line(payload.decode('utf-8', 'replace'))[:200], key)}") from None
         if content is not None and not isinstance(content, str):
             raise JudgeError(f"judge endpoint {url} sent a non-text message content")
         return content or ""  # None (e.g. a refusal or a reasoning-only reply) counts as unparsable

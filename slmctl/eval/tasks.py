@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmctl.data.sources import FORMATS, DataError, check_jsonl, quiet_datasets
+from slmctl.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _rows(cfg) -> tuple[list[dict], str]:
         try:
             dataset = datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as e:  # datasets raises many types for unreadable files
-            raise DataError(f"task {cfg.name}: cannot read {cfg.data_files}: {_first_line(e)}") from None
+            raise DataError(f"task {cfg.name}: cannot read {cfg.data_files}: {first_line(e)}") from None
         where = cfg.data_files
     else:
         if not cfg.hub_id:
@@ -84,7 +85,7 @@ def _rows(cfg) -> tuple[list[dict], str]:
         try:
             dataset = datasets.load_dataset(cfg.hub_id, cfg.subset, split=cfg.split)
         except Exception as e:
-            raise DataError(f"task {cfg.name}: cannot load {cfg.hub_id!r} split {cfg.split!r} ({_first_line(e)}); "
+            raise DataError(f"task {cfg.name}: cannot load {cfg.hub_id!r} split {cfg.split!r} ({first_line(e)}); "
                             f"offline, give the same columns as task.data_files=PATH") from None
         where = f"{cfg.hub_id}[{cfg.split}]"
     if len(dataset) == 0:
@@ -124,8 +125,3 @@ def _squad(rows: list[dict], where: str, cfg) -> list[EvalExample]:
         out.append(EvalExample(str(row["id"]), cfg.prompt.format(question=row["question"], context=row["context"]),
                                [t for t in texts if t.strip()]))
     return out
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slmctl.errors import UserError
 from slmctl.model.config import ModelConfig
 
 SPEC_FILE = "slmctl_onnx.json"
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(UserError, ValueError):
     """An export directory that cannot be run (one line, names the problem)."""
 
 

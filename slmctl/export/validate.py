@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from slmctl.errors import RunFailure
 
-class ValidationFailed(Exception):
+
+class ValidationFailed(RunFailure):
     """The exported graphs do not compute what PyTorch computes: the run fails with exit 1."""
 
 

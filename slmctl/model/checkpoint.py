@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slmctl.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from slmctl.errors import UserError
 from slmctl.model.base import LanguageModel
 from slmctl.model.config import ModelConfig, get_preset, vocab_size_for
 from slmctl.model.generation import GenerationConfig
@@ -28,7 +29,7 @@ GENERATION_FILE = "generation.json"
 TIED_KEYS = ("lm_head.weight",)  # never stored: the LM head is the embedding
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded; the message is one line naming the problem."""
 
 

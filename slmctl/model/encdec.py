@@ -17,7 +17,7 @@ import torch.nn as nn
 from slmctl.model.base import IGNORE_INDEX, LanguageModel, LMOutput, has_padding, padding_positions
 from slmctl.model.cache import KVCache
 from slmctl.model.config import ModelConfig
-from slmctl.model.layers import RMSNorm, CrossAttentionBlock, SelfAttentionBlock, additive_mask, init_weights
+from slmctl.model.layers import CrossAttentionBlock, RMSNorm, SelfAttentionBlock, additive_mask, init_weights
 
 
 class Encoder(nn.Module):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from slmctl.errors import first_line
 from slmctl.model.base import LanguageModel
 from slmctl.model.checkpoint import CheckpointError, build_model, load_state
 from slmctl.model.config import ModelConfig
@@ -150,8 +151,7 @@ def read_reference_file(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is unreadable (truncated or not a torch checkpoint?): {first_line}") from None
+        raise CheckpointError(f"{path} is unreadable (truncated or not a torch checkpoint?): {first_line(e)}") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model_state_dict"), dict):
         return loaded["model_state_dict"]
     if isinstance(loaded, dict) and "transformer.wte.weight" in loaded:

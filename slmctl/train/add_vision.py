@@ -30,8 +30,8 @@ from slmctl.model import load_model
 from slmctl.model.vision import VisionConfig
 from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
 from slmctl.train.datamodule import PretrainDataModule
-from slmctl.train.module import LMTrainingModule, lr_lambda
 from slmctl.train.fit import fit, quiet_lightning
+from slmctl.train.module import LMTrainingModule, lr_lambda
 from slmctl.train.pretrain import model_dir_of
 from slmctl.train.run_logger import RunLogger
 

@@ -19,6 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from slmctl.atomic import atomic_write_text, atomic_writer
+from slmctl.errors import RunFailure
 from slmctl.model.checkpoint import CheckpointError
 from slmctl.runs import sha256_file
 
@@ -26,7 +27,7 @@ MANIFEST = "MANIFEST.json"
 PATTERN = "step-*.ckpt"
 
 
-class CheckpointSaveFailed(RuntimeError):
+class CheckpointSaveFailed(RunFailure, RuntimeError):
     """Saving a checkpoint failed (e.g. no space left); the run fails, earlier checkpoints stay intact."""
 
 

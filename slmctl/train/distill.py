@@ -26,10 +26,10 @@ from slmctl.model import build_model, load_model, save_model
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.distill_module import DistillModule
-from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
 from slmctl.train.fit import fit, quiet_lightning
-from slmctl.train.ranks import rank0_first
+from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
 from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, model_dir_of
+from slmctl.train.ranks import rank0_first
 from slmctl.train.run_logger import RunLogger
 from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from slmctl.config import ConfigError
 from slmctl.train.checkpoints import VerifiedCheckpointIO, last_good_checkpoint

@@ -15,10 +15,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from slmctl.errors import RunFailure
 from slmctl.train.datamodule import PADDING
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailure, RuntimeError):
     """The training loss stopped being finite: the run fails (exit 1) at that step; the
     checkpoints written before it are kept."""
 
