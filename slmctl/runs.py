@@ -99,6 +99,12 @@ class Run:
         return f"Run({str(self.path)!r}, status={self._status!r})"
 
     @property
+    def runs_dir(self) -> Path:
+        """The directory of all runs this one sits in (<runs_dir>/<stage>/<run>): where the
+        other runs a stage names are looked up."""
+        return self.path.parent.parent
+
+    @property
     def model_dir(self) -> Path:
         return self.path / "model"
 

@@ -55,7 +55,7 @@ def run(cfg, run):
         run.log(f"estimate: {profile['name']}: {profile['peak_flops'] / 1e12:.3g} TFLOP/s, "
                 f"{profile['bandwidth'] / 1e9:.1f} GB/s ({profile['source']})")
     records = []
-    runs_dir = run.path.parent.parent
+    runs_dir = run.runs_dir
     shown = err_console if cfg.format else console
     saved = run.path / PROGRESS_DIR / "bench.jsonl"
     measured = {tuple(p["key"]): p["record"] for p in read_progress(saved)}  # what a resumed run has already

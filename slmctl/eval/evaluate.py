@@ -42,7 +42,7 @@ def run(cfg, run):
     if cfg.judge.kind == "local" and cfg.judge.trust_remote_code:
         run.log("judge.trust_remote_code=true: code from the judge's repository runs in this process")
     judge, judge_cache = _judge(cfg)
-    runs_dir = run.path.parent.parent
+    runs_dir = run.runs_dir
     generators: dict[str, object] = {}  # each model is loaded once, whatever the number of tasks
     report: dict[str, dict] = {}
     lines: list[dict] = []

@@ -83,7 +83,7 @@ def _load(cfg, run):
     from slmctl.runs import resolve_model_path
 
     ref = cfg.source
-    runs_dir = run.path.parent.parent
+    runs_dir = run.runs_dir
     if ref is None:
         ref = _newest_model_run(runs_dir)
     if ref in PRESETS:

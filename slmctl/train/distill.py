@@ -51,7 +51,7 @@ def run(cfg, run, callbacks: list | None = None):
     train_pairs, val_pairs = load_pairs(cfg.data, "train"), load_pairs(cfg.data, "validation")
     run.log(f"data: {len(train_pairs)} train / {len(val_pairs)} validation examples ({cfg.data.kind})")
 
-    runs_dir = run.path.parent.parent
+    runs_dir = run.runs_dir
     teacher = load_teacher(cfg.teacher, runs_dir)
     local = _local_path(cfg.teacher, runs_dir)
     run.add_input("run" if cfg.teacher.kind == "run" else ("file" if local else "hub"), str(cfg.teacher.path),
@@ -140,7 +140,7 @@ def _student_tokenizer(cfg, run, teacher: Teacher, train_pairs) -> TextTokenizer
         if teacher.source == "run":  # ours already has sentinels and an image token
             tokenizer = teacher.tokenizer
         else:
-            tokenizer = load_hf_tokenizer(cfg.teacher.tokenizer or _local_path(cfg.teacher, run.path.parent.parent)
+            tokenizer = load_hf_tokenizer(cfg.teacher.tokenizer or _local_path(cfg.teacher, run.runs_dir)
                                           or cfg.teacher.path, cfg.tokenizer.n_sentinels, cfg.teacher.trust_remote_code)
     else:
         return build_tokenizer(cfg, run, train_pairs, seq2seq_data=True)

@@ -85,7 +85,7 @@ def model_dir_of(ref: str, run) -> Path:
     """A model directory from a model dir, a run dir or runs/<stage>/latest."""
     from slmctl.runs import resolve_model_path
 
-    return resolve_model_path(ref, run.path.parent.parent)  # a run resolves to its model/
+    return resolve_model_path(ref, run.runs_dir)  # a run resolves to its model/
 
 
 def build_tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
