@@ -113,3 +113,70 @@ def test_isolate_measures_each_model_in_its_own_process(tmp_path, monkeypatch):
     records = json.loads(bench.read_text())["records"]
     assert [r["model"] for r in records] == ["tiny", "deconly-tiny"]
     assert all(r["first_token_ms"] > 0 and r["decode_tok_s"] > 0 and len(r["samples"]) == 2 for r in records)
+
+
+def _record(model, input_len, first_token_ms, decode_tok_s, peak_mem_mb, **extra):
+    """A bench record with every field the renderers read; timings as given."""
+    from slmctl.bench.stage import RECORD_FIELDS
+
+    record = dict.fromkeys(RECORD_FIELDS, 0)
+    record.update(model=model, arch="encdec", device="cpu", runtime="torch", dtype="float32", batch=1,
+                  input_len=input_len, output_len=8, first_token_ms=first_token_ms, decode_tok_s=decode_tok_s,
+                  peak_mem_mb=peak_mem_mb, **extra)
+    return record
+
+
+def test_compare_ratios_are_against_the_last_model_per_configuration():
+    from slmctl.bench.stage import comparisons
+
+    records = [_record("int8", 16, 25.0, 120.0, 300.0), _record("int8", 64, 60.0, 90.0, 330.0),
+               _record("fp32", 16, 50.0, 40.0, 600.0), _record("fp32", 64, 80.0, 45.0, 660.0),
+               _record("torch", 64, 200.0, 30.0, 1320.0), _record("torch", 16, 100.0, 20.0, 1200.0)]
+    rows = comparisons(records, ["int8", "fp32", "torch"])
+    got = {(r["model"], r["input_len"]): (r["baseline"], r["first_token_reduction"], r["throughput_ratio"],
+                                          r["memory_ratio"]) for r in rows}
+    # by hand: 1 - first / baseline first, rate / baseline rate, memory / baseline memory, at the same input length
+    expected = {("int8", 16): ("torch", 0.75, 6.0, 0.25), ("int8", 64): ("torch", 0.7, 3.0, 0.25),
+                ("fp32", 16): ("torch", 0.5, 2.0, 0.5), ("fp32", 64): ("torch", 0.6, 1.5, 0.5)}
+    assert len(rows) == 4 and got.keys() == expected.keys()
+    for key, (baseline, reduction, throughput, memory) in expected.items():
+        assert got[key][0] == baseline, key
+        assert got[key][1:] == pytest.approx((reduction, throughput, memory)), key
+    assert [(r["model"], r["input_len"]) for r in rows] == [("int8", 16), ("int8", 64), ("fp32", 16), ("fp32", 64)]
+
+    # a slower model: a negative reduction and a ratio below 1; a zero rate has no ratio
+    slow = comparisons([_record("a", 16, 150.0, 10.0, 100.0), _record("b", 16, 100.0, 40.0, 400.0)], ["a", "b"])[0]
+    assert slow["first_token_reduction"] == pytest.approx(-0.5) and slow["throughput_ratio"] == pytest.approx(0.25)
+    assert comparisons([_record("a", 16, 1.0, 0.0, 1.0), _record("b", 16, 1.0, 4.0, 1.0)], ["a", "b"])[0][
+        "throughput_ratio"] is None
+
+    # roofline estimates (nothing measured) compare the predictions and have no memory ratio
+    estimated = [_record("a", 16, None, None, None, predicted_first_token_ms=3.0, predicted_decode_tok_s=500.0),
+                 _record("b", 16, None, None, None, predicted_first_token_ms=4.0, predicted_decode_tok_s=200.0)]
+    row = comparisons(estimated, ["a", "b"])[0]
+    assert row["first_token_reduction"] == pytest.approx(0.25) and row["throughput_ratio"] == pytest.approx(2.5)
+    assert row["memory_ratio"] is None
+
+
+def test_compare_table_and_formats_render_the_hand_built_records():
+    import csv
+    import io
+
+    from rich.console import Console
+
+    from slmctl.bench.stage import RECORD_FIELDS, comparison_table, format_records
+
+    records = [_record("int8", 16, 25.0, 120.0, 300.0), _record("torch", 16, 100.0, 20.0, 1200.0)]
+    console = Console(width=200, file=io.StringIO())
+    console.print(comparison_table(records, ["int8", "torch"]))
+    (row,) = [line for line in console.file.getvalue().splitlines() if "int8" in line]
+    assert [c.strip() for c in row.strip("│ ").split("│")] == ["int8", "1", "16", "8", "75.0%", "6.00x", "0.25x"]
+
+    parsed = list(csv.DictReader(io.StringIO(format_records(records, "csv"))))
+    assert list(parsed[0]) == list(RECORD_FIELDS) and [r["model"] for r in parsed] == ["int8", "torch"]
+    assert float(parsed[1]["first_token_ms"]) == 100.0 and float(parsed[0]["decode_tok_s"]) == 120.0
+    lines = format_records(records, "md").splitlines()
+    assert lines[0] == "| " + " | ".join(RECORD_FIELDS) + " |" and len(lines) == 4
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert dict(zip(RECORD_FIELDS, cells))["first_token_ms"] == "25" and cells[0] == "int8"
+    assert json.loads(format_records(records, "json")) == records
