@@ -39,7 +39,8 @@ def test_encdec_padded_batch_matches_single_rows(encdec):
             batched = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
             for i, row in enumerate(rows):
                 alone = model(input_ids=row[None], decoder_input_ids=dec[i:i + 1]).logits
-                assert max_logit_error(batched[i], alone[0]) <= 1e-5, side
+                # fp32 summation order alone gives up to ~1.3e-5 on some CPUs; a padding leak gives ~1
+                assert max_logit_error(batched[i], alone[0]) <= 1e-4, side
 
 
 def test_encdec_padded_decoder_targets_match_single_rows(encdec):
