@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from slmctl.data.tokenizer import TextTokenizer
+from slmctl.refs import ModelRef, resolve
 
 
 @dataclass
@@ -18,35 +19,32 @@ class Generator:
     tokenizer: TextTokenizer
     kind: str  # "encdec" | "deconly" | "hf-causal"
     path: Path
+    ref: ModelRef | None = None  # what the user named (for lineage and labels)
 
 
-def load_generator(ref: str | Path, runs_dir: str | Path = "runs", device: str = "cpu", runtime: str = "auto",
+GENERATE_KINDS = ("model_dir", "hf_dir", "export")  # each carries its tokenizer
+
+
+def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", device: str = "cpu", runtime: str = "auto",
                    threads: int | None = None) -> Generator:
     """`runtime` auto: ONNX Runtime for an export (`slmctl export onnx`, `EXPORT:int8` for a
     variant), PyTorch for the rest."""
-    from slmctl.export.runtime import find_export
-    from slmctl.model import load_model
-    from slmctl.runs import resolve_model_path
+    from slmctl.config import ConfigError
 
-    found = find_export(ref, runs_dir) if runtime in ("auto", "onnx") else None
-    if found is not None:
-        from slmctl.export.runtime import OnnxLM
-
-        model = OnnxLM(found[0], device=device, threads=threads, variant=found[1])
-        return Generator(model, TextTokenizer.load(found[0]), "encdec" if model.config.is_encoder_decoder else "deconly", found[0])
-    if runtime == "onnx":
-        from slmctl.config import ConfigError
-
+    model_ref = resolve(ref, runs_dir, allow=GENERATE_KINDS, purpose="generation")
+    if runtime == "onnx" and model_ref.kind != "export":
         raise ConfigError(f"{ref}: --runtime onnx runs ONNX exports; make one with `slmctl export onnx {ref}`")
-    path = resolve_model_path(ref, runs_dir)  # a run resolves to its model/
-    tokenizer = TextTokenizer.load(path)
-    if not (path / "model.json").is_file():  # a Hugging Face causal LM (save_pretrained's config.json)
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
-        return Generator(model, tokenizer, "hf-causal", path)
-    model = load_model(path, device=device).eval()
-    return Generator(model, tokenizer, "encdec" if model.config.is_encoder_decoder else "deconly", path)
+    if runtime == "torch" and model_ref.kind == "export":
+        raise ConfigError(f"{ref} is an ONNX export; --runtime torch runs model directories and runs (or use --runtime onnx)")
+    tokenizer = TextTokenizer.load(model_ref.path)
+    if model_ref.kind == "export":
+        model = model_ref.open_onnx(device=device, threads=threads)
+    elif model_ref.kind == "hf_dir":  # a Hugging Face causal LM (e.g. a pretrain run of model=hf-causal)
+        model = model_ref.load_transformers(dtype=torch.float32).to(device).eval()
+        return Generator(model, tokenizer, "hf-causal", model_ref.path, model_ref)
+    else:
+        model = model_ref.load_torch(device=device).eval()
+    return Generator(model, tokenizer, "encdec" if model.config.is_encoder_decoder else "deconly", model_ref.path, model_ref)
 
 
 def prompt_ids(generator: Generator, text: str) -> list[int]:

@@ -41,9 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 from slmctl import __version__
 from slmctl.atomic import atomic_write_bytes, atomic_write_text
 from slmctl.errors import UserError, first_line
-
-MODEL_CONFIG_FILE = "model.json"  # = slmctl.model.checkpoint.CONFIG_FILE, not imported: that pulls in torch
-HF_CONFIG_FILE = "config.json"  # a Hugging Face model saved with save_pretrained
+from slmctl.files import MODEL_DIR
 
 STATUSES = ("running", "succeeded", "failed", "interrupted")
 SEALED_STATUSES = ("succeeded", "failed")
@@ -106,7 +104,7 @@ class Run:
 
     @property
     def model_dir(self) -> Path:
-        return self.path / "model"
+        return self.path / MODEL_DIR
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -417,32 +415,6 @@ def require_latest(stage_dir: Path) -> Path:
     if found is None:
         raise RunError(f"no succeeded {stage} run under {stage_dir.parent}/ (run `slmctl {stage}` first)")
     return found
-
-
-def is_model_dir(path: Path) -> bool:
-    """Ours (model.json) or a Hugging Face save_pretrained directory (config.json)."""
-    return (path / MODEL_CONFIG_FILE).is_file() or (path / HF_CONFIG_FILE).is_file()
-
-
-def resolve_model_path(ref: str | Path, runs_dir: str | Path) -> Path:
-    """A model directory (ours with model.json, or a Hugging Face one with config.json), a run
-    whose model/ is one (any form `resolve_run` accepts), or an existing file such as a
-    reference `.pt` checkpoint; verified against its run's manifest when it lies in one."""
-    path = Path(ref)
-    if is_model_dir(path) or path.is_file():
-        verify_artifact(path)
-        return path.resolve()
-    try:
-        run_dir = resolve_run(ref, runs_dir)
-    except RunError as e:
-        raise RunError(f"no model at {str(ref)!r}: not a model directory (no {MODEL_CONFIG_FILE}), "
-                       f"not a file, and not a run ({e})") from None
-    model_dir = run_dir / "model"
-    if not is_model_dir(model_dir):
-        raise RunError(f"run {run_dir} has no model ({model_dir / MODEL_CONFIG_FILE} is missing); "
-                       f"pass a run of a stage that writes one, e.g. pretrain/latest")
-    verify_artifact(model_dir)
-    return model_dir
 
 
 def verify_artifact(path: Path) -> None:

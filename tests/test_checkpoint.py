@@ -28,9 +28,9 @@ def test_save_load_round_trip_is_bit_exact(arch, request, tmp_path):
     assert not list(tmp_path.glob("m/.*.tmp"))  # no temporaries left behind
 
 
-def test_load_accepts_a_run_directory_and_dtype(encdec, tmp_path):
+def test_load_takes_a_dtype(encdec, tmp_path):  # runs and the rest are slmctl.refs' (tests/test_refs.py)
     save_model(encdec, tmp_path / "run" / "model")
-    model = load_model(tmp_path / "run", dtype=torch.bfloat16)
+    model = load_model(tmp_path / "run" / "model", dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
 
 

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from slmctl import runs
-from slmctl.runs import Run, RunError, RunInfo, latest_run, list_runs, resolve_model_path, resolve_run, verify_manifest
+from slmctl.runs import Run, RunError, RunInfo, latest_run, list_runs, resolve_run, verify_manifest
 
 CONFIG = {"model": {"preset": "tiny", "d_model": 64}, "lr": 3e-4, "name": "${model.preset}-run"}
 ARGV = ["slmctl", "pretrain", "model=tiny", "--name", "my run"]
@@ -342,26 +342,6 @@ def test_resolve_run_errors_are_one_line_and_say_what_to_do(tmp_path):
         assert "\n" not in str(error.value)
 
 
-def test_resolve_model_path(tmp_path):
-    runs_dir = tmp_path / "runs"
-    run = finished_run(runs_dir)
-    assert resolve_model_path(run.model_dir, runs_dir) == run.model_dir
-    assert resolve_model_path(run.path, runs_dir) == run.model_dir
-    assert resolve_model_path("pretrain/latest", runs_dir) == run.model_dir
-    assert resolve_model_path("latest:pretrain", runs_dir) == run.model_dir
-
-    checkpoint = tmp_path / "mu.pt"
-    checkpoint.write_bytes(b"x")
-    assert resolve_model_path(checkpoint, runs_dir) == checkpoint
-
-    no_model = new_run(runs_dir, stage="bench")
-    no_model.succeed()
-    with pytest.raises(RunError, match=r"has no model .*model\.json is missing"):
-        resolve_model_path("bench/latest", runs_dir)
-    with pytest.raises(RunError, match=r"no model at 'missing\.pt': not a model directory .*not a file.*not a run"):
-        resolve_model_path("missing.pt", runs_dir)
-
-
 def test_list_runs_newest_first_with_key_metric(tmp_path, clock):
     first = finished_run(tmp_path, summary={"loss": 2.0, "score": 0.1})
     second = new_run(tmp_path)
@@ -411,3 +391,37 @@ def test_a_second_process_cannot_resume_a_locked_run_but_a_dead_owner_is_taken_o
     reopened.resume()
     assert (run.path / ".lock").read_text().strip() == str(os.getpid())
     assert f"taking over the lock of process {dead.stdout.strip()}" in (run.path / "log.txt").read_text()
+
+
+TINY_PRETRAIN = ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=300", "data.n_people=50",
+                 "data.train_examples=40", "data.validation_examples=8", "data.min_facts=1", "data.max_facts=1",
+                 "batch_size=4", "max_source_len=48", "max_target_len=8", "trainer.max_steps=2",
+                 "trainer.val_check_interval=1", "checkpoint_every=1", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_run_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, umask, mode):
+    """Files written to a temporary name and renamed must not keep mkstemp's 0600: a teammate
+    on a shared filesystem reads the runs (umask 022), a private user keeps them private (077)."""
+    from typer.testing import CliRunner
+
+    from slmctl.cli import app
+
+    runs_dir = tmp_path / "runs"
+    previous = os.umask(umask)
+    try:
+        result = CliRunner().invoke(app, ["pretrain", *TINY_PRETRAIN, "--runs-dir", str(runs_dir)])
+        assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(app, ["export", "onnx", "pretrain/latest", "--runs-dir", str(runs_dir)])
+        assert result.exit_code == 0, result.output
+    finally:
+        os.umask(previous)
+    files = {path.relative_to(runs_dir).as_posix(): path.stat().st_mode & 0o777
+             for path in runs_dir.rglob("*") if path.is_file() and not path.is_symlink()}
+    pretrain_run = next(name.split("/")[1] for name in files if name.startswith("pretrain/"))
+    for written in ("model/model.safetensors", "model/model.json", "model/tokenizer.json", "MANIFEST.json",
+                    "status.json", "config.yaml", "checkpoints/step-00000001.ckpt", "checkpoints/MANIFEST.json"):
+        assert f"pretrain/{pretrain_run}/{written}" in files, written
+    assert any(name.endswith(".onnx") and name.startswith("export/") for name in files)
+    wrong = {name: oct(file_mode) for name, file_mode in files.items() if file_mode != mode}
+    assert not wrong, f"not {oct(mode)}: {wrong}"

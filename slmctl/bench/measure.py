@@ -30,54 +30,40 @@ class LoadedModel:
     dtype: str = "float32"  # the weights: float32, bfloat16, float16, or an export's variant (int8, qdq)
 
 
-def load_for_bench(ref: str, runs_dir, device: str, dtype: str, seed: int = 0, runtime: str = "auto",
+BENCH_KINDS = ("preset", "model_dir", "export")  # what bench measures (slmctl.refs kinds)
+
+
+def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtime: str = "auto",
                    threads: int | None = None) -> LoadedModel:
     """A preset name (random weights, so no checkpoint is needed), a model directory / run, or an
     ONNX export (`slmctl export onnx`; `EXPORT:int8` picks a variant), run by ONNX Runtime."""
     from slmctl.config import ConfigError
-    from slmctl.export.runtime import find_export
+    from slmctl.refs import resolve
 
-    found = find_export(ref, runs_dir) if runtime in ("auto", "onnx") else None
-    if found is not None:
-        return _load_export(found, device, threads)
+    model_ref = resolve(ref, runs_dir, allow=BENCH_KINDS, purpose="bench")
+    if model_ref.kind == "export" and runtime != "torch":
+        return _load_export(model_ref, device, threads)
     if runtime == "onnx" or device == "npu":
         raise ConfigError(f"{ref}: --runtime onnx / --device npu run ONNX exports; make one with `slmctl export onnx {ref}`")
-    return _load_torch(ref, runs_dir, device, dtype, seed)
+    if model_ref.kind == "export":
+        raise ConfigError(f"{ref} is an ONNX export; --runtime torch measures presets, model directories and runs")
+    return _load_torch(model_ref, device, dtype, seed)
 
 
-def _load_export(found: tuple, device: str, threads: int | None) -> LoadedModel:
-    from slmctl.export.runtime import OnnxLM
-    from slmctl.runs import model_label
-
-    path, variant = found
-    model = OnnxLM(path, device=device, threads=threads, variant=variant)
+def _load_export(model_ref, device: str, threads: int | None) -> LoadedModel:
+    model = model_ref.open_onnx(device=device, threads=threads)
     arch = "encdec" if model.config.is_encoder_decoder else "deconly"
-    return LoadedModel(f"{model_label(path)}:{model.variant}", model, arch, model.load_s, "onnx",
+    return LoadedModel(model_ref.label, model, arch, model.load_s, "onnx",
                        "float32" if model.variant == "fp32" else model.variant)
 
 
-def _load_torch(ref: str, runs_dir, device: str, dtype: str, seed: int) -> LoadedModel:
-    from slmctl.model import build_model, load_model
-    from slmctl.model.config import PRESETS
-
+def _load_torch(model_ref, device: str, dtype: str, seed: int) -> LoadedModel:
     started = time.perf_counter()
-    label = ref
-    if ref in PRESETS:
-        model = build_model(ref, seed=seed)
-    else:
-        from slmctl.runs import model_label, resolve_model_path
-
-        path = resolve_model_path(ref, runs_dir)
-        label = model_label(path)
-        if not (path / "model.json").is_file():
-            from slmctl.config import ConfigError
-
-            raise ConfigError(f"{ref}: bench measures slmctl models (model.json); {path} is not one")
-        model = load_model(path)
+    model = model_ref.load_torch(seed=seed)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     _sync(device)
-    return LoadedModel(label, model, "encdec" if model.config.is_encoder_decoder else "deconly", time.perf_counter() - started,
-                       "torch", dtype)
+    return LoadedModel(model_ref.label, model, "encdec" if model.config.is_encoder_decoder else "deconly",
+                       time.perf_counter() - started, "torch", dtype)
 
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: str) -> torch.Tensor:

@@ -24,9 +24,10 @@ from rich.console import Console
 from rich.table import Table
 
 from slmctl.bench import flops
-from slmctl.bench.measure import is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory, time_vision
+from slmctl.bench.measure import (BENCH_KINDS, is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory,
+                                  time_vision)
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
-from slmctl.runs import owning_run
+from slmctl.refs import parse
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,7 +68,7 @@ def run(cfg, run):
         if cfg.repeat and all(key in measured for key in keys):  # nothing left to measure: not even loaded
             records += [measured[key] for key in keys]
             continue
-        _record_input(run, ref, runs_dir, cfg.runtime)
+        parse(ref, runs_dir).require(BENCH_KINDS, "bench").record_input(run, role="model")  # verified as it loads
         skip = [key for key in keys if key in measured]
         new = measure_in_child(cfg, ref, runs_dir, environment, profile, skip) if cfg.isolate else \
             measure_model(cfg, ref, runs_dir, environment, profile, skip, shown)
@@ -148,15 +149,6 @@ def measure_in_child(cfg, ref: str, runs_dir, environment: dict, profile: dict |
         from slmctl.config import ConfigError
 
         raise ConfigError(f"measuring {ref} in a child process failed (exit {child.returncode}; its error is above)")
-
-
-def _record_input(run, ref: str, runs_dir, runtime: str) -> None:
-    """Lineage: an ONNX export that is benchmarked is an input of the run."""
-    from slmctl.export.runtime import find_export
-
-    found = find_export(ref, runs_dir) if runtime in ("auto", "onnx") else None
-    if found is not None:
-        run.add_input("run" if owning_run(found[0]) else "file", ref, found[0], role="model")
 
 
 def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) -> dict:

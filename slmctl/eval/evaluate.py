@@ -30,7 +30,6 @@ from slmctl.eval import metrics as M
 from slmctl.eval.report import bar_chart, model_table, side_by_side
 from slmctl.eval.tasks import EvalExample, load_task
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
-from slmctl.runs import model_label
 
 console = Console()
 
@@ -41,8 +40,8 @@ def run(cfg, run):
     tasks = _tasks(cfg)
     if cfg.judge.kind == "local" and cfg.judge.trust_remote_code:
         run.log("judge.trust_remote_code=true: code from the judge's repository runs in this process")
-    judge, judge_cache = _judge(cfg)
     runs_dir = run.runs_dir
+    judge, judge_cache = _judge(cfg, runs_dir)
     generators: dict[str, object] = {}  # each model is loaded once, whatever the number of tasks
     report: dict[str, dict] = {}
     lines: list[dict] = []
@@ -127,11 +126,9 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     if ref not in generators:
         generators[ref] = load_generator(ref, runs_dir, cfg.device)
     generator = generators[ref]
-    run.add_input("run" if _inside_run(generator.path) else "file", ref, generator.path, role="model")
-    from slmctl.export.runtime import OnnxLM
-
-    exported = isinstance(generator.model, OnnxLM)  # ONNX Runtime: generation only, no teacher-forced scoring
-    label = _unique(model_label(generator.path) + (f":{generator.model.variant}" if exported else ""), taken)
+    generator.ref.record_input(run, role="model")
+    exported = generator.ref.kind == "export"  # ONNX Runtime: generation only, no teacher-forced scoring
+    label = _unique(generator.ref.label, taken)
     max_new = cfg.generation.max_new_tokens or task.max_new_tokens
     with_images = any(e.images for e in examples)
     if with_images:
@@ -234,7 +231,7 @@ def _perplexity(nll: list[tuple[float, int]], n_resamples: int, seed: int) -> di
 # -- the judge -------------------------------------------------------------------------------
 
 
-def _judge(cfg):
+def _judge(cfg, runs_dir: Path):
     kind = cfg.judge.kind
     if kind == "none":
         return None, None
@@ -242,7 +239,7 @@ def _judge(cfg):
 
     if kind == "local":
         judge = LocalJudge(cfg.judge.path, max_new_tokens=cfg.judge.max_new_tokens, batch_size=cfg.batch_size,
-                           trust_remote_code=cfg.judge.trust_remote_code, device=cfg.device)
+                           trust_remote_code=cfg.judge.trust_remote_code, device=cfg.device, runs_dir=runs_dir)
     else:
         judge = EndpointJudge(cfg.judge.endpoint, cfg.judge.model, api_key_env=cfg.judge.api_key_env,
                               max_tokens=cfg.judge.max_new_tokens)
@@ -267,12 +264,6 @@ def _judged(cfg, judge, cache, examples: list[EvalExample], predictions: list[st
 
 
 # -- labels ---------------------------------------------------------------------------------
-
-
-def _inside_run(path: Path) -> bool:
-    from slmctl.runs import owning_run
-
-    return owning_run(Path(path)) is not None
 
 
 def _label_of_file(path: str) -> str:

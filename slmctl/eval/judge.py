@@ -120,10 +120,11 @@ class LocalJudge:
     chat template when it has one, else the raw prompt; batched with left padding."""
 
     def __init__(self, path: str, max_new_tokens: int = 32, batch_size: int = 8, dtype: str = "auto",
-                 trust_remote_code: bool = False, device: str = "cpu"):
+                 trust_remote_code: bool = False, device: str = "cpu", runs_dir: str | Path = "runs"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoTokenizer
+
+        from slmctl.refs import HF_KINDS, RefError, resolve
 
         if dtype not in DTYPES:
             raise JudgeError(f"judge dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
@@ -131,15 +132,14 @@ class LocalJudge:
             raise JudgeError(f"judge max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise JudgeError(f"judge device {device!r}: CUDA is not available")
-        local = Path(path).expanduser()
-        if not local.exists() and (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1):
-            raise JudgeError(f"judge model {path!r}: no such directory (give a local model directory or a hub id)")
-        where = str(local.resolve()) if local.exists() else path
-        hf_logging.disable_progress_bar()
         try:
+            model_ref = resolve(path, runs_dir, allow=HF_KINDS, purpose="the judge")
+            where = model_ref.where
+            self.model = model_ref.load_transformers(dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code, what="judge model")
             self.tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                where, dtype="auto" if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        except RefError as e:
+            raise JudgeError(str(e) if str(e).startswith("cannot load") else f"cannot load judge model: {e}") from None
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise JudgeError(f"cannot load judge model {path!r}: {first_line(e)}") from None
         self.model.to(device).eval().requires_grad_(False)

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from slmctl.errors import UserError
+from slmctl.files import EXPORT_SPEC_FILE
 from slmctl.model.config import ModelConfig
 
-SPEC_FILE = "slmctl_onnx.json"
+SPEC_FILE = EXPORT_SPEC_FILE  # slmctl_onnx.json
 
 
 class OnnxExportError(UserError, ValueError):
@@ -72,26 +73,6 @@ def read_spec(directory: str | Path) -> dict:
         raise OnnxExportError(f"{path}: not valid JSON ({e.msg})") from None
 
 
-def find_export(ref: str | Path, runs_dir: str | Path) -> tuple[Path, str | None] | None:
-    """(export directory, variant or None) when `ref` names an ONNX export: a directory with
-    slmctl_onnx.json, a run holding export/, or either with `:variant` (e.g. `runs/export/latest:int8`)."""
-    from slmctl.runs import RunError, resolve_run
-
-    text, variant = str(ref), None
-    base, _, suffix = text.rpartition(":")
-    if base and suffix and "/" not in suffix:
-        text, variant = base, suffix
-    path = Path(text)
-    for candidate in (path, path / "export"):
-        if (candidate / SPEC_FILE).is_file():
-            return candidate.resolve(), variant
-    try:
-        run_dir = resolve_run(text, runs_dir)
-    except RunError:
-        return None
-    return ((run_dir / "export").resolve(), variant) if (run_dir / "export" / SPEC_FILE).is_file() else None
-
-
 def check_graph(path: Path, session, graph: dict) -> None:
     """Refuse a graph whose inputs and outputs are not the ones slmctl_onnx.json describes
     (names, and every fixed dimension): a graph copied in from another model or export."""
@@ -112,7 +93,9 @@ def check_graph(path: Path, session, graph: dict) -> None:
 
 
 class OnnxLM:
-    """An exported model on ONNX Runtime; `generate()` as `LanguageModel.generate`."""
+    """An exported model on ONNX Runtime; `generate()` as `LanguageModel.generate`. Stages open
+    one through slmctl.refs (`ModelRef.open_onnx`), which first checks the files against their
+    run's manifest."""
 
     training = False
     recorder: dict | None = None  # role -> list of input dicts, while calibrating
@@ -123,8 +106,6 @@ class OnnxLM:
     def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None, variant: str | None = None,
                  spec: dict | None = None):
         import onnxruntime as ort
-
-        from slmctl.runs import verify_artifact
 
         started = time.perf_counter()
         self.directory = Path(directory)
@@ -142,9 +123,6 @@ class OnnxLM:
             path = self.directory / graph["file"]
             if not path.is_file():
                 raise OnnxExportError(f"{path} is missing from the export")
-            for file in (graph["file"], graph.get("external_data")):
-                if file:
-                    verify_artifact(self.directory / file)  # inside an export run: unchanged since it was validated
             role_options = options
             if role in ("encoder", "vision"):  # run once per prompt: their threads must not spin on while the decoder runs
                 role_options = _options(threads, spinning=False)

@@ -28,9 +28,9 @@ from slmctl.config import ConfigError
 from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
 from slmctl.export.runtime import SPEC_FILE, OnnxLM
 from slmctl.export.validate import ValidationFailed, validate
+from slmctl.files import EXPORT_DIR
 
 console = Console()
-EXPORT_DIR = "export"
 TOKENIZER_FILES = ("tokenizer.json", "slmctl_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "generation.json")
 
@@ -78,25 +78,15 @@ def run(cfg, run):
 
 def _load(cfg, run):
     """(model in eval mode, fp32, cpu; the model directory or None for a preset)."""
-    from slmctl.model import build_model, load_model
-    from slmctl.model.config import PRESETS
-    from slmctl.runs import resolve_model_path
+    from slmctl.refs import resolve
 
-    ref = cfg.source
-    runs_dir = run.runs_dir
-    if ref is None:
-        ref = _newest_model_run(runs_dir)
-    if ref in PRESETS:
-        run.add_input("preset", ref, None, role="model")
-        run.log(f"model: preset {ref} with random weights (seed {cfg.seed})")
-        return build_model(ref, seed=cfg.seed).eval(), None
-    path = resolve_model_path(ref, runs_dir)
-    if not (path / "model.json").is_file():
-        raise ConfigError(f"{ref}: export takes slmctl models (model.json); {path} is not one")
-    from slmctl.runs import owning_run
-
-    run.add_input("run" if owning_run(path) else "file", str(ref), path, role="model")
-    return load_model(path).float().eval(), path
+    source = resolve(cfg.source or _newest_model_run(run.runs_dir), run.runs_dir, allow=("preset", "model_dir"),
+                     purpose="export")
+    source.record_input(run, role="model")
+    if source.kind == "preset":
+        run.log(f"model: preset {source.text} with random weights (seed {cfg.seed})")
+        return source.load_torch(seed=cfg.seed).eval(), None
+    return source.load_torch().float().eval(), source.path
 
 
 def _newest_model_run(runs_dir: Path) -> str:

@@ -1,8 +1,8 @@
 """Model directories: `model.safetensors` + `model.json` (+ `generation.json`, tokenizer files).
 
 Files are written to a temporary name and renamed, so a killed process never leaves
-a half-written file that looks whole. Loading accepts a model directory, a run
-directory holding `model/`, or a reference-format checkpoint file (`.pt`).
+a half-written file that looks whole. Loading accepts a model directory or a
+reference-format checkpoint file (`.pt`); slmctl.refs resolves runs and the rest to these.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from slmctl.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from slmctl.errors import UserError
+from slmctl.files import MODEL_CONFIG_FILE
 from slmctl.model.base import LanguageModel
 from slmctl.model.config import ModelConfig, get_preset, vocab_size_for
 from slmctl.model.generation import GenerationConfig
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model.json"
+CONFIG_FILE = MODEL_CONFIG_FILE  # model.json
 GENERATION_FILE = "generation.json"
 TIED_KEYS = ("lm_head.weight",)  # never stored: the LM head is the embedding
 
@@ -105,18 +106,10 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
         atomic_write_text(directory / "tokenizer.json", tokenizer.to_str())
 
 
-def resolve_model_dir(path: Path) -> Path:
-    """A model directory, or a run directory whose `model/` holds one."""
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "model" / CONFIG_FILE).is_file():
-        return path / "model"
-    raise CheckpointError(f"{path} is not a model directory: no {CONFIG_FILE} in it or in {path / 'model'}")
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **config_overrides) -> LanguageModel:
-    """Load a model directory, a run directory, or a reference-format `.pt` checkpoint.
+    """Load a model directory or a reference-format `.pt` checkpoint (slmctl.refs turns runs,
+    presets and the rest a user may name into one of these).
 
     `config_overrides` replace model.json fields (e.g. dropout), or for a reference
     checkpoint fill in what its tensors cannot tell (n_heads, n_kv_heads, token ids).
@@ -129,7 +122,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
         model = import_reference_checkpoint(path, **config_overrides)
     else:
-        model_dir = resolve_model_dir(path)
+        model_dir = path
+        if not (model_dir / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{path} is not a model directory: no {CONFIG_FILE} in it")
         try:
             cfg = ModelConfig.load_json(model_dir / CONFIG_FILE)
         except (ValueError, TypeError) as e:  # json errors are ValueErrors

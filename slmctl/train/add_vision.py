@@ -26,13 +26,12 @@ from slmctl.config import ConfigError
 from slmctl.data import objectives as obj
 from slmctl.data.images import ImageExample, ShapeExamples, load_jsonl
 from slmctl.data.tokenizer import TextTokenizer
-from slmctl.model import load_model
 from slmctl.model.vision import VisionConfig
 from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
+from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule, lr_lambda
-from slmctl.train.pretrain import model_dir_of
 from slmctl.train.run_logger import RunLogger
 
 PARTS = ("tower", "compressor", "projector", "text")
@@ -63,22 +62,21 @@ def run(cfg, run):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if not cfg.source:
         raise ConfigError("give the text model: slmctl add-vision MODEL vision=... data=... (an encoder-decoder run or model dir)")
-    source = model_dir_of(cfg.source, run)
-    text = load_model(source)
+    source = resolve(cfg.source, run.runs_dir, allow=("model_dir",), purpose="add-vision")
+    text = source.load_torch()
     if isinstance(text, VisionEncoderDecoderLM):
         raise ConfigError(f"{cfg.source} already has a vision tower; add-vision starts from a text model")
     if not text.config.is_encoder_decoder:
         raise ConfigError(f"{cfg.source} is a decoder-only model; add-vision feeds images to an encoder (use an encoder-decoder)")
-    run.add_input("run", str(cfg.source), source, role="text model")
-    tokenizer = TextTokenizer.load(source)
+    source.record_input(run, role="text model")
+    tokenizer = TextTokenizer.load(source.path)
     train, validation = _data(cfg, run)
     vision_settings = OmegaConf.to_container(cfg.vision, resolve=True)
     train_tower = vision_settings.pop("train_tower")
     torch.manual_seed(cfg.seed)
     model = VisionEncoderDecoderLM(text, VisionConfig.from_dict(vision_settings), tokenizer.image_id)
     if model.vision_config.tower != "vit" and model.vision_config.path:
-        run.add_input("file" if _is_local(model.vision_config.path) else "hub", model.vision_config.path,
-                      model.vision_config.path, role="vision tower")
+        record_source(run, model.vision_config.path, role="vision tower")
     counts = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in PARTS}
     run.log("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in counts.items()))
 
@@ -110,12 +108,6 @@ def run(cfg, run):
                "compress": model.vision_config.compress}
     run.succeed(summary)
     return run
-
-
-def _is_local(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).exists()
 
 
 def _data(cfg, run):

@@ -22,13 +22,14 @@ from omegaconf import OmegaConf
 from slmctl.config import ConfigError, model_config_from
 from slmctl.data.sources import load_pairs
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer
-from slmctl.model import build_model, load_model, save_model
+from slmctl.model import build_model, save_model
+from slmctl.refs import ModelRef, resolve
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.distill_module import DistillModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
-from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, model_dir_of
+from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer
 from slmctl.train.ranks import rank0_first
 from slmctl.train.run_logger import RunLogger
 from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
@@ -53,9 +54,7 @@ def run(cfg, run, callbacks: list | None = None):
 
     runs_dir = run.runs_dir
     teacher = load_teacher(cfg.teacher, runs_dir)
-    local = _local_path(cfg.teacher, runs_dir)
-    run.add_input("run" if cfg.teacher.kind == "run" else ("file" if local else "hub"), str(cfg.teacher.path),
-                  local or str(cfg.teacher.path), role="teacher")
+    teacher.ref.record_input(run, role="teacher")
     if cfg.teacher.trust_remote_code:
         run.log("teacher.trust_remote_code=true: code from the teacher's repository runs in this process")
     run.log(f"teacher: {teacher.name} ({teacher.source}), {teacher.num_parameters() / 1e6:.1f}M parameters, "
@@ -135,18 +134,22 @@ def _student_tokenizer(cfg, run, teacher: Teacher, train_pairs) -> TextTokenizer
     if saved.is_dir():  # a resumed run keeps the tokenizer it started with
         return TextTokenizer.load(saved)
     if cfg.student.init:
-        tokenizer = TextTokenizer.load(model_dir_of(cfg.student.init, run))
+        tokenizer = TextTokenizer.load(_student_init(cfg, run).path)
     elif cfg.tokenizer.kind == "teacher":
         if teacher.source == "run":  # ours already has sentinels and an image token
             tokenizer = teacher.tokenizer
         else:
-            tokenizer = load_hf_tokenizer(cfg.teacher.tokenizer or _local_path(cfg.teacher, run.runs_dir)
-                                          or cfg.teacher.path, cfg.tokenizer.n_sentinels, cfg.teacher.trust_remote_code)
+            tokenizer = load_hf_tokenizer(cfg.teacher.tokenizer or teacher.ref.where, cfg.tokenizer.n_sentinels,
+                                          cfg.teacher.trust_remote_code)
     else:
         return build_tokenizer(cfg, run, train_pairs, seq2seq_data=True)
     if run.is_writer:
         tokenizer.save(saved)
     return tokenizer
+
+
+def _student_init(cfg, run) -> ModelRef:
+    return resolve(cfg.student.init, run.runs_dir, allow=("model_dir",), purpose="student.init=")
 
 
 def _student(cfg, run, tokenizer: TextTokenizer, quiet: bool = False):
@@ -155,10 +158,10 @@ def _student(cfg, run, tokenizer: TextTokenizer, quiet: bool = False):
     from slmctl.model.config import vocab_size_for
 
     if cfg.student.init:
-        path = model_dir_of(cfg.student.init, run)
-        model = load_model(path)
+        init = _student_init(cfg, run)
+        model = init.load_torch()
         if not quiet:
-            run.add_input("run", str(cfg.student.init), path, role="student")
+            init.record_input(run, role="student")
     else:
         config = model_config_from(cfg.student, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
         torch.manual_seed(cfg.seed)
@@ -245,13 +248,3 @@ def _device(cfg) -> torch.device:
     if accelerator == "mps" and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def _local_path(teacher_cfg, runs_dir: Path) -> str | None:
-    """The teacher's directory on this machine, if it has one (a hub id has none)."""
-    if teacher_cfg.kind == "run":
-        from slmctl.runs import resolve_model_path
-
-        return str(resolve_model_path(teacher_cfg.path, runs_dir))
-    path = Path(str(teacher_cfg.path)).expanduser()
-    return str(path.resolve()) if path.exists() else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,7 +18,8 @@ from slmctl.config import ConfigError, model_config_from
 from slmctl.data import objectives as obj
 from slmctl.data.sources import load_pairs, load_texts
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
-from slmctl.model import build_model, load_model, save_model
+from slmctl.model import build_model, save_model
+from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
@@ -81,33 +81,25 @@ def run(cfg, run, callbacks: list | None = None):
 # -- pieces -------------------------------------------------------------------
 
 
-def model_dir_of(ref: str, run) -> Path:
-    """A model directory from a model dir, a run dir or runs/<stage>/latest."""
-    from slmctl.runs import resolve_model_path
-
-    return resolve_model_path(ref, run.runs_dir)  # a run resolves to its model/
-
-
 def build_tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
     saved = run.path / TOKENIZER_DIR
     if saved.is_dir():  # a resumed run keeps the tokenizer it started with
         return TextTokenizer.load(saved)
     if cfg.get("init"):
-        tokenizer = TextTokenizer.load(model_dir_of(cfg.init, run))
+        tokenizer = TextTokenizer.load(resolve(cfg.init, run.runs_dir, allow=("model_dir",), purpose="init=").path)
     elif cfg.tokenizer.kind == "teacher":
         raise ConfigError("tokenizer=teacher is for `slmctl distill` (there is no teacher here); use bpe, hf or run")
     elif cfg.tokenizer.kind == "run":
-        source = model_dir_of(cfg.tokenizer.path, run)
-        tokenizer = TextTokenizer.load(source)
-        run.add_input("run", cfg.tokenizer.path, source)
+        source = resolve(cfg.tokenizer.path, run.runs_dir, allow=("model_dir", "hf_dir"), purpose="tokenizer=run")
+        tokenizer = TextTokenizer.load(source.path)
+        source.record_input(run)
     elif cfg.tokenizer.kind == "bpe":
         texts = [f"{s}\n{t}" for s, t in train_data] if seq2seq_data else train_data
         tokenizer = train_bpe(texts[: cfg.tokenizer.max_training_texts], cfg.tokenizer.vocab_size,
                               cfg.tokenizer.min_frequency, cfg.tokenizer.n_sentinels)
     else:
         tokenizer = load_hf_tokenizer(cfg.tokenizer.path, cfg.tokenizer.n_sentinels)
-        run.add_input("hub" if not Path(cfg.tokenizer.path).exists() else "file", cfg.tokenizer.path,
-                      cfg.tokenizer.path)
+        record_source(run, cfg.tokenizer.path)
     if run.is_writer:
         tokenizer.save(saved)
     return tokenizer
@@ -115,8 +107,9 @@ def build_tokenizer(cfg, run, train_data, seq2seq_data: bool) -> TextTokenizer:
 
 def _model(cfg, run, tokenizer: TextTokenizer, arch: str):
     if cfg.init:
-        model = load_model(model_dir_of(cfg.init, run))
-        run.add_input("run", str(cfg.init), model_dir_of(cfg.init, run))
+        init = resolve(cfg.init, run.runs_dir, allow=("model_dir",), purpose="init=")
+        model = init.load_torch()
+        init.record_input(run)
         if model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"init model's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
                               f"({len(tokenizer)})")

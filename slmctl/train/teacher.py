@@ -18,6 +18,7 @@ import torch
 
 from slmctl.config import ConfigError
 from slmctl.data.tokenizer import TextTokenizer, TokenizerError, load_hf_tokenizer
+from slmctl.refs import ModelRef, RefError, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +32,7 @@ class Teacher:
     start_ids: list[int]  # what the teacher expects before a prompt (e.g. Llama's <s>)
     vocab_size: int  # width of its logits
     hf: bool  # a transformers model (else our DecoderOnlyLM)
+    ref: ModelRef | None = None  # what teacher.path named, resolved (for lineage)
 
     @property
     def device(self) -> torch.device:
@@ -124,57 +126,39 @@ def cut_after_eos(ids: list[int], eos: int) -> list[int]:
 # Loading
 
 
+TEACHER_KINDS = {"run": ("model_dir", "hf_dir"), "hf": ("model_dir", "hf_dir", "hub")}  # slmctl.refs kinds
+
+
 def load_teacher(cfg, runs_dir: Path) -> Teacher:
-    """The teacher a `teacher` config node describes (kind hf: hub id or directory; kind run: a slmctl run)."""
-    if cfg.kind == "run":
-        from slmctl.runs import RunError, resolve_model_path
-
-        try:
-            model_dir = resolve_model_path(cfg.path, runs_dir)
-        except RunError as e:
-            raise ConfigError(f"teacher.path: {e}") from None
-        tokenizer = TextTokenizer.load(model_dir)
-        if (model_dir / "model.json").is_file():
-            from slmctl.model import load_model
-
-            model = load_model(model_dir)
-            if model.config.arch != "deconly":
-                raise ConfigError(f"teacher {cfg.path} is an encoder-decoder; a teacher must be a decoder-only LM "
-                                  f"(a deconly-* or hf-causal run, or a Hugging Face causal LM)")
-            model = model.to(dtype=_dtype(cfg.dtype, torch.float32))
-            return _frozen(Teacher(model, tokenizer, str(cfg.path), "run", [tokenizer.bos_id], model.config.vocab_size, False))
-        model = _hf_causal_lm(str(model_dir), cfg)
-        return _frozen(Teacher(model, tokenizer, str(cfg.path), "run", [tokenizer.bos_id], _hf_vocab(model), True))
-
-    path = str(cfg.path)
-    local = Path(path).expanduser()
-    if not local.exists() and (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1):
-        raise ConfigError(f"teacher.path={path}: no such directory (give a local model directory or a hub id like "
-                          f"TinyLlama/TinyLlama-1.1B-Chat-v1.0)")
-    where = str(local) if local.exists() else path
-    model = _hf_causal_lm(where, cfg)
+    """The teacher a `teacher` config node names: a decoder-only model of ours, or a Hugging Face
+    causal LM (a save_pretrained directory, a pretrain run of model=hf-causal, or with kind hf a hub id)."""
     try:
-        tokenizer = load_hf_tokenizer(cfg.tokenizer or where, n_sentinels=0, trust_remote_code=cfg.trust_remote_code)
-    except TokenizerError as e:
-        raise ConfigError(f"teacher tokenizer: {e}") from None
-    return _frozen(Teacher(model, tokenizer, path, "dir" if local.exists() else "hub", tokenizer.start_ids(),
-                           _hf_vocab(model), True))
-
-
-def _hf_causal_lm(where: str, cfg):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress display only
-
+        ref = resolve(cfg.path, runs_dir, allow=TEACHER_KINDS.get(cfg.kind, TEACHER_KINDS["hf"]),
+                      purpose=f"teacher (kind {cfg.kind})")
+    except RefError as e:
+        raise ConfigError(f"teacher.path: {e}") from None
+    if ref.kind == "model_dir":  # ours, with our tokenizer
+        tokenizer = TextTokenizer.load(ref.path)
+        model = ref.load_torch(dtype=_dtype(cfg.dtype, torch.float32))
+        if model.config.arch != "deconly":
+            raise ConfigError(f"teacher {cfg.path} is an encoder-decoder; a teacher must be a decoder-only LM "
+                              f"(a deconly-* or hf-causal run, or a Hugging Face causal LM)")
+        return _frozen(Teacher(model, tokenizer, str(cfg.path), "run", [tokenizer.bos_id], model.config.vocab_size,
+                               False, ref))
     dtype = "auto" if cfg.dtype == "auto" else _dtype(cfg.dtype, torch.float32)
     try:
-        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unrecognized configuration class" in first:
-            first = "not a causal LM (AutoModelForCausalLM does not know its config class)"
-        raise ConfigError(f"cannot load teacher {where!r}: {first}") from None
+        model = ref.load_transformers(dtype=dtype, trust_remote_code=cfg.trust_remote_code, what="teacher")
+    except RefError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.kind == "run":  # a pretrain run of model=hf-causal: our tokenizer beside the weights
+        tokenizer = TextTokenizer.load(ref.path)
+        return _frozen(Teacher(model, tokenizer, str(cfg.path), "run", [tokenizer.bos_id], _hf_vocab(model), True, ref))
+    try:
+        tokenizer = load_hf_tokenizer(cfg.tokenizer or ref.where, n_sentinels=0, trust_remote_code=cfg.trust_remote_code)
+    except TokenizerError as e:
+        raise ConfigError(f"teacher tokenizer: {e}") from None
+    return _frozen(Teacher(model, tokenizer, str(cfg.path), "dir" if ref.path else "hub", tokenizer.start_ids(),
+                           _hf_vocab(model), True, ref))
 
 
 def _hf_vocab(model) -> int:
