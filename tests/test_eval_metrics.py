@@ -189,7 +189,7 @@ def test_bootstrap_corpus_ci_on_bleu():
 
 def test_score_examples_squad_with_has_ans_and_no_ans_split():
     predictions = ["Paris", "the cat sat", "blue", "", "Berlin"]
-    references = [["Paris", "paris, France"], ["a cat sat down"], ["red"], [""], []]
+    references = [["Paris", "paris, France"], ["a cat sat down"], ["red"], [], []]
     # per example EM: 1, 0, 0, 1, 0   F1: 1, 0.8, 0, 1, 0
     metrics = ["exact_match", "f1", "exact_match_has_ans", "f1_has_ans", "exact_match_no_ans", "f1_no_ans", "answer_length"]
     results = score_examples(predictions, references, metrics, n_resamples=200)
@@ -205,6 +205,16 @@ def test_score_examples_squad_with_has_ans_and_no_ans_split():
         assert result.low <= result.value <= result.high
     assert results["f1"].to_dict() == {"name": "f1", "value": results["f1"].value, "low": results["f1"].low,
                                        "high": results["f1"].high, "n": 5}
+
+
+@pytest.mark.parametrize("answer", ["the", "!", ""])
+def test_an_answer_that_normalises_to_empty_is_still_has_ans(answer):
+    # the official SQuAD v2 script: NoAns means an empty answer list, not an answer that normalises to ""
+    results = score_examples(["", "Paris"], [[answer], []], ["exact_match_has_ans", "exact_match_no_ans"],
+                             n_resamples=50)
+    assert (results["exact_match_has_ans"].n, results["exact_match_no_ans"].n) == (1, 1)
+    assert results["exact_match_has_ans"].value == 1.0  # scored against "": the empty prediction is right
+    assert results["exact_match_no_ans"].value == 0.0
 
 
 def test_score_examples_skips_empty_subsets():

@@ -57,8 +57,10 @@ def _gold_answers(references: Sequence[str]) -> list[str]:
 
 
 def is_unanswerable(references: Sequence[str]) -> bool:
-    """True when there is no reference or every reference normalises to the empty string."""
-    return _gold_answers(references) == [""]
+    """True when there is no reference: the official script's NoAns rule (`bool(qa["answers"])`).
+    A reference that normalises to "" ("the", "!") still makes a HasAns example; only its
+    scoring treats it as the empty answer."""
+    return len(references) == 0
 
 
 def _f1_one(prediction: str, reference: str) -> float:
