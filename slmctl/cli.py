@@ -11,7 +11,6 @@ Errors a user can fix (bad override, missing file, bad checkpoint) print one lin
 
 from __future__ import annotations
 
-import errno
 import json
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
+
+from slmctl.errors import first_line
 
 try:  # Typer 0.26+ carries its own copy of Click
     from typer._click import exceptions as click_errors
@@ -66,19 +67,7 @@ RUNS_DIR = typer.Option(Path("runs"), "--runs-dir", help="Where run directories 
 NAME = typer.Option(None, "--name", help="Run name (the directory is <runs-dir>/<stage>/<time>-<name>).")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, mps or npu (sets trainer.accelerator for training).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks.")
-TRAINING_STAGES = ("pretrain", "distill", "add-vision")  # the others take --device as `device=`, not a Lightning accelerator
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved config and exit.")
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from slmctl.config import ConfigError
-    from slmctl.data.sources import DataError
-    from slmctl.data.tokenizer import TokenizerError
-    from slmctl.export.runtime import OnnxExportError
-    from slmctl.model.checkpoint import CheckpointError
-    from slmctl.runs import RunError
-
-    return (ConfigError, DataError, TokenizerError, CheckpointError, RunError, OnnxExportError, FileNotFoundError)
-
 
 def fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
@@ -87,129 +76,14 @@ def fail(message: str, code: int = 2) -> None:
 
 def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: Path, device: str, verbose: bool,
               dry_run: bool, extra: dict | None = None) -> None:
-    """Compose, open (or reopen, for resume=) the run directory and call the stage's run().
-    `extra` holds values from options and arguments (e.g. eval's models), merged after composing."""
-    from slmctl.config import compose, to_yaml
-    from slmctl.runs import Run
-    from slmctl.train.ranks import follow_rank0, shared_with_other_ranks
-    from slmctl.train.stopping import sigterm_as_interrupt
+    """Hand the stage to the runner; its one-line ending becomes this command's exit."""
+    from slmctl.runner import StageEnded
+    from slmctl.runner import run_stage as run
 
-    argv = ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
-            *(["--device", device] if device != "cpu" else [])]
     try:
-        if stage == "bench":  # NPUs are reached through ONNX Runtime providers: its own check
-            from slmctl.bench.devices import check_device
-
-            check_device(device, (extra or {}).get("runtime", "torch"))
-        else:
-            check_torch_device(device)
-        if stage not in TRAINING_STAGES:
-            overrides = [*overrides, f"device={device}"]
-        elif device != "cpu" and not any(o.startswith("trainer=") or o.startswith("trainer.accelerator=") for o in overrides):
-            overrides = [*overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}"]
-        cfg = compose(stage, overrides)
-        if extra:
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.merge(cfg, extra)
-        if dry_run:
-            console.print(to_yaml(cfg), highlight=False, end="")
-            return
-        follower = stage in TRAINING_STAGES and follow_rank0(stage, cfg)
-        if follower:
-            run, cfg = follower
-        elif cfg.get("resume"):
-            from_device_option = ("trainer.accelerator=", "device=")  # added above from --device
-            others = [o for o in overrides if not o.startswith(("resume=", *from_device_option))]
-            if others:
-                from slmctl.config import ConfigError
-
-                raise ConfigError(f"resume= continues a run with its saved config; drop the other overrides ({' '.join(others)})")
-            path = resolve_resumable(cfg.resume, runs_dir, stage)
-            run = Run.open(path)
-            saved = run.config()
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.merge(compose(stage, []), saved, {"resume": str(path)})
-            run.resume()
-        else:
-            run = Run.create(runs_dir, stage, name or stage, cfg, argv=argv, device=device)
-    except _user_errors() as e:
-        if verbose:
-            raise
-        fail(str(e))
-        return
-    if run.is_writer:
-        console.print(f"[bold]{stage}[/bold] -> {run.path}")
-    from slmctl.config import stage_module
-    from slmctl.export.validate import ValidationFailed
-    from slmctl.train.checkpoints import CheckpointSaveFailed
-    from slmctl.train.module import TrainingDiverged
-
-    module = stage_module(stage)
-    try:
-        with sigterm_as_interrupt(), shared_with_other_ranks(run, training=stage in TRAINING_STAGES):
-            module.run(cfg, run)
-    except (ValidationFailed, CheckpointSaveFailed) as e:  # a measured failure or a fault, not a usage error
-        run.fail(str(e))
-        fail(str(e), code=1)
-    except TrainingDiverged as e:
-        kept = sorted(run.checkpoint_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        message = f"{e}; last good checkpoint: {kept[-1]}" if kept else f"{e}; no checkpoint was written before it"
-        run.fail(message)
-        fail(message, code=1)
-    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, SIGTERM (Lightning turns a Ctrl-C it caught into SystemExit)
-        why = str(e) if isinstance(e, KeyboardInterrupt) and str(e) else "interrupted"
-        run.interrupt(f"{why} (resume with resume={run.path})")
-        fail(f"{why}; resume with: slmctl {stage} resume={run.path}", code=130)
-    except _user_errors() as e:
-        run.fail(str(e))
-        if verbose:
-            raise
-        fail(str(e))
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            run.fail(f"{type(e).__name__}: {e}")
-            raise
-        message = f"no space left on device writing {e.filename or 'an artifact'}; free space and run again"
-        run.fail(message)
-        fail(message, code=1)
-    except Exception as e:  # a bug or an environment problem: record it, show it
-        run.fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-        raise
-    if run.is_writer:
-        _print_summary(stage, run.path, run.status().get("summary") or {})
-
-
-def check_torch_device(device: str) -> None:
-    """Fail before any run directory exists when the requested device is not there."""
-    from slmctl.bench.devices import check_torch_device as check
-    from slmctl.config import ConfigError
-
-    if device == "npu":
-        raise ConfigError("--device npu: NPUs run exported ONNX graphs (slmctl export, then bench --runtime onnx), "
-                          "not PyTorch; use --device cpu or cuda here")
-    check(device)
-
-
-def resolve_resumable(ref: str, runs_dir: Path, stage: str) -> Path:
-    """resume=latest means the newest run of this stage that did not succeed."""
-    from slmctl.runs import RunError, list_runs, resolve_run
-
-    if ref == "latest":
-        candidates = [r for r in list_runs(runs_dir, stage) if r.status in ("interrupted", "running")]
-        if not candidates:
-            raise RunError(f"no unfinished {stage} run under {runs_dir} to resume")
-        return candidates[0].path
-    return resolve_run(ref, runs_dir)
-
-
-def _print_summary(stage: str, path: Path, summary: dict) -> None:
-    table = Table(title=f"{stage} finished", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
-    console.print(f"run: {path}", highlight=False, soft_wrap=True)
+        run(stage, overrides, runs_dir=runs_dir, name=name, device=device, verbose=verbose, dry_run=dry_run, extra=extra)
+    except StageEnded as e:
+        fail(e.message, e.exit_code)
 
 
 # -- stages ---------------------------------------------------------------------
@@ -340,6 +214,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
     from slmctl.generate import generate_text, load_generator
+    from slmctl.runner import check_torch_device, user_errors
 
     try:
         words = prompts or []
@@ -359,10 +234,10 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
 
             check_device(device, runtime)
         generator = load_generator(model, runs_dir, device, runtime, threads)
-    except _user_errors() as e:
+    except user_errors() as e:
         if verbose:
             raise
-        fail(str(e))
+        fail(first_line(e))
         return
     for text in texts:
         console.print(f"[bold]> {text}[/bold]", highlight=False)
@@ -370,10 +245,10 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
             generate_text(generator, text, on_piece=lambda piece: console.print(piece, end="", highlight=False, soft_wrap=True),
                           max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed,
                           images=images)
-        except (_user_errors() + (ValueError,)) as e:
+        except (user_errors() + (ValueError,)) as e:
             if verbose:
                 raise
-            fail(str(e))
+            fail(first_line(e))
         console.print()
 
 
@@ -384,7 +259,7 @@ def _read_image(path: Path):
         with Image.open(path) as opened:
             return opened.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
-        fail(f"image {path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        fail(f"image {path} cannot be read ({first_line(e)})")
 
 
 def _read_prompt_file(path: Path) -> list[str]:
@@ -514,17 +389,17 @@ def _age(delta) -> str:
 def recipe_run(path: Path = typer.Argument(..., help="A recipe file, e.g. recipes/quickstart.yaml."),
                runs_dir: Path = RUNS_DIR, verbose: bool = VERBOSE) -> None:
     """Run a multi-stage pipeline; later steps consume earlier runs as ${runs.<step>}."""
-    from slmctl.export.validate import ValidationFailed
     from slmctl.recipes import run_recipe
+    from slmctl.runner import StageEnded, user_errors
 
     try:
         run_recipe(path, runs_dir, verbose=verbose)
-    except ValidationFailed as e:
-        fail(str(e), code=1)
-    except _user_errors() as e:
+    except StageEnded as e:
+        fail(e.message, e.exit_code)
+    except user_errors() as e:
         if verbose:
             raise
-        fail(str(e))
+        fail(first_line(e))
 
 
 def main() -> None:

@@ -64,9 +64,10 @@ def _substitute(value, produced: dict[str, Path]):
 
 
 def run_recipe(path: Path, runs_dir: Path, verbose: bool = False) -> dict[str, Path]:
-    """Run every step in order; returns {step name: run directory}."""
-    from slmctl.config import compose, stage_module
-    from slmctl.runs import Run
+    """Run every step in order through the stage runner (so a step ends, is interrupted or fails
+    exactly as the same stage run alone); returns {step name: run directory}. The first step
+    that does not succeed ends the recipe with its StageEnded."""
+    from slmctl.runner import run_stage
 
     recipe = load_recipe(Path(path))
     produced: dict[str, Path] = {}
@@ -79,17 +80,10 @@ def run_recipe(path: Path, runs_dir: Path, verbose: bool = False) -> dict[str, P
         stage, overrides = step["stage"], [str(o) for o in step.get("overrides", [])]
         console.rule(f"[bold]{escape(recipe.get('name', path.stem))}: {escape(step['name'])}[/bold] "
                      f"({escape(stage + ' ' + ' '.join(overrides))})")
-        cfg = compose(stage, overrides)
-        run = Run.create(runs_dir, stage, step["name"], cfg, argv=["slmctl", "recipe", "run", str(path), f"#{step['name']}"])
-        for ref in STEP_REFERENCE.findall(yaml.safe_dump(step)):
-            run.add_input("run", f"${{runs.{ref}}}", produced[ref], stage=None)
-        try:
-            stage_module(stage).run(cfg, run)
-        except Exception as e:
-            run.fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-            raise
+        consumed = [(f"${{runs.{ref}}}", produced[ref]) for ref in STEP_REFERENCE.findall(yaml.safe_dump(step))]
+        run = run_stage(stage, overrides, runs_dir=runs_dir, name=step["name"], verbose=verbose, inputs=consumed,
+                        argv=["slmctl", "recipe", "run", str(path), f"#{step['name']}"])
         produced[step["name"]] = run.path
-        console.print(f"{step['name']}: {run.path}  {run.status().get('summary')}", highlight=False)
     console.print(f"[green]recipe finished in {time.perf_counter() - started:.0f} s[/green]")
     return produced
 

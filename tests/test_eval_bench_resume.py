@@ -87,7 +87,7 @@ def test_interrupted_eval_of_1024_prompts_resumes_generating_only_the_missing_on
 
     finished_before = set(generated)
     generated = count_generated(monkeypatch)
-    resumed = slmctl(runs, "eval", "resume=latest")
+    resumed = slmctl(runs, "eval", "resume=unfinished")
     assert resumed.exit_code == 0, resumed.output
     assert len(generated) == 1024 - 3 * 64 and not finished_before & set(generated)  # only the missing ones
     assert Run.open(killed_dir).status()["status"] == "succeeded"
@@ -131,7 +131,7 @@ def test_interrupted_bench_resumes_measuring_only_the_rest(tmp_path, monkeypatch
     measured.clear()
     loaded.clear()
     stop_after = None
-    resumed = slmctl(runs, "bench", "resume=latest")
+    resumed = slmctl(runs, "bench", "resume=unfinished")
     assert resumed.exit_code == 0, resumed.output
     assert measured == [("deconly-tiny", 1, 16, 2)]  # the one configuration left
     assert loaded == ["deconly-tiny"]  # tiny was finished: not even loaded

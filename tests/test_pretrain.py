@@ -98,7 +98,7 @@ def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
     assert all(torch.isfinite(torch.tensor(m["val_loss"])) for m in run.metrics() if "val_loss" in m)
 
 
-def test_cli_resume_latest_finishes_a_killed_run(tmp_path):
+def test_cli_resume_unfinished_finishes_a_killed_run(tmp_path):
     from typer.testing import CliRunner
 
     from slmctl.cli import app
@@ -109,14 +109,17 @@ def test_cli_resume_latest_finishes_a_killed_run(tmp_path):
     with pytest.raises(SystemExit):
         pretrain.run(cfg, killed, callbacks=[Crash(4)])
     runner = CliRunner()
-    refused = runner.invoke(app, ["pretrain", "resume=latest", "batch_size=4", "--runs-dir", str(tmp_path / "runs")])
+    renamed = runner.invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(tmp_path / "runs")])
+    assert renamed.exit_code == 2 and "resume=latest is now resume=unfinished" in renamed.output
+    assert Run.open(killed.path).status()["status"] == "running"  # untouched by the refused command
+    refused = runner.invoke(app, ["pretrain", "resume=unfinished", "batch_size=4", "--runs-dir", str(tmp_path / "runs")])
     assert refused.exit_code == 2 and "drop the other overrides (batch_size=4)" in refused.output
-    result = runner.invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(tmp_path / "runs")])
+    result = runner.invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     status = Run.open(killed.path).status()
     assert status["status"] == "succeeded" and status["summary"]["steps"] == 6
     assert (tmp_path / "runs" / "pretrain" / "latest").resolve() == killed.path
-    nothing_left = runner.invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(tmp_path / "runs")])
+    nothing_left = runner.invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(tmp_path / "runs")])
     assert nothing_left.exit_code == 2 and "no unfinished pretrain run" in nothing_left.output
 
 

@@ -93,3 +93,26 @@ def test_quickstart_recipe_is_valid():
         if "stage" in step:
             overrides = [re.sub(r"\$\{runs\.[a-z-]+\}", "/tmp/x", o) for o in step["overrides"]]
             compose(step["stage"], overrides)
+
+
+def test_a_recipe_step_stopped_by_sigterm_is_marked_interrupted_like_a_stage_alone(tmp_path, monkeypatch):
+    """A Stopped (SIGTERM, Ctrl-C) inside a recipe step goes through the same runner as a stage
+    run alone: the step's run says `interrupted`, the recipe exits 130 naming how to resume."""
+    from typer.testing import CliRunner
+
+    from slmctl.cli import app
+    from slmctl.runs import list_runs
+    from slmctl.train import pretrain
+    from slmctl.train.stopping import Stopped
+
+    def stopped(cfg, run):
+        raise Stopped("stopped by SIGTERM")
+
+    monkeypatch.setattr(pretrain, "run", stopped)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"steps": [{"name": "encdec", "stage": "pretrain", "overrides": ["model=tiny", *SMALL]}]}))
+    result = CliRunner().invoke(app, ["recipe", "run", str(path), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 130, result.output
+    (run,) = list_runs(tmp_path / "runs", "pretrain")
+    assert run.status == "interrupted"
+    assert f"resume with: slmctl pretrain resume={run.path}" in " ".join(result.output.split())
