@@ -63,14 +63,33 @@ def max_logit_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Crash(Callback):
-    """Dies after `step` optimizer steps, like a killed process (no cleanup)."""
+    """Dies after `step` optimizer steps of the `fit`-th fit it is passed to (a stage that trains
+    two models, or in two stages, fits more than once), like a killed process (no cleanup)."""
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, fit=1):
+        self.step, self.fit, self.fits = step, fit, 0
+
+    def on_train_start(self, trainer, *args):
+        self.fits += 1
 
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
+        if self.fits == self.fit and trainer.global_step == self.step:
             raise SystemExit("simulated kill")
+
+
+class CountSteps(Callback):
+    """Counts the optimizer steps this process runs, over every fit it is passed to."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, *args):
+        self.steps += 1
+
+
+def resumed_from(run_path) -> list[str]:
+    """The "resumed from step N (checkpoint PATH)..." lines of a run's log."""
+    return [line.split(" ", 1)[1] for line in (run_path / "log.txt").read_text().splitlines() if "resumed from step" in line]
 
 
 def save_llama(directory, tokenizer, seed=0, hidden=64):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import CountSteps, Crash, resumed_from
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -167,3 +168,31 @@ def test_a_vision_model_exports_to_onnx_and_generates_what_torch_generates(text_
     records = json.loads(bench.stdout[bench.stdout.index("["):bench.stdout.rindex("]") + 1])
     assert [r["runtime"] for r in records] == ["onnx", "torch"] and records[0]["image_size"] == [96, 48]
     assert records[0]["tokens_per_image"] == records[1]["tokens_per_image"] <= 16 and records[1]["vision_ms"] > 0
+
+
+def test_killed_in_stage_two_and_resumed_continues_to_the_same_weights(text_runs):
+    """Killed at step 5 of stage 2 (checkpoints every 2): the resumed process does not redo
+    stage 1, runs stage 2's last 2 steps from its step-4 checkpoint, logs both, and ends with
+    the uninterrupted run's weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from slmctl.train import add_vision as stage
+
+    runs, made = text_runs
+    overrides = [f"source={made['encdec']}", *TINY_VISION, *SHAPES, "stage2.steps=6", "checkpoint_every=2",
+                 "validation_every=3"]
+    cfg = compose("add-vision", overrides)
+    whole = stage.run(cfg, Run.create(runs, "add-vision", "whole", cfg, argv=["test"]))
+    killed = Run.create(runs, "add-vision", "killed", cfg, argv=["test"])
+    with pytest.raises(SystemExit):
+        stage.run(cfg, killed, callbacks=[Crash(5, fit=2)])
+    counted = CountSteps()
+    resumed = Run.open(killed.path)
+    resumed.resume()
+    stage.run(compose("add-vision", [*overrides, f"resume={killed.path}"]), resumed, callbacks=[counted])
+    assert counted.steps == 6 - 4
+    assert resumed_from(killed.path) == ["resumed from step 3 (checkpoint checkpoints/stage1/step-00000003.ckpt); 0 steps to go",
+                                         "resumed from step 4 (checkpoint checkpoints/stage2/step-00000004.ckpt); 2 steps to go"]
+    for name in ("model.safetensors", "vision.safetensors"):
+        a, b = load_file(whole.model_dir / name), load_file(killed.model_dir / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

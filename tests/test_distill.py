@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import Crash
+from conftest import CountSteps, Crash, resumed_from
 from typer.testing import CliRunner
 
 from slmctl.cli import app
@@ -213,20 +213,45 @@ def test_missing_teacher_directory_is_a_one_line_error(tmp_path):
 # -- resume and control -----------------------------------------------------------------------
 
 
-def test_killed_and_resumed_distillation_ends_with_the_same_weights(llama_dir, tmp_path):
+RESUMES = {  # variant -> (overrides, [(kill at step, of fit)] for each process before the last)
+    "generated targets": (["kd.targets=mix"], [(5, 1)]),
+    # killed distilling from the cache, then again training the control: the second resume does
+    # not retrain the distilled student and continues the control from its own checkpoint
+    "teacher cache and control": (["kd.cache=true", "kd.cache_topk=16", "control=true"], [(5, 1), (5, 2)]),
+}
+
+
+@pytest.mark.parametrize("variant", RESUMES)
+def test_killed_and_resumed_distillation_continues_to_the_same_weights(llama_dir, tmp_path, variant):
+    """Killed at step 5 of 8 (checkpoints every 3): each resumed process runs only the steps after
+    the checkpoint (5), logs where it resumed, and the run ends with the uninterrupted run's
+    weights, bit for bit (the control's too) and the same validation losses."""
     from safetensors.torch import load_file
 
-    overrides = [*DATA, f"teacher.path={llama_dir}", "student=tiny", "student.dropout=0.1", "kd.targets=mix",
+    extra, kills = RESUMES[variant]
+    overrides = [*DATA, f"teacher.path={llama_dir}", "student=tiny", "student.dropout=0.1", *extra,
                  "trainer.max_steps=8", "trainer.val_check_interval=4", "checkpoint_every=3"]
     whole = distil(tmp_path, "whole", [], cfg=compose("distill", overrides))
     cfg = compose("distill", overrides)
     killed = Run.create(tmp_path / "runs", "distill", "killed", cfg, argv=["test"])
     with pytest.raises(SystemExit):
-        distill.run(cfg, killed, callbacks=[Crash(5)])
+        distill.run(cfg, killed, callbacks=[Crash(*kills[0])])
     resumed_cfg = compose("distill", [*overrides, f"resume={killed.path}"])
-    distill.run(resumed_cfg, Run.open(killed.path))
-    a, b = load_file(whole.model_dir / "model.safetensors"), load_file(killed.model_dir / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for step, fit in kills[1:]:  # killed again after resuming
+        counted = CountSteps()
+        with pytest.raises(SystemExit):
+            distill.run(resumed_cfg, Run.open(killed.path), callbacks=[counted, Crash(step, fit=fit)])
+        assert counted.steps == (8 - 3) + step  # the rest of the first model, then the second up to its kill
+    counted = CountSteps()
+    distill.run(resumed_cfg, Run.open(killed.path), callbacks=[counted])
+    assert counted.steps == 8 - 3
+    checkpoints = ["checkpoints/step-00000003.ckpt", "control/checkpoints/step-00000003.ckpt"][:len(kills)]
+    assert resumed_from(killed.path) == [f"resumed from step 3 (checkpoint {c}); 5 steps to go" for c in checkpoints]
+    for model in ["model", "control/model"][:len(kills)]:
+        a, b = load_file(whole.path / model / "model.safetensors"), load_file(killed.path / model / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
+    losses = [{k: v for k, v in r.status()["summary"].items() if "val_" in k} for r in (whole, Run.open(killed.path))]
+    assert losses[0] == losses[1] and ("val_ce_gain" in losses[0]) == ("control=true" in extra)
 
 
 def test_control_student_is_trained_and_compared(llama_dir, tmp_path):

@@ -77,7 +77,7 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resumed_run_matches
     assert same_weights(resume(run.path, overrides), uninterrupted)
 
 
-def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_latest_finishes_it(tmp_path):
+def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_unfinished_finishes_it(tmp_path):
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "slmctl", "pretrain", *BASE, "trainer.max_steps=100000", "checkpoint_every=100000",
                "--runs-dir", str(runs)]
@@ -117,7 +117,7 @@ def test_a_corrupt_or_unrecorded_newest_checkpoint_is_skipped_and_the_resumed_ru
 
     resumed = resume(killed.path, ["trainer.max_steps=10", "checkpoint_every=4"])
     log = (resumed.path / "log.txt").read_text()
-    assert "skipping checkpoint" in log and "resuming from checkpoints/step-00000004.ckpt" in log
+    assert "skipping checkpoint" in log and "resumed from step 4 (checkpoint checkpoints/step-00000004.ckpt); 6 steps to go" in log
     assert same_weights(resumed, uninterrupted)
 
 
@@ -173,7 +173,7 @@ def test_a_full_disk_while_writing_the_model_fails_the_run_with_one_line(tmp_pat
 
 def test_sigkill_while_checkpointing_every_step_leaves_a_run_that_resumes_to_the_same_weights(tmp_path):
     """kill -9 lands wherever it lands (here: while checkpoints are written every step); the
-    killed run still says "running", its lock names a dead process, and resume=latest finishes it."""
+    killed run still says "running", its lock names a dead process, and resume=unfinished finishes it."""
     runs = tmp_path / "runs"
     overrides = ["trainer.max_steps=40", "checkpoint_every=1"]
     process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *BASE, *overrides, "--runs-dir", str(runs)],
@@ -187,7 +187,7 @@ def test_sigkill_while_checkpointing_every_step_leaves_a_run_that_resumes_to_the
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
     assert last_good_checkpoint(run_dir / "checkpoints") is not None
 
-    result = CliRunner().invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(runs)])
+    result = CliRunner().invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(runs)])
     assert result.exit_code == 0, result.output
     assert "taking over the lock of process" in (run_dir / "log.txt").read_text()
     whole = train(tmp_path / "whole", "whole", overrides)

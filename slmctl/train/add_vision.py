@@ -57,7 +57,7 @@ class VisionTrainingModule(LMTrainingModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def run(cfg, run):
+def run(cfg, run, callbacks: list | None = None):
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if not cfg.source:
@@ -95,7 +95,7 @@ def run(cfg, run):
                        "trainable_parameters": sum(counts[p] for p in trained)})
         run.log(f"stage {number}: training {', '.join(trained)} for {settings.steps} steps; frozen: {', '.join(stages[-1]['frozen'])}")
         if settings.steps > 0:  # steps=0 skips a stage (e.g. stage2.steps=0: alignment only)
-            _fit(cfg, run, model, datamodule, number, settings.steps, lrs)
+            _fit(cfg, run, model, datamodule, number, settings.steps, lrs, callbacks)
     if not run.is_writer:  # another rank of a multi-process run: rank 0 writes and scores the model
         return run
     run.write_json("stages.json", stages)
@@ -150,7 +150,7 @@ def make_vision_batch(examples: list[ImageExample], rngs, tokenizer: TextTokeniz
     return batch
 
 
-def _fit(cfg, run, model, datamodule, number: int, steps: int, lrs: dict) -> None:
+def _fit(cfg, run, model, datamodule, number: int, steps: int, lrs: dict, callbacks: list | None = None) -> None:
     module = VisionTrainingModule(model, cfg.optim, steps, lrs)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.update(max_steps=steps, val_check_interval=min(cfg.validation_every, steps))
@@ -158,7 +158,7 @@ def _fit(cfg, run, model, datamodule, number: int, steps: int, lrs: dict) -> Non
         trainer_args["strategy"] = "ddp_find_unused_parameters_true"
     # Each stage checkpoints in checkpoints/stage<N>/; on resume a finished stage only reloads its weights.
     fit(module, datamodule, run, trainer_args, run.checkpoint_dir / f"stage{number}", RunLogger(run, prefix=f"stage{number}_"),
-        cfg.checkpoint_every, resume=bool(cfg.resume))
+        cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
 
 
 @torch.inference_mode()

@@ -36,8 +36,11 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
         raise ConfigError(f"batch_size={datamodule.batch_size} is the global batch and does not split over "
                           f"{trainer.world_size} processes; use a multiple of {trainer.world_size}")
     resume_from = last_good_checkpoint(checkpoint_dir, run.log) if resume else None
-    if resume_from:
-        run.log(f"resuming from {resume_from.relative_to(run.path)}")
+    if resume_from:  # the step is in the name Lightning's ModelCheckpoint and GracefulStop give it
+        step = int(resume_from.stem.split("-")[1])
+        remaining = max(0, int(trainer.max_steps) - step) if trainer.max_steps and trainer.max_steps > 0 else None
+        run.log(f"resumed from step {step} (checkpoint {resume_from.relative_to(run.path)})"
+                + (f"; {remaining} steps to go" if remaining is not None else ""))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
     if stop.saved is not None:
         raise Stopped(f"stopped by {stop.requested} after step {trainer.global_step}; "
