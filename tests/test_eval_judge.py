@@ -288,3 +288,30 @@ def test_cache_skips_corrupt_lines(tmp_path):
     reopened.put("j", "b", 1.0, "Score: 1")  # starts on a new line after the cut-off one
     assert JudgeCache(tmp_path).get("j", "b") == {"score": 1.0, "reply": "Score: 1"}
     assert JudgeCache(tmp_path).get("j", "a")["score"] == 0.5
+
+
+def test_an_unreachable_judge_endpoint_is_one_line_and_exit_2_from_the_command(tmp_path, monkeypatch):
+    """`slmctl eval ... judge=endpoint` against a port nothing listens on: one line on stderr naming
+    the endpoint, exit 2, no traceback, and the eval run marked failed (JudgeError is a UserError)."""
+    from typer.testing import CliRunner
+
+    from slmctl.cli import app
+    from slmctl.eval.judge import EndpointJudge
+    from slmctl.runs import list_runs
+
+    monkeypatch.setattr(EndpointJudge, "backoff", 0.01)
+    with ChatServer() as server:
+        closed = server.url
+    rows = [{"id": "q1", "source": "Where does Ana live?", "target": "Porto"}]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(json.dumps({"id": "q1", "prediction": "Porto"}) + "\n")
+    result = CliRunner().invoke(app, ["eval", "--predictions", str(predictions), "task=jsonl", f"task.data_files={data}",
+                                      "judge=endpoint", f"judge.endpoint={closed}", "judge.model=m",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "cannot reach judge endpoint" in lines[0] and "Traceback" not in result.output
+    (run,) = list_runs(tmp_path / "runs", "eval")
+    assert run.status == "failed"
