@@ -22,7 +22,8 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
     result = bench(tmp_path, "tiny", "deconly-tiny", "--compare", "--input-lens", "32,512", "--output-lens", "4",
                    "--repeat", "3", "--format", "json")
     assert result.exit_code == 0, result.output
-    records = json.loads(result.stdout[result.stdout.index("["):result.stdout.rindex("]") + 1])
+    records = json.loads(result.stdout)  # `--format json > out.json` is valid JSON: everything else went to stderr
+    assert "bench (medians)" in result.stderr and "first token" in result.stderr
     assert len(records) == 4 and all(REQUIRED <= set(r) for r in records)
     for arch in ("encdec", "deconly"):
         short, long = sorted((r for r in records if r["arch"] == arch), key=lambda r: r["input_len"])
@@ -40,10 +41,27 @@ def test_csv_and_markdown_formats(tmp_path):
 
     result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "csv")
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("model,", "tiny,"))]
+    lines = result.stdout.splitlines()  # the header and the records, nothing else
+    assert len(lines) == 2, result.stdout
     assert lines[0].split(",") == list(RECORD_FIELDS) and lines[1].startswith("tiny,encdec,cpu,torch,float32,1,16,3,")
     result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "md")
-    assert "| model | arch | device |" in result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| model | arch | device |"), result.stdout
+
+
+def test_with_a_format_stdout_carries_only_the_records_even_when_a_library_prints(tmp_path, monkeypatch):
+    from slmctl.bench import stage
+
+    def chatty_load(*args, **kwargs):
+        print("Some weights were not initialized")  # as libraries do while loading a model
+        return load_for_bench(*args, **kwargs)
+
+    load_for_bench = stage.load_for_bench
+    monkeypatch.setattr(stage, "load_for_bench", chatty_load)
+    result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [r["model"] for r in json.loads(result.stdout)] == ["tiny"]
+    assert "Some weights were not initialized" in result.stderr
 
 
 def test_npu_without_a_provider_is_exit_2_naming_the_providers(tmp_path):
@@ -70,7 +88,8 @@ def test_roofline_estimate_only_and_measured_over_predicted(tmp_path):
     result = bench(tmp_path, "tiny", "deconly-tiny", "--estimate", "h100", "--repeat", "0", "--dtype", "bfloat16",
                    "--input-lens", "64,256", "--format", "json")
     assert result.exit_code == 0, result.output
-    records = json.loads(result.stdout[result.stdout.index("["):result.stdout.rindex("]") + 1])
+    records = json.loads(result.stdout)  # `--format json > out.json` is valid JSON: everything else went to stderr
+    assert "bench (medians)" in result.stderr and "first token" in result.stderr
     from slmctl.bench import flops
     from slmctl.model.config import get_preset
 

@@ -21,9 +21,11 @@ def main() -> None:
     cfg = OmegaConf.create(job["cfg"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    records_out = sys.stdout
+    sys.stdout = sys.stderr  # anything a library prints must not break the lines the parent parses
     for key, record in measure_model(cfg, job["ref"], job["runs_dir"], job["environment"], job["profile"], job["skip"],
                                      Console(stderr=True)):
-        print(json.dumps([list(key), record]), flush=True)
+        print(json.dumps([list(key), record]), file=records_out, flush=True)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ child process.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import platform
+import sys
 
 import torch
 from rich.console import Console
@@ -38,6 +40,16 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "qdq": 1}  # per 
 
 
 def run(cfg, run):
+    """With `format` set, stdout carries only the records (`--format json > out.json`): the
+    stage's own lines go to stderr, and so does anything a library prints while models load and run."""
+    if not cfg.format:
+        return _run(cfg, run, records_out=sys.stdout)
+    records_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(cfg, run, records_out)
+
+
+def _run(cfg, run, records_out):
     from slmctl.bench.devices import check_device
 
     check_device(cfg.device, cfg.runtime)
@@ -86,7 +98,7 @@ def run(cfg, run):
         shown.print(comparison_table(records, labels))
         plot(records, labels, run.path / "bench.png")
     if cfg.format:
-        print(format_records(records, cfg.format), end="")
+        print(format_records(records, cfg.format), end="", file=records_out)
     run.succeed({f"{r['model']}:b{r['batch']}:in{r['input_len']}:first_token_ms": round(r["first_token_ms"], 2)
                  for r in records if r["first_token_ms"] is not None} | {"records": len(records)})
     return run
