@@ -1,0 +1,1 @@
+"""ONNX export: traceable graphs, export, validation against PyTorch, quantization and its report."""
