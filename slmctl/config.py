@@ -1,9 +1,15 @@
-"""Hydra composition of `conf/`, a typed schema for the composed config, and one-line errors.
+"""Hydra composition of `conf/` over typed schemas, and one-line errors.
+
+Every config value is declared once, as a default of a schema dataclass below. The
+schemas are registered in Hydra's ConfigStore (`schema/<stage>`, `schema/<group>[/<kind>]`)
+and each YAML file under `conf/` names its schema as the base of its defaults list, so
+the YAML holds only what differs from the schema: a stage's menu of group choices, a
+group option's own values.
 
 `compose(stage, overrides)` composes `conf/<stage>.yaml` with `key=value` overrides
-(Hydra's compose API: no Hydra run directory, no logging changes), then checks every
-group against its schema: an unknown key, an unknown group option, a wrong type or a
-missing required value raises `ConfigError` with one line naming it and the valid choices.
+(Hydra's compose API: no Hydra run directory, no logging changes). An unknown key, an
+unknown group option, a wrong type, a value outside a field's choices or a missing
+required value raises `ConfigError` with one line naming it and the valid choices.
 """
 
 from __future__ import annotations
@@ -13,40 +19,73 @@ import inspect
 import os
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from slmctl.errors import UserError, first_line
 from slmctl.model.config import ModelConfig
 
 CONF_DIR = Path(os.environ.get("SLMCTL_CONF", Path(__file__).resolve().parent.parent / "conf"))
-HIDDEN_GROUPS = {"common"}  # building blocks of other groups, not choices
+# directories of conf/ that are not GROUP=OPTION choices, and why
+NOT_GROUPS = {"hardware": "roofline profiles read by `slmctl bench --estimate NAME`, not a config group"}
 
 
 class ConfigError(UserError, ValueError):
     """A bad composition or value; the message is one line naming the problem and the fix."""
 
 
+class Choice(str, Enum):
+    """A member of a field's choices: a string (compares, hashes, prints and serialises as its value)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def choices(name: str, *values: str) -> type[Choice]:
+    """The choices of a field, as an enum whose members are named by their values (so
+    `kd.loss=jsd` and `model.arch=hf-causal` parse, and a bad value is refused with the
+    choices named)."""
+    return Choice(name, [(value, value) for value in values], module=__name__)
+
+
 # ---------------------------------------------------------------------------
-# Schemas (one dataclass per group option kind)
+# Choices (the values a field may take)
+
+Arch = choices("Arch", "encdec", "deconly", "hf-causal")
+KDLoss = choices("KDLoss", "forward_kl", "reverse_kl", "jsd")
+KDTargets = choices("KDTargets", "gold", "teacher", "student", "mix")
+CrossTokenizer = choices("CrossTokenizer", "error", "uld")
+FloatDtype = choices("FloatDtype", "float32", "bfloat16", "float16")
+TeacherKind = choices("TeacherKind", "hf", "run")
+TeacherDtype = choices("TeacherDtype", "auto", "float32", "bfloat16", "float16")
+TaskKind = choices("TaskKind", "columns", "squad", "synthetic", "shapes", "images")
+JudgeKind = choices("JudgeKind", "none", "local", "endpoint")
+Runtime = choices("Runtime", "auto", "torch", "onnx")
+RecordFormat = choices("RecordFormat", "json", "csv", "md")
+ExportFormat = choices("ExportFormat", "onnx")
+Quantization = choices("Quantization", "int8", "qdq")
+ExternalData = choices("ExternalData", "auto", "always", "never")
+ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
+WeightType = choices("WeightType", "uint8", "int8")
+Tower = choices("Tower", "vit", "clip", "siglip")
+Compressor = choices("Compressor", "none", "avgpool", "ldpv2")
+Projector = choices("Projector", "linear", "mlp2x_gelu")
+
+# pretrain's objective when none is named: the one each architecture trains with
+PRETRAIN_OBJECTIVE = {Arch.encdec: "prefix_lm", Arch.deconly: "causal_lm", Arch["hf-causal"]: "causal_lm"}
 
 
-@dataclass
-class OptimSchema:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
+# ---------------------------------------------------------------------------
+# Group schemas (one dataclass per group, or per kind of a group's options)
 
 
 @dataclass
 class HFCausalSchema:
+    """model=hf-causal: a transformers AutoModelForCausalLM built from this config (a tiny Llama)."""
     model_type: str = "llama"
     hidden_size: int = 256
     intermediate_size: int = 688
@@ -58,17 +97,22 @@ class HFCausalSchema:
 
 
 def _model_schema() -> type:
-    """`preset` plus every ModelConfig field as an optional override."""
+    """`preset` and `arch`, plus every ModelConfig field as an optional override (null keeps the preset's)."""
     overridable = [(f.name, Optional[f.type if not isinstance(f.type, str) else _TYPES[f.type]], None)
                    for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "arch")]
-    return dataclasses.make_dataclass(
-        "ModelSchema", [("preset", str, "small"), *overridable, ("hf", Optional[HFCausalSchema], None)])
+    return dataclasses.make_dataclass("ModelSchema", [
+        ("preset", Optional[str], None),  # the size: a name in slmctl.model.config.PRESETS (null for hf-causal)
+        ("arch", Arch, Arch.encdec),  # encdec | deconly (the preset's size matched as a decoder-only baseline) | hf-causal
+        *overridable,
+        ("hf", Optional[HFCausalSchema], None),  # arch=hf-causal only
+    ], namespace={"__module__": __name__})
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 ModelSchema = _model_schema()
-# a distillation student: a model preset, or `init` = an existing model / run to continue from
-StudentSchema = dataclasses.make_dataclass("StudentSchema", [("init", Optional[str], None)], bases=(ModelSchema,))
+# a distillation student: a model (model@student), or `init` = an existing model / run to continue from
+StudentSchema = dataclasses.make_dataclass("StudentSchema", [("init", Optional[str], None)], bases=(ModelSchema,),
+                                           namespace={"__module__": __name__})
 
 
 @dataclass
@@ -82,18 +126,18 @@ class ColumnsSchema:
 class SyntheticDataSchema:
     kind: str = "synthetic"
     seed: int = 0
-    n_people: int = 5000
-    train_examples: int = 20000
+    n_people: int = 5000  # a world too large to memorise: models must read the context
+    train_examples: int = 20000  # text paragraphs (LM objectives) or QA examples (seq2seq)
     validation_examples: int = 200
-    min_facts: int = 8
+    min_facts: int = 8  # facts per QA context: controls the input length
     max_facts: int = 16
 
 
 @dataclass
 class FilesDataSchema:
     kind: str = "files"
-    train: str = "???"
-    validation: Optional[str] = None
+    train: str = MISSING  # path or glob, e.g. data/train.jsonl
+    validation: Optional[str] = None  # path; null = hold out validation_fraction of train
     validation_fraction: float = 0.02
     columns: ColumnsSchema = field(default_factory=ColumnsSchema)
 
@@ -104,24 +148,24 @@ class ShapesDataSchema:
     seed: int = 0
     train_examples: int = 4000
     validation_examples: int = 100
-    max_shapes: int = 4
+    max_shapes: int = 4  # shapes per scene: 1 to this
 
 
 @dataclass
 class ImagesDataSchema:
     kind: str = "images"
-    train: str = "???"
-    validation: Optional[str] = None
+    train: str = MISSING
+    validation: Optional[str] = None  # null: the last validation_fraction of train
     validation_fraction: float = 0.05
-    skip_bad: bool = False
-    allow_outside_root: bool = False
+    skip_bad: bool = False  # true: skip (and count) rows whose image cannot be read, instead of failing
+    allow_outside_root: bool = False  # image paths may not leave the jsonl file's directory unless true
 
 
 @dataclass
 class HubDataSchema:
     kind: str = "hub"
-    id: str = "???"
-    subset: Optional[str] = None
+    id: str = MISSING  # e.g. wikitext
+    subset: Optional[str] = None  # e.g. wikitext-2-raw-v1
     train_split: str = "train"
     validation_split: Optional[str] = "validation"
     columns: ColumnsSchema = field(default_factory=ColumnsSchema)
@@ -132,21 +176,21 @@ class BpeTokenizerSchema:
     kind: str = "bpe"
     vocab_size: int = 4096
     min_frequency: int = 2
-    n_sentinels: int = 32
+    n_sentinels: int = 32  # <extra_id_N> tokens for span corruption
     max_training_texts: int = 50000
 
 
 @dataclass
 class HFTokenizerSchema:
     kind: str = "hf"
-    path: str = "???"
-    n_sentinels: int = 32
+    path: str = MISSING
+    n_sentinels: int = 32  # added if the tokenizer has none
 
 
 @dataclass
 class RunTokenizerSchema:
     kind: str = "run"
-    path: str = "???"
+    path: str = MISSING
 
 
 @dataclass
@@ -157,11 +201,11 @@ class TeacherTokenizerSchema:
 
 @dataclass
 class TeacherSchema:
-    kind: str = "hf"  # hf: a hub id or save_pretrained directory; run: a decoder-only run of ours
-    path: str = "???"
+    kind: TeacherKind = TeacherKind.hf  # hf: a hub id or save_pretrained directory; run: a decoder-only run of ours
+    path: str = MISSING
     tokenizer: Optional[str] = None  # hf only: where its tokenizer is, if not beside the weights
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+    dtype: TeacherDtype = TeacherDtype.auto  # auto: the checkpoint's own dtype (our runs save float32)
+    trust_remote_code: bool = False  # never run code from the hub unless asked (logged when on)
     shard: bool = False  # several training processes: each holds 1/N of the teacher's weights (FSDP2)
 
 
@@ -194,69 +238,16 @@ class CausalLMSchema:
 
 
 @dataclass
-class PretrainSchema:
-    seed: int = 0
-    init: Optional[str] = None
-    resume: Optional[str] = None
-    batch_size: int = 16
-    max_source_len: int = 256
-    max_target_len: int = 64
-    checkpoint_every: int = 100
-    optim: OptimSchema = field(default_factory=OptimSchema)
-    model: Any = None
-    data: Any = None
-    tokenizer: Any = None
-    objective: Any = None
-    trainer: Any = None
-
-
-@dataclass
-class KDSchema:
-    alpha: float = 0.5
-    loss: str = "forward_kl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    targets: str = "gold"
-    on_policy_prob: float = 0.5
-    student_temperature: float = 1.0
-    student_top_k: int = 0
-    teacher_temperature: float = 0.0
-    cross_tokenizer: str = "error"
-    cache: bool = False
-    cache_topk: int = 64
-    cache_dtype: str = "float16"
-    cache_batch_size: int = 32
-
-
-@dataclass
-class DistillSchema:
-    seed: int = 0
-    resume: Optional[str] = None
-    control: bool = False
-    batch_size: int = 16
-    max_source_len: int = 256
-    max_target_len: int = 64
-    checkpoint_every: int = 100
-    kd: KDSchema = field(default_factory=KDSchema)
-    optim: OptimSchema = field(default_factory=OptimSchema)
-    teacher: Any = None
-    student: Any = None
-    data: Any = None
-    tokenizer: Any = None
-    trainer: Any = None
-
-
-@dataclass
 class TaskSchema:
-    name: str = "???"
-    kind: str = "columns"  # columns | squad | synthetic | shapes | images
+    name: str = MISSING
+    kind: TaskKind = TaskKind.columns
     hub_id: Optional[str] = None
     subset: Optional[str] = None
     split: str = "validation"
-    data_files: Optional[str] = None  # local json/jsonl/parquet/csv with the task's columns
+    data_files: Optional[str] = None  # local json/jsonl/parquet/csv with the task's columns (instead of the hub)
     prompt: str = "{source}"  # template over the row's columns
     reference: str = "target"  # the reference column (columns kind)
-    id: Optional[str] = "id"  # the id column; row numbers when absent
+    id: Optional[str] = "id"  # the id column; row numbers when null or absent
     metrics: list = field(default_factory=lambda: ["rougeLsum"])
     max_new_tokens: int = 64
     # synthetic kind: the embedded world's held-out questions
@@ -265,118 +256,181 @@ class TaskSchema:
     n: int = 200
     min_facts: int = 8
     max_facts: int = 16
-    max_shapes: int = 4  # shapes kind: shapes per scene, 1 to this
+    max_shapes: int = 4  # shapes kind: shapes per scene, 1 to this (match the add-vision run's data.max_shapes)
 
 
 @dataclass
 class JudgeSchema:
-    kind: str = "none"  # none | local | endpoint
+    kind: JudgeKind = JudgeKind.none
     path: Optional[str] = None  # local: a causal LM directory or hub id
     endpoint: Optional[str] = None  # endpoint: an OpenAI-compatible base URL, e.g. http://localhost:8000/v1
     model: Optional[str] = None
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
     max_new_tokens: int = 64
     trust_remote_code: bool = False
-    cache_dir: Optional[str] = None  # default ~/.cache/slmctl
-
-
-@dataclass
-class GenerationSchema:
-    max_new_tokens: Optional[int] = None  # null: the task's
-    num_beams: int = 1
-    length_penalty: float = 1.0
-
-
-@dataclass
-class EvalSchema:
-    models: list = field(default_factory=list)
-    tasks: list = field(default_factory=list)  # several task names; empty: the `task` group's choice
-    predictions: Optional[str] = None
-    resume: Optional[str] = None
-    limit: Optional[int] = None
-    batch_size: int = 16
-    max_source_len: int = 1024
-    bootstrap: int = 1000
-    seed: int = 0
-    device: str = "cpu"
-    generation: GenerationSchema = field(default_factory=GenerationSchema)
-    task: Any = None
-    judge: Any = None
-
-
-@dataclass
-class BenchSchema:
-    models: list = field(default_factory=list)
-    input_lens: list = field(default_factory=lambda: [512])
-    output_lens: list = field(default_factory=lambda: [64])
-    batch: list = field(default_factory=lambda: [1])
-    repeat: int = 3
-    warmup: int = 1
-    dtype: str = "float32"
-    runtime: str = "auto"
-    device: str = "cpu"
-    threads: Optional[int] = None
-    format: Optional[str] = None
-    estimate: Optional[str] = None  # a conf/hardware profile: add roofline predictions
-    image_size: list = field(default_factory=lambda: [336, 336])  # vision models: the image each prompt carries
-    seed: int = 0
-    resume: Optional[str] = None
-    isolate: bool = False  # each model measured in its own child process
+    cache_dir: Optional[str] = None  # judge scores are cached here (default ~/.cache/slmctl): reruns are free
 
 
 @dataclass
 class VisionSchema:
-    tower: str = "vit"  # vit | clip | siglip
+    tower: Tower = Tower.vit  # vit: our own, trained from scratch | clip | siglip (pretrained: path)
     path: Optional[str] = None
     image_size: int = 64
     patch_size: int = 8
-    width: int = 128
+    width: int = 128  # vit only
     layers: int = 4
     heads: int = 4
     mlp_ratio: int = 4
     feature_layer: int = -2
     anyres: bool = True
     grids: list = field(default_factory=lambda: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])
-    compress: str = "avgpool"
+    compress: Compressor = Compressor.avgpool
     compress_factor: int = 2
     max_tokens_per_image: int = 64
-    projector: str = "mlp2x_gelu"
+    projector: Projector = Projector.mlp2x_gelu
     pixel_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     pixel_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
-    train_tower: bool = False
+    train_tower: bool = False  # pretrained towers stay frozen unless asked
+
+
+# ---------------------------------------------------------------------------
+# Stage schemas (the base of each conf/<stage>.yaml)
+
+
+@dataclass
+class AdamWSchema:
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
+
+
+@dataclass
+class OptimSchema(AdamWSchema):
+    lr: float = 1e-3
+
+
+@dataclass
+class TrainingSchema:
+    """What pretrain and distill share."""
+    seed: int = 0
+    resume: Optional[str] = None  # RUN or "latest": continue that (unfinished) run where it stopped
+    batch_size: int = 16
+    max_source_len: int = 256  # encoder tokens (or the whole sequence for decoder-only models)
+    max_target_len: int = 64  # decoder tokens
+    checkpoint_every: int = 100  # steps between resumable checkpoints (checkpoints/step-*)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    data: Any = None
+    tokenizer: Any = None
+    trainer: Any = None
+
+
+@dataclass
+class PretrainSchema(TrainingSchema):
+    init: Optional[str] = None  # start from this model / run instead of random weights
+    model: ModelSchema = field(default_factory=ModelSchema)
+    objective: Any = None  # null: the model's arch chooses (PRETRAIN_OBJECTIVE)
+
+
+@dataclass
+class KDSchema:
+    alpha: float = 0.5  # loss = alpha * kd + (1 - alpha) * ce(gold)
+    loss: KDLoss = KDLoss.forward_kl  # forward_kl = KL(teacher||student) | reverse_kl | jsd (generalized, weight beta)
+    beta: float = 0.5  # jsd only: M = beta * teacher + (1 - beta) * student
+    temperature: float = 1.0  # both softened by T; the kd term is scaled by T^2
+    # gold: the data's targets | teacher: the teacher writes them (sequence-level KD)
+    # | student: the student samples them (on-policy) | mix: student with on_policy_prob, else gold
+    targets: KDTargets = KDTargets.gold
+    on_policy_prob: float = 0.5
+    student_temperature: float = 1.0  # sampling the student's targets
+    student_top_k: int = 0  # 0 = no top-k filter
+    teacher_temperature: float = 0.0  # teacher-written targets: 0 = greedy
+    cross_tokenizer: CrossTokenizer = CrossTokenizer.error  # different tokenizers: error | uld (Universal Logit Distillation)
+    cache: bool = False  # gold targets: precompute the teacher's top-k once into teacher_cache/
+    cache_topk: int = 64
+    cache_dtype: FloatDtype = FloatDtype.float16  # log-probabilities on disk
+    cache_batch_size: int = 32  # teacher batch size while caching
+
+
+@dataclass
+class DistillSchema(TrainingSchema):
+    control: bool = False  # also train a control student on gold CE only (same init, data, steps) and report both
+    kd: KDSchema = field(default_factory=KDSchema)
+    teacher: TeacherSchema = field(default_factory=TeacherSchema)
+    student: StudentSchema = field(default_factory=StudentSchema)
+
+
+@dataclass
+class GenerationSchema:
+    max_new_tokens: Optional[int] = None  # null: the task's
+    num_beams: int = 1  # greedy by default
+    length_penalty: float = 1.0
+
+
+@dataclass
+class EvalSchema:
+    models: list = field(default_factory=list)  # set from the command line: slmctl eval MODEL [MODEL ...]
+    tasks: list = field(default_factory=list)  # several tasks in one run, each with its defaults; empty: the `task` group's choice
+    predictions: Optional[str] = None  # a jsonl of {id, prediction} to score instead of models (--predictions)
+    resume: Optional[str] = None  # RUN or "latest": continue that (unfinished) run where it stopped
+    limit: Optional[int] = None  # only the first N examples (quick checks)
+    batch_size: int = 16
+    max_source_len: int = 1024  # prompt tokens kept (encoder-decoder: the first; decoder-only: the last)
+    bootstrap: int = 1000  # resamples for the 95% confidence intervals
+    seed: int = 0
+    device: str = "cpu"  # set by --device
+    generation: GenerationSchema = field(default_factory=GenerationSchema)
+    task: TaskSchema = field(default_factory=TaskSchema)
+    judge: JudgeSchema = field(default_factory=JudgeSchema)
+
+
+@dataclass
+class BenchSchema:
+    models: list = field(default_factory=list)  # presets (random weights: 330m, deconly-330m, ...) or model directories / runs
+    input_lens: list = field(default_factory=lambda: [512])
+    output_lens: list = field(default_factory=lambda: [64])
+    batch: list = field(default_factory=lambda: [1])
+    repeat: int = 3  # timed runs per configuration (median / p90 / stdev reported); 0 with estimate
+    warmup: int = 1
+    dtype: FloatDtype = FloatDtype.float32
+    runtime: Runtime = Runtime.auto  # auto: ONNX Runtime for exports (slmctl export onnx), torch for the rest
+    device: str = "cpu"  # set by --device
+    threads: Optional[int] = None  # torch threads (null: torch's default)
+    format: Optional[RecordFormat] = None  # also print the records to stdout
+    # a conf/hardware profile (this-cpu, a100, h100, ...): add roofline predictions; with repeat=0 a prediction only
+    estimate: Optional[str] = None
+    image_size: list = field(default_factory=lambda: [336, 336])  # vision models: the image (width, height) each prompt carries
+    seed: int = 0
+    resume: Optional[str] = None  # RUN or "latest": continue that (unfinished) run where it stopped
+    # true: measure each model in a fresh child process (no allocator, thread-pool or cache state shared between models)
+    isolate: bool = False
 
 
 @dataclass
 class VisionStageSchema:
-    steps: int = 100
-    lr: float = 1e-3
+    steps: int = MISSING
+    lr: float = MISSING
     tower_lr: Optional[float] = None
 
 
 @dataclass
-class VisionOptimSchema:
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-
-
-@dataclass
 class AddVisionSchema:
-    source: Optional[str] = None
+    source: Optional[str] = None  # the text model: an encoder-decoder model dir or run (set from the command line)
     seed: int = 0
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # RUN or "latest": continue that (unfinished) run where it stopped
     batch_size: int = 16
-    max_source_len: int = 256
+    max_source_len: int = 256  # encoder tokens after the image tokens are spliced in
     max_target_len: int = 16
-    stage1: VisionStageSchema = field(default_factory=VisionStageSchema)
-    stage2: VisionStageSchema = field(default_factory=VisionStageSchema)
-    optim: VisionOptimSchema = field(default_factory=VisionOptimSchema)
-    validation_every: int = 100
-    checkpoint_every: int = 100
-    vision: Any = None
+    # align: projector (+ compressor) trained; tower and language model frozen
+    stage1: VisionStageSchema = field(default_factory=lambda: VisionStageSchema(steps=150, lr=1e-3))
+    # tune: projector + language model (+ the tower when vision.train_tower)
+    stage2: VisionStageSchema = field(default_factory=lambda: VisionStageSchema(steps=300, lr=3e-4, tower_lr=3e-4))
+    optim: AdamWSchema = field(default_factory=lambda: AdamWSchema(weight_decay=0.0, warmup_steps=20))
+    validation_every: int = 100  # steps between validation passes (each stage)
+    checkpoint_every: int = 100  # steps between resumable checkpoints (checkpoints/stage<N>/step-*)
+    vision: VisionSchema = field(default_factory=VisionSchema)
     data: Any = None
     trainer: Any = None
 
@@ -385,17 +439,17 @@ class AddVisionSchema:
 class StaticShapeSchema:
     enabled: bool = False
     batch: int = 1
-    prompt_len: int = 512
-    capacity: int = 128
+    prompt_len: int = 512  # prompts are right-padded to this length
+    capacity: int = 128  # new tokens the cache holds
 
 
 @dataclass
 class ValidationSchema:
     prompt_lens: list = field(default_factory=lambda: [8, 33, 100])
-    steps: int = 32
-    batch: int = 2
-    tolerance: float = 1e-4
-    seed: Optional[int] = None
+    steps: int = 32  # greedy tokens compared per prompt
+    batch: int = 2  # the last row is padded
+    tolerance: float = 1e-4  # max |logit difference| (fp32)
+    seed: Optional[int] = None  # null: fresh each export (recorded in validation.json)
 
 
 @dataclass
@@ -405,8 +459,9 @@ class Int8Schema:
 
 @dataclass
 class QdqSchema:
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
+    """QNN HTP: activation_type=uint16 weight_type=uint8."""
+    activation_type: ActivationType = ActivationType.uint8
+    weight_type: WeightType = WeightType.int8
     per_channel: bool = True
     calibration_prompts: int = 16
     calibration_steps: int = 8
@@ -414,59 +469,75 @@ class QdqSchema:
 
 @dataclass
 class QuantReportSchema:
-    prompts: int = 32
+    prompts: int = 32  # greedy token agreement over this many task prompts
     steps: int = 32
-    eval_limit: int = 50
-    input_len: int = 128
+    eval_limit: int = 50  # task metric on this many examples (needs the model's tokenizer)
+    input_len: int = 128  # speed: random prompt of this length, output_len new tokens, median of repeat runs
     output_len: int = 32
     repeat: int = 3
 
 
 @dataclass
 class ExportSchema:
-    to: str = "onnx"
-    source: Optional[str] = None  # the model: a model dir, a run or a preset
-    quantize: list = field(default_factory=list)
-    external_data: str = "auto"
+    to: ExportFormat = ExportFormat.onnx  # the target format (the subcommand: slmctl export onnx)
+    source: Optional[str] = None  # the model: a model dir, a run or a preset; null: the newest distill/pretrain run
+    # int8 (dynamic, weight MatMul/Gemm) and/or qdq (static QDQ, calibrated): --quantize int8
+    quantize: List[Quantization] = field(default_factory=list)
+    external_data: ExternalData = ExternalData.auto  # auto: weights in <graph>.onnx.data for graphs over 2 GB
+    # --static: fixed shapes and a preallocated cache, for NPU runtimes (QNN HTP, OpenVINO NPU)
     static: StaticShapeSchema = field(default_factory=StaticShapeSchema)
+    # PyTorch vs ONNX Runtime on fresh random prompts; a breach fails the run (exit 1)
     validation: ValidationSchema = field(default_factory=ValidationSchema)
     int8: Int8Schema = field(default_factory=Int8Schema)
     qdq: QdqSchema = field(default_factory=QdqSchema)
-    report: QuantReportSchema = field(default_factory=QuantReportSchema)
-    threads: Optional[int] = None
-    device: str = "cpu"
-    seed: int = 0
-    task: Any = None
+    report: QuantReportSchema = field(default_factory=QuantReportSchema)  # quantized vs fp32, measured in the same process
+    threads: Optional[int] = None  # ONNX Runtime intra-op threads (null: its default)
+    device: str = "cpu"  # set by --device
+    seed: int = 0  # weights of a preset, prompts of the report
+    task: TaskSchema = field(default_factory=TaskSchema)  # prompts for calibration and the quantized-vs-fp32 report
 
 
-KD_CHOICES = {"kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.targets": ("gold", "teacher", "student", "mix"),
-              "kd.cross_tokenizer": ("error", "uld"), "kd.cache_dtype": ("float16", "bfloat16", "float32"),
-              "teacher.dtype": ("auto", "float32", "bfloat16", "float16"),
-              "task.kind": ("columns", "squad", "synthetic", "shapes", "images"),
-              "dtype": ("float32", "bfloat16", "float16"), "runtime": ("auto", "torch", "onnx"), "format": ("json", "csv", "md"),
-              "to": ("onnx",), "vision.tower": ("vit", "clip", "siglip"), "vision.compress": ("none", "avgpool", "ldpv2"),
-              "vision.projector": ("linear", "mlp2x_gelu"), "external_data": ("auto", "always", "never"),
-              "qdq.activation_type": ("uint8", "uint16", "int8", "int16"), "qdq.weight_type": ("uint8", "int8")}
 KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
 
-
+# ConfigStore entries: each conf/ YAML names its schema as `/schema/<name>@_here_` in its defaults
+STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema,
+                 "export": ExportSchema, "add-vision": AddVisionSchema}
 GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
-    # group -> (discriminating key, {value: schema})
+    # group -> (discriminating key, {value: schema}); the ConfigStore name is schema/<group>[/<value>]
     "model": ("", {"": ModelSchema}),
-    "student": ("", {"": StudentSchema}),
-    "teacher": ("kind", {"hf": TeacherSchema, "run": TeacherSchema}),
+    "teacher": ("", {"": TeacherSchema}),
     "task": ("", {"": TaskSchema}),
-    "judge": ("kind", {"none": JudgeSchema, "local": JudgeSchema, "endpoint": JudgeSchema}),
+    "judge": ("", {"": JudgeSchema}),
+    "vision": ("", {"": VisionSchema}),
     "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema,
                       "shapes": ShapesDataSchema, "images": ImagesDataSchema}),
-    "vision": ("", {"": VisionSchema}),
     "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema,
                            "teacher": TeacherTokenizerSchema}),
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
-STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema,
-                 "export": ExportSchema, "add-vision": AddVisionSchema}
+# a group's options reused at another place of a stage's config: `student=330m` is model@student=330m
+PACKAGE_REUSE = {"distill": {"student": "model@student"}}
+
+
+def schema_entries() -> dict[str, type]:
+    """{ConfigStore name: schema}: schema/<stage> and schema/<group>[/<kind>]."""
+    entries = {f"schema/{stage}": schema for stage, schema in STAGE_SCHEMAS.items()}
+    for group, (_, options) in GROUP_SCHEMAS.items():
+        entries |= {f"schema/{group}/{kind}".rstrip("/"): schema for kind, schema in options.items()}
+    return entries
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, schema in schema_entries().items():
+        group, _, option = name.rpartition("/")
+        store.store(group=group, name=option, node=schema)
+
+
 # each has run(cfg, run)
 STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
                  "bench": "slmctl.bench.stage", "export": "slmctl.export.stage",
@@ -489,9 +560,10 @@ def stages() -> list[str]:
 
 
 def groups() -> dict[str, list[str]]:
-    """Config groups and their options, e.g. {"model": ["1b", "330m", ...]}."""
+    """Config groups (GROUP=OPTION) and their options, e.g. {"model": ["1b", "330m", ...]};
+    the directories in NOT_GROUPS are skipped."""
     return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
-            for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and d.name not in HIDDEN_GROUPS}
+            for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and d.name not in NOT_GROUPS}
 
 
 # ---------------------------------------------------------------------------
@@ -500,21 +572,37 @@ def groups() -> dict[str, list[str]]:
 
 def compose(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The validated, resolved config of `stage` with Hydra `overrides` applied."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-
     if stage not in stages():
         raise ConfigError(f"unknown stage {stage!r} (choose from: {', '.join(stages())})")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: expected key=value (e.g. model=tiny or trainer.max_steps=50)")
-    overrides = [_trainer_override(item) for item in overrides]
+    overrides = [_trainer_override(_reused_group_override(item, stage)) for item in overrides]
+    if stage == "pretrain" and not any(o.lstrip("+~").startswith("objective=") for o in overrides):
+        # no objective named: the model's architecture chooses (objective.* overrides apply to that choice)
+        arch = _hydra_compose(stage, [o for o in overrides if not o.lstrip("+~").startswith("objective.")]).model.arch
+        overrides = [*overrides, f"objective={PRETRAIN_OBJECTIVE[arch]}"]
+    return validate(_hydra_compose(stage, overrides), stage)
+
+
+def _reused_group_override(item: str, stage: str) -> str:
+    """`student=330m` -> `model@student=330m` (distill reuses the model group as its student)."""
+    key, value = item.split("=", 1)
+    reused = PACKAGE_REUSE.get(stage, {}).get(key)
+    return f"{reused}={value}" if reused else item
+
+
+def _hydra_compose(stage: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_schemas()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="slmctl"):
-            cfg = hydra_compose(config_name=stage, overrides=list(overrides))
+            return hydra_compose(config_name=stage, overrides=list(overrides))
     except HydraException as e:
-        message = _explain_hydra_error(str(e), stage)
+        message = _explain_hydra_error(e, stage)
         bad_key = re.search(r"unknown config key '([^']+)'", message)
         if bad_key:  # name the keys that do exist there
             key = bad_key.group(1)
@@ -535,8 +623,7 @@ def compose(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConf
                 pass
         raise ConfigError(message) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(first_line(str(e)), "invalid config") from None
-    return validate(cfg, stage)
+        raise ConfigError(_explain_value_error(getattr(e, "full_key", None) or "config", e)) from None
 
 
 def validate(cfg: DictConfig, stage: str) -> DictConfig:
@@ -576,7 +663,7 @@ def _merge(schema: type, node, prefix: str | None) -> DictConfig:
         if "not in struct" in message or "Key '" in message and "not" in message:
             valid = ", ".join(f.name for f in dataclasses.fields(schema))
             raise ConfigError(f"unknown config key {full!r} (valid keys{' of ' + prefix if prefix else ''}: {valid})") from None
-        raise ConfigError(f"{full}: {message}") from None
+        raise ConfigError(_explain_value_error(full, e)) from None
 
 
 def trainer_arguments() -> list[str]:
@@ -615,19 +702,11 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
-    for key, choices in KD_CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
     for key, (low, high) in KD_RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
-    quantize = OmegaConf.select(cfg, "quantize")
-    if OmegaConf.select(cfg, "to") is not None and quantize is not None:
-        for method in quantize:
-            if method not in ("int8", "qdq"):
-                raise ConfigError(f"quantize={method!r} is not one of: int8, qdq")
+    if OmegaConf.select(cfg, "to") is not None:  # export
         for key in ("static.batch", "static.prompt_len", "static.capacity", "validation.steps", "validation.batch",
                     "validation.tolerance", "qdq.calibration_prompts", "report.prompts", "report.steps"):
             if OmegaConf.select(cfg, key) <= 0:
@@ -637,8 +716,8 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"kd.beta must be in (0, 1) for kd.loss=jsd, got {beta}")
 
 
-def _explain_hydra_error(message: str, stage: str) -> str:
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+def _explain_hydra_error(error: Exception, stage: str) -> str:
+    message = str(error)
     found = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
     if found:
         group, option = found.groups()
@@ -653,28 +732,25 @@ def _explain_hydra_error(message: str, stage: str) -> str:
     found = re.search(r"Key '([^']+)' is not in struct", message)
     if found:
         return f"unknown config key {found.group(1)!r} (see `slmctl validate {stage} --show`)"
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):  # a bad value
+        return _explain_value_error(cause.full_key, cause)
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return first_line(" ".join(lines), "invalid config")
+
+
+def _explain_value_error(key: str, error: Exception) -> str:
+    """`kd.loss='kl' is not one of: forward_kl, ...` for a value outside an enum field's
+    choices; `batch_size: Value 'abc' ... could not be converted to Integer` for the rest."""
+    message = first_line(getattr(error, "msg", None) or str(error), "invalid config")
+    found = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", message)
+    if found:
+        value, valid = found.groups()
+        key = re.sub(r"\[\d+\]$", "", key)  # quantize[0] -> quantize
+        return f"{key}={value!r} is not one of: {valid}"
+    return f"{key}: {message}"
 
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
-
-def model_config_from(cfg: DictConfig, **fallbacks) -> ModelConfig:
-    """The ModelConfig a `model` group node describes (preset + non-null overrides), with
-    `fallbacks` (e.g. the tokenizer's vocab size and token ids) used where the node is null."""
-    from slmctl.model.config import get_preset, matched_decoder_only
-
-    node = OmegaConf.to_container(cfg, resolve=True)
-    changes = {k: v for k, v in fallbacks.items() if node.get(k) is None}
-    changes |= {k: v for k, v in node.items() if k not in ("preset", "hf", "init") and v is not None}
-    try:
-        preset = node["preset"]
-        if preset.startswith("deconly-") and "n_decoder_layers" not in changes:
-            # Re-match the baseline to its encoder-decoder with the same changes (e.g. the
-            # tokenizer's vocabulary), so the comparison stays at equal parameter count.
-            encdec = get_preset(preset.removeprefix("deconly-")).replace(**changes)
-            return matched_decoder_only(encdec).replace(**{k: v for k, v in changes.items() if k != "n_encoder_layers"})
-        return get_preset(preset).replace(**changes)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None

@@ -185,3 +185,45 @@ def vocab_size_for(n_tokens: int, multiple: int = 128) -> int:
     """Embedding rows for a tokenizer of `n_tokens`, padded to a multiple of 128 as the
     paper pads Phi-3.5's 32064 tokens to 32128 (aligned matmuls)."""
     return -(-n_tokens // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------
+# From a composed config (slmctl.config's ModelSchema node)
+
+
+def model_config_from(node, **fallbacks) -> ModelConfig:
+    """The ModelConfig a `model` (or `student`) config node describes: its `preset` built as
+    its `arch`, with the node's non-null fields as changes and `fallbacks` (e.g. the tokenizer's
+    vocab size and token ids) used where the node is null. `arch=deconly` matches the preset's
+    encoder-decoder (with the same changes) as a decoder-only baseline of equal parameter count,
+    unless the node sets `n_decoder_layers` itself."""
+    from omegaconf import OmegaConf
+
+    from slmctl.config import ConfigError
+
+    node = OmegaConf.to_container(node, resolve=True)
+    arch = str(node["arch"])
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"model.arch={arch} is not built from a preset (a ModelConfig builds: {', '.join(ARCHITECTURES)})")
+    changes = {k: v for k, v in fallbacks.items() if node.get(k) is None}
+    changes |= {k: v for k, v in node.items() if k not in ("preset", "arch", "hf", "init") and v is not None}
+    try:
+        config = get_preset(node["preset"]).replace(**changes)
+        if arch == "deconly" and config.arch == "encdec":
+            config = matched_decoder_only(config)
+            if "n_decoder_layers" in changes:
+                config = config.replace(n_decoder_layers=changes["n_decoder_layers"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.arch != arch:
+        raise ConfigError(f"model.preset={node['preset']} is a {config.arch} preset, but model.arch={arch}")
+    return config
+
+
+def model_name(node) -> str:
+    """What a `model` config node is called in logs and summaries: `hf-causal`, or the
+    preset it builds (`small`, `deconly-small`)."""
+    if node.arch == "hf-causal":
+        return "hf-causal"
+    preset = get_preset(node.preset)
+    return matched_decoder_only(preset).name if node.arch == "deconly" and preset.arch == "encdec" else preset.name

@@ -19,10 +19,11 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from slmctl.config import ConfigError, model_config_from
+from slmctl.config import ConfigError
 from slmctl.data.sources import load_pairs
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer
 from slmctl.model import build_model, save_model
+from slmctl.model.config import model_config_from, model_name
 from slmctl.refs import ModelRef, resolve
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.distill_data import DistillBatcher
@@ -63,7 +64,7 @@ def run(cfg, run, callbacks: list | None = None):
     tokenizer = _student_tokenizer(cfg, run, teacher, train_pairs)
     student = _student(cfg, run, tokenizer)
     shared = _shared_vocabulary(cfg, run, teacher, tokenizer, student.config.vocab_size)
-    run.log(f"student: {cfg.student.init or cfg.student.preset}, {student.num_parameters() / 1e6:.2f}M parameters; "
+    run.log(f"student: {cfg.student.init or model_name(cfg.student)}, {student.num_parameters() / 1e6:.2f}M parameters; "
             f"kd: {kd.loss} T={kd.temperature} alpha={kd.alpha} targets={kd.targets}")
 
     batcher = DistillBatcher(tokenizer, teacher.tokenizer, teacher.start_ids, shared is not None,
@@ -81,7 +82,7 @@ def run(cfg, run, callbacks: list | None = None):
         summary = _fit(cfg, run, student, teacher, batcher, shared, run.path, RunLogger(run), callbacks, kd)
         _save(student, tokenizer, run.model_dir, run)
         summary |= {"teacher": teacher.name, "teacher_parameters": teacher.num_parameters(),
-                    "student": cfg.student.init or cfg.student.preset, "parameters": student.num_parameters(),
+                    "student": cfg.student.init or model_name(cfg.student), "parameters": student.num_parameters(),
                     "kd_loss": kd.loss, "alpha": kd.alpha, "targets": kd.targets}
         run.write_json(DISTILLED, summary)
 
@@ -167,7 +168,7 @@ def _student(cfg, run, tokenizer: TextTokenizer, quiet: bool = False):
         torch.manual_seed(cfg.seed)
         model = build_model(config)
     if model.config.arch != "encdec":
-        raise ConfigError(f"student {cfg.student.init or cfg.student.preset} is decoder-only; distill trains an "
+        raise ConfigError(f"student {cfg.student.init or model_name(cfg.student)} is decoder-only; distill trains an "
                           f"encoder-decoder student (e.g. student=small, student=330m)")
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(f"student vocabulary ({model.config.vocab_size}) is smaller than its tokenizer ({len(tokenizer)})")

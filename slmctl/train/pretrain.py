@@ -14,11 +14,12 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from slmctl.config import ConfigError, model_config_from
+from slmctl.config import ConfigError
 from slmctl.data import objectives as obj
 from slmctl.data.sources import load_pairs, load_texts
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
 from slmctl.model import build_model, save_model
+from slmctl.model.config import model_config_from, model_name
 from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.fit import fit, quiet_lightning
@@ -34,7 +35,7 @@ def run(cfg, run, callbacks: list | None = None):
     """Train as `cfg` says, writing into `run`; returns the run (succeeded)."""
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    arch = "hf-causal" if cfg.model.preset == "hf-causal" else ("encdec" if not cfg.model.preset.startswith("deconly") else "deconly")
+    arch = cfg.model.arch
     objective = cfg.objective.name
     allowed = ENCDEC_OBJECTIVES if arch == "encdec" else CAUSAL_OBJECTIVES
     if objective not in allowed:
@@ -50,7 +51,7 @@ def run(cfg, run, callbacks: list | None = None):
     tokenizer = build_tokenizer(cfg, run, train_data, seq2seq_data)
     model = _model(cfg, run, tokenizer, arch)
     n_params = sum(p.numel() for p in model.parameters())
-    run.log(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M parameters; tokenizer: {len(tokenizer)} tokens")
+    run.log(f"model: {model_name(cfg.model)}, {n_params / 1e6:.2f}M parameters; tokenizer: {len(tokenizer)} tokens")
 
     special = obj.SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id,
                              sentinels=tokenizer.sentinel_ids)
@@ -73,7 +74,7 @@ def run(cfg, run, callbacks: list | None = None):
     val_loss = trainer.callback_metrics.get("val_loss")
     summary = {"val_loss": float(val_loss) if val_loss is not None else None, "steps": trainer.global_step,
                "parameters": n_params, "train_seconds": round(seconds, 2), "objective": objective,
-               "model": cfg.model.preset}
+               "model": model_name(cfg.model)}
     run.succeed(summary)
     return run
 
