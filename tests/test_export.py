@@ -40,6 +40,29 @@ def trained(tmp_path_factory):
     return run.path
 
 
+@pytest.fixture(scope="module")
+def randomized_export(tmp_path_factory):
+    """randomized_export(preset, static=None, scale=3.0) -> (model, export directory with slmctl_onnx.json,
+    spec): a tiny model with conftest.randomize weights, exported once per module."""
+    from slmctl.export.stage import _spec, export_graphs
+    from tests.conftest import randomize
+
+    made = {}
+
+    def get(preset, static=None, scale=3.0):
+        key = (preset, json.dumps(static), scale)
+        if key not in made:
+            model = randomize(build_model(preset, seed=0), scale=scale).eval()
+            directory = tmp_path_factory.mktemp(preset)
+            spec = _spec(model, None, compose("export", [f"source={preset}"]), {})
+            spec["variants"]["fp32"] = export_graphs(model, directory, static=static)
+            (directory / SPEC_FILE).write_text(json.dumps(spec))
+            made[key] = model, directory, spec
+        return made[key]
+
+    return get
+
+
 def test_encoder_decoder_export_is_described_checked_and_validated(tmp_path):
     result, run = export(tmp_path, "tiny", *FAST)
     assert result.exit_code == 0, result.output
@@ -64,15 +87,9 @@ def test_encoder_decoder_export_is_described_checked_and_validated(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "deconly-tiny"])
-def test_greedy_and_beam_generations_match_torch_on_padded_batches(tmp_path, preset):
-    from tests.conftest import randomize
-
-    model = randomize(build_model(preset, seed=0)).eval()
-    from slmctl.export.stage import export_graphs, _spec
-
-    spec = _spec(model, None, compose("export", [f"source={preset}"]), {})
-    spec["variants"]["fp32"] = export_graphs(model, tmp_path)
-    onnx_model = OnnxLM(tmp_path, spec=spec)
+def test_greedy_and_beam_generations_match_torch_on_padded_batches(randomized_export, preset):
+    model, directory, _ = randomized_export(preset)
+    onnx_model = OnnxLM(directory)
     ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     if model.config.is_encoder_decoder:
@@ -301,20 +318,19 @@ def test_token_agreement_counts_each_sequence_up_to_its_first_difference():
     assert swapped["token_agreement"] == result["token_agreement"]
 
 
-def test_int8_variant_runs_the_int8_graphs_close_to_fp32(tmp_path):
+def test_int8_variant_runs_the_int8_graphs_close_to_fp32(randomized_export):
     """OnnxLM(variant="int8") runs the quantized graphs: its logits are not fp32's (the fp32 export
     matches PyTorch within 1e-5 of the logit scale), yet within a few percent of them."""
     from slmctl.export.quantize import quantize_int8
-    from slmctl.export.stage import _spec, export_graphs
     from slmctl.export.validate import compare_decoding
-    from tests.conftest import random_prompts, randomize
+    from tests.conftest import random_prompts
 
-    # scale 1: weights whose int8 rounding is not amplified layer after layer (at scale 3 a 1% change is)
-    model = randomize(build_model("tiny", seed=0), seed=1, scale=1.0).eval()
-    spec = _spec(model, None, compose("export", ["source=tiny"]), {})
-    spec["variants"]["fp32"] = export_graphs(model, tmp_path)
-    spec["variants"]["int8"] = quantize_int8(tmp_path, spec["variants"]["fp32"])
-    fp32, int8 = OnnxLM(tmp_path, spec=spec), OnnxLM(tmp_path, variant="int8", spec=spec)
+    # scale 1: weights whose int8 rounding is not amplified layer after layer (at scale 3, where
+    # greedy decoding is diverse, a 1% weight change moves the logits by half their scale)
+    model, directory, spec = randomized_export("tiny", scale=1.0)
+    spec = dict(spec, variants={"fp32": spec["variants"]["fp32"]})
+    spec["variants"]["int8"] = quantize_int8(directory, spec["variants"]["fp32"])
+    fp32, int8 = OnnxLM(directory, spec=spec), OnnxLM(directory, variant="int8", spec=spec)
     ids, mask, _ = random_prompts([9, 5], seed=3)
     scale = model.start_decoding(ids, mask, 1).first_logits().abs().max().item()
     exact = compare_decoding(model, fp32, ids, mask, 8)
@@ -322,3 +338,87 @@ def test_int8_variant_runs_the_int8_graphs_close_to_fp32(tmp_path):
     assert exact["max_abs_logit_diff"] < 1e-4 * scale
     assert 1e-3 * scale < quantized["max_abs_logit_diff"] < 0.1 * scale, (quantized["max_abs_logit_diff"], scale)
     assert quantized["greedy_identical"]
+
+
+def standalone_greedy(export_dir, ids, mask, steps):
+    """docs/export.md's loop, generalised to every graph kind and to padded batches, with nothing
+    from slmctl: onnxruntime, numpy and the export's slmctl_onnx.json. `ids`/`mask`: numpy [B, S],
+    right-padded for the encoder-decoder, left-padded for the decoder-only graph.
+    -> (each step's logits [steps, B, vocab], the greedy tokens [B, steps])"""
+    import onnxruntime as ort
+
+    spec = json.loads((export_dir / "slmctl_onnx.json").read_text())
+    variant, config, special = spec["variants"]["fp32"], spec["model"], spec["special_tokens"]
+    graphs, static = variant["graphs"], variant["static"]
+    session = {role: ort.InferenceSession(str(export_dir / g["file"])) for role, g in graphs.items()}
+    layers, batch = range(config["n_decoder_layers"]), ids.shape[0]
+    past_names = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
+
+    def empty(length):
+        return [np.zeros((batch, config["n_kv_heads"], length, config["head_dim"]), np.float32) for _ in past_names]
+
+    all_logits, tokens = [], []
+    if spec["architecture"] == "decoder-only":
+        past, feed = empty(0), ids
+        for _ in range(steps):
+            logits, *past = session["decoder"].run(["logits", *present_names],
+                                                   {"input_ids": feed, "attention_mask": mask, **dict(zip(past_names, past))})
+            all_logits.append(logits)
+            tokens.append(logits.argmax(-1))
+            feed, mask = tokens[-1][:, None], np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        return np.stack(all_logits), np.stack(tokens, axis=1)
+    if static:  # fixed shapes: right-pad the prompt to the exported length
+        assert batch == static["batch"] and steps <= static["capacity"]
+        width = static["prompt_len"]
+        ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])), constant_values=special["pad"])
+        mask = np.pad(mask, ((0, 0), (0, width - mask.shape[1])))
+    cross_names = [f"cross.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    cross = session["encoder"].run(cross_names, {"input_ids": ids, "attention_mask": mask})
+    past = empty(static["capacity"] if static else 0)
+    token = np.full((batch, 1), special["decoder_start"], np.int64)
+    for position in range(steps):
+        feeds = {"input_ids": token, "encoder_attention_mask": mask, **dict(zip(past_names, past)),
+                 **dict(zip(cross_names, cross))}
+        if static:
+            feeds["position"] = np.array([position], np.int64)
+        logits, *present = session["decoder"].run(["logits", *present_names], feeds)
+        if static:  # this step's key/value, written into the buffers at `position`
+            for buffer, new in zip(past, present):
+                buffer[:, :, position] = new[:, :, 0]
+        else:
+            past = present
+        all_logits.append(logits)
+        tokens.append(logits.argmax(-1))
+        token = tokens[-1][:, None]
+    return np.stack(all_logits), np.stack(tokens, axis=1)
+
+
+@pytest.mark.parametrize("preset, static", [("tiny", None), ("deconly-tiny", None),
+                                            ("tiny", {"batch": 3, "prompt_len": 16, "capacity": 10})],
+                         ids=["encoder-decoder", "decoder-only", "static"])
+def test_plain_onnx_runtime_loop_matches_the_torch_forward_at_every_step(randomized_export, preset, static):
+    """Each row of a padded batch, decoded by plain ONNX Runtime, has at every step the logits that
+    slmctl's PyTorch forward (no cache) gives that row alone with the same tokens."""
+    from tests.conftest import max_logit_error, random_prompts
+
+    model, directory, _ = randomized_export(preset, static)
+    encdec = model.config.is_encoder_decoder
+    ids, mask, rows = random_prompts([9, 4, 13], vocab=model.config.vocab_size, seed=5, side="right" if encdec else "left",
+                                     pad_id=model.config.pad_token_id)
+    steps = 10
+    logits, tokens = standalone_greedy(directory, ids.numpy(), mask.numpy(), steps)
+    assert logits.shape == (steps, 3, model.config.vocab_size)
+    start = model.config.bos_token_id
+    with torch.no_grad():
+        for b, row in enumerate(rows):
+            new = torch.from_numpy(tokens[b])
+            if encdec:
+                expected = model(input_ids=row[None], decoder_input_ids=torch.cat([torch.tensor([start]), new[:-1]])[None])
+                expected = expected.logits[0]
+            else:
+                expected = model(input_ids=torch.cat([row, new[:-1]])[None]).logits[0, len(row) - 1:]
+            got = torch.from_numpy(logits[:, b])
+            assert max_logit_error(got, expected) < 1e-4, (b, max_logit_error(got, expected))
+            assert torch.equal(expected.argmax(-1), new), b
+        assert len(set(tokens.flatten().tolist())) > 5  # a real decode, not one token repeated
