@@ -141,15 +141,15 @@ def resolve(text: str | Path | ModelRef, runs_dir: str | Path = "runs", allow: t
     it lies in a finished run. A `ModelRef` is returned as it is (checked for its kind only)."""
     if isinstance(text, ModelRef):
         return text.require(allow, purpose)
-    ref = parse(str(text), Path(runs_dir), hub="hub" in allow).require(allow, purpose)
+    ref = parse(text, runs_dir, hub="hub" in allow).require(allow, purpose)
     verify(ref)
     return ref
 
 
-def parse(text: str, runs_dir: Path, hub: bool = False) -> ModelRef:
+def parse(text: str | Path, runs_dir: str | Path, hub: bool = False) -> ModelRef:
     """What `text` names, unverified (an export with its variant named). With `hub`, text that is
     no preset, path or run but looks like `org/name` is a hub id; without, it is an error."""
-    ref = _parse(text, runs_dir, hub)
+    ref = _parse(str(text), Path(runs_dir), hub)
     return with_variant(ref) if ref.kind == "export" else ref
 
 
@@ -181,7 +181,7 @@ def _parse(text: str, runs_dir: Path, hub: bool) -> ModelRef:
     except RunError as e:
         if hub and looks_like_hub_id(text, runs_dir):
             return ModelRef("hub", text)
-        if looks_like_path(text):
+        if looks_like_path(text) and not path.exists():
             raise RefError(f"no model at {text!r}: no such directory or file (pass a model directory, a run such as "
                            f"runs/pretrain/latest{', or a hub id' if hub else ''})") from None
         raise RefError(f"no model at {text!r}: not a model directory (no {MODEL_CONFIG_FILE}), not a file, "

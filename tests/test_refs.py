@@ -91,6 +91,7 @@ def test_every_form_parses_to_its_kind_path_variant_and_run(runs, tmp_path, monk
     ("nonesuch", NO_HUB, "no model at 'nonesuch': not a model directory (no model.json), not a file, and not a run"),
     ("org/name", ("model_dir",), "no model at 'org/name': not a model directory"),
     ("/no/such/dir", KINDS, "no model at '/no/such/dir': no such directory or file"),
+    ("./empty", KINDS, "no model at './empty': not a model directory (no model.json), not a file, and not a run"),
     ("bench/latest", KINDS, "has no model ("),
     ("distill/latest", KINDS, None),  # the newest succeeded run: fine (a control for the next rows)
     ("pretrain/latest:int8", KINDS, "':int8' picks the graphs of an ONNX export, but 'pretrain/latest' is a slmctl model"),
@@ -103,6 +104,7 @@ def test_every_form_parses_to_its_kind_path_variant_and_run(runs, tmp_path, monk
 ])
 def test_forms_that_name_no_usable_model_are_one_line_errors(runs, tmp_path, text, allow, message):
     (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "empty").mkdir()
     if message is None:
         assert resolve(text, runs["dir"], allow=allow, purpose="add-vision").kind == "model_dir"
         return
