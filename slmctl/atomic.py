@@ -18,6 +18,7 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -35,3 +36,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def set_new_file_mode(path: str | Path) -> None:
+    """Give `path` the mode `open()` would have: for files written by code that leaves them 0600
+    (mkstemp; safetensors' `save_file`, also under transformers' `save_pretrained`)."""
+    os.chmod(path, new_file_mode())
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file, 0o666 less the umask, for files made by mkstemp
+    (always 0600): a teammate on a shared filesystem must be able to read what a run wrote."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where Linux offers it: setting it to read it back
+    would briefly change it for every thread of the process."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

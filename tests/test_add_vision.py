@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.data.shapes import ShapeScenes
-from slmctl.model import load_model
+from slmctl.model import CheckpointError, load_model
 from slmctl.model.vlm import VisionEncoderDecoderLM
 from slmctl.runs import Run
 
@@ -138,6 +138,13 @@ def test_a_siglip_tower_loads_from_a_directory(tmp_path):
     loaded = load_model(tmp_path / "saved")
     image = Image.new("RGB", (32, 32), (9, 99, 199))
     assert torch.equal(loaded.image_tokens([image])[0], vlm.image_tokens([image])[0])
+    # checksums.json covers the files written after the text model's: the vision weights, config and tower
+    checksums = json.loads((tmp_path / "saved" / "checksums.json").read_text())
+    assert {"vision.safetensors", "vision.json", "vision_tower/config.json", "model.safetensors"} <= set(checksums)
+    weights = tmp_path / "saved" / "vision.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="vision.safetensors: sha256 differs"):
+        load_model(tmp_path / "saved")
 
 
 def test_a_vision_model_exports_to_onnx_and_generates_what_torch_generates(text_runs):

@@ -55,6 +55,7 @@ def world(tmp_path_factory):
     wrong_arch = root / "wrong-arch" / "model"  # decoder-only weights under an encoder-decoder model.json
     shutil.copytree(made["deconly"] / "model", wrong_arch)
     shutil.copy(made["encdec"] / "model" / "model.json", wrong_arch / "model.json")
+    (wrong_arch / "checksums.json").unlink()  # assembled by hand, unsealed: what the files hold is checked
     made["wrong_arch"] = wrong_arch
 
     small_vocab = root / "small-vocab" / "model"  # a tokenizer with more tokens than the model's vocabulary
@@ -78,6 +79,8 @@ def world(tmp_path_factory):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
+    made["modified_copy"] = root / "modified-copy"  # the same, copied out of its run: its checksums.json catches it
+    shutil.copytree(made["modified_model"] / "model", made["modified_copy"])
 
     data_dir = root / "data"
     data_dir.mkdir()
@@ -109,6 +112,8 @@ MATRIX = {
         ("vocab mismatch", lambda w: [f"init={w['small_vocab']}", *SYNTHETIC, "objective=seq2seq"], "the tokenizer is not this model's"),
         ("corrupt checkpoint", lambda w: [f"init={w['truncated']}", *SYNTHETIC, "objective=seq2seq"], "model.safetensors"),
         ("modified checkpoint", lambda w: [f"init={w['modified_model']}", *SYNTHETIC, "objective=seq2seq"], "MANIFEST"),
+        ("modified copy of a model", lambda w: [f"init={w['modified_copy']}", *SYNTHETIC, "objective=seq2seq"],
+         "checksums.json"),
         ("wrong architecture", lambda w: [f"init={w['wrong_arch']}", *SYNTHETIC, "objective=seq2seq"], "model.safetensors"),
         ("device not present", lambda w: ["model=tiny", "--device", "cuda"], "cuda"),
         ("trainer the machine cannot run", lambda w: ["model=tiny", *SYNTHETIC, "trainer=fsdp", "trainer.accelerator=cpu"],
@@ -147,6 +152,7 @@ MATRIX = {
         ("vocab mismatch", lambda w: [w["small_vocab"], "task=synthetic_qa"], "the tokenizer is not this model's"),
         ("corrupt checkpoint", lambda w: [w["truncated"], "task=synthetic_qa"], "model.safetensors"),
         ("modified checkpoint", lambda w: [w["modified_model"], "task=synthetic_qa"], "MANIFEST"),
+        ("modified copy of a model", lambda w: [w["modified_copy"], "task=synthetic_qa"], "checksums.json"),
         ("wrong architecture", lambda w: [w["wrong_arch"], "task=synthetic_qa"], "model.safetensors"),
         ("ONNX graph from another model", lambda w: [w["swapped_export"], "task=synthetic_qa", "--runtime", "onnx"],
          "decoder.onnx"),
@@ -159,6 +165,7 @@ MATRIX = {
         ("vocab mismatch", lambda w: ["onnx", w["small_vocab"]], "the tokenizer is not this model's"),
         ("corrupt checkpoint", lambda w: ["onnx", w["truncated"]], "model.safetensors"),
         ("modified checkpoint", lambda w: ["onnx", w["modified_model"]], "MANIFEST"),
+        ("modified copy of a model", lambda w: ["onnx", w["modified_copy"]], "checksums.json"),
         ("wrong architecture", lambda w: ["onnx", w["wrong_arch"]], "model.safetensors"),
         ("device not present", lambda w: ["onnx", w["encdec"], "--device", "cuda"], "cuda"),
     ],
@@ -168,6 +175,7 @@ MATRIX = {
         ("missing file", lambda w: [w["missing"]], "no-such-path"),
         ("corrupt checkpoint", lambda w: [w["truncated"]], "model.safetensors"),
         ("modified checkpoint", lambda w: [w["modified_model"]], "MANIFEST"),
+        ("modified copy of a model", lambda w: [w["modified_copy"]], "checksums.json"),
         ("wrong architecture", lambda w: [w["wrong_arch"]], "model.safetensors"),
         ("ONNX graph from another model", lambda w: [w["swapped_export"], "--runtime", "onnx"], "decoder.onnx"),
         ("modified ONNX export", lambda w: [w["modified_export"], "--runtime", "onnx"], "MANIFEST"),

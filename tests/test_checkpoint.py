@@ -1,12 +1,15 @@
 """Model directories, reference-format import/export, and clear errors for bad files."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from conftest import random_prompts
 from reference_numerics import random_reference_state, reference_greedy, reference_logits
+from slmctl.cli import app
 from slmctl.model import CheckpointError, load_model, save_model
 from slmctl.model.reference import export_reference_checkpoint
 
@@ -17,7 +20,8 @@ REF = dict(vocab=256, d=64, H=4, KV=2, hd=16, d_ff=128, n_enc=3, n_dec=2)
 def test_save_load_round_trip_is_bit_exact(arch, request, tmp_path):
     model = request.getfixturevalue(arch)
     save_model(model, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["generation.json", "model.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["checksums.json", "generation.json", "model.json",
+                                                                 "model.safetensors"]
     loaded = load_model(tmp_path / "m")
     assert loaded.config == model.config and type(loaded) is type(model)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -113,6 +117,8 @@ def test_truncated_files_are_one_line_errors(encdec, tmp_path):
     save_model(encdec, tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    _one_line_error(tmp_path / "m", "model.safetensors: size 1000")  # against checksums.json
+    (tmp_path / "m" / "checksums.json").unlink()  # unsealed, the reader's own check names it
     _one_line_error(tmp_path / "m", "unreadable")
 
 
@@ -120,6 +126,7 @@ def test_safetensors_key_problems_are_named(encdec, tmp_path):
     from safetensors.torch import load_file, save_file
 
     save_model(encdec, tmp_path / "m")
+    (tmp_path / "m" / "checksums.json").unlink()  # unsealed: what the weights hold is checked too
     weights = tmp_path / "m" / "model.safetensors"
     state = load_file(weights)
     state.pop("decoder.layers.1.mlp.fc1.bias")
@@ -145,3 +152,60 @@ def test_untrusted_pickles_are_refused(tmp_path):
 
     torch.save({"model_state_dict": Evil()}, tmp_path / "evil.pt")
     _one_line_error(tmp_path / "evil.pt", "unreadable")
+
+
+TINY_PRETRAIN = ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=300", "data.n_people=50",
+                 "data.train_examples=40", "data.validation_examples=8", "data.min_facts=1", "data.max_facts=1",
+                 "batch_size=4", "max_source_len=48", "max_target_len=8", "trainer.max_steps=1",
+                 "trainer.val_check_interval=1", "trainer.enable_progress_bar=false"]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained_model_dir(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("checksums") / "runs"
+    result = cli("pretrain", *TINY_PRETRAIN, "--name", "tiny", "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    return (runs / "pretrain" / "latest" / "model").resolve()
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_saved_model_directory_carries_checksums_of_every_other_file(trained_model_dir):
+    checksums = json.loads((trained_model_dir / "checksums.json").read_text())
+    files = sorted(p.name for p in trained_model_dir.iterdir() if p.name != "checksums.json")
+    assert sorted(checksums) == files and {"model.safetensors", "tokenizer.json", "slmctl_tokenizer.json"} <= set(files)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_a_model_directory_copied_out_of_its_run_is_verified_on_load(trained_model_dir, tmp_path, monkeypatch, damaged):
+    copy = tmp_path / "copied-model"
+    shutil.copytree(trained_model_dir, copy)
+    assert cli("generate", copy, "prompt=hi", "--max-new-tokens", 2).exit_code == 0
+    flip_last_byte(copy / damaged)
+    result = cli("generate", copy, "prompt=hi", "--max-new-tokens", 2)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and damaged in errors[0] and "SLMCTL_SKIP_CHECKSUMS=1" in errors[0], result.stderr
+    if damaged == "model.safetensors":  # weights edited by hand: the opt-out loads them
+        monkeypatch.setenv("SLMCTL_SKIP_CHECKSUMS", "1")
+        assert cli("generate", copy, "prompt=hi", "--max-new-tokens", 2).exit_code == 0
+
+
+def test_model_directories_without_checksums_still_load(encdec, tmp_path):
+    save_model(encdec, tmp_path / "m")
+    (tmp_path / "m" / "checksums.json").unlink()  # as older versions and Hugging Face directories have it
+    assert load_model(tmp_path / "m").config == encdec.config
+
+
+def test_unreadable_checksums_are_a_one_line_error(encdec, tmp_path):
+    save_model(encdec, tmp_path / "m")
+    (tmp_path / "m" / "checksums.json").write_text("{not json")
+    _one_line_error(tmp_path / "m", "checksums.json is unreadable")

@@ -412,8 +412,9 @@ def test_run_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, umask, mode
     try:
         result = CliRunner().invoke(app, ["pretrain", *TINY_PRETRAIN, "--runs-dir", str(runs_dir)])
         assert result.exit_code == 0, result.output
-        result = CliRunner().invoke(app, ["export", "onnx", "pretrain/latest", "--runs-dir", str(runs_dir)])
-        assert result.exit_code == 0, result.output
+        if umask == 0o022:  # the export's graphs too (once: exporting is the slow part)
+            result = CliRunner().invoke(app, ["export", "onnx", "pretrain/latest", "--runs-dir", str(runs_dir)])
+            assert result.exit_code == 0, result.output
     finally:
         os.umask(previous)
     files = {path.relative_to(runs_dir).as_posix(): path.stat().st_mode & 0o777
@@ -422,6 +423,6 @@ def test_run_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, umask, mode
     for written in ("model/model.safetensors", "model/model.json", "model/tokenizer.json", "MANIFEST.json",
                     "status.json", "config.yaml", "checkpoints/step-00000001.ckpt", "checkpoints/MANIFEST.json"):
         assert f"pretrain/{pretrain_run}/{written}" in files, written
-    assert any(name.endswith(".onnx") and name.startswith("export/") for name in files)
+    assert umask != 0o022 or any(name.endswith(".onnx") and name.startswith("export/") for name in files)
     wrong = {name: oct(file_mode) for name, file_mode in files.items() if file_mode != mode}
     assert not wrong, f"not {oct(mode)}: {wrong}"

@@ -103,8 +103,12 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> "TextTokenizer":
-        """A tokenizer saved by `save` (or any Hugging Face tokenizer directory)."""
+        """A tokenizer saved by `save` (or any Hugging Face tokenizer directory). In a model
+        directory, its files are first checked against the directory's checksums.json."""
+        from slmctl.model.checkpoint import verify_checksums
+
         directory = Path(directory)
+        verify_checksums(directory, skip_weights=True)
         record_path = directory / SPECIAL_FILE
         if record_path.is_file():
             record = json.loads(record_path.read_text())

@@ -1,7 +1,10 @@
-"""Model directories: `model.safetensors` + `model.json` (+ `generation.json`, tokenizer files).
+"""Model directories: `model.safetensors` + `model.json` (+ `generation.json`, tokenizer files,
+and `checksums.json` last).
 
 Files are written to a temporary name and renamed, so a killed process never leaves
-a half-written file that looks whole. Loading accepts a model directory or a
+a half-written file that looks whole. `checksums.json` (sha256 and size of every other file)
+lets a directory copied out of its run be checked on its own: loading refuses a changed file
+unless SLMCTL_SKIP_CHECKSUMS=1. Loading accepts a model directory or a
 reference-format checkpoint file (`.pt`); slmctl.refs resolves runs and the rest to these.
 """
 
@@ -17,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slmctl.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
-from slmctl.errors import UserError
+from slmctl.atomic import atomic_write_bytes, atomic_write_text, set_new_file_mode  # noqa: F401 (re-exported)
+from slmctl.errors import UserError, first_line
 from slmctl.files import MODEL_CONFIG_FILE
 from slmctl.model.base import LanguageModel
 from slmctl.model.config import ModelConfig, get_preset, vocab_size_for
@@ -27,6 +30,8 @@ from slmctl.model.generation import GenerationConfig
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = MODEL_CONFIG_FILE  # model.json
 GENERATION_FILE = "generation.json"
+CHECKSUMS_FILE = "checksums.json"  # written last: {relative path: {"sha256", "size"}} of every other file
+SKIP_CHECKSUMS = "SLMCTL_SKIP_CHECKSUMS"  # =1: load a directory whose files were changed on purpose
 TIED_KEYS = ("lm_head.weight",)  # never stored: the LM head is the embedding
 
 
@@ -77,8 +82,9 @@ def tokenizer_fields(tokenizer) -> dict:
 
 def save_model(model: LanguageModel, directory: str | Path, tokenizer=None,
                generation_config: GenerationConfig | None = None) -> Path:
-    """Write the model directory; returns its path. Weights are stored contiguous, in
-    the model's dtype, with the tied LM head left out."""
+    """Write the model directory, sealed with checksums.json; returns its path. Weights are
+    stored contiguous, in the model's dtype, with the tied LM head left out. A caller that adds
+    files afterwards must call `seal(directory)` again when it is done."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
@@ -86,6 +92,7 @@ def save_model(model: LanguageModel, directory: str | Path, tokenizer=None,
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt", "slmctl": "1"})
+        set_new_file_mode(tmp)  # mkstemp and safetensors leave 0600, which would survive the rename
         os.replace(tmp, directory / WEIGHTS_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,14 +103,72 @@ def save_model(model: LanguageModel, directory: str | Path, tokenizer=None,
     atomic_write_text(directory / GENERATION_FILE, json.dumps(dataclasses.asdict(gen), indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)
+    seal(directory)
     return directory
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
-    if hasattr(tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: all its files
+    from slmctl.data.tokenizer import TextTokenizer
+
+    if isinstance(tokenizer, TextTokenizer):  # its files plus our record of the special tokens
+        tokenizer.save(directory)
+    elif hasattr(tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: all its files
         tokenizer.save_pretrained(str(directory))
     else:  # a `tokenizers.Tokenizer`
         atomic_write_text(directory / "tokenizer.json", tokenizer.to_str())
+
+
+def seal(directory: str | Path) -> None:
+    """Write checksums.json for every other file in the model directory, so that a copy of the
+    directory made outside its run can still be checked. Call it after the last file is written."""
+    from slmctl.runs import sha256_file
+
+    directory = Path(directory)
+    checksums = {relative: {"sha256": sha256_file(directory / relative), "size": (directory / relative).stat().st_size}
+                 for relative in sealed_files(directory)}
+    atomic_write_text(directory / CHECKSUMS_FILE, json.dumps(checksums, indent=2) + "\n")
+
+
+def sealed_files(directory: Path) -> list[str]:
+    """Forward-slash paths, relative to `directory`, of every file checksums.json covers: all but
+    itself and hidden files (a temporary left by a killed writer)."""
+    files = []
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            relative = (Path(folder) / name).relative_to(directory).as_posix()
+            if relative != CHECKSUMS_FILE and not name.startswith("."):
+                files.append(relative)
+    return sorted(files)
+
+
+def verify_checksums(directory: str | Path, skip_weights: bool = False) -> None:
+    """Refuse a model directory whose files differ from its checksums.json (a flipped byte, a
+    truncated copy, a replaced tokenizer). Directories without one (saved by older versions,
+    Hugging Face ones) are not checked, nor any with SLMCTL_SKIP_CHECKSUMS=1. `skip_weights`
+    leaves the *.safetensors files to `load_model` (readers of the tokenizer need not hash them)."""
+    directory = Path(directory)
+    checksums_path = directory / CHECKSUMS_FILE
+    if not checksums_path.is_file() or os.environ.get(SKIP_CHECKSUMS, "") not in ("", "0"):
+        return
+    fix = f"restore the directory from its run, or set {SKIP_CHECKSUMS}=1 to load it as it is"
+    try:
+        checksums = json.loads(checksums_path.read_text(encoding="utf-8"))
+        entries = [(str(relative), {"sha256": str(entry["sha256"]), "size": int(entry["size"])})
+                   for relative, entry in checksums.items()]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{checksums_path} is unreadable ({first_line(e)}); {fix}") from None
+    from slmctl.runs import file_problem
+
+    for relative, expected in entries:
+        path = directory / relative
+        if skip_weights and relative.endswith(".safetensors"):
+            continue
+        if not path.resolve().is_relative_to(directory.resolve()):
+            raise CheckpointError(f"{checksums_path} names {relative!r}, which is outside the model directory; {fix}")
+        problem = file_problem(path, expected)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}, since the model was saved (checked against {checksums_path}); {fix}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -125,6 +190,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model_dir = path
         if not (model_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"{path} is not a model directory: no {CONFIG_FILE} in it")
+        verify_checksums(model_dir)
         try:
             cfg = ModelConfig.load_json(model_dir / CONFIG_FILE)
         except (ValueError, TypeError) as e:  # json errors are ValueErrors

@@ -197,15 +197,14 @@ def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, toke
     config in vision_tower/, its weights in vision.safetensors); `tokenizer`: a TextTokenizer."""
     from safetensors.torch import save_file
 
-    from slmctl.atomic import atomic_write_text
-    from slmctl.model.checkpoint import save_model
+    from slmctl.atomic import atomic_write_text, set_new_file_mode
+    from slmctl.model.checkpoint import save_model, seal
 
-    directory = save_model(model.text, directory)
-    if tokenizer is not None:
-        tokenizer.save(directory)
+    directory = save_model(model.text, directory, tokenizer)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("text.")}
     temporary = directory / f".{VISION_WEIGHTS}.tmp"
     save_file(state, str(temporary), metadata={"format": "pt", "slmctl": "1"})
+    set_new_file_mode(temporary)  # safetensors leaves 0600
     temporary.replace(directory / VISION_WEIGHTS)
     config = model.vision_config
     if config.tower != "vit":
@@ -213,6 +212,7 @@ def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, toke
         config = dataclasses.replace(config, path=TOWER_DIR)
     record = {"vision": config.to_dict(), "image_token_id": model.image_token_id}
     atomic_write_text(directory / VISION_CONFIG, json.dumps(record, indent=2) + "\n")
+    seal(directory)  # again: checksums.json must cover the vision files too
     return directory
 
 

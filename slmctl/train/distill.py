@@ -122,8 +122,7 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
 def _save(model, tokenizer: TextTokenizer, directory: Path, run) -> None:
     if not run.is_writer:  # another rank of a multi-process run
         return
-    save_model(model.eval(), directory)
-    tokenizer.save(directory)
+    save_model(model.eval(), directory, tokenizer)  # checksums.json last, over the tokenizer too
 
 
 # -- the student ---------------------------------------------------------------------

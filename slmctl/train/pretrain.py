@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from slmctl.atomic import set_new_file_mode
 from slmctl.config import ConfigError
 from slmctl.data import objectives as obj
 from slmctl.data.sources import load_pairs, load_texts
@@ -186,6 +187,8 @@ def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str) -> None:
 
         hf_logging.disable_progress_bar()  # our own progress display only
         model.save_pretrained(str(run.model_dir), safe_serialization=True)
+        for weights in run.model_dir.glob("*.safetensors"):
+            set_new_file_mode(weights)  # safetensors leaves 0600
+        tokenizer.save(run.model_dir)
     else:
-        save_model(model.eval(), run.model_dir)
-    tokenizer.save(run.model_dir)
+        save_model(model.eval(), run.model_dir, tokenizer)  # checksums.json last, over the tokenizer too
