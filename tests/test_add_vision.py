@@ -76,7 +76,7 @@ def test_stage_one_leaves_the_tower_and_the_language_model_untouched(text_runs):
     runs, made = text_runs
     result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=0", "--name", "align")
     assert result.exit_code == 0, result.output
-    trained, original = load_model(run / "model"), load_model(made["encdec"])
+    trained, original = load_model(run / "model"), load_model(made["encdec"] / "model")
     for (name, a), b in zip(trained.text.state_dict().items(), original.state_dict().values()):
         assert torch.equal(a, b), name
     torch.manual_seed(0)

@@ -31,7 +31,8 @@ from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
 from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import PretrainDataModule
 from slmctl.train.fit import fit, quiet_lightning
-from slmctl.train.module import LMTrainingModule, lr_lambda
+from slmctl.train.module import LMTrainingModule
+from slmctl.train.optim import adamw_with_schedule
 from slmctl.train.run_logger import RunLogger
 
 PARTS = ("tower", "compressor", "projector", "text")
@@ -50,11 +51,7 @@ class VisionTrainingModule(LMTrainingModule):
             params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": self.optim.weight_decay})
-        o = self.optim
-        optimizer = torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(groups, self.optim, self.max_steps)
 
 
 def run(cfg, run, callbacks: list | None = None):

@@ -7,7 +7,6 @@ cosine decay. RNG states travel in checkpoints so a resumed run continues exactl
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
@@ -17,6 +16,7 @@ import torch
 
 from slmctl.errors import RunFailure
 from slmctl.train.datamodule import PADDING
+from slmctl.train.optim import adamw_with_schedule, decay_groups
 
 
 class TrainingDiverged(RunFailure, RuntimeError):
@@ -47,14 +47,6 @@ def global_token_mean(module: L.LightningModule, loss: torch.Tensor, tokens: int
         return loss, loss.detach()
     loss_sum, total = sum_over_ranks(module, [float(loss.detach()) * tokens, float(tokens)])
     return loss * (tokens * module.trainer.world_size / total), torch.tensor(loss_sum / total)
-
-
-def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine to min_lr_ratio."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class LMTrainingModule(L.LightningModule):
@@ -109,18 +101,7 @@ class LMTrainingModule(L.LightningModule):
         self._step_started = None  # validation time is not training throughput
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-        o = self.optim
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(decay_groups(self.model, self.optim.weight_decay), self.optim, self.max_steps)
 
     # RNG states in the checkpoint: a resumed run draws the same dropout masks and samples.
     # (Plain tensors and numbers only, so checkpoints load with torch.load(weights_only=True).)
