@@ -37,7 +37,7 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
 
 
 def test_csv_and_markdown_formats(tmp_path):
-    from slmctl.bench.stage import RECORD_FIELDS
+    from slmctl.bench.report import RECORD_FIELDS
 
     result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "csv")
     assert result.exit_code == 0, result.output
@@ -136,7 +136,7 @@ def test_isolate_measures_each_model_in_its_own_process(tmp_path, monkeypatch):
 
 def _record(model, input_len, first_token_ms, decode_tok_s, peak_mem_mb, **extra):
     """A bench record with every field the renderers read; timings as given."""
-    from slmctl.bench.stage import RECORD_FIELDS
+    from slmctl.bench.report import RECORD_FIELDS
 
     record = dict.fromkeys(RECORD_FIELDS, 0)
     record.update(model=model, arch="encdec", device="cpu", runtime="torch", dtype="float32", batch=1,
@@ -146,7 +146,7 @@ def _record(model, input_len, first_token_ms, decode_tok_s, peak_mem_mb, **extra
 
 
 def test_compare_ratios_are_against_the_last_model_per_configuration():
-    from slmctl.bench.stage import comparisons
+    from slmctl.bench.report import comparisons
 
     records = [_record("int8", 16, 25.0, 120.0, 300.0), _record("int8", 64, 60.0, 90.0, 330.0),
                _record("fp32", 16, 50.0, 40.0, 600.0), _record("fp32", 64, 80.0, 45.0, 660.0),
@@ -183,7 +183,7 @@ def test_compare_table_and_formats_render_the_hand_built_records():
 
     from rich.console import Console
 
-    from slmctl.bench.stage import RECORD_FIELDS, comparison_table, format_records
+    from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records
 
     records = [_record("int8", 16, 25.0, 120.0, 300.0), _record("torch", 16, 100.0, 20.0, 1200.0)]
     console = Console(width=200, file=io.StringIO())

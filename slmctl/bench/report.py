@@ -1,0 +1,116 @@
+"""How bench results are shown: the Rich table of medians, the ratios against the last model
+(the paper's encoder-decoder vs decoder-only comparison), the Figure 1a plot, and the records
+as json, csv or Markdown for `--format`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from rich.table import Table
+
+RECORD_FIELDS = ("model", "arch", "device", "runtime", "dtype", "batch", "input_len", "output_len", "first_token_ms",
+                 "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
+                 "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction")
+
+
+def table(records: list[dict]) -> Table:
+    estimated = any("estimate" in r for r in records)
+    measured = any(r["first_token_ms"] is not None for r in records)
+    result = Table(title="bench (medians)" if measured else f"roofline estimate: {records[0]['device']}")
+    columns = ["model", "batch", "in", "out"]
+    columns += ["first token ms", "decode tok/s", "e2e ms", "peak MB", "bound frac"] if measured else []
+    for column in columns + (["predicted ft ms", "predicted tok/s"] if estimated else []):
+        result.add_column(column)
+
+    def show(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in records:
+        row = [r["model"], str(r["batch"]), str(r["input_len"]), str(r["output_len"])]
+        if measured:
+            row += [show(r["first_token_ms"], ".1f"), show(r["decode_tok_s"], ".1f"), show(r["e2e_ms"], ".0f"),
+                    show(r["peak_mem_mb"], ".0f"), show(r["bound_fraction"], ".2f")]
+        if estimated:
+            row += [show(r.get("predicted_first_token_ms"), ".1f"), show(r.get("predicted_decode_tok_s"), ".1f")]
+        result.add_row(*row)
+    return result
+
+
+def comparisons(records: list[dict], models: list[str]) -> list[dict]:
+    """For each model but the last, at each (batch, input, output): ratios against the last model."""
+    baseline = models[-1]
+    by_key = {(r["model"], r["batch"], r["input_len"], r["output_len"]): r for r in records}
+    rows = []
+    for model in models[:-1]:
+        for (name, batch, input_len, output_len), r in by_key.items():
+            if name != model:
+                continue
+            b = by_key[(baseline, batch, input_len, output_len)]
+            measured = r["first_token_ms"] is not None  # else compare the roofline predictions
+            first, rate = ("first_token_ms", "decode_tok_s") if measured else ("predicted_first_token_ms", "predicted_decode_tok_s")
+            rows.append({"model": model, "baseline": baseline, "batch": batch, "input_len": input_len, "output_len": output_len,
+                         "first_token_reduction": 1 - r[first] / b[first],
+                         "throughput_ratio": r[rate] / b[rate] if r[rate] and b[rate] else None,
+                         "memory_ratio": r["peak_mem_mb"] / b["peak_mem_mb"] if measured else None})
+    return rows
+
+
+def comparison_table(records: list[dict], models: list[str]) -> Table:
+    result = Table(title=f"against {models[-1]}")
+    for column in ("model", "batch", "in", "out", "first-token latency reduction", "throughput ratio", "memory ratio"):
+        result.add_column(column)
+    for c in comparisons(records, models):
+        result.add_row(c["model"], str(c["batch"]), str(c["input_len"]), str(c["output_len"]),
+                       f"{c['first_token_reduction']:.1%}",
+                       *(f"{c[k]:.2f}x" if c[k] is not None else "-" for k in ("throughput_ratio", "memory_ratio")))
+    return result
+
+
+def plot(records: list[dict], models: list[str], path) -> None:
+    """First-token latency and decode throughput against input length, one line per model
+    (batch 1 and the first output length when several were measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch, output_len = records[0]["batch"], records[0]["output_len"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    first, rate = ("first_token_ms", "decode_tok_s") if records[0]["first_token_ms"] is not None else \
+        ("predicted_first_token_ms", "predicted_decode_tok_s")
+    for model in models:
+        rows = sorted((r for r in records if r["model"] == model and r["batch"] == batch and r["output_len"] == output_len),
+                      key=lambda r: r["input_len"])
+        lengths = [r["input_len"] for r in rows]
+        left.plot(lengths, [r[first] for r in rows], marker="o", label=model)
+        right.plot(lengths, [r[rate] for r in rows], marker="o", label=model)
+    left.set(xlabel="input tokens", ylabel="first-token latency (ms)", title="first-token latency")
+    right.set(xlabel="input tokens", ylabel="decode tokens/s", title=f"throughput ({output_len} new tokens)")
+    for axes in (left, right):
+        axes.set_xscale("log", base=2)
+        axes.legend()
+    figure.suptitle(f"{records[0]['device']}, {records[0]['dtype']}, batch {batch}")
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+
+
+def format_records(records: list[dict], fmt: str) -> str:
+    """The records as json (with samples), csv or a Markdown table (without samples)."""
+    if fmt == "json":
+        return json.dumps(records, indent=2) + "\n"
+    flat = [{k: r[k] for k in RECORD_FIELDS} for r in records]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS)
+        writer.writeheader()
+        writer.writerows(flat)
+        return out.getvalue()
+    lines = ["| " + " | ".join(RECORD_FIELDS) + " |", "|" + "---|" * len(RECORD_FIELDS)]
+    for r in flat:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(lines) + "\n"
