@@ -147,3 +147,56 @@ def test_generate_leaves_training_mode_alone(encdec):
     encdec.train()
     encdec.generate(torch.randint(3, 512, (1, 4)), max_new_tokens=2)
     assert encdec.training
+
+
+
+def exhaustive_best(model, prompt, steps, length_penalties):
+    """For each length penalty, the best hypothesis among every sequence of up to `steps` tokens
+    (ending at the first EOS, or `steps` long), scored as beam search scores finished hypotheses:
+    sum log p / length ** length_penalty."""
+    import itertools
+
+    V, eos, bos = model.config.vocab_size, model.config.eos_token_id, model.config.bos_token_id
+    every = torch.tensor(list(itertools.product(range(V), repeat=steps)))  # [V ** steps, steps]
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            decoder = torch.cat([torch.full((len(every), 1), bos), every[:, :-1]], dim=1)
+            logits = model(input_ids=prompt.expand(len(every), -1), decoder_input_ids=decoder).logits
+        else:
+            full = torch.cat([prompt.expand(len(every), -1), every[:, :-1]], dim=1)
+            logits = model(input_ids=full).logits[:, prompt.shape[1] - 1:]
+    cumulative = logits.log_softmax(-1).gather(2, every[..., None])[..., 0].cumsum(dim=1).tolist()
+    hypotheses = {}
+    for row, tokens in enumerate(every.tolist()):
+        length = tokens.index(eos) + 1 if eos in tokens else steps
+        hypotheses[tuple(tokens[:length])] = cumulative[row][length - 1]
+    best = {}
+    for penalty in length_penalties:
+        scored = sorted(((total / len(tokens) ** penalty, tokens) for tokens, total in hypotheses.items()), reverse=True)
+        assert scored[0][0] - scored[1][0] > 1e-5  # a unique optimum
+        best[penalty] = list(scored[0][1])
+    return best
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deconly-tiny"])
+def test_beam_search_with_enough_beams_finds_the_exhaustive_optimum(preset):
+    """Over a vocabulary of 6 and 3 steps, num_beams = 6 ** 3 keeps every prefix, so beam search
+    must return the best-scoring of all sequences (for each length penalty), where greedy need not."""
+    from conftest import randomize
+    from slmctl.model import build_model
+
+    V, steps = 6, 3
+    model = randomize(build_model(preset, seed=0, vocab_size=V), seed=3).eval()
+    with torch.no_grad():  # flatter distributions: near-ties, so greedy, beams and length penalties disagree
+        (model.decoder.norm if model.config.is_encoder_decoder else model.norm).weight.mul_(0.15)
+    g = torch.Generator().manual_seed(0)
+    greedy_optimal, lengths = set(), set()
+    for _ in range(3):
+        prompt = torch.randint(3, V, (1, 5), generator=g)
+        greedy = model.generate(prompt, max_new_tokens=steps)[0].tolist()
+        for length_penalty, best in exhaustive_best(model, prompt, steps, (1.0, 0.0)).items():
+            beams = model.generate(prompt, max_new_tokens=steps, num_beams=V ** steps, length_penalty=length_penalty)
+            assert beams[0].tolist() == best, length_penalty
+            greedy_optimal.add(greedy == best)
+            lengths.add(len(best))
+    assert greedy_optimal == {True, False} and lengths == {1, 3}  # greedy is not always optimal; EOS ends some
