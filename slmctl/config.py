@@ -626,12 +626,19 @@ def _hydra_compose(stage: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(_explain_value_error(getattr(e, "full_key", None) or "config", e)) from None
 
 
+def saved_config(stage: str, saved: dict, **changes) -> DictConfig:
+    """A run's saved config.yaml (complete and resolved), checked against today's schemas, with
+    `changes` on top: what a resumed run (or another rank of one) continues with. Not merged
+    onto the stage's defaults, whose group options may be other kinds (data=files vs synthetic)."""
+    return validate(OmegaConf.merge(OmegaConf.create(saved), changes), stage)
+
+
 def validate(cfg: DictConfig, stage: str) -> DictConfig:
     """Check `cfg` against the stage and group schemas; returns it typed and resolved."""
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(first_line(str(e)), "invalid config") from None
+        raise ConfigError(first_line(e, "invalid config")) from None
     checked = {}
     for group, (key, options) in GROUP_SCHEMAS.items():
         if group not in cfg:

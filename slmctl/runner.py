@@ -83,7 +83,7 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
     """(config, Run) for this invocation; (config, None) for a dry run, after printing the config."""
     from omegaconf import OmegaConf
 
-    from slmctl.config import ConfigError, compose, to_yaml
+    from slmctl.config import ConfigError, compose, saved_config, to_yaml
     from slmctl.runs import Run
     from slmctl.train.ranks import follow_rank0
 
@@ -109,7 +109,7 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
             raise ConfigError(f"resume= continues a run with its saved config; drop the other overrides ({' '.join(others)})")
         path = resumable_run(str(cfg.resume), runs_dir, stage)
         run = Run.open(path)
-        cfg = OmegaConf.merge(compose(stage, []), run.config(), {"resume": str(path)})
+        cfg = saved_config(stage, run.config(), resume=str(path))
         run.resume()
         return cfg, run
     return cfg, Run.create(runs_dir, stage, name or stage, cfg, argv=argv, device=device)

@@ -74,9 +74,7 @@ def rank0_first(run):
 def follow_rank0(stage: str, cfg):
     """(run, config) for a training process that is not global rank 0, else None: it follows the
     run rank 0 opened and trains with that run's saved config (resuming when rank 0 does)."""
-    from omegaconf import OmegaConf
-
-    from slmctl.config import compose
+    from slmctl.config import saved_config
     from slmctl.runs import Run
 
     rank = spawned_rank()
@@ -87,7 +85,7 @@ def follow_rank0(stage: str, cfg):
         if rank == 0:
             return None
         run = Run.follow(share_run_dir(None, rank, world_size), rank)
-    return run, OmegaConf.merge(compose(stage, []), run.config(), {"resume": cfg.get("resume")})
+    return run, saved_config(stage, run.config(), resume=cfg.get("resume"))
 
 
 @contextmanager

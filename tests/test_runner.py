@@ -1,0 +1,33 @@
+"""The stage runner: how a stage run alone or from a recipe opens, resumes and ends its run."""
+
+import json
+
+from conftest import Crash
+from typer.testing import CliRunner
+
+from slmctl.cli import app
+from slmctl.config import compose
+from slmctl.runs import Run
+from slmctl.train import pretrain
+
+
+def test_resume_unfinished_continues_a_run_whose_group_options_are_not_the_defaults(tmp_path):
+    """A pretrain run on data=files (not the default synthetic data) killed mid-way resumes with its
+    saved config, checked against the schemas as it is, not merged onto the default data option."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Ana number {i} lives in Porto and reads the news."}) + "\n"
+                              for i in range(64)))
+    overrides = ["model=tiny", "data=files", f"data.train={corpus}", "tokenizer.vocab_size=300", "batch_size=4",
+                 "max_source_len=24", "max_target_len=8", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                 "checkpoint_every=2", "trainer.enable_progress_bar=false"]
+    cfg = compose("pretrain", overrides)
+    killed = Run.create(tmp_path / "runs", "pretrain", "files", cfg, argv=["test"])
+    try:
+        pretrain.run(cfg, killed, callbacks=[Crash(3)])
+    except SystemExit:
+        pass
+    result = CliRunner().invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    status = Run.open(killed.path).status()
+    assert status["status"] == "succeeded" and status["summary"]["steps"] == 4
+    assert Run.open(killed.path).config()["data"]["train"] == str(corpus)
