@@ -1,24 +1,31 @@
 """Multi-process training through Lightning's DDP strategy: two CPU processes (gloo) take the
 same optimizer steps as one process with the same global batch, in every training stage, and
-only rank 0 writes."""
+only rank 0 writes.
+
+"The same steps": every logged training loss agrees, and each weight tensor's movement
+(final - initial) agrees to 1e-3 of its size, after enough steps at a high enough learning rate
+that the weights moved far beyond that tolerance (asserted)."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.runs import Run, verify_manifest
-from slmctl.train import pretrain
+from slmctl.train import add_vision, distill, pretrain
 from test_distill import DATA as DISTILL_DATA
 
 BASE = ["model=tiny", "tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32",
         "batch_size=8", "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1", "trainer.val_check_interval=3", "trainer.max_steps=6", "checkpoint_every=3"]
+        "trainer.log_every_n_steps=1", "trainer.val_check_interval=6", "trainer.max_steps=12", "checkpoint_every=6",
+        "optim.lr=3e-3", "optim.warmup_steps=2"]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 LAUNCHES = {
     "lightning": [sys.executable, "-m", "slmctl", "pretrain"],  # Lightning starts the second process
@@ -26,16 +33,53 @@ LAUNCHES = {
 }
 
 
+class InitialWeights(Callback):
+    """The model's weights as each fit (a stage may fit more than one model) starts."""
+
+    def __init__(self):
+        self.fits = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.fits.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     cfg = compose("pretrain", BASE)
     run = Run.create(tmp_path_factory.mktemp("single") / "runs", "pretrain", "single", cfg, argv=["test"])
-    pretrain.run(cfg, run)
-    return run
+    initial = InitialWeights()
+    pretrain.run(cfg, run, callbacks=[initial])
+    return run, initial.fits[0]
 
 
-def train_losses(run_dir):
-    return [m["train_loss"] for m in Run.open(run_dir).metrics() if "train_loss" in m]
+def logged_losses(run_dir) -> dict[str, list[float]]:
+    """Every loss in metrics.jsonl, by name, in logging order."""
+    losses = {}
+    for record in Run.open(run_dir).metrics():
+        for key, value in record.items():
+            if key.endswith("_loss"):
+                losses.setdefault(key, []).append(value)
+    return losses
+
+
+def assert_same_steps(ddp_dir, single_dir, weights, rtol=1e-3):
+    """The DDP run logged the same losses and moved each weight tensor as the single process did.
+    `weights`: (file in the run, initial state dict, the prefix the file's keys have in it)."""
+    ddp, single = logged_losses(ddp_dir), logged_losses(single_dir)
+    assert ddp.keys() == single.keys() and all(len(v) >= 2 for v in single.values())
+    for key in single:
+        assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
+    error = movement = start_norm = 0.0  # squared norms over every tensor: a parameter whose
+    for name, initial, prefix in weights:  # gradient is only rounding noise (an attention key's bias) moves apart
+        a, b = load_file(ddp_dir / name), load_file(single_dir / name)
+        assert a.keys() == b.keys()
+        for key in b:
+            start = initial[prefix + key]
+            error += float(((a[key] - start) - (b[key] - start)).norm()) ** 2
+            movement += float((b[key] - start).norm()) ** 2
+            start_norm += float(start.norm()) ** 2
+    assert error ** 0.5 <= rtol * movement ** 0.5, (error ** 0.5, movement ** 0.5)
+    assert movement ** 0.5 > 0.01 * start_norm ** 0.5  # trained, not nudged: 10x rtol of the weights themselves
 
 
 @pytest.mark.parametrize("launch", LAUNCHES)
@@ -52,10 +96,8 @@ def test_two_process_ddp_equals_one_process_and_writes_one_artifact(tmp_path, on
     assert verify_manifest(run_dir) == []
     assert "data: 400 train" in (run_dir / "ranks" / "rank-1.log").read_text()  # rank 1 logs to its own file
 
-    assert train_losses(run_dir) == pytest.approx(train_losses(one_process.path), abs=1e-4)
-    ddp = load_file(run_dir / "model" / "model.safetensors")
-    single = load_file(one_process.model_dir / "model.safetensors")
-    assert max(float((ddp[k] - single[k]).abs().max()) for k in single) < 1e-4
+    single, initial = one_process
+    assert_same_steps(run_dir, single.path, [("model/model.safetensors", initial, "")])
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_a_one_line_error(tmp_path):
@@ -65,30 +107,45 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_a_one_line_err
 
 
 def test_distill_with_a_replicated_or_sharded_teacher_and_add_vision_under_ddp_equal_one_process(tmp_path, llama_dir):
-    """The other two training stages: two processes end where one process does, also when the
-    teacher's weights are sharded over them (teacher.shard=true). Three validation batches over
-    two ranks: one rank runs an unscored repeat, so both run the teacher equally often."""
-    distill = [f"teacher.path={llama_dir}", "tokenizer=teacher", "student=tiny", "control=false", *DISTILL_DATA,
-               "trainer.max_steps=4", "trainer.val_check_interval=2"]
-    vision = ["vision.image_size=32", "vision.patch_size=16", "vision.width=32", "vision.layers=1", "vision.heads=2",
-              "vision.max_tokens_per_image=8", "stage1.steps=2", "stage2.steps=2", "batch_size=4",
-              "trainer.enable_progress_bar=false", "data.train_examples=40", "data.validation_examples=8"]
-    one = tmp_path / "one"
-    for stage, args in (("distill", distill), ("add-vision", vision)):
-        source = [str(next((one / "distill").glob("2*")))] if stage == "add-vision" else []
-        result = CliRunner().invoke(app, [stage, *source, *args, "--runs-dir", str(one)])
-        assert result.exit_code == 0, result.output
-        (single,) = (one / stage).glob("2*")
-        variants = {"replicated": [], "sharded": ["teacher.shard=true"]} if stage == "distill" else {"ddp": []}
-        for label, extra in variants.items():
-            runs = tmp_path / label
-            result = subprocess.run([sys.executable, "-m", "slmctl", stage, *source, *args, *extra, *DDP, "--runs-dir",
-                                     str(runs)], capture_output=True, text=True, timeout=300)
-            assert result.returncode == 0, result.stderr[-3000:]
-            (ddp,) = (runs / stage).glob("2*")
-            for weights in single.glob("model/*.safetensors"):
-                a, b = load_file(ddp / "model" / weights.name), load_file(weights)
-                assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-4, (stage, label, weights.name)
-            assert (ddp / "ranks" / "rank-1.log").is_file() and verify_manifest(ddp) == []
-            if label == "sharded":
-                assert "teacher sharded over 2 processes" in (ddp / "log.txt").read_text()
+    """The other two training stages: two processes take one process's steps in distill (student
+    and control=true's control, which starts from the same weights), also when the teacher's
+    weights are sharded over them (teacher.shard=true), and in both stages of add-vision. Three
+    validation batches over two ranks: one rank runs an unscored repeat, so both run the teacher
+    equally often."""
+    fast = ["optim.lr=3e-3", "optim.warmup_steps=1"]
+    distill_args = [f"teacher.path={llama_dir}", "tokenizer=teacher", "student=tiny", "control=true", *DISTILL_DATA, *fast,
+                    "trainer.max_steps=8", "trainer.val_check_interval=4"]
+    one = tmp_path / "one" / "runs"
+    cfg = compose("distill", distill_args)
+    single, initial = Run.create(one, "distill", "single", cfg, argv=["test"]), InitialWeights()
+    distill.run(cfg, single, callbacks=[initial])
+    student, control = initial.fits
+    assert all(torch.equal(student[k], control[k]) for k in student)  # the control starts where the student did
+    for label, extra in {"replicated": [], "sharded": ["teacher.shard=true"]}.items():
+        ddp = launch(tmp_path / label, "distill", [*distill_args, *extra])
+        assert_same_steps(ddp, single.path, [("model/model.safetensors", student, ""),
+                                             ("control/model/model.safetensors", control, "")])
+        if label == "sharded":
+            assert "teacher sharded over 2 processes" in (ddp / "log.txt").read_text()
+
+    vision_args = [f"source={single.path}", "vision.image_size=32", "vision.patch_size=16", "vision.width=32",
+                   "vision.layers=1", "vision.heads=2", "vision.max_tokens_per_image=8", "stage1.steps=4", "stage2.steps=4",
+                   "stage2.lr=1e-3", "optim.warmup_steps=1", "validation_every=2", "batch_size=4",
+                   "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "data.train_examples=40",
+                   "data.validation_examples=8"]
+    cfg = compose("add-vision", vision_args)
+    single, initial = Run.create(one, "add-vision", "single", cfg, argv=["test"]), InitialWeights()
+    add_vision.run(cfg, single, callbacks=[initial])
+    ddp = launch(tmp_path / "vision", "add-vision", vision_args)
+    assert_same_steps(ddp, single.path, [("model/model.safetensors", initial.fits[0], "text."),
+                                         ("model/vision.safetensors", initial.fits[0], "")])
+
+
+def launch(runs, stage, args):
+    """`slmctl STAGE ARGS` on two processes; the run directory it wrote (one, by rank 0)."""
+    result = subprocess.run([sys.executable, "-m", "slmctl", stage, *args, *DDP, "--runs-dir", str(runs)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (runs / stage).glob("2*")
+    assert (run_dir / "ranks" / "rank-1.log").is_file() and verify_manifest(run_dir) == []
+    return run_dir

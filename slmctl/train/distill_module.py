@@ -99,14 +99,14 @@ class DistillModule(LMTrainingModule):
         alpha = self.kd.alpha
         gold = self._student(batch)
         ce = gold.loss
-        kd, agree = None, None
+        kd, agree, kd_batch = None, None, batch
         if alpha > 0:
             source = self.targets_source(self.global_step)
             if source == "gold":
                 kd, agree = self.kd_terms(batch, gold.logits)
             else:
-                generated = self.generated_batch(batch, source)
-                kd, agree = self.kd_terms(generated, self._student(generated).logits)
+                kd_batch = self.generated_batch(batch, source)
+                kd, agree = self.kd_terms(kd_batch, self._student(kd_batch).logits)
             if self.kd.targets == "mix":
                 self.log("on_policy", float(source == "student"), on_step=True, on_epoch=False)
         loss = ce if kd is None else alpha * kd + (1 - alpha) * ce
@@ -115,6 +115,8 @@ class DistillModule(LMTrainingModule):
         check_finite(reported, self.global_step)
         size = int(batch["labels"].shape[0])
         self._log_throughput(tokens)
+        if self.trainer.world_size > 1:  # log what one process logs: means over every rank's tokens
+            ce, kd, agree = self._global_means(ce, kd, agree, tokens, int(kd_batch["kd_mask"].sum()))
         self.log("train_loss", reported, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         self.log("train_ce_loss", ce, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         if kd is not None:
@@ -123,6 +125,17 @@ class DistillModule(LMTrainingModule):
             self.log("train_agreement", agree, on_step=True, on_epoch=False, batch_size=size)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def _global_means(self, ce, kd, agree, tokens: int, kd_tokens: int) -> tuple:
+        """The step's CE, KD and agreement over the tokens of every rank (each rank holds its share's)."""
+        zero = torch.zeros(())
+        ce_sum, n, kd_sum, agree_sum, kd_n = sum_over_ranks(self, [
+            float(ce) * tokens, float(tokens), float(zero if kd is None else kd) * kd_tokens,
+            float(zero if agree is None else agree) * kd_tokens, float(kd_tokens)])
+        ce = torch.tensor(ce_sum / max(n, 1.0))
+        kd = None if kd is None else torch.tensor(kd_sum / max(kd_n, 1.0))
+        agree = None if agree is None else torch.tensor(agree_sum / max(kd_n, 1.0))
+        return ce, kd, agree
 
     # -- validation: gold targets, token-weighted means --------------------------
 
