@@ -39,14 +39,18 @@ def sum_over_ranks(module: L.LightningModule, values: list[float]) -> list[float
 
 
 def global_token_mean(module: L.LightningModule, loss: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, loss over every process's tokens). DDP and FSDP average gradients
-    over W processes; scaling each rank's token-mean loss by W * its share of the global tokens
-    makes that average the gradient of the global token mean, so W processes take the same
-    steps as one process with the same global batch (uneven token counts included)."""
+    """(loss to backpropagate, loss over every process's tokens) for a token-mean `loss` over `tokens`.
+    The loss to backpropagate is this micro-batch's token sum; `LMTrainingModule.on_before_optimizer_step`
+    divides the gradients by the tokens of every process and micro-batch of the optimizer step, so
+    each update is the gradient of the token mean over all of them: W processes accumulating N
+    micro-batches take the same steps as one process with the whole batch at once (uneven token
+    counts included; a token-mean loss per micro-batch would weight a micro-batch of short targets
+    as much as one of long ones)."""
+    module.step_tokens += tokens
     if module.trainer.world_size == 1:
-        return loss, loss.detach()
+        return loss * tokens, loss.detach()
     loss_sum, total = sum_over_ranks(module, [float(loss.detach()) * tokens, float(tokens)])
-    return loss * (tokens * module.trainer.world_size / total), torch.tensor(loss_sum / total)
+    return loss * tokens, torch.tensor(loss_sum / total)
 
 
 class LMTrainingModule(L.LightningModule):
@@ -56,6 +60,7 @@ class LMTrainingModule(L.LightningModule):
         self._val_loss_sum = 0.0
         self._val_tokens = 0
         self._step_started: float | None = None
+        self.step_tokens = 0  # target tokens of this optimizer step's micro-batches so far (global_token_mean)
 
     def loss_and_tokens(self, batch: dict) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]
@@ -75,6 +80,17 @@ class LMTrainingModule(L.LightningModule):
         self.log("train_loss", reported, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradients of the step's token sums (each divided by accumulate_grad_batches by Lightning,
+        averaged over the W processes by DDP/FSDP) -> the gradient of the global token mean."""
+        tokens, self.step_tokens = float(self.step_tokens), 0
+        if self.trainer.world_size > 1:
+            (tokens,) = sum_over_ranks(self, [tokens])
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(tokens, 1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
 
     def _log_throughput(self, tokens: int) -> None:
         """Target tokens per second over the time since the previous training step started."""
