@@ -87,7 +87,9 @@ class LMTrainingModule(L.LightningModule):
         tokens, self.step_tokens = float(self.step_tokens), 0
         if self.trainer.world_size > 1:
             (tokens,) = sum_over_ranks(self, [tokens])
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(tokens, 1.0)
+        if not tokens:  # a training_step that did not go through global_token_mean: gradients as they are
+            return
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
         for p in self.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
