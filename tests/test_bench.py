@@ -35,7 +35,7 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
     assert saved["records"][0]["model"] == "tiny" and saved["records"] == records
     bandwidth = saved["environment"]["read_bandwidth_gb_s"] * 1e9
     for r in records:  # the bound by hand: batch tokens per (weights + caches) read at the measured bandwidth
-        assert r["first_token_ms"] < r["e2e_ms"]  # the whole call includes the first token
+        assert r["first_token_ms"] < r["e2e_ms"], r  # the whole call includes the first token
         bound = r["batch"] * bandwidth / (r["decode_weight_bytes"] + r["decode_kv_bytes"])
         assert r["bandwidth_bound_tok_s"] == pytest.approx(bound)
         assert r["bound_fraction"] == pytest.approx(r["decode_tok_s"] / bound)
