@@ -180,8 +180,10 @@ def exhaustive_best(model, prompt, steps, length_penalties):
 
 @pytest.mark.parametrize("preset", ["tiny", "deconly-tiny"])
 def test_beam_search_with_enough_beams_finds_the_exhaustive_optimum(preset):
-    """Over a vocabulary of 6 and 3 steps, num_beams = 6 ** 3 keeps every prefix, so beam search
-    must return the best-scoring of all sequences (for each length penalty), where greedy need not."""
+    """Over a vocabulary of 6 and 3 steps, num_beams = 6 ** 2 keeps every prefix (at most 5 * 6 live
+    ones, every candidate ranks within the beams until the last step, whose best candidate is kept),
+    so beam search must return the best-scoring of all sequences (for each length penalty), where
+    greedy need not."""
     from conftest import randomize
     from slmctl.model import build_model
 
@@ -195,7 +197,7 @@ def test_beam_search_with_enough_beams_finds_the_exhaustive_optimum(preset):
         prompt = torch.randint(3, V, (1, 5), generator=g)
         greedy = model.generate(prompt, max_new_tokens=steps)[0].tolist()
         for length_penalty, best in exhaustive_best(model, prompt, steps, (1.0, 0.0)).items():
-            beams = model.generate(prompt, max_new_tokens=steps, num_beams=V ** steps, length_penalty=length_penalty)
+            beams = model.generate(prompt, max_new_tokens=steps, num_beams=V ** (steps - 1), length_penalty=length_penalty)
             assert beams[0].tolist() == best, length_penalty
             greedy_optimal.add(greedy == best)
             lengths.add(len(best))
