@@ -87,6 +87,16 @@ class CountSteps(Callback):
         self.steps += 1
 
 
+class InitialWeights(Callback):
+    """The trained model's weights as each fit (a stage may fit more than one model) starts."""
+
+    def __init__(self):
+        self.fits = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.fits.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+
 def resumed_from(run_path) -> list[str]:
     """The "resumed from step N (checkpoint PATH)..." lines of a run's log."""
     return [line.split(" ", 1)[1] for line in (run_path / "log.txt").read_text().splitlines() if "resumed from step" in line]

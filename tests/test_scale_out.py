@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from conftest import InitialWeights
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -31,16 +31,6 @@ LAUNCHES = {
     "lightning": [sys.executable, "-m", "slmctl", "pretrain"],  # Lightning starts the second process
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "slmctl", "pretrain"],
 }
-
-
-class InitialWeights(Callback):
-    """The model's weights as each fit (a stage may fit more than one model) starts."""
-
-    def __init__(self):
-        self.fits = []
-
-    def on_train_start(self, trainer, pl_module):
-        self.fits.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
 
 
 @pytest.fixture(scope="module")
