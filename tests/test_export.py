@@ -175,8 +175,12 @@ def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_p
     report = json.loads((run / "quantization.json").read_text())
     fp32, int8, qdq = (report["variants"][name] for name in ("fp32", "int8", "qdq"))
     assert report["prompt_source"] == "task"
-    for row in (int8, qdq):
+    for row in (int8, qdq):  # (token agreement itself: test_token_agreement_counts_each_sequence_up_to_its_first_difference)
         assert 0 <= row["token_agreement"] <= 1 and row["prompts"] == 6 and row["size_vs_fp32"] < 0.9
+        assert row["token_agreement"] == 1 or row["identical_sequences"] < 1  # all identical: every token agrees
+        assert row["size_vs_fp32"] == pytest.approx(row["mb"] / fp32["mb"])
+        assert row["decode_vs_fp32"] == pytest.approx(row["decode_tok_s"] / fp32["decode_tok_s"])
+        assert row["first_token_vs_fp32"] == pytest.approx(row["first_token_ms"] / fp32["first_token_ms"])
         assert row["decode_tok_s"] > 0 and row["task"]["metric"] == "exact_match" and row["task"]["n"] == 8
     assert fp32["task"]["n"] == 8 and fp32["size_vs_fp32"] == 1.0
     ops = {n.op_type for n in onnx.load(str(out / "int8" / "decoder.onnx")).graph.node}
