@@ -213,8 +213,8 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
-    from slmctl.generate import generate_text, load_generator
     from slmctl.runner import check_torch_device, user_errors
+    from slmctl.runtime.generator import generate_text, load_generator
 
     try:
         words = prompts or []

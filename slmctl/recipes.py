@@ -89,7 +89,7 @@ def run_recipe(path: Path, runs_dir: Path, verbose: bool = False) -> dict[str, P
 
 
 def _generate_step(name: str, spec: dict, runs_dir: Path) -> None:
-    from slmctl.generate import generate_text, load_generator
+    from slmctl.runtime.generator import generate_text, load_generator
 
     generator = load_generator(spec["model"], runs_dir)
     prompts = [(p, None) for p in spec.get("prompts", [])]

@@ -90,7 +90,7 @@ class ModelRef:
 
     def open_onnx(self, device: str = "cpu", threads: int | None = None):
         """The export's `variant` graphs on ONNX Runtime (`OnnxLM`, generate() as in PyTorch)."""
-        from slmctl.export.runtime import OnnxLM
+        from slmctl.runtime.onnx import OnnxLM
 
         self.require(("export",), "ONNX Runtime")
         return OnnxLM(self.path, device=device, threads=threads, variant=self.variant)

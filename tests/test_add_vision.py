@@ -149,7 +149,7 @@ def test_a_siglip_tower_loads_from_a_directory(tmp_path):
 
 def test_a_vision_model_exports_to_onnx_and_generates_what_torch_generates(text_runs):
     from slmctl.data.shapes import ShapeScenes
-    from slmctl.export.runtime import OnnxLM
+    from slmctl.runtime.onnx import OnnxLM
 
     runs, made = text_runs
     result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=1", "--name", "for-export")

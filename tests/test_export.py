@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from slmctl.cli import app
 from slmctl.config import compose
-from slmctl.export.runtime import SPEC_FILE, OnnxExportError, OnnxLM
+from slmctl.runtime.onnx import SPEC_FILE, OnnxExportError, OnnxLM
 from slmctl.model import build_model
 from slmctl.runs import Run
 
@@ -219,7 +219,7 @@ def test_ort_outputs_stay_bound_between_steps(tmp_path):
     """IO binding: the decoder's present outputs are fed back as ORT values, not numpy copies."""
     import onnxruntime as ort
 
-    from slmctl.export.runtime import EncoderDecoderOnnxSession
+    from slmctl.runtime.onnx import EncoderDecoderOnnxSession
 
     model = build_model("tiny", seed=0).eval()
     from slmctl.export.stage import export_graphs, _spec
@@ -249,7 +249,7 @@ def test_without_a_model_the_newest_distill_or_pretrain_run_is_exported(tmp_path
 def test_npu_providers_are_chosen_with_their_npu_settings(monkeypatch):
     import onnxruntime
 
-    from slmctl.export.runtime import providers_for
+    from slmctl.runtime.onnx import providers_for
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["QNNExecutionProvider", "CPUExecutionProvider"])
     provider, options = providers_for("npu")[0]

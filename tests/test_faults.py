@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from slmctl.cli import app
 from slmctl.config import compose
-from slmctl.model.checkpoint import CheckpointError
+from slmctl.model.directory import CheckpointError
 from slmctl.runs import Run
 from slmctl.train import pretrain
 from slmctl.train.checkpoints import MANIFEST, VerifiedCheckpointIO, last_good_checkpoint, problem_with

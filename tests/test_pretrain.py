@@ -75,7 +75,7 @@ def test_hf_causal_artifact_loads_with_transformers(tmp_path):
     ids = torch.tensor([[1, 40, 41, 42]])
     assert model(input_ids=ids).logits.shape == (1, 4, model.config.vocab_size)
 
-    from slmctl.generate import generate_text, load_generator
+    from slmctl.runtime.generator import generate_text, load_generator
 
     generator = load_generator(run.path)
     assert generator.kind == "hf-causal"

@@ -12,7 +12,7 @@ from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.data.images import load_jsonl
 from slmctl.data.sources import DataError
-from slmctl.model.checkpoint import CheckpointError
+from slmctl.model.directory import CheckpointError
 from slmctl.train.checkpoints import VerifiedCheckpointIO
 from conftest import save_llama
 from test_distill import DATA

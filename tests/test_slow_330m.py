@@ -43,7 +43,7 @@ def test_330m_cached_generation_matches_uncached():
 def test_330m_onnx_export_validates_and_int8_keeps_most_greedy_tokens(tmp_path):
     from slmctl.config import compose
     from slmctl.export.quantize import quantize_int8
-    from slmctl.export.runtime import OnnxLM
+    from slmctl.runtime.onnx import OnnxLM
     from slmctl.export.stage import _spec, export_graphs
     from slmctl.export.validate import token_agreement, validate
 

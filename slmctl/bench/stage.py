@@ -23,9 +23,8 @@ import torch
 from rich.console import Console
 
 from slmctl.bench import flops
+from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory, time_vision
 from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, table
-from slmctl.bench.measure import (BENCH_KINDS, is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory,
-                                  time_vision)
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.refs import parse
 

@@ -102,7 +102,7 @@ def export_in_subprocess(preset: str, directory: Path) -> None:
 
 def run_onnx(directory: Path, prompt, new_tokens, threads: int):
     """The exported graphs on slmctl's ONNX Runtime generator."""
-    from slmctl.export.runtime import OnnxLM
+    from slmctl.runtime.onnx import OnnxLM
 
     spec = json.loads((directory / "spec.json").read_text())
     return run_ours(OnnxLM(directory, threads=threads, spec=spec), prompt, new_tokens)

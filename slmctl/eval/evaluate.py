@@ -121,7 +121,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     progress/<task>/<label>.jsonl as it finishes, so a resumed run generates only the examples
     missing there (those of the same model: a `latest` that has moved on starts over)."""
     from slmctl.eval.predict import predict_batches, reference_nll
-    from slmctl.generate import load_generator
+    from slmctl.runtime.generator import load_generator
 
     if ref not in generators:
         generators[ref] = load_generator(ref, runs_dir, cfg.device)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slmctl.data import objectives as obj
-from slmctl.generate import Generator
+from slmctl.runtime.generator import Generator
 
 
 def _prompt(generator: Generator, text: str, max_source_len: int) -> list[int]:

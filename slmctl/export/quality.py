@@ -16,8 +16,8 @@ from rich.table import Table
 
 from slmctl.export.onnx_export import variant_mb
 from slmctl.export.quantize import quantize_int8, quantize_qdq, record_feeds
-from slmctl.export.runtime import OnnxLM
 from slmctl.export.validate import token_agreement
+from slmctl.runtime.onnx import OnnxLM
 
 console = Console()
 
@@ -95,7 +95,7 @@ def _task_metric(cfg, onnx_model: OnnxLM, tokenizer, source: Path) -> dict:
     from slmctl.eval import metrics as M
     from slmctl.eval.predict import predict
     from slmctl.eval.tasks import load_task
-    from slmctl.generate import Generator
+    from slmctl.runtime.generator import Generator
 
     examples = load_task(cfg.task, cfg.report.eval_limit)
     kind = "encdec" if onnx_model.config.is_encoder_decoder else "deconly"

@@ -26,9 +26,9 @@ from rich.table import Table
 
 from slmctl.config import ConfigError
 from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
-from slmctl.export.runtime import SPEC_FILE, OnnxLM
 from slmctl.export.validate import ValidationFailed, validate
 from slmctl.files import EXPORT_DIR
+from slmctl.runtime.onnx import SPEC_FILE, OnnxLM
 
 console = Console()
 TOKENIZER_FILES = ("tokenizer.json", "slmctl_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -1,13 +1,13 @@
 """The networks: the paper's encoder-decoder, the matched decoder-only baseline,
-cached generation and checkpoint I/O.
+cached generation and model directories (save, verify, load).
 
     from slmctl.model import build_model, load_model, save_model
 """
 
 from slmctl.model.base import LanguageModel, LMOutput
-from slmctl.model.checkpoint import CheckpointError, build_model, load_model, save_model
 from slmctl.model.config import PRESETS, ModelConfig, count_parameters, get_preset, matched_decoder_only
 from slmctl.model.deconly import DecoderOnlyLM
+from slmctl.model.directory import CheckpointError, build_model, load_model, save_model
 from slmctl.model.encdec import EncoderDecoderLM
 from slmctl.model.generation import GenerationConfig
 

@@ -198,7 +198,7 @@ def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, toke
     from safetensors.torch import save_file
 
     from slmctl.atomic import atomic_write_text, set_new_file_mode
-    from slmctl.model.checkpoint import save_model, seal
+    from slmctl.model.directory import save_model, seal
 
     directory = save_model(model.text, directory, tokenizer)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("text.")}
@@ -221,7 +221,7 @@ def attach_saved_vision(text, directory: Path) -> VisionEncoderDecoderLM:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from slmctl.model.checkpoint import CheckpointError
+    from slmctl.model.directory import CheckpointError
 
     try:
         record = json.loads((directory / VISION_CONFIG).read_text())

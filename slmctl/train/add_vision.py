@@ -29,7 +29,7 @@ from slmctl.data.tokenizer import TextTokenizer
 from slmctl.model.vision import VisionConfig
 from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
 from slmctl.refs import record_source, resolve
-from slmctl.train.datamodule import PretrainDataModule
+from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.optim import adamw_with_schedule
@@ -80,7 +80,7 @@ def run(cfg, run, callbacks: list | None = None):
     special = obj.SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id, sentinels=tokenizer.sentinel_ids)
     make_batch = partial(make_vision_batch, tokenizer=tokenizer, special=special, max_source=cfg.max_source_len,
                          max_target=cfg.max_target_len)
-    datamodule = PretrainDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed)
+    datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed)
     stages, started = [], time.perf_counter()
     for number, settings in ((1, cfg.stage1), (2, cfg.stage2)):
         trained = ["compressor", "projector"] + (["text"] if number == 2 else []) + (["tower"] if number == 2 and train_tower else [])
@@ -164,7 +164,7 @@ def held_out_accuracy(model, tokenizer: TextTokenizer, examples, max_new_tokens:
     from slmctl.data.shapes import chance
     from slmctl.eval.metrics import exact_match
     from slmctl.eval.predict import predict
-    from slmctl.generate import Generator
+    from slmctl.runtime.generator import Generator
 
     items = [examples[i] for i in range(len(examples))]
     predictions = predict(Generator(model, tokenizer, "encdec", None), [e.prompt for e in items], batch_size, max_new_tokens,

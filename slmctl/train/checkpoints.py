@@ -20,7 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from slmctl.atomic import atomic_write_text, atomic_writer
 from slmctl.errors import RunFailure
-from slmctl.model.checkpoint import CheckpointError
+from slmctl.model.directory import CheckpointError
 from slmctl.runs import sha256_file
 
 MANIFEST = "MANIFEST.json"

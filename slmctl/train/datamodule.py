@@ -59,7 +59,7 @@ class StepStream(IterableDataset):
             k += 1
 
 
-class PretrainDataModule(L.LightningDataModule):
+class TrainingDataModule(L.LightningDataModule):
     def __init__(self, train_examples: list, val_examples: list, make_batch: MakeBatch, batch_size: int, seed: int,
                  make_val_batch: MakeBatch | None = None):
         super().__init__()

@@ -25,7 +25,7 @@ from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer
 from slmctl.model import build_model, save_model
 from slmctl.model.config import model_config_from, model_name
 from slmctl.refs import ModelRef, resolve
-from slmctl.train.datamodule import PretrainDataModule
+from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.distill_module import DistillModule
 from slmctl.train.fit import fit, quiet_lightning
@@ -110,7 +110,7 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillModule(student, teacher, batcher, kd, cfg.optim, cfg.trainer.max_steps, cfg.seed, shared,
                            shard_teacher=cfg.teacher.shard)
-    datamodule = PretrainDataModule(batcher.examples["train"], batcher.examples["validation"], batcher, cfg.batch_size,
+    datamodule = TrainingDataModule(batcher.examples["train"], batcher.examples["validation"], batcher, cfg.batch_size,
                                     cfg.seed, make_val_batch=partial(batcher, split="validation"))
     started = time.perf_counter()
     trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), directory / "checkpoints", logger,

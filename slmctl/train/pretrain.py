@@ -22,7 +22,7 @@ from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
 from slmctl.model import build_model, save_model
 from slmctl.model.config import model_config_from, model_name
 from slmctl.refs import record_source, resolve
-from slmctl.train.datamodule import PretrainDataModule
+from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.run_logger import RunLogger
@@ -61,7 +61,7 @@ def run(cfg, run, callbacks: list | None = None):
     if not train_examples or not val_examples:
         raise ConfigError("no training examples after tokenisation: are the texts empty?")
     make_batch = partial(_make_batch, cfg=cfg, special=special, causal=arch != "encdec")
-    datamodule = PretrainDataModule(train_examples, val_examples, make_batch, cfg.batch_size, cfg.seed)
+    datamodule = TrainingDataModule(train_examples, val_examples, make_batch, cfg.batch_size, cfg.seed)
     module = LMTrainingModule(model, cfg.optim, max_steps=cfg.trainer.max_steps, hf_causal=arch == "hf-causal")
 
     started = time.perf_counter()
