@@ -112,19 +112,22 @@ def check_jsonl(files: list[str]) -> None:
     `datasets` reads it (its own error names neither file nor line)."""
     import json
 
-    for file in files:
-        if Path(file).suffix.lower() != ".jsonl":
-            continue
+    jsonl = [file for file in files if Path(file).suffix.lower() == ".jsonl"]
+    rows = 0
+    for file in jsonl:
         with open(file, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                rows += 1
                 try:
                     row = json.loads(line)
                 except ValueError as e:
                     raise DataError(f"{file}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{file}:{number}: a row must be a JSON object, got {type(row).__name__}")
+    if jsonl and len(jsonl) == len(files) and not rows:  # `datasets` would fail with a bare StopIteration
+        raise DataError(f"{' '.join(jsonl)} is empty: no rows to read")
 
 
 def _load_files(cfg, split: str):
