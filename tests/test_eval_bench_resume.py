@@ -158,3 +158,37 @@ def test_a_partial_last_line_is_ignored_and_cut_off_before_the_next_append(tmp_p
     assert read_progress(path) == [{"id": "a"}, {"id": "b"}]
     append_progress(path, [{"id": "c"}])
     assert read_progress(path) == [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+
+
+STAGE_ARGS = {  # long enough to be still running when the signal comes; the marker shows the stage has started
+    "eval": (lambda model: ["eval", str(model), "task=synthetic_qa", *EVAL], "progress/*"),
+    "export": (lambda model: ["export", "onnx", str(model), "--quantize", "int8", "report.prompts=64"], "export"),
+}
+
+
+@pytest.mark.parametrize("stage", STAGE_ARGS)
+def test_sigterm_during_eval_or_export_marks_the_run_interrupted_with_exit_130(model, tmp_path, stage):
+    """A real SIGTERM to `python -m slmctl eval|export` once it is working in its run directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args, marker = STAGE_ARGS[stage]
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, "-m", "slmctl", *args(model), "--runs-dir", str(runs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(runs.glob(f"{stage}/*/{marker}")) and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "stopped by SIGTERM" in stderr and f"resume with: slmctl {stage} resume=" in stderr
+    (run_dir,) = [p for p in (runs / stage).iterdir() if p.name != "latest"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and "SIGTERM" in status["error"]
+    assert not (run_dir / ".lock").exists() and not (runs / stage / "latest").exists()

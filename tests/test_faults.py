@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import Crash
+from conftest import CountSteps, Crash, resumed_from
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -37,11 +37,14 @@ def train(tmp_path, name, overrides, callbacks=None):
     return run
 
 
-def resume(run_path, overrides):
+def resume(run_path, overrides, steps):
+    """Resume the run; it must run exactly `steps` steps (the rest after its checkpoint)."""
     cfg = OmegaConf.merge(compose("pretrain", [*BASE, *overrides]), {"resume": str(run_path)})
     run = Run.open(run_path)
     run.resume()
-    pretrain.run(cfg, run)
+    counted = CountSteps()
+    pretrain.run(cfg, run, callbacks=[counted])
+    assert counted.steps == steps
     return run
 
 
@@ -74,7 +77,8 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resumed_run_matches
         pretrain.run(cfg, run, callbacks=[SendSignal(6, signal.SIGINT)])
     assert problem_with(run.checkpoint_dir / "step-00000007.ckpt") is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are given back
-    assert same_weights(resume(run.path, overrides), uninterrupted)
+    assert same_weights(resume(run.path, overrides, steps=10 - 7), uninterrupted)
+    assert resumed_from(run.path) == ["resumed from step 7 (checkpoint checkpoints/step-00000007.ckpt); 3 steps to go"]
 
 
 def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_unfinished_finishes_it(tmp_path):
@@ -115,7 +119,7 @@ def test_a_corrupt_or_unrecorded_newest_checkpoint_is_skipped_and_the_resumed_ru
     assert "corrupt" in problem_with(newest)
     assert "not recorded" in problem_with(killed.checkpoint_dir / "step-00000007.ckpt")
 
-    resumed = resume(killed.path, ["trainer.max_steps=10", "checkpoint_every=4"])
+    resumed = resume(killed.path, ["trainer.max_steps=10", "checkpoint_every=4"], steps=10 - 4)
     log = (resumed.path / "log.txt").read_text()
     assert "skipping checkpoint" in log and "resumed from step 4 (checkpoint checkpoints/step-00000004.ckpt); 6 steps to go" in log
     assert same_weights(resumed, uninterrupted)
@@ -192,3 +196,45 @@ def test_sigkill_while_checkpointing_every_step_leaves_a_run_that_resumes_to_the
     assert "taking over the lock of process" in (run_dir / "log.txt").read_text()
     whole = train(tmp_path / "whole", "whole", overrides)
     assert same_weights(Run.open(run_dir), whole)
+
+
+SLOW_THIRD_STEP = """
+import sys, time
+from pathlib import Path
+from slmctl.train.module import LMTrainingModule
+marker, step = Path(sys.argv.pop(1)), LMTrainingModule.training_step
+def slow(self, batch, batch_idx):
+    if self.global_step == 2:  # a step that takes a minute, begun after the run's first two
+        marker.touch()
+        time.sleep(60)
+    return step(self, batch, batch_idx)
+LMTrainingModule.training_step = slow
+from slmctl.cli import main
+main()
+"""
+
+
+def test_a_second_ctrl_c_stops_at_once_without_finishing_the_step(tmp_path):
+    """The first SIGINT asks for a stop after the step in flight; a second one does not wait for
+    it (here a step that takes a minute): the process ends within seconds, exit 130, the run
+    interrupted and no checkpoint of the unfinished step."""
+    runs, marker = tmp_path / "runs", tmp_path / "in-step-3"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_THIRD_STEP, str(marker), "pretrain", *BASE,
+                                "trainer.max_steps=10", "checkpoint_every=100", "--runs-dir", str(runs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not marker.exists() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        second = time.time()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)  # the step alone would take 60 s
+    finally:
+        process.kill()
+    assert time.time() - second < 20
+    assert process.returncode == 130, stderr
+    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    assert not list(run_dir.glob("checkpoints/*.ckpt")) and not (run_dir / ".lock").exists()
