@@ -139,3 +139,34 @@ def launch(runs, stage, args):
     (run_dir,) = (runs / stage).glob("2*")
     assert (run_dir / "ranks" / "rank-1.log").is_file() and verify_manifest(run_dir) == []
     return run_dir
+
+
+def test_sigterm_to_rank_0_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path):
+    """A scheduler's SIGTERM reaches rank 0 of a 2-process run: both ranks stop after the same
+    step (the stop is agreed every step), one resumable checkpoint is written, exit 130."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *BASE, *DDP, "trainer.max_steps=100000",
+                                "checkpoint_every=100000", "--runs-dir", str(runs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and process.poll() is None:
+            metrics = list(runs.glob("pretrain/*/metrics.jsonl"))
+            if metrics and metrics[0].read_text().count("train_loss") >= 3:
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and "SIGTERM" in status["error"]
+    (saved,) = (run_dir / "checkpoints").glob("step-*.ckpt")
+    step = int(saved.stem.split("-")[1])
+    assert step >= 3 and f"after step {step}" in status["error"]
+    assert f"after step {step}" in (run_dir / "ranks" / "rank-1.log").read_text()  # rank 1 stopped there too
