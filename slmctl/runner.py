@@ -58,22 +58,33 @@ def run_stage(stage: str, overrides: list[str], *, runs_dir: Path, name: str | N
     `extra` holds values from options and arguments (e.g. eval's models), merged after composing;
     `inputs` are (reference, run directory) pairs recorded in the run's lineage (a recipe's
     earlier steps). Returns the Run (None for a dry run); raises StageEnded when it did not succeed."""
+    from slmctl.train.stopping import sigterm_as_interrupt
+
     argv = argv or ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
                     *(["--device", device] if device != "cpu" else [])]
-    try:
-        cfg, run = _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run)
-    except user_errors() as e:
-        if verbose:
-            raise
-        raise StageEnded(first_line(e), 2) from None
-    if run is None:
-        return None
-    for ref, path in inputs or []:
-        run.add_input("run", ref, path, stage=None)
-    out = err_console if cfg.get("format") else console  # stdout carries only the records then
-    if run.is_writer:
-        out.print(f"[bold]{stage}[/bold] -> {run.path}", highlight=False, soft_wrap=True)
-    _execute(stage, cfg, run, verbose)
+    run = None
+    with sigterm_as_interrupt():  # from before the run exists: a SIGTERM never leaves one "running"
+        try:
+            cfg, run = _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run)
+            if run is None:
+                return None
+            for ref, path in inputs or []:
+                run.add_input("run", ref, path, stage=None)
+            out = err_console if cfg.get("format") else console  # stdout carries only the records then
+            if run.is_writer:
+                out.print(f"[bold]{stage}[/bold] -> {run.path}", highlight=False, soft_wrap=True)
+        except user_errors() as e:
+            if run is not None:
+                run.fail(first_line(e))
+            if verbose:
+                raise
+            raise StageEnded(first_line(e), 2) from None
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while the run was being opened
+            why = str(e) or "interrupted"
+            if run is not None:
+                run.interrupt(f"{why} (resume with resume={run.path})")
+            raise StageEnded(f"{why} before {stage} started", 130) from None
+        _execute(stage, cfg, run, verbose)
     if run.is_writer:
         print_summary(stage, run.path, run.status().get("summary") or {}, out)
     return run
@@ -116,15 +127,14 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
 
 
 def _execute(stage: str, cfg, run, verbose: bool) -> None:
-    """Call the stage inside the signal and rank handling; map how it ended (see the module docstring)."""
+    """Call the stage inside the rank handling; map how it ended (see the module docstring)."""
     from slmctl.config import stage_module
     from slmctl.train.module import TrainingDiverged
     from slmctl.train.ranks import shared_with_other_ranks
-    from slmctl.train.stopping import sigterm_as_interrupt
 
     module = stage_module(stage)
     try:
-        with sigterm_as_interrupt(), shared_with_other_ranks(run, training=stage in TRAINING_STAGES):
+        with shared_with_other_ranks(run, training=stage in TRAINING_STAGES):
             module.run(cfg, run)
     except TrainingDiverged as e:
         kept = sorted(run.checkpoint_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)

@@ -31,3 +31,20 @@ def test_resume_unfinished_continues_a_run_whose_group_options_are_not_the_defau
     status = Run.open(killed.path).status()
     assert status["status"] == "succeeded" and status["summary"]["steps"] == 4
     assert Run.open(killed.path).config()["data"]["train"] == str(corpus)
+
+
+def test_a_sigterm_while_the_run_is_being_opened_leaves_it_interrupted_not_running(tmp_path, monkeypatch):
+    """The SIGTERM handler is in place before the run directory exists: a stop that lands after
+    the run is created but before the stage starts marks the run interrupted and exits 130."""
+    from slmctl import runner
+    from slmctl.runs import list_runs
+    from slmctl.train.stopping import Stopped
+
+    def stopped_while_announcing(*args, **kwargs):  # the "pretrain -> RUN" line, printed before the stage runs
+        raise Stopped("stopped by SIGTERM")
+
+    monkeypatch.setattr(runner.console, "print", stopped_while_announcing)
+    result = CliRunner().invoke(app, ["pretrain", "model=tiny", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 130 and "stopped by SIGTERM before pretrain started" in result.output
+    (run,) = list_runs(tmp_path / "runs", "pretrain")
+    assert run.status == "interrupted"
