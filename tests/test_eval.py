@@ -76,7 +76,7 @@ def test_column_task_from_csv_and_its_errors(tmp_path):
     with pytest.raises(DataError, match="has no column 'document'.*the task needs: document, summary"):
         load_task(compose("eval", ["task=xsum", f"task.data_files={tmp_path / 'bad.csv'}"]).task)
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match="task jsonl"):
+    with pytest.raises(DataError, match="task jsonl: .*empty.jsonl is empty: no rows to read"):
         load_task(compose("eval", ["task=jsonl", f"task.data_files={tmp_path / 'empty.jsonl'}"]).task)
     with pytest.raises(DataError, match="no such file"):
         load_task(compose("eval", ["task=jsonl", f"task.data_files={tmp_path / 'none.jsonl'}"]).task)

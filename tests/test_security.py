@@ -82,4 +82,5 @@ def test_model_artifacts_hold_no_pickles(tmp_path):
                                       "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     (model_dir,) = (tmp_path / "runs" / "pretrain").glob("2*/model")
-    assert sorted(p.suffix for p in model_dir.iterdir()) == [".json", ".json", ".json", ".json", ".safetensors"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["checksums.json", "generation.json", "model.json", "model.safetensors",
+                                                           "slmctl_tokenizer.json", "tokenizer.json"]

@@ -73,7 +73,10 @@ def _rows(cfg) -> tuple[list[dict], str]:
         builder = FORMATS.get(Path(files[0]).suffix.lower())
         if builder not in ("json", "parquet", "csv"):
             raise DataError(f"task {cfg.name}: {files[0]} is not json/jsonl/parquet/csv")
-        check_jsonl(files)
+        try:
+            check_jsonl(files)
+        except DataError as e:
+            raise DataError(f"task {cfg.name}: {e}") from None
         try:
             dataset = datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as e:  # datasets raises many types for unreadable files
