@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from slmctl.config import ConfigError
+from slmctl.errors import first_line
 
 STEP_REFERENCE = re.compile(r"\$\{runs\.([A-Za-z0-9_-]+)\}")
 console = Console()
@@ -37,7 +38,7 @@ def load_recipe(path: Path) -> dict:
     try:
         recipe = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("steps"), list) or not recipe["steps"]:
         raise ConfigError(f"{path}: a recipe needs a non-empty 'steps' list")
     names = set()

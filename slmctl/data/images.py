@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmctl.data.sources import DataError, check_jsonl, quiet_datasets
+from slmctl.errors import first_line
 
 
 class UnreadableImage(DataError):
@@ -100,4 +101,4 @@ def _open(root: Path, name: str, allow_outside_root: bool, where: str):
             image.load()
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UnreadableImage(f"{where}: image {file} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise UnreadableImage(f"{where}: image {file} cannot be read ({first_line(e)})") from None

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from slmctl.errors import UserError
+from slmctl.errors import UserError, first_line
 
 PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
 SENTINEL = "<extra_id_{}>"
@@ -150,8 +150,7 @@ def _auto_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TokenizerError(f"cannot load a tokenizer from {path!r}: {first}") from None
+        raise TokenizerError(f"cannot load a tokenizer from {path!r}: {first_line(e)}") from None
 
 
 def load_hf_tokenizer(path: str, n_sentinels: int = 32, trust_remote_code: bool = False) -> TextTokenizer:

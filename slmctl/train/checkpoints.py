@@ -19,7 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from slmctl.atomic import atomic_write_text, atomic_writer
-from slmctl.errors import RunFailure
+from slmctl.errors import RunFailure, first_line
 from slmctl.model.directory import CheckpointError
 from slmctl.runs import sha256_file
 
@@ -101,7 +101,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{path} holds objects other than tensors and plain values; refusing to unpickle it "
-                                  f"({str(e).splitlines()[0]})") from None
+                                  f"({first_line(e)})") from None
 
     def remove_checkpoint(self, path) -> None:
         path = Path(path)
