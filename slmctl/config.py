@@ -561,9 +561,14 @@ def stages() -> list[str]:
 
 def groups() -> dict[str, list[str]]:
     """Config groups (GROUP=OPTION) and their options, e.g. {"model": ["1b", "330m", ...]};
-    the directories in NOT_GROUPS are skipped."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
-            for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and d.name not in NOT_GROUPS}
+    the directories in NOT_GROUPS are skipped, and a reused group (distill's `student=`) lists
+    the options of the group it reuses."""
+    found = {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+             for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and d.name not in NOT_GROUPS}
+    for reuses in PACKAGE_REUSE.values():
+        for name, source in reuses.items():
+            found[name] = found[source.split("@")[0]]
+    return dict(sorted(found.items()))
 
 
 # ---------------------------------------------------------------------------
