@@ -1,15 +1,81 @@
-"""Shared test helpers: deterministic CPU settings, randomised tiny models, a tiny Llama teacher on disk."""
+"""Shared test helpers: deterministic CPU settings, randomised tiny models, a tiny Llama teacher on disk,
+the slmctl command in-process, run lookups, tiny override lists and tiny training runs."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from typer.testing import CliRunner
 
+from slmctl.cli import app
+from slmctl.config import compose, stage_module
 from slmctl.data.synthetic import SyntheticWorld
 from slmctl.data.tokenizer import train_bpe
 from slmctl.model import build_model
 from slmctl.model.config import vocab_size_for
 
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parent.parent  # docs/ and recipes/ live here
+
+# Override lists for tiny runs. A later key=value wins over an earlier one, so a test's list can be
+# a shared one plus its changes; group choices (model=, objective=, tokenizer=) are given once.
+
+# The synthetic reading task, tiny: a 200-person world, 200 training examples of one or two facts.
+TINY_SYNTHETIC_DATA = ["data.n_people=200", "data.train_examples=200", "data.validation_examples=16", "data.min_facts=1",
+                       "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8"]
+# Three optimizer steps, one validation, no progress bar: a run that only has to finish.
+TINY_TRAINING = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
+# A tiny encoder-decoder trained for three steps, with its tokenizer: a model for eval, export, add-vision.
+TINY_PRETRAIN = ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=400", *TINY_SYNTHETIC_DATA, *TINY_TRAINING]
+# The default world, 400 examples: a loss that moves over tens of steps (learning, resuming, DDP); the test
+# chooses the model, the steps and the checkpoints.
+LEARNING_DATA = ["tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32", "batch_size=8",
+                 "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false"]
+# The distillation tests' data: the tiny task with 160 examples, 12-token targets, every step logged.
+DISTILL_DATA = [*TINY_SYNTHETIC_DATA, "data.train_examples=160", "data.validation_examples=24", "max_target_len=12",
+                "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+def cli(*args, runs=None):
+    """`slmctl ARGS...` in this process (every argument str()'d, `--runs-dir RUNS` appended when
+    `runs` is given) -> click's Result: exit_code, output, and stdout and stderr apart."""
+    argv = [str(a) for a in args]
+    if runs is not None:
+        argv += ["--runs-dir", str(runs)]
+    return CliRunner().invoke(app, argv)
+
+
+def stage_runs(runs, stage, name=None) -> list[Path]:
+    """The run directories of `stage` under `runs` (not `latest`), oldest first; only the runs
+    called `name` when it is given."""
+    stage_dir = Path(runs) / stage
+    if not stage_dir.is_dir():
+        return []
+    return sorted(p for p in stage_dir.iterdir() if p.is_dir() and p.name != "latest" and not p.name.startswith(".")
+                  and (name is None or p.name.endswith(f"-{name}")))
+
+
+def newest_run(runs, stage, name=None) -> Path:
+    """The newest run directory of `stage` under `runs` (of the runs called `name`, when given)."""
+    found = stage_runs(runs, stage, name)
+    assert found, f"no {stage} run{f' called {name}' if name else ''} under {runs}"
+    return found[-1]
+
+
+def train_run(runs, stage, overrides, name=None, callbacks=None):
+    """A training stage (pretrain, distill, add-vision) run in this process: compose `overrides`,
+    create the run under `runs` (called `name`, else after the stage) and run it -> the Run."""
+    from slmctl.runs import Run
+
+    cfg = compose(stage, list(overrides))
+    run = Run.create(runs, stage, name or stage, cfg, argv=["test"])
+    stage_module(stage).run(cfg, run, callbacks=callbacks)
+    return run
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 3.0, embed_std: float = 0.5) -> torch.nn.Module:
@@ -132,3 +198,41 @@ def world_texts():
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, world_texts):
     return save_llama(tmp_path_factory.mktemp("llama"), train_bpe(world_texts, vocab_size=400))
+
+
+class ChatServer:
+    """A chat-completions server on 127.0.0.1 that records requests and answers from a script of statuses."""
+
+    def __init__(self, statuses=(), content="Reasoning...\nScore: 0.6"):
+        self.requests: list[dict] = []
+        self.statuses = list(statuses)  # served first, one per request; then 200s
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "json": body, "authorization": self.headers.get("Authorization")})
+                status = server.statuses.pop(0) if server.statuses else 200
+                reply = {"choices": [{"message": {"role": "assistant", "content": content}}]} if status == 200 \
+                    else {"error": {"message": f"status {status}\nsecond line"}}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

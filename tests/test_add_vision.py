@@ -4,11 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import CountSteps, Crash, resumed_from
+from conftest import TINY_PRETRAIN, CountSteps, Crash, cli, newest_run, resumed_from, train_run
 from PIL import Image
-from typer.testing import CliRunner
 
-from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.data.shapes import ShapeScenes
 from slmctl.model import CheckpointError, load_model
@@ -24,32 +22,20 @@ SHAPES = ["data.train_examples=24", "data.validation_examples=6"]
 @pytest.fixture(scope="module")
 def text_runs(tmp_path_factory):
     """A tiny trained encoder-decoder and a tiny decoder-only model (pretrain runs)."""
-    from slmctl.train import pretrain
-
     runs = tmp_path_factory.mktemp("runs")
     made = {}
     for name, model in (("encdec", "tiny"), ("deconly", "deconly-tiny")):
-        cfg = compose("pretrain", ["objective=seq2seq", f"model={model}", "tokenizer.vocab_size=400", "data.n_people=200",
-                                   "data.train_examples=100", "data.validation_examples=8", "data.min_facts=1",
-                                   "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8",
-                                   "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false"])
-        run = Run.create(runs, "pretrain", name, cfg, argv=["test"])
-        pretrain.run(cfg, run)
-        made[name] = run.path
+        two_steps = [f"model={model}", *(o for o in TINY_PRETRAIN if not o.startswith("model=")), "data.train_examples=100",
+                     "data.validation_examples=8", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+        made[name] = train_run(runs, "pretrain", two_steps, name=name).path
     return runs, made
-
-
-def add_vision(runs, *args):
-    result = CliRunner().invoke(app, ["add-vision", *args, "--runs-dir", str(runs)])
-    stage_dir = runs / "add-vision"
-    found = sorted(p for p in stage_dir.glob("*-*") if p.is_dir() and p.name != "latest") if stage_dir.exists() else []
-    return result, (found[-1] if found else None)
 
 
 def test_two_stages_train_the_right_parts_and_write_a_loadable_vision_model(text_runs, tmp_path):
     runs, made = text_runs
-    result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES)
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, runs=runs)
     assert result.exit_code == 0, result.output
+    run = newest_run(runs, "add-vision")
     stages = json.loads((run / "stages.json").read_text())
     assert stages[0]["trained"] == ["compressor", "projector"] and set(stages[0]["frozen"]) == {"tower", "text"}
     assert set(stages[1]["trained"]) == {"compressor", "projector", "text", "tower"}  # vit-tiny: trained from scratch
@@ -62,8 +48,8 @@ def test_two_stages_train_the_right_parts_and_write_a_loadable_vision_model(text
     image = Image.new("RGB", (90, 40), (200, 30, 30))
     ids = torch.tensor([[3, 10, 11]])
     assert model.generate(ids, images=[[image]], max_new_tokens=4).shape[1] <= 4
-    generated = CliRunner().invoke(app, ["generate", str(run), "prompt=<image>\nWhat color is the circle?",
-                                         "--image", str(_save(image, tmp_path / "x.png")), "--max-new-tokens", "4"])
+    generated = cli("generate", str(run), "prompt=<image>\nWhat color is the circle?",
+                    "--image", str(_save(image, tmp_path / "x.png")), "--max-new-tokens", "4")
     assert generated.exit_code == 0, generated.output
 
 
@@ -74,8 +60,9 @@ def _save(image, path):
 
 def test_stage_one_leaves_the_tower_and_the_language_model_untouched(text_runs):
     runs, made = text_runs
-    result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=0", "--name", "align")
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=0", "--name", "align", runs=runs)
     assert result.exit_code == 0, result.output
+    run = newest_run(runs, "add-vision", "align")
     trained, original = load_model(run / "model"), load_model(made["encdec"] / "model")
     for (name, a), b in zip(trained.text.state_dict().items(), original.state_dict().values()):
         assert torch.equal(a, b), name
@@ -87,27 +74,29 @@ def test_stage_one_leaves_the_tower_and_the_language_model_untouched(text_runs):
 
 def test_bad_inputs_are_one_line_errors(text_runs, tmp_path):
     runs, made = text_runs
-    result, _ = add_vision(runs, str(made["deconly"]), *TINY_VISION, *SHAPES)
+    result = cli("add-vision", str(made["deconly"]), *TINY_VISION, *SHAPES, runs=runs)
     assert result.exit_code == 2 and "decoder-only model; add-vision feeds images to an encoder" in " ".join(result.output.split())
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     rows = [{"image": "ok.png", "prompt": "<image>\nWhat?", "answer": "x"}] * 6 + [{"image": "bad.png", "prompt": "<image>", "answer": "y"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result, _ = add_vision(runs, str(made["encdec"]), *TINY_VISION, "data=images", f"data.train={tmp_path / 'train.jsonl'}")
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, "data=images", f"data.train={tmp_path / 'train.jsonl'}", runs=runs)
     assert result.exit_code == 2 and "train.jsonl:7: image" in " ".join(result.output.split()) and "Traceback" not in result.output
-    result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, "data=images", f"data.train={tmp_path / 'train.jsonl'}",
-                             "data.skip_bad=true", "data.validation_fraction=0.3")
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, "data=images", f"data.train={tmp_path / 'train.jsonl'}",
+                 "data.skip_bad=true", "data.validation_fraction=0.3", runs=runs)
     assert result.exit_code == 0, result.output
+    run = newest_run(runs, "add-vision")
     assert "1 rows skipped for unreadable images" in (run / "log.txt").read_text()
 
 
 def test_eval_scores_a_vision_model_on_held_out_shape_scenes(text_runs):
     runs, made = text_runs
-    result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES, "--name", "for-eval")
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, "--name", "for-eval", runs=runs)
     assert result.exit_code == 0, result.output
-    evaluated = CliRunner().invoke(app, ["eval", str(run), "task=shapes_vqa", "limit=6", "bootstrap=20", "--runs-dir", str(runs)])
+    run = newest_run(runs, "add-vision", "for-eval")
+    evaluated = cli("eval", str(run), "task=shapes_vqa", "limit=6", "bootstrap=20", runs=runs)
     assert evaluated.exit_code == 0, evaluated.output
-    eval_run = sorted(p for p in (runs / "eval").glob("*-*") if p.is_dir())[-1]
+    eval_run = newest_run(runs, "eval")
     scores = json.loads((eval_run / "metrics.json").read_text())["tasks"]["shapes_vqa"]
     assert scores["n"] == 6 and 0 <= next(iter(scores["models"].values()))["exact_match"]["value"] <= 1
     assert 0 < scores["chance"]["overall"] <= 1
@@ -116,7 +105,7 @@ def test_eval_scores_a_vision_model_on_held_out_shape_scenes(text_runs):
     kinds = [q["kind"] for q in ShapeScenes(seed=0).questions("test", 6)]
     assert set(per_kind) == set(kinds) and set(per_kind) < set(scores["chance"])
     assert abs(sum(per_kind[k] * kinds.count(k) for k in per_kind) / 6 - overall["exact_match"]["value"]) < 1e-9
-    text_only = CliRunner().invoke(app, ["eval", str(made["encdec"]), "task=shapes_vqa", "limit=2", "--runs-dir", str(runs)])
+    text_only = cli("eval", str(made["encdec"]), "task=shapes_vqa", "limit=2", runs=runs)
     assert text_only.exit_code == 2 and "has no vision tower" in " ".join(text_only.output.split())
 
 
@@ -152,12 +141,12 @@ def test_a_vision_model_exports_to_onnx_and_generates_what_torch_generates(text_
     from slmctl.runtime.onnx import OnnxLM
 
     runs, made = text_runs
-    result, run = add_vision(runs, str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=1", "--name", "for-export")
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=1", "--name", "for-export", runs=runs)
     assert result.exit_code == 0, result.output
-    exported = CliRunner().invoke(app, ["export", "onnx", str(run), "validation.prompt_lens=[4,9]", "validation.steps=8",
-                                        "--runs-dir", str(runs)])
+    run = newest_run(runs, "add-vision", "for-export")
+    exported = cli("export", "onnx", str(run), "validation.prompt_lens=[4,9]", "validation.steps=8", runs=runs)
     assert exported.exit_code == 0, exported.output
-    export_run = sorted(p for p in (runs / "export").glob("*-*") if p.is_dir())[-1]
+    export_run = newest_run(runs, "export")
     report = json.loads((export_run / "validation.json").read_text())
     assert report["passed"] and report["vision_max_abs_diff"] <= 1e-4
     assert (export_run / "export" / "vision.onnx").is_file()
@@ -169,8 +158,8 @@ def test_a_vision_model_exports_to_onnx_and_generates_what_torch_generates(text_
     assert torch.equal(onnx_model.generate(ids, mask, images=images, max_new_tokens=6),
                        vlm.generate(ids, mask, images=images, max_new_tokens=6))
 
-    bench = CliRunner().invoke(app, ["bench", str(export_run), str(run), "--input-lens", "8", "--output-lens", "3",
-                                     "--repeat", "1", "--image-size", "96x48", "--format", "json", "--runs-dir", str(runs)])
+    bench = cli("bench", str(export_run), str(run), "--input-lens", "8", "--output-lens", "3",
+                "--repeat", "1", "--image-size", "96x48", "--format", "json", runs=runs)
     assert bench.exit_code == 0, bench.output
     records = json.loads(bench.stdout[bench.stdout.index("["):bench.stdout.rindex("]") + 1])
     assert [r["runtime"] for r in records] == ["onnx", "torch"] and records[0]["image_size"] == [96, 48]
@@ -189,7 +178,7 @@ def test_killed_in_stage_two_and_resumed_continues_to_the_same_weights(text_runs
     overrides = [f"source={made['encdec']}", *TINY_VISION, *SHAPES, "stage2.steps=6", "checkpoint_every=2",
                  "validation_every=3"]
     cfg = compose("add-vision", overrides)
-    whole = stage.run(cfg, Run.create(runs, "add-vision", "whole", cfg, argv=["test"]))
+    whole = train_run(runs, "add-vision", overrides, name="whole")
     killed = Run.create(runs, "add-vision", "killed", cfg, argv=["test"])
     with pytest.raises(SystemExit):
         stage.run(cfg, killed, callbacks=[Crash(5, fit=2)])

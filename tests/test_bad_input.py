@@ -5,21 +5,13 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
+from conftest import TINY_SYNTHETIC_DATA, TINY_TRAINING, cli, newest_run, save_llama
 
-from slmctl.cli import app
 from slmctl.model import build_model, save_model
-from conftest import save_llama
 
-TRAIN = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.enable_progress_bar=false"]
-SYNTHETIC = ["data.n_people=50", "data.train_examples=40", "data.validation_examples=8", "data.min_facts=1",
-             "data.max_facts=1", "batch_size=4", "max_source_len=48", "max_target_len=8"]
 VISION = ["vision.image_size=32", "vision.patch_size=16", "vision.width=32", "vision.layers=1", "vision.heads=2",
-          "vision.max_tokens_per_image=8", "stage1.steps=1", "stage2.steps=1", "batch_size=2", *TRAIN[2:]]
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+          "vision.max_tokens_per_image=8", "stage1.steps=1", "stage2.steps=1", "batch_size=2",
+          "trainer.enable_progress_bar=false"]
 
 
 def write(path, text):
@@ -35,13 +27,13 @@ def world(tmp_path_factory):
     runs = root / "runs"
     made = {}
     for name, model in (("encdec", "tiny"), ("deconly", "deconly-tiny")):
-        result = cli("pretrain", f"model={model}", "objective=seq2seq", "tokenizer.vocab_size=300", *SYNTHETIC, *TRAIN,
-                     "--name", name, "--runs-dir", runs)
+        result = cli("pretrain", f"model={model}", "objective=seq2seq", "tokenizer.vocab_size=300", *TINY_SYNTHETIC_DATA,
+                     *TINY_TRAINING, "--name", name, runs=runs)
         assert result.exit_code == 0, result.output
-        made[name] = next((runs / "pretrain").glob(f"*-{name}"))
-        result = cli("export", "onnx", made[name], "--name", f"{name}-onnx", "--runs-dir", runs)
+        made[name] = newest_run(runs, "pretrain", name)
+        result = cli("export", "onnx", made[name], "--name", f"{name}-onnx", runs=runs)
         assert result.exit_code == 0, result.output
-        made[f"{name}_export"] = next((runs / "export").glob(f"*-{name}-onnx"))
+        made[f"{name}_export"] = newest_run(runs, "export", f"{name}-onnx")
     from slmctl.data.tokenizer import TextTokenizer
 
     made["llama"] = save_llama(root / "llama", TextTokenizer.load(made["encdec"] / "model"))
@@ -119,14 +111,15 @@ MATRIX = {
          ("no such data file", "no-such-path.jsonl")),
         ("malformed jsonl", lambda w: ["model=tiny", "data=files", f"data.train={w['texts_malformed']}"], "texts.jsonl:2"),
         ("empty dataset", lambda w: ["model=tiny", "data=files", f"data.train={w['empty']}"], EMPTY),
-        ("vocab mismatch", lambda w: [f"init={w['small_vocab']}", *SYNTHETIC, "objective=seq2seq"], "the tokenizer is not this model's"),
-        ("corrupt checkpoint", lambda w: [f"init={w['truncated']}", *SYNTHETIC, "objective=seq2seq"], TRUNCATED),
-        ("modified checkpoint", lambda w: [f"init={w['modified_model']}", *SYNTHETIC, "objective=seq2seq"], MODIFIED),
-        ("modified copy of a model", lambda w: [f"init={w['modified_copy']}", *SYNTHETIC, "objective=seq2seq"],
+        ("vocab mismatch", lambda w: [f"init={w['small_vocab']}", *TINY_SYNTHETIC_DATA, "objective=seq2seq"],
+         "the tokenizer is not this model's"),
+        ("corrupt checkpoint", lambda w: [f"init={w['truncated']}", *TINY_SYNTHETIC_DATA, "objective=seq2seq"], TRUNCATED),
+        ("modified checkpoint", lambda w: [f"init={w['modified_model']}", *TINY_SYNTHETIC_DATA, "objective=seq2seq"], MODIFIED),
+        ("modified copy of a model", lambda w: [f"init={w['modified_copy']}", *TINY_SYNTHETIC_DATA, "objective=seq2seq"],
          "checksums.json"),
-        ("wrong architecture", lambda w: [f"init={w['wrong_arch']}", *SYNTHETIC, "objective=seq2seq"], WRONG_ARCH),
+        ("wrong architecture", lambda w: [f"init={w['wrong_arch']}", *TINY_SYNTHETIC_DATA, "objective=seq2seq"], WRONG_ARCH),
         ("device not present", lambda w: ["model=tiny", "--device", "cuda"], NO_CUDA),
-        ("trainer the machine cannot run", lambda w: ["model=tiny", *SYNTHETIC, "trainer=fsdp", "trainer.accelerator=cpu"],
+        ("trainer the machine cannot run", lambda w: ["model=tiny", *TINY_SYNTHETIC_DATA, "trainer=fsdp", "trainer.accelerator=cpu"],
          "the trainer settings do not work here: The strategy `fsdp` requires a GPU accelerator"),
     ],
     "distill": [
@@ -135,9 +128,10 @@ MATRIX = {
         ("missing file", lambda w: [f"teacher.path={w['missing']}"], ("teacher.path", "no-such-path", "no such directory")),
         ("malformed jsonl", lambda w: [*teacher(w), "data=files", f"data.train={w['malformed']}"], "malformed.jsonl:2"),
         ("empty dataset", lambda w: [*teacher(w), "data=files", f"data.train={w['empty']}"], EMPTY),
-        ("vocab mismatch", lambda w: [*teacher(w), f"student.init={w['small_vocab']}", *SYNTHETIC], "the tokenizer is not this model's"),
-        ("corrupt checkpoint", lambda w: [*teacher(w), f"student.init={w['truncated']}", *SYNTHETIC], TRUNCATED),
-        ("teacher not a causal LM", lambda w: [f"teacher.path={w['encdec']}/model", *SYNTHETIC], NOT_A_TEACHER),
+        ("vocab mismatch", lambda w: [*teacher(w), f"student.init={w['small_vocab']}", *TINY_SYNTHETIC_DATA],
+         "the tokenizer is not this model's"),
+        ("corrupt checkpoint", lambda w: [*teacher(w), f"student.init={w['truncated']}", *TINY_SYNTHETIC_DATA], TRUNCATED),
+        ("teacher not a causal LM", lambda w: [f"teacher.path={w['encdec']}/model", *TINY_SYNTHETIC_DATA], NOT_A_TEACHER),
         ("device not present", lambda w: [*teacher(w), "--device", "cuda"], NO_CUDA),
     ],
     "add-vision": [
@@ -201,8 +195,7 @@ def test_bad_input_is_a_one_line_error_with_exit_2_and_no_successful_run(world, 
     runs = tmp_path / "runs"
     for finished in world["runs"].glob("*/*"):  # runs referenced by name resolve under --runs-dir
         (runs / finished.parent.name).mkdir(parents=True, exist_ok=True)
-    command = stage.split() + [str(a) for a in build(world)] + ["--runs-dir", str(runs)]
-    result = CliRunner().invoke(app, command)
+    result = cli(*stage.split(), *build(world), runs=runs)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr

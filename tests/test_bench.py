@@ -4,23 +4,16 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from slmctl.cli import app
+from conftest import cli, newest_run, stage_runs
 
 REQUIRED = {"model", "arch", "device", "runtime", "dtype", "batch", "input_len", "output_len", "first_token_ms",
             "decode_tok_s", "peak_mem_mb", "params", "samples", "first_token_ms_p90", "decode_tok_s_stdev", "e2e_ms",
             "prefill_flops", "decode_flops_per_token", "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction"}
 
 
-def bench(tmp_path, *args):
-    result = CliRunner().invoke(app, ["bench", *args, "--runs-dir", str(tmp_path / "runs")])
-    return result
-
-
 def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
-    result = bench(tmp_path, "tiny", "deconly-tiny", "--compare", "--input-lens", "32,512", "--output-lens", "4",
-                   "--repeat", "3", "--format", "json")
+    result = cli("bench", "tiny", "deconly-tiny", "--compare", "--input-lens", "32,512", "--output-lens", "4",
+                   "--repeat", "3", "--format", "json", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)  # `--format json > out.json` is valid JSON: everything else went to stderr
     assert "bench (medians)" in result.stderr and "first token" in result.stderr
@@ -30,7 +23,7 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
         assert 0 < short["first_token_ms"] < long["first_token_ms"]  # prefill grows with the prompt
         assert short["decode_tok_s"] > 0 and len(short["samples"]) == 3
         assert short["prefill_flops"] < long["prefill_flops"]
-    run = sorted((tmp_path / "runs" / "bench").glob("*-bench"))[-1]
+    run = newest_run(tmp_path / "runs", "bench")
     saved = json.loads((run / "bench.json").read_text())
     assert saved["records"][0]["model"] == "tiny" and saved["records"] == records
     bandwidth = saved["environment"]["read_bandwidth_gb_s"] * 1e9
@@ -49,12 +42,12 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
 def test_csv_and_markdown_formats(tmp_path):
     from slmctl.bench.report import RECORD_FIELDS
 
-    result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "csv")
+    result = cli("bench", "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "csv", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()  # the header and the records, nothing else
     assert len(lines) == 2, result.stdout
     assert lines[0].split(",") == list(RECORD_FIELDS) and lines[1].startswith("tiny,encdec,cpu,torch,float32,1,16,3,")
-    result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "md")
+    result = cli("bench", "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "md", runs=tmp_path / "runs")
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| model | arch | device |"), result.stdout
 
@@ -68,14 +61,14 @@ def test_with_a_format_stdout_carries_only_the_records_even_when_a_library_print
 
     load_for_bench = stage.load_for_bench
     monkeypatch.setattr(stage, "load_for_bench", chatty_load)
-    result = bench(tmp_path, "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "json")
+    result = cli("bench", "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "json", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     assert [r["model"] for r in json.loads(result.stdout)] == ["tiny"]
     assert "Some weights were not initialized" in result.stderr
 
 
 def test_npu_without_a_provider_is_exit_2_naming_the_providers(tmp_path):
-    result = bench(tmp_path, "tiny", "--device", "npu")
+    result = cli("bench", "tiny", "--device", "npu", runs=tmp_path / "runs")
     assert result.exit_code == 2
     message = " ".join(result.output.split())
     assert "--device npu: no NPU execution provider in ONNX Runtime (available:" in message
@@ -85,18 +78,18 @@ def test_npu_without_a_provider_is_exit_2_naming_the_providers(tmp_path):
 
 def test_cuda_without_a_gpu_and_bad_options_are_one_line_errors(tmp_path):
     if not torch.cuda.is_available():
-        result = bench(tmp_path, "tiny", "--device", "cuda")
+        result = cli("bench", "tiny", "--device", "cuda", runs=tmp_path / "runs")
         assert result.exit_code == 2 and "no CUDA device" in result.output
-    assert bench(tmp_path, "tiny", "--input-lens", "12a").exit_code == 2
-    result = bench(tmp_path, "--compare", "tiny")
+    assert cli("bench", "tiny", "--input-lens", "12a", runs=tmp_path / "runs").exit_code == 2
+    result = cli("bench", "--compare", "tiny", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "two or more models" in result.output
-    result = bench(tmp_path, "tiny", "--dtype", "int3")
+    result = cli("bench", "tiny", "--dtype", "int3", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "dtype='int3' is not one of" in result.output
 
 
 def test_roofline_estimate_only_and_measured_over_predicted(tmp_path):
-    result = bench(tmp_path, "tiny", "deconly-tiny", "--estimate", "h100", "--repeat", "0", "--dtype", "bfloat16",
-                   "--input-lens", "64,256", "--format", "json")
+    result = cli("bench", "tiny", "deconly-tiny", "--estimate", "h100", "--repeat", "0", "--dtype", "bfloat16",
+                   "--input-lens", "64,256", "--format", "json", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)  # `--format json > out.json` is valid JSON: everything else went to stderr
     assert "roofline estimate: h100" in result.stderr and "predicted ft ms" in result.stderr
@@ -108,12 +101,12 @@ def test_roofline_estimate_only_and_measured_over_predicted(tmp_path):
     cost = flops.prefill_cost(get_preset("tiny"), 64, 2)
     expected = max(cost.flops / 989.4e12, (cost.weight_bytes + cost.kv_bytes) / 3350e9) * 1e3  # the profile's peaks
     assert r["predicted_first_token_ms"] == pytest.approx(expected)
-    measured = bench(tmp_path, "tiny", "--estimate", "this-cpu", "--input-lens", "64", "--output-lens", "8", "--repeat", "1",
-                     "--format", "json")
+    measured = cli("bench", "tiny", "--estimate", "this-cpu", "--input-lens", "64", "--output-lens", "8", "--repeat", "1",
+                     "--format", "json", runs=tmp_path / "runs")
     record = json.loads(measured.stdout[measured.stdout.index("["):measured.stdout.rindex("]") + 1])[0]
     assert record["first_token_measured_over_predicted"] > 0 and record["decode_measured_over_predicted"] > 0
-    assert bench(tmp_path, "tiny", "--estimate", "tpu9000").exit_code == 2
-    assert bench(tmp_path, "tiny", "--repeat", "0").exit_code == 2
+    assert cli("bench", "tiny", "--estimate", "tpu9000", runs=tmp_path / "runs").exit_code == 2
+    assert cli("bench", "tiny", "--repeat", "0", runs=tmp_path / "runs").exit_code == 2
 
 
 def test_t5_comparison_times_ours_t5_and_the_onnx_export_in_one_run(tmp_path):
@@ -135,10 +128,11 @@ def test_isolate_measures_each_model_in_its_own_process(tmp_path, monkeypatch):
         raise AssertionError("measured in the parent process")
 
     monkeypatch.setattr(stage, "measure", not_here)
-    result = CliRunner().invoke(app, ["bench", "tiny", "deconly-tiny", "--compare", "--isolate", "--input-lens", "16",
-                                      "--output-lens", "4", "--repeat", "2", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("bench", "tiny", "deconly-tiny", "--compare", "--isolate", "--input-lens", "16", "--output-lens", "4",
+                 "--repeat", "2", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    (bench,) = (tmp_path / "runs" / "bench").glob("2*/bench.json")
+    (run,) = stage_runs(tmp_path / "runs", "bench")
+    bench = run / "bench.json"
     records = json.loads(bench.read_text())["records"]
     assert [r["model"] for r in records] == ["tiny", "deconly-tiny"]
     assert all(r["first_token_ms"] > 0 and r["decode_tok_s"] > 0 and len(r["samples"]) == 2 for r in records)

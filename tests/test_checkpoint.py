@@ -5,11 +5,9 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from conftest import random_prompts
+from conftest import TINY_PRETRAIN, cli, random_prompts
 from reference_numerics import random_reference_state, reference_greedy, reference_logits
-from slmctl.cli import app
+
 from slmctl.model import CheckpointError, load_model, save_model
 from slmctl.model.reference import export_reference_checkpoint
 
@@ -154,20 +152,10 @@ def test_untrusted_pickles_are_refused(tmp_path):
     _one_line_error(tmp_path / "evil.pt", "unreadable")
 
 
-TINY_PRETRAIN = ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=300", "data.n_people=50",
-                 "data.train_examples=40", "data.validation_examples=8", "data.min_facts=1", "data.max_facts=1",
-                 "batch_size=4", "max_source_len=48", "max_target_len=8", "trainer.max_steps=1",
-                 "trainer.val_check_interval=1", "trainer.enable_progress_bar=false"]
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def trained_model_dir(tmp_path_factory):
     runs = tmp_path_factory.mktemp("checksums") / "runs"
-    result = cli("pretrain", *TINY_PRETRAIN, "--name", "tiny", "--runs-dir", runs)
+    result = cli("pretrain", *TINY_PRETRAIN, "--name", "tiny", runs=runs)
     assert result.exit_code == 0, result.output
     return (runs / "pretrain" / "latest" / "model").resolve()
 

@@ -3,19 +3,11 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
+from conftest import LEARNING_DATA, cli
 
-from slmctl.cli import app
-
-runner = CliRunner()
-TINY = ["model=tiny", "tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32",
-        "batch_size=8", "max_source_len=48", "max_target_len=16", "trainer.max_steps=6",
-        "trainer.val_check_interval=3", "checkpoint_every=3", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=2"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+# six steps, validated and checkpointed at 3 and 6: a run with every file a run leaves
+SIX_STEPS = ["model=tiny", *LEARNING_DATA, "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint_every=3",
+             "trainer.log_every_n_steps=2"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -26,7 +18,7 @@ def invoke(*args):
     ("data.kind=nope", "data.kind='nope' is not one of: synthetic, files, hub"),
 ])
 def test_bad_overrides_exit_2_with_one_line_and_no_run(tmp_path, override, message):
-    result = invoke("pretrain", override, "--runs-dir", tmp_path / "runs")
+    result = cli("pretrain", override, runs=tmp_path / "runs")
     assert result.exit_code == 2
     assert message in result.output.replace("\n", " ") or message in result.output
     assert "Traceback" not in result.output
@@ -34,8 +26,8 @@ def test_bad_overrides_exit_2_with_one_line_and_no_run(tmp_path, override, messa
 
 
 def test_missing_data_file_exits_2_and_marks_nothing_succeeded(tmp_path):
-    not_synthetic = [o for o in TINY if not o.startswith("data.")]
-    result = invoke("pretrain", "data=files", f"data.train={tmp_path}/nope.jsonl", *not_synthetic, "--runs-dir", tmp_path / "runs")
+    not_synthetic = [o for o in SIX_STEPS if not o.startswith("data.")]
+    result = cli("pretrain", "data=files", f"data.train={tmp_path}/nope.jsonl", *not_synthetic, runs=tmp_path / "runs")
     assert result.exit_code == 2
     assert "no such data file" in result.output
     statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "runs").glob("pretrain/*/status.json")]
@@ -43,32 +35,32 @@ def test_missing_data_file_exits_2_and_marks_nothing_succeeded(tmp_path):
 
 
 def test_required_value_is_named(tmp_path):
-    result = invoke("validate", "pretrain", "data=files")
+    result = cli("validate", "pretrain", "data=files")
     assert result.exit_code == 2 and "data.train is required" in result.output
 
 
 def test_dry_run_prints_the_resolved_config(tmp_path):
-    result = invoke("pretrain", "model=tiny", "trainer.max_steps=7", "--dry-run", "--runs-dir", tmp_path / "runs")
+    result = cli("pretrain", "model=tiny", "trainer.max_steps=7", "--dry-run", runs=tmp_path / "runs")
     assert result.exit_code == 0
     assert "preset: tiny" in result.output and "max_steps: 7" in result.output
     assert not (tmp_path / "runs").exists()
 
 
 def test_ls_and_validate():
-    result = invoke("ls")
+    result = cli("ls")
     assert result.exit_code == 0 and "objective" in result.output and "span_corruption" in result.output
-    result = invoke("ls", "model")
+    result = cli("ls", "model")
     assert result.exit_code == 0 and "330m" in result.output.split()
-    assert invoke("ls", "colours").exit_code == 2
-    result = invoke("validate", "pretrain", "model=330m", "objective=span_corruption")
+    assert cli("ls", "colours").exit_code == 2
+    result = cli("validate", "pretrain", "model=330m", "objective=span_corruption")
     assert result.exit_code == 0 and "ok" in result.output
-    result = invoke("validate", "pretrain", "model=deconly-tiny", "trainer.deterministic=true", "--show")
+    result = cli("validate", "pretrain", "model=deconly-tiny", "trainer.deterministic=true", "--show")
     assert result.exit_code == 0 and "deterministic: true" in result.output
 
 
 def test_pretrain_run_directory_latest_runs_and_generate(tmp_path):
     runs = tmp_path / "runs"
-    result = invoke("pretrain", *TINY, "--runs-dir", runs, "--name", "first")
+    result = cli("pretrain", *SIX_STEPS, "--name", "first", runs=runs)
     assert result.exit_code == 0, result.output
     run = (runs / "pretrain" / "latest").resolve()
     assert run.name.endswith("-first")
@@ -89,23 +81,22 @@ def test_pretrain_run_directory_latest_runs_and_generate(tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics) and any("tokens_per_s" in m for m in metrics)
 
-    listing = invoke("runs", "--runs-dir", runs)
+    listing = cli("runs", runs=runs)
     assert listing.exit_code == 0 and "succeeded" in listing.output and "pretrain" in listing.output
-    shown = invoke("runs", "show", "pretrain/latest", "--runs-dir", runs)
+    shown = cli("runs", "show", "pretrain/latest", runs=runs)
     assert shown.exit_code == 0 and "succeeded" in shown.output
 
-    generated = invoke("generate", "pretrain/latest", "prompt=Where does Mara live?", "--max-new-tokens", "5",
-                       "--runs-dir", runs)
+    generated = cli("generate", "pretrain/latest", "prompt=Where does Mara live?", "--max-new-tokens", "5", runs=runs)
     assert generated.exit_code == 0, generated.output
     assert "> Where does Mara live?" in generated.output
-    missing = invoke("generate", "pretrain/nothing-here", "prompt=hi", "--runs-dir", runs)
+    missing = cli("generate", "pretrain/nothing-here", "prompt=hi", runs=runs)
     assert missing.exit_code == 2
 
 
 def test_generate_reads_a_prompt_file_and_reports_bad_lines(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hello"}\nnot json\n')
-    result = invoke("generate", tmp_path / "no-model", "--file", prompts)
+    result = cli("generate", tmp_path / "no-model", "--file", prompts)
     assert result.exit_code == 2 and "prompts.jsonl:2: not valid JSON" in result.output
 
 
@@ -116,6 +107,6 @@ def test_missing_device_is_a_one_line_error(tmp_path, device, message):
 
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = invoke("pretrain", "model=tiny", "--device", device, "--runs-dir", tmp_path / "runs")
+    result = cli("pretrain", "model=tiny", "--device", device, runs=tmp_path / "runs")
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "runs").exists()

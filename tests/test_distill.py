@@ -5,10 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import CountSteps, Crash, resumed_from
-from typer.testing import CliRunner
+from conftest import DISTILL_DATA, CountSteps, Crash, cli, resumed_from, train_run
 
-from slmctl.cli import app
 from slmctl.config import ConfigError, compose
 from slmctl.data.synthetic import SyntheticWorld
 from slmctl.data.tokenizer import load_hf_tokenizer, train_bpe
@@ -18,20 +16,8 @@ from slmctl.train import distill, kd_losses
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.teacher import load_teacher, same_tokenizer
 
-DATA = ["data.n_people=200", "data.train_examples=160", "data.validation_examples=24", "data.min_facts=1",
-        "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=12",
-        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
-
-
 def teacher_cfg(path, kind="hf"):
     return compose("distill", [f"teacher.path={path}"] if kind == "hf" else ["teacher=run", f"teacher.path={path}"]).teacher
-
-
-def distil(tmp_path, name, overrides, callbacks=None, cfg=None):
-    cfg = cfg if cfg is not None else compose("distill", [*DATA, *overrides])
-    run = Run.create(tmp_path / "runs", "distill", name, cfg, argv=["test"])
-    distill.run(cfg, run, callbacks=callbacks)
-    return run
 
 
 # -- alignment -------------------------------------------------------------------------
@@ -79,8 +65,9 @@ def test_different_tokenizers_pair_positions_up_to_the_shorter_target(llama_dir,
 
 
 def test_distilling_a_saved_llama_lowers_the_kd_loss(llama_dir, tmp_path):
-    run = distil(tmp_path, "kd", [f"teacher.path={llama_dir}", "student=tiny", "trainer.max_steps=30",
-                                  "trainer.val_check_interval=10", "optim.lr=1e-2", "optim.warmup_steps=3", "kd.alpha=0.9"])
+    run = train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny",
+                    "trainer.max_steps=30", "trainer.val_check_interval=10", "optim.lr=1e-2", "optim.warmup_steps=3",
+                    "kd.alpha=0.9"], name="kd")
     kd = [m["val_kd_loss"] for m in run.metrics() if "val_kd_loss" in m]
     assert len(kd) == 3 and kd[-1] < 0.8 * kd[0], kd
     summary = run.status()["summary"]
@@ -92,9 +79,9 @@ def test_distilling_a_saved_llama_lowers_the_kd_loss(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("targets", ["teacher", "student", "mix"])
 def test_generated_targets_train(llama_dir, tmp_path, targets):
-    run = distil(tmp_path, targets, [f"teacher.path={llama_dir}", "student=tiny", "trainer.max_steps=4",
-                                     "trainer.val_check_interval=4", f"kd.targets={targets}", "kd.on_policy_prob=0.5",
-                                     "kd.student_top_k=20", "kd.teacher_temperature=0.8"])
+    run = train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny",
+                    "trainer.max_steps=4", "trainer.val_check_interval=4", f"kd.targets={targets}",
+                    "kd.on_policy_prob=0.5", "kd.student_top_k=20", "kd.teacher_temperature=0.8"], name=targets)
     steps = [m for m in run.metrics() if "train_kd_loss" in m]
     assert len(steps) == 4 and all(m["train_kd_loss"] > 0 for m in steps)
     if targets == "mix":
@@ -102,12 +89,8 @@ def test_generated_targets_train(llama_dir, tmp_path, targets):
 
 
 def test_an_encoder_decoder_run_is_not_a_teacher(tmp_path):
-    from slmctl.train import pretrain
-
-    cfg = compose("pretrain", ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=300", "trainer.max_steps=1",
-                               *DATA])
-    encdec = Run.create(tmp_path / "runs", "pretrain", "encdec", cfg, argv=["test"])
-    pretrain.run(cfg, encdec)
+    encdec = train_run(tmp_path / "runs", "pretrain", ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=300",
+                                                       "trainer.max_steps=1", *DISTILL_DATA], name="encdec")
     with pytest.raises(ConfigError, match="a teacher must be a decoder-only LM"):
         load_teacher(teacher_cfg(encdec.path, kind="run"), tmp_path / "runs")
     with pytest.raises(ConfigError, match="a teacher must be a decoder-only LM"):  # its model dir, as kind hf
@@ -121,7 +104,7 @@ def test_cached_loss_equals_live_loss_with_full_topk_and_is_close_with_small_k(l
     vocab = vocab_size_for(400)
     losses = {}
     for name, k, dtype in [("full", vocab, "float32"), ("k32", 32, "float16")]:
-        cfg = compose("distill", [*DATA, f"teacher.path={llama_dir}", "student=tiny", "kd.cache=true",
+        cfg = compose("distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny", "kd.cache=true",
                                   f"kd.cache_topk={k}", f"kd.cache_dtype={dtype}", "kd.temperature=2.0"])
         run = Run.create(tmp_path / "runs", "distill", name, cfg, argv=["test"])
         teacher = load_teacher(cfg.teacher, tmp_path)
@@ -150,8 +133,8 @@ def test_cached_loss_equals_live_loss_with_full_topk_and_is_close_with_small_k(l
 
 
 def test_training_from_the_cache(llama_dir, tmp_path):
-    run = distil(tmp_path, "cache", [f"teacher.path={llama_dir}", "student=tiny", "kd.cache=true", "trainer.max_steps=6",
-                                     "trainer.val_check_interval=6"])
+    run = train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny",
+                    "kd.cache=true", "trainer.max_steps=6", "trainer.val_check_interval=6"], name="cache")
     assert (run.path / "teacher_cache" / "train-00000.safetensors").is_file()
     assert run.status()["summary"]["val_kd_loss"] > 0
     assert "teacher cache: top-64" in (run.path / "log.txt").read_text()
@@ -161,21 +144,21 @@ def test_training_from_the_cache(llama_dir, tmp_path):
 
 
 def test_different_tokenizers_are_an_error_unless_uld(llama_dir, tmp_path):
-    common = [*DATA, f"teacher.path={llama_dir}", "student=tiny", "tokenizer=bpe", "tokenizer.vocab_size=320",
+    common = [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny", "tokenizer=bpe", "tokenizer.vocab_size=320",
               "trainer.max_steps=4", "trainer.val_check_interval=4"]
-    result = CliRunner().invoke(app, ["distill", *common, "--runs-dir", str(tmp_path / "runs")])
+    result = cli("distill", *common, runs=tmp_path / "runs")
     assert result.exit_code == 2
     assert "tokenizer" in result.output and "kd.cross_tokenizer=uld" in result.output and "Traceback" not in result.output
-    run = distil(tmp_path, "uld", [f"teacher.path={llama_dir}", "student=tiny", "tokenizer=bpe",
-                                   "tokenizer.vocab_size=320", "kd.cross_tokenizer=uld", "trainer.max_steps=4",
-                                   "trainer.val_check_interval=4"])
+    run = train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny",
+                    "tokenizer=bpe", "tokenizer.vocab_size=320", "kd.cross_tokenizer=uld", "trainer.max_steps=4",
+                    "trainer.val_check_interval=4"], name="uld")
     assert run.status()["summary"]["val_kd_loss"] > 0
     assert "Universal Logit Distillation" in (run.path / "log.txt").read_text()
 
 
 def test_same_tokenizer_with_a_wider_student_vocabulary_uses_the_shared_range(llama_dir, tmp_path):
-    run = distil(tmp_path, "wide", [f"teacher.path={llama_dir}", "student=tiny", "student.vocab_size=640",
-                                    "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    run = train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny",
+                    "student.vocab_size=640", "trainer.max_steps=2", "trainer.val_check_interval=2"], name="wide")
     assert "teacher 512 ids, student 640; the same tokenizer, so KD compares the shared first 512 ids" in \
         (run.path / "log.txt").read_text()
 
@@ -200,13 +183,15 @@ def test_bad_kd_settings_are_one_line_errors(override, message):
 
 def test_cache_and_a_sharded_teacher_need_gold_targets(llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="kd.cache=true needs kd.targets=gold"):
-        distil(tmp_path, "bad", [f"teacher.path={llama_dir}", "kd.cache=true", "kd.targets=student"])
+        train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "kd.cache=true",
+                  "kd.targets=student"], name="bad")
     with pytest.raises(ConfigError, match="teacher.shard=true needs kd.targets=gold"):
-        distil(tmp_path, "bad", [f"teacher.path={llama_dir}", "teacher.shard=true", "kd.targets=teacher"])
+        train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "teacher.shard=true",
+                  "kd.targets=teacher"], name="bad")
 
 
 def test_missing_teacher_directory_is_a_one_line_error(tmp_path):
-    result = CliRunner().invoke(app, ["distill", f"teacher.path={tmp_path}/nowhere", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("distill", f"teacher.path={tmp_path}/nowhere", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "no such directory" in result.output and "Traceback" not in result.output
 
 
@@ -229,9 +214,9 @@ def test_killed_and_resumed_distillation_continues_to_the_same_weights(llama_dir
     from safetensors.torch import load_file
 
     extra, kills = RESUMES[variant]
-    overrides = [*DATA, f"teacher.path={llama_dir}", "student=tiny", "student.dropout=0.1", *extra,
+    overrides = [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny", "student.dropout=0.1", *extra,
                  "trainer.max_steps=8", "trainer.val_check_interval=4", "checkpoint_every=3"]
-    whole = distil(tmp_path, "whole", [], cfg=compose("distill", overrides))
+    whole = train_run(tmp_path / "runs", "distill", overrides, name="whole")
     cfg = compose("distill", overrides)
     killed = Run.create(tmp_path / "runs", "distill", "killed", cfg, argv=["test"])
     with pytest.raises(SystemExit):
@@ -255,8 +240,8 @@ def test_killed_and_resumed_distillation_continues_to_the_same_weights(llama_dir
 
 
 def test_control_student_is_trained_and_compared(llama_dir, tmp_path):
-    run = distil(tmp_path, "control", [f"teacher.path={llama_dir}", "student=tiny", "control=true",
-                                       "trainer.max_steps=4", "trainer.val_check_interval=4"])
+    run = train_run(tmp_path / "runs", "distill", [*DISTILL_DATA, f"teacher.path={llama_dir}", "student=tiny",
+                    "control=true", "trainer.max_steps=4", "trainer.val_check_interval=4"], name="control")
     summary = run.status()["summary"]
     assert summary["val_ce_gain"] == pytest.approx(summary["control_val_ce_loss"] - summary["val_ce_loss"], abs=1e-4)
     assert (run.path / "control" / "model" / "model.safetensors").is_file()

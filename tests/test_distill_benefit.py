@@ -8,12 +8,9 @@ import hashlib
 
 import pytest
 import torch
-from conftest import InitialWeights
+from conftest import InitialWeights, train_run
 from lightning.pytorch.callbacks import Callback
 
-from slmctl.config import compose
-from slmctl.runs import Run
-from slmctl.train import distill, pretrain
 
 COMMON = ["data.n_people=200", "data.min_facts=1", "data.max_facts=1", "max_source_len=48", "max_target_len=10",
           "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "optim.lr=3e-3"]
@@ -38,23 +35,20 @@ class Batches(Callback):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A decoder-only teacher pretrained for 20 steps on 500 examples of the reading task."""
-    cfg = compose("pretrain", ["model=deconly-tiny", "objective=seq2seq", "tokenizer.vocab_size=400", *COMMON,
-                               "data.train_examples=500", "data.validation_examples=16", "batch_size=16",
-                               "optim.warmup_steps=5", "trainer.max_steps=20", "trainer.val_check_interval=20",
-                               "checkpoint_every=20"])
-    run = Run.create(tmp_path_factory.mktemp("teacher") / "runs", "pretrain", "teacher", cfg, argv=["test"])
-    pretrain.run(cfg, run)
+    run = train_run(tmp_path_factory.mktemp("teacher") / "runs", "pretrain",
+                    ["model=deconly-tiny", "objective=seq2seq", "tokenizer.vocab_size=400", *COMMON, "data.train_examples=500",
+                     "data.validation_examples=16", "batch_size=16", "optim.warmup_steps=5", "trainer.max_steps=20",
+                     "trainer.val_check_interval=20", "checkpoint_every=20"], name="teacher")
     return run.path
 
 
 def test_the_distilled_student_beats_its_control_on_validation_ce(teacher, tmp_path):
-    cfg = compose("distill", ["teacher=run", f"teacher.path={teacher}", "student=tiny", "control=true", *COMMON,
-                              "data.train_examples=16", "data.validation_examples=32", "batch_size=8",
-                              "optim.warmup_steps=5", "trainer.max_steps=20", "trainer.val_check_interval=20",
-                              "checkpoint_every=20"])
-    run = Run.create(tmp_path / "runs", "distill", "benefit", cfg, argv=["test"])
     initial, batches = InitialWeights(), Batches()
-    distill.run(cfg, run, callbacks=[initial, batches])
+    run = train_run(tmp_path / "runs", "distill",
+                    ["teacher=run", f"teacher.path={teacher}", "student=tiny", "control=true", *COMMON,
+                     "data.train_examples=16", "data.validation_examples=32", "batch_size=8", "optim.warmup_steps=5",
+                     "trainer.max_steps=20", "trainer.val_check_interval=20", "checkpoint_every=20"],
+                    name="benefit", callbacks=[initial, batches])
 
     student, control = initial.fits
     assert student.keys() == control.keys() and all(torch.equal(student[k], control[k]) for k in student)

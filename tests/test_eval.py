@@ -4,9 +4,8 @@ systems' predictions, and the side-by-side report."""
 import json
 
 import pytest
-from typer.testing import CliRunner
+from conftest import TINY_PRETRAIN, TINY_SYNTHETIC_DATA, TINY_TRAINING, ChatServer, cli, train_run
 
-from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.data.sources import DataError
 from slmctl.eval import evaluate
@@ -30,21 +29,11 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Two tiny trained models: an encoder-decoder and a decoder-only baseline (shared tokenizer)."""
-    from slmctl.train import pretrain
-
     runs = tmp_path_factory.mktemp("runs")
-    common = ["objective=seq2seq", "data.n_people=200", "data.train_examples=200", "data.validation_examples=16",
-              "data.min_facts=1", "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8",
-              "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
-    made = []
-    for name, extra in [("encdec", ["model=tiny", "tokenizer.vocab_size=400"]), ("deconly", ["model=deconly-tiny"])]:
-        if made:
-            extra = [*extra, "tokenizer=run", f"tokenizer.path={made[0]}"]
-        cfg = compose("pretrain", [*common, *extra])
-        run = Run.create(runs, "pretrain", name, cfg, argv=["test"])
-        pretrain.run(cfg, run)
-        made.append(run.path)
-    return runs, made
+    encdec = train_run(runs, "pretrain", TINY_PRETRAIN, name="encdec")
+    deconly = train_run(runs, "pretrain", ["model=deconly-tiny", "objective=seq2seq", *TINY_SYNTHETIC_DATA, *TINY_TRAINING,
+                                           "tokenizer=run", f"tokenizer.path={encdec.path}"], name="deconly")
+    return runs, [encdec.path, deconly.path]
 
 
 def evaluate_run(runs, overrides, models=(), predictions=None):
@@ -107,13 +96,12 @@ def test_bad_predictions_files_are_one_line_errors(tmp_path):
     data = write_jsonl(tmp_path / "dev.jsonl", SQUAD_ROWS)
     (tmp_path / "broken.jsonl").write_text('{"id": "q1", "prediction": "x"}\nnot json\n')
     write_jsonl(tmp_path / "partial.jsonl", [{"id": "q1", "prediction": "Porto"}])
-    runner = CliRunner()
     for name, message in [("broken.jsonl", "broken.jsonl:2: not valid JSON"),
                           ("partial.jsonl", "2 of the task's 3 examples have no prediction (first: id 'q2')")]:
-        result = runner.invoke(app, ["eval", "--predictions", str(tmp_path / name), "task=squad_v2",
-                                     f"task.data_files={data}", "--runs-dir", str(tmp_path / "runs")])
+        result = cli("eval", "--predictions", str(tmp_path / name), "task=squad_v2",
+                     f"task.data_files={data}", runs=tmp_path / "runs")
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
-    result = runner.invoke(app, ["eval", "task=squad_v2", f"task.data_files={data}", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("eval", "task=squad_v2", f"task.data_files={data}", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "give model(s)" in result.output
 
 
@@ -147,8 +135,6 @@ def test_side_by_side_report_matches_single_model_runs(tmp_path, models, capsys)
 
 
 def test_judge_scores_are_reported_cached_and_the_key_is_never_written(tmp_path, monkeypatch):
-    from test_eval_judge import ChatServer
-
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLMCTL_TEST_KEY", "sk-very-secret")

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import TINY_PRETRAIN, cli, newest_run, stage_runs, train_run
 
-from slmctl.cli import app
 from slmctl.eval.predict import predict_batches
 from slmctl.progress import append_progress, read_progress
 from slmctl.runs import Run
@@ -18,15 +17,6 @@ BENCH = ["tiny", "deconly-tiny", "--input-lens", "8,16", "--output-lens", "2", "
 TIMINGS = {"first_token_ms", "first_token_ms_p90", "first_token_ms_stdev", "decode_tok_s", "decode_tok_s_p90",
            "decode_tok_s_stdev", "e2e_ms", "peak_mem_mb", "load_s", "samples", "bandwidth_bound_tok_s", "bound_fraction"}
 BANDWIDTH = {"bandwidth_bound_tok_s", "bound_fraction"}  # filled in for every record after all are measured
-
-
-def slmctl(runs, *args):
-    return CliRunner().invoke(app, [*args, "--runs-dir", str(runs)])
-
-
-def run_dir(runs, stage, name):
-    (found,) = (runs / stage).glob(f"*-{name}")
-    return found
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,17 +31,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny encoder-decoder trained for three steps (as in test_eval)."""
-    from slmctl.config import compose
-    from slmctl.train import pretrain
-
-    cfg = compose("pretrain", ["model=tiny", "tokenizer.vocab_size=400", "objective=seq2seq", "data.n_people=200",
-                               "data.train_examples=200", "data.validation_examples=16", "data.min_facts=1",
-                               "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8",
-                               "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"])
-    run = Run.create(tmp_path_factory.mktemp("runs"), "pretrain", "encdec", cfg, argv=["test"])
-    pretrain.run(cfg, run)
-    return run.path
+    """A tiny encoder-decoder trained for three steps."""
+    return train_run(tmp_path_factory.mktemp("runs"), "pretrain", TINY_PRETRAIN, name="encdec").path
 
 
 def count_generated(monkeypatch, stop_after: int | None = None) -> list[int]:
@@ -72,13 +53,13 @@ def count_generated(monkeypatch, stop_after: int | None = None) -> list[int]:
 
 def test_interrupted_eval_of_1024_prompts_resumes_generating_only_the_missing_ones(tmp_path, model, monkeypatch):
     runs = tmp_path / "runs"
-    whole = slmctl(runs, "eval", str(model), *EVAL, "--name", "whole")
+    whole = cli("eval", str(model), *EVAL, "--name", "whole", runs=runs)
     assert whole.exit_code == 0, whole.output
 
     generated = count_generated(monkeypatch, stop_after=3)
-    killed = slmctl(runs, "eval", str(model), *EVAL, "--name", "killed")
+    killed = cli("eval", str(model), *EVAL, "--name", "killed", runs=runs)
     assert killed.exit_code == 130 and "resume with: slmctl eval resume=" in killed.output, killed.output
-    killed_dir = run_dir(runs, "eval", "killed")
+    killed_dir = newest_run(runs, "eval", "killed")
     assert Run.open(killed_dir).status()["status"] == "interrupted"
     saved = killed_dir / "progress" / "synthetic_qa" / "encdec.jsonl"
     assert len(read_progress(saved)) == len(generated) == 3 * 64
@@ -87,14 +68,14 @@ def test_interrupted_eval_of_1024_prompts_resumes_generating_only_the_missing_on
 
     finished_before = set(generated)
     generated = count_generated(monkeypatch)
-    resumed = slmctl(runs, "eval", "resume=unfinished")
+    resumed = cli("eval", "resume=unfinished", runs=runs)
     assert resumed.exit_code == 0, resumed.output
     assert len(generated) == 1024 - 3 * 64 and not finished_before & set(generated)  # only the missing ones
     assert Run.open(killed_dir).status()["status"] == "succeeded"
     assert "192 of 1024 examples reused from progress/synthetic_qa/encdec.jsonl" in (killed_dir / "log.txt").read_text()
     assert len(read_progress(saved)) == len(saved.read_text().splitlines()) == 1024  # the partial line was cut off
 
-    whole_dir = run_dir(runs, "eval", "whole")
+    whole_dir = newest_run(runs, "eval", "whole")
     for name in ("predictions.jsonl", "metrics.json"):
         assert (killed_dir / name).read_text() == (whole_dir / name).read_text(), name
     assert len((whole_dir / "predictions.jsonl").read_text().splitlines()) == 1024
@@ -104,7 +85,7 @@ def test_interrupted_bench_resumes_measuring_only_the_rest(tmp_path, monkeypatch
     from slmctl.bench import stage
 
     runs = tmp_path / "runs"
-    whole = slmctl(runs, "bench", *BENCH, "--name", "whole")
+    whole = cli("bench", *BENCH, "--name", "whole", runs=runs)
     assert whole.exit_code == 0, whole.output
 
     measure, load_for_bench = stage.measure, stage.load_for_bench
@@ -122,16 +103,16 @@ def test_interrupted_bench_resumes_measuring_only_the_rest(tmp_path, monkeypatch
 
     monkeypatch.setattr(stage, "measure", counting_measure)
     monkeypatch.setattr(stage, "load_for_bench", counting_load)
-    killed = slmctl(runs, "bench", *BENCH, "--name", "killed")
+    killed = cli("bench", *BENCH, "--name", "killed", runs=runs)
     assert killed.exit_code == 130, killed.output
-    killed_dir = run_dir(runs, "bench", "killed")
+    killed_dir = newest_run(runs, "bench", "killed")
     before = [p["record"] for p in read_progress(killed_dir / "progress" / "bench.jsonl")]
     assert [(r["model"], r["input_len"]) for r in before] == [("tiny", 8), ("tiny", 16), ("deconly-tiny", 8)]
 
     measured.clear()
     loaded.clear()
     stop_after = None
-    resumed = slmctl(runs, "bench", "resume=unfinished")
+    resumed = cli("bench", "resume=unfinished", runs=runs)
     assert resumed.exit_code == 0, resumed.output
     assert measured == [("deconly-tiny", 1, 16, 2)]  # the one configuration left
     assert loaded == ["deconly-tiny"]  # tiny was finished: not even loaded
@@ -139,7 +120,7 @@ def test_interrupted_bench_resumes_measuring_only_the_rest(tmp_path, monkeypatch
     records = json.loads((killed_dir / "bench.json").read_text())["records"]
     for reused, saved in zip(records, before):  # the timings of the first run, not new ones
         assert {k: v for k, v in reused.items() if k not in BANDWIDTH} == {k: v for k, v in saved.items() if k not in BANDWIDTH}
-    expected = json.loads((run_dir(runs, "bench", "whole") / "bench.json").read_text())["records"]
+    expected = json.loads((newest_run(runs, "bench", "whole") / "bench.json").read_text())["records"]
 
     def without_timings(rows):
         return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
@@ -188,7 +169,7 @@ def test_sigterm_during_eval_or_export_marks_the_run_interrupted_with_exit_130(m
         process.kill()
     assert process.returncode == 130, stderr
     assert "stopped by SIGTERM" in stderr and f"resume with: slmctl {stage} resume=" in stderr
-    (run_dir,) = [p for p in (runs / stage).iterdir() if p.name != "latest"]
+    (run_dir,) = stage_runs(runs, stage)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and "SIGTERM" in status["error"]
     assert not (run_dir / ".lock").exists() and not (runs / stage / "latest").exists()

@@ -4,11 +4,10 @@ OpenAI-compatible endpoint served by the test, and the score cache."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import ChatServer, cli
 
 from slmctl.eval import judge as judge_module
 from slmctl.eval.judge import (MAX_FIELD_CHARS, EndpointJudge, JudgeCache, JudgeError, JudgeResult, LocalJudge, judge_examples,
@@ -76,8 +75,9 @@ def test_result_mean():
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A tiny random LlamaForCausalLM with a byte-level BPE tokenizer, as `save_pretrained` leaves them."""
+def judge_llama_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM with a byte-level BPE tokenizer of English sentences, as
+    `save_pretrained` leaves them (conftest's llama_dir speaks the synthetic world's tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -99,12 +99,12 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_judge(llama_dir):
-    return LocalJudge(str(llama_dir), max_new_tokens=8, batch_size=2, dtype="float32")
+def local_judge(judge_llama_dir):
+    return LocalJudge(str(judge_llama_dir), max_new_tokens=8, batch_size=2, dtype="float32")
 
 
-def test_local_judge_completes_each_prompt(local_judge, llama_dir):
-    assert local_judge.id.startswith(f"local:{llama_dir.resolve()}")
+def test_local_judge_completes_each_prompt(local_judge, judge_llama_dir):
+    assert local_judge.id.startswith(f"local:{judge_llama_dir.resolve()}")
     prompts = ["short", judge_prompt(**EXAMPLES[0]), "a third, longer prompt about Hamlet"]  # 2 batches, uneven lengths
     replies = local_judge.complete(prompts)
     assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
@@ -143,56 +143,18 @@ def test_local_judge_parsable_replies(local_judge, tmp_path, monkeypatch):
     assert sent == [2, 1] and result.calls == 3  # chunks of batch_size; the repeated example is sent once
 
 
-def test_local_judge_errors(tmp_path, llama_dir):
+def test_local_judge_errors(tmp_path, judge_llama_dir):
     with pytest.raises(JudgeError, match="no such directory"):
         LocalJudge(str(tmp_path / "nothing"))
     with pytest.raises(JudgeError, match="cannot load judge model"):
         LocalJudge(str(tmp_path))  # a directory without a model
     with pytest.raises(JudgeError, match="dtype"):
-        LocalJudge(str(llama_dir), dtype="float8")
+        LocalJudge(str(judge_llama_dir), dtype="float8")
     with pytest.raises(JudgeError, match="'prediction' must be a string"):
         judge_examples(object(), [{"source": "s", "reference": "r", "prediction": None}])
 
 
 # -- endpoint judge ------------------------------------------------------------------------
-
-
-class ChatServer:
-    """A chat-completions server on 127.0.0.1 that records requests and answers from a script of statuses."""
-
-    def __init__(self, statuses=(), content="Reasoning...\nScore: 0.6"):
-        self.requests: list[dict] = []
-        self.statuses = list(statuses)  # served first, one per request; then 200s
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "json": body, "authorization": self.headers.get("Authorization")})
-                status = server.statuses.pop(0) if server.statuses else 200
-                reply = {"choices": [{"message": {"role": "assistant", "content": content}}]} if status == 200 \
-                    else {"error": {"message": f"status {status}\nsecond line"}}
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(autouse=True)
@@ -293,9 +255,6 @@ def test_cache_skips_corrupt_lines(tmp_path):
 def test_an_unreachable_judge_endpoint_is_one_line_and_exit_2_from_the_command(tmp_path, monkeypatch):
     """`slmctl eval ... judge=endpoint` against a port nothing listens on: one line on stderr naming
     the endpoint, exit 2, no traceback, and the eval run marked failed (JudgeError is a UserError)."""
-    from typer.testing import CliRunner
-
-    from slmctl.cli import app
     from slmctl.eval.judge import EndpointJudge
     from slmctl.runs import list_runs
 
@@ -307,9 +266,8 @@ def test_an_unreachable_judge_endpoint_is_one_line_and_exit_2_from_the_command(t
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text(json.dumps({"id": "q1", "prediction": "Porto"}) + "\n")
-    result = CliRunner().invoke(app, ["eval", "--predictions", str(predictions), "task=jsonl", f"task.data_files={data}",
-                                      "judge=endpoint", f"judge.endpoint={closed}", "judge.model=m",
-                                      "--runs-dir", str(tmp_path / "runs")])
+    result = cli("eval", "--predictions", predictions, "task=jsonl", f"task.data_files={data}", "judge=endpoint",
+                 f"judge.endpoint={closed}", "judge.model=m", runs=tmp_path / "runs")
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "cannot reach judge endpoint" in lines[0] and "Traceback" not in result.output

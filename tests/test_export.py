@@ -6,38 +6,21 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import REPO, TINY_PRETRAIN, cli, newest_run, train_run
 
-from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.runtime.onnx import SPEC_FILE, OnnxExportError, OnnxLM
 from slmctl.model import build_model
-from slmctl.runs import Run
 
 FAST = ["validation.prompt_lens=[5,19]", "validation.steps=12"]
 SMALL_REPORT = ["report.prompts=6", "report.steps=8", "report.eval_limit=8", "report.input_len=16", "report.output_len=4",
                 "report.repeat=1", "qdq.calibration_prompts=4", "qdq.calibration_steps=3", "task.n_people=200"]
 
 
-def export(tmp_path, *args):
-    result = CliRunner().invoke(app, ["export", "onnx", *args, "--runs-dir", str(tmp_path / "runs")])
-    runs = sorted((tmp_path / "runs" / "export").glob("*"))
-    return result, (runs[-1] if runs else None)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny trained encoder-decoder with its tokenizer (a pretrain run)."""
-    from slmctl.train import pretrain
-
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = compose("pretrain", ["objective=seq2seq", "model=tiny", "tokenizer.vocab_size=400", "data.n_people=200",
-                               "data.train_examples=200", "data.validation_examples=16", "data.min_facts=1",
-                               "data.max_facts=2", "batch_size=8", "max_source_len=64", "max_target_len=8",
-                               "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"])
-    run = Run.create(runs, "pretrain", "tiny", cfg, argv=["test"])
-    pretrain.run(cfg, run)
-    return run.path
+    return train_run(tmp_path_factory.mktemp("runs"), "pretrain", TINY_PRETRAIN, name="tiny").path
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +47,9 @@ def randomized_export(tmp_path_factory):
 
 
 def test_encoder_decoder_export_is_described_checked_and_validated(tmp_path):
-    result, run = export(tmp_path, "tiny", *FAST)
+    result = cli("export", "onnx", "tiny", *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
     out = run / "export"
     spec = json.loads((out / SPEC_FILE).read_text())
     graphs = spec["variants"]["fp32"]["graphs"]
@@ -105,16 +89,18 @@ def test_greedy_and_beam_generations_match_torch_on_padded_batches(randomized_ex
 
 
 def test_decoder_only_export_is_one_graph_with_cache(tmp_path):
-    result, run = export(tmp_path, "deconly-tiny", *FAST)
+    result = cli("export", "onnx", "deconly-tiny", *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
     spec = json.loads((run / "export" / SPEC_FILE).read_text())
     assert list(spec["variants"]["fp32"]["graphs"]) == ["decoder"] and spec["architecture"] == "decoder-only"
     assert (run / "export" / "model.onnx").is_file() and json.loads((run / "validation.json").read_text())["passed"]
 
 
 def test_static_variant_runs_on_ort_cpu_with_fixed_shapes(tmp_path):
-    result, run = export(tmp_path, "tiny", "--static", "static.prompt_len=24", "static.capacity=40", *FAST)
+    result = cli("export", "onnx", "tiny", "--static", "static.prompt_len=24", "static.capacity=40", *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
     out = run / "export"
     for name in ("encoder.onnx", "decoder.onnx"):
         graph = onnx.load(str(out / name)).graph
@@ -148,8 +134,9 @@ def test_a_tampered_weight_fails_validation_with_exit_1(tmp_path, monkeypatch):
         return variant
 
     monkeypatch.setattr(stage, "export_graphs", export_then_tamper)
-    result, run = export(tmp_path, "tiny", *FAST)
+    result = cli("export", "onnx", "tiny", *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 1
+    run = newest_run(tmp_path / "runs", "export")
     message = " ".join(result.output.split())
     assert "validation failed: max |logit diff|" in message and "Traceback" not in message
     status = json.loads((run / "status.json").read_text())
@@ -159,8 +146,9 @@ def test_a_tampered_weight_fails_validation_with_exit_1(tmp_path, monkeypatch):
 
 
 def test_external_data_keeps_weights_beside_the_graph(tmp_path):
-    result, run = export(tmp_path, "tiny", "external_data=always", *FAST)
+    result = cli("export", "onnx", "tiny", "external_data=always", *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
     out = run / "export"
     assert (out / "decoder.onnx.data").stat().st_size > (out / "decoder.onnx").stat().st_size
     graph = json.loads((out / SPEC_FILE).read_text())["variants"]["fp32"]["graphs"]["decoder"]
@@ -168,8 +156,9 @@ def test_external_data_keeps_weights_beside_the_graph(tmp_path):
 
 
 def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_path, trained):
-    result, run = export(tmp_path, str(trained), "--quantize", "int8", "--quantize", "qdq", *FAST, *SMALL_REPORT)
+    result = cli("export", "onnx", str(trained), "--quantize", "int8", "--quantize", "qdq", *FAST, *SMALL_REPORT, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
     out = run / "export"
     assert (out / "tokenizer.json").is_file()
     report = json.loads((run / "quantization.json").read_text())
@@ -190,15 +179,14 @@ def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_p
     assert set(spec["variants"]) == {"fp32", "int8", "qdq"}
 
     runs_dir = tmp_path / "runs"
-    generated = CliRunner().invoke(app, ["generate", str(run), "prompt=Where does Ana live?", "--max-new-tokens", "6",
-                                         "--runs-dir", str(runs_dir)])
-    torch_generated = CliRunner().invoke(app, ["generate", str(trained), "prompt=Where does Ana live?",
-                                               "--max-new-tokens", "6", "--runs-dir", str(runs_dir)])
+    generated = cli("generate", str(run), "prompt=Where does Ana live?", "--max-new-tokens", "6", runs=runs_dir)
+    torch_generated = cli("generate", str(trained), "prompt=Where does Ana live?",
+                          "--max-new-tokens", "6", runs=runs_dir)
     assert generated.exit_code == 0, generated.output
     assert generated.stdout.splitlines()[1:] == torch_generated.stdout.splitlines()[1:]
 
-    bench = CliRunner().invoke(app, ["bench", "--compare", f"{run}:int8", str(run), str(trained), "--input-lens", "16",
-                                     "--output-lens", "4", "--repeat", "1", "--format", "json", "--runs-dir", str(runs_dir)])
+    bench = cli("bench", "--compare", f"{run}:int8", str(run), str(trained), "--input-lens", "16",
+                "--output-lens", "4", "--repeat", "1", "--format", "json", runs=runs_dir)
     assert bench.exit_code == 0, bench.output
     records = json.loads(bench.stdout[bench.stdout.index("["):bench.stdout.rindex("]") + 1])
     assert [(r["runtime"], r["dtype"]) for r in records] == [("onnx", "int8"), ("onnx", "float32"), ("torch", "float32")]
@@ -206,12 +194,11 @@ def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_p
 
 
 def test_onnx_runtime_needs_an_export(tmp_path, trained):
-    result = CliRunner().invoke(app, ["bench", str(trained), "--runtime", "onnx", "--repeat", "1",
-                                      "--runs-dir", str(tmp_path / "runs")])
+    result = cli("bench", str(trained), "--runtime", "onnx", "--repeat", "1", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "slmctl export onnx" in result.output
-    result = CliRunner().invoke(app, ["generate", str(trained), "prompt=hi", "--runtime", "onnx"])
+    result = cli("generate", str(trained), "prompt=hi", "--runtime", "onnx")
     assert result.exit_code == 2 and "make one with `slmctl export onnx" in " ".join(result.output.split())
-    result, _ = export(tmp_path, "tiny", "--quantize", "int4")
+    result = cli("export", "onnx", "tiny", "--quantize", "int4", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "quantize='int4' is not one of: int8, qdq" in result.output
 
 
@@ -238,11 +225,12 @@ def test_without_a_model_the_newest_distill_or_pretrain_run_is_exported(tmp_path
 
     runs = tmp_path / "runs"
     shutil.copytree(trained.parent.parent, runs, symlinks=True)
-    result, run = export(tmp_path, *FAST)
+    result = cli("export", "onnx", *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
     inputs = json.loads((run / "inputs.json").read_text())
     assert inputs[0]["role"] == "model" and inputs[0]["path"].endswith("/model")
-    empty = CliRunner().invoke(app, ["export", "onnx", "--runs-dir", str(tmp_path / "none")])
+    empty = cli("export", "onnx", runs=tmp_path / "none")
     assert empty.exit_code == 2 and "no model given and no succeeded distill or pretrain run" in " ".join(empty.output.split())
 
 
@@ -264,26 +252,26 @@ def test_npu_providers_are_chosen_with_their_npu_settings(monkeypatch):
 def test_the_docs_standalone_example_matches_slmctl_generate(tmp_path, trained, capsys):
     """docs/export.md's ONNX Runtime loop (no slmctl) answers what `slmctl generate` answers."""
     import re
-    from pathlib import Path
 
-    result, run = export(tmp_path, str(trained), *FAST)
+    result = cli("export", "onnx", str(trained), *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    run = newest_run(tmp_path / "runs", "export")
+    doc = (REPO / "docs" / "export.md").read_text()
     code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
     code = code.replace('"runs/export/latest/export"', repr(str(run / "export")))
     capsys.readouterr()
     exec(compile(code, "docs/export.md", "exec"), {})
     standalone = capsys.readouterr().out.strip()
-    generated = CliRunner().invoke(app, ["generate", str(run), "prompt=Where does Ana live?", "--max-new-tokens", "16"])
+    generated = cli("generate", str(run), "prompt=Where does Ana live?", "--max-new-tokens", "16")
     assert generated.exit_code == 0, generated.output
     assert standalone == generated.stdout.splitlines()[1].strip()
 
 
 def test_eval_scores_an_export_like_its_torch_model(tmp_path, trained):
-    result, run = export(tmp_path, str(trained), *FAST)
+    result = cli("export", "onnx", str(trained), *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    evaluated = CliRunner().invoke(app, ["eval", str(run), str(trained), "task.n_people=200", "limit=8", "bootstrap=20",
-                                         "--runs-dir", str(tmp_path / "runs")])
+    run = newest_run(tmp_path / "runs", "export")
+    evaluated = cli("eval", str(run), str(trained), "task.n_people=200", "limit=8", "bootstrap=20", runs=tmp_path / "runs")
     assert evaluated.exit_code == 0, evaluated.output
     eval_run = sorted((tmp_path / "runs" / "eval").glob("*"))[-1]
     models = json.loads((eval_run / "metrics.json").read_text())["tasks"]["synthetic_qa"]["models"]

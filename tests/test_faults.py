@@ -11,13 +11,11 @@ import time
 
 import pytest
 import torch
-from conftest import CountSteps, Crash, resumed_from
+from conftest import LEARNING_DATA, CountSteps, Crash, cli, resumed_from, stage_runs, train_run
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.model.directory import CheckpointError
 from slmctl.runs import Run
@@ -25,21 +23,14 @@ from slmctl.train import pretrain
 from slmctl.train.checkpoints import MANIFEST, VerifiedCheckpointIO, last_good_checkpoint, problem_with
 from slmctl.train.stopping import Stopped
 
-BASE = ["model=tiny", "model.dropout=0.1", "tokenizer.vocab_size=400", "data.train_examples=400",
-        "data.validation_examples=32", "batch_size=8", "max_source_len=48", "max_target_len=16",
-        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "trainer.val_check_interval=5"]
-
-
-def train(tmp_path, name, overrides, callbacks=None):
-    cfg = compose("pretrain", [*BASE, *overrides])
-    run = Run.create(tmp_path / "runs", "pretrain", name, cfg, argv=["test"])
-    pretrain.run(cfg, run, callbacks=callbacks)
-    return run
+# dropout on: a resumed run ends with the uninterrupted run's weights only if its random state was restored too
+WITH_DROPOUT = ["model=tiny", "model.dropout=0.1", *LEARNING_DATA, "trainer.log_every_n_steps=1",
+                "trainer.val_check_interval=5"]
 
 
 def resume(run_path, overrides, steps):
     """Resume the run; it must run exactly `steps` steps (the rest after its checkpoint)."""
-    cfg = OmegaConf.merge(compose("pretrain", [*BASE, *overrides]), {"resume": str(run_path)})
+    cfg = OmegaConf.merge(compose("pretrain", [*WITH_DROPOUT, *overrides]), {"resume": str(run_path)})
     run = Run.open(run_path)
     run.resume()
     counted = CountSteps()
@@ -66,12 +57,13 @@ class SendSignal(Callback):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("whole"), "whole", ["trainer.max_steps=10", "checkpoint_every=4"])
+    return train_run(tmp_path_factory.mktemp("whole") / "runs", "pretrain",
+                     [*WITH_DROPOUT, "trainer.max_steps=10", "checkpoint_every=4"], name="whole")
 
 
 def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, uninterrupted):
     overrides = ["trainer.max_steps=10", "checkpoint_every=4"]
-    cfg = compose("pretrain", [*BASE, *overrides])
+    cfg = compose("pretrain", [*WITH_DROPOUT, *overrides])
     run = Run.create(tmp_path / "runs", "pretrain", "stopped", cfg, argv=["test"])
     with pytest.raises(Stopped, match="stopped by SIGINT after step 7; checkpoint saved: checkpoints/step-00000007.ckpt"):
         pretrain.run(cfg, run, callbacks=[SendSignal(6, signal.SIGINT)])
@@ -83,7 +75,7 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resumed_run_matches
 
 def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_unfinished_finishes_it(tmp_path):
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "slmctl", "pretrain", *BASE, "trainer.max_steps=100000", "checkpoint_every=100000",
+    command = [sys.executable, "-m", "slmctl", "pretrain", *WITH_DROPOUT, "trainer.max_steps=100000", "checkpoint_every=100000",
                "--runs-dir", str(runs)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -96,7 +88,7 @@ def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_unfinished_fini
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "stopped by SIGTERM after step" in stderr and "resume with: slmctl pretrain resume=" in stderr
-    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    (run_dir,) = stage_runs(runs, "pretrain")
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and "SIGTERM" in status["error"]
     saved = last_good_checkpoint(run_dir / "checkpoints")
@@ -107,7 +99,7 @@ def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_unfinished_fini
 
 def test_a_corrupt_or_unrecorded_newest_checkpoint_is_skipped_and_the_resumed_run_still_matches(tmp_path, uninterrupted):
     overrides = ["trainer.max_steps=10", "checkpoint_every=2"]
-    cfg = compose("pretrain", [*BASE, *overrides])
+    cfg = compose("pretrain", [*WITH_DROPOUT, *overrides])
     killed = Run.create(tmp_path / "runs", "pretrain", "killed", cfg, argv=["test"])
     with pytest.raises(SystemExit):
         pretrain.run(cfg, killed, callbacks=[Crash(7)])
@@ -149,8 +141,7 @@ def test_a_full_disk_while_saving_fails_the_run_and_keeps_the_previous_checkpoin
         real_save(obj, f)
 
     monkeypatch.setattr(checkpoints.torch, "save", save_until_the_disk_is_full)
-    result = CliRunner().invoke(app, ["pretrain", *BASE, "trainer.max_steps=10", "checkpoint_every=2",
-                                      "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", *WITH_DROPOUT, "trainer.max_steps=10", "checkpoint_every=2", runs=tmp_path / "runs")
     assert result.exit_code == 1
     message = " ".join(result.output.split())
     assert "could not save checkpoint step-00000004.ckpt: no space left on device" in message
@@ -166,8 +157,7 @@ def test_a_full_disk_while_writing_the_model_fails_the_run_with_one_line(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device", "model/model.safetensors")
 
     monkeypatch.setattr(pretrain, "save_model", no_space)
-    result = CliRunner().invoke(app, ["pretrain", *BASE, "trainer.max_steps=2", "checkpoint_every=2",
-                                      "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", *WITH_DROPOUT, "trainer.max_steps=2", "checkpoint_every=2", runs=tmp_path / "runs")
     assert result.exit_code == 1
     assert "no space left on device writing model/model.safetensors" in " ".join(result.output.split())
     assert "Traceback" not in result.output
@@ -180,21 +170,21 @@ def test_sigkill_while_checkpointing_every_step_leaves_a_run_that_resumes_to_the
     killed run still says "running", its lock names a dead process, and resume=unfinished finishes it."""
     runs = tmp_path / "runs"
     overrides = ["trainer.max_steps=40", "checkpoint_every=1"]
-    process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *BASE, *overrides, "--runs-dir", str(runs)],
+    process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *WITH_DROPOUT, *overrides, "--runs-dir", str(runs)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(runs.glob("pretrain/*/checkpoints/step-*.ckpt"))) < 5:
         time.sleep(0.05)
     process.kill()
     process.wait()
-    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    (run_dir,) = stage_runs(runs, "pretrain")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
     assert last_good_checkpoint(run_dir / "checkpoints") is not None
 
-    result = CliRunner().invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(runs)])
+    result = cli("pretrain", "resume=unfinished", runs=runs)
     assert result.exit_code == 0, result.output
     assert "taking over the lock of process" in (run_dir / "log.txt").read_text()
-    whole = train(tmp_path / "whole", "whole", overrides)
+    whole = train_run(tmp_path / "whole" / "runs", "pretrain", [*WITH_DROPOUT, *overrides], name="whole")
     assert same_weights(Run.open(run_dir), whole)
 
 
@@ -219,7 +209,7 @@ def test_a_second_ctrl_c_stops_at_once_without_finishing_the_step(tmp_path):
     it (here a step that takes a minute): the process ends within seconds, exit 130, the run
     interrupted and no checkpoint of the unfinished step."""
     runs, marker = tmp_path / "runs", tmp_path / "in-step-3"
-    process = subprocess.Popen([sys.executable, "-c", SLOW_THIRD_STEP, str(marker), "pretrain", *BASE,
+    process = subprocess.Popen([sys.executable, "-c", SLOW_THIRD_STEP, str(marker), "pretrain", *WITH_DROPOUT,
                                 "trainer.max_steps=10", "checkpoint_every=100", "--runs-dir", str(runs)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -235,6 +225,6 @@ def test_a_second_ctrl_c_stops_at_once_without_finishing_the_step(tmp_path):
         process.kill()
     assert time.time() - second < 20
     assert process.returncode == 130, stderr
-    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    (run_dir,) = stage_runs(runs, "pretrain")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert not list(run_dir.glob("checkpoints/*.ckpt")) and not (run_dir / ".lock").exists()

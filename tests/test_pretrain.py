@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import Crash
+from conftest import LEARNING_DATA, Crash, cli, newest_run, train_run
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -13,15 +13,7 @@ from slmctl.runs import Run
 from slmctl.train import pretrain
 from slmctl.train.checkpoints import last_good_checkpoint
 
-BASE = ["tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32", "batch_size=8",
-        "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5"]
-
-
-def train(tmp_path, name, overrides, callbacks=None):
-    cfg = compose("pretrain", [*BASE, *overrides])
-    run = Run.create(tmp_path / "runs", "pretrain", name, cfg, argv=["test"])
-    pretrain.run(cfg, run, callbacks=callbacks)
-    return run
+LEARNING_RUN = [*LEARNING_DATA, "trainer.log_every_n_steps=5"]  # the train loss logged every 5 steps
 
 
 def val_losses(run):
@@ -31,9 +23,9 @@ def val_losses(run):
 @pytest.mark.parametrize("model, objective", [("tiny", "prefix_lm"), ("tiny", "span_corruption"),
                                               ("tiny", "seq2seq"), ("deconly-tiny", "causal_lm")])
 def test_short_pretrain_lowers_validation_loss(tmp_path, model, objective):
-    run = train(tmp_path, objective, [f"model={model}", f"objective={objective}", "trainer.max_steps=40",
-                                      "trainer.val_check_interval=5", "checkpoint_every=40", "optim.lr=3e-3",
-                                      "optim.warmup_steps=5"])
+    run = train_run(tmp_path / "runs", "pretrain", [*LEARNING_RUN, f"model={model}", f"objective={objective}",
+                    "trainer.max_steps=40", "trainer.val_check_interval=5", "checkpoint_every=40", "optim.lr=3e-3",
+                    "optim.warmup_steps=5"], name=objective)
     losses = val_losses(run)
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.2, losses
     assert run.status()["status"] == "succeeded"
@@ -42,9 +34,9 @@ def test_short_pretrain_lowers_validation_loss(tmp_path, model, objective):
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     overrides = ["model=tiny", "model.dropout=0.1", "trainer.max_steps=10", "trainer.val_check_interval=5",
                  "checkpoint_every=4"]
-    uninterrupted = train(tmp_path, "whole", overrides)
+    uninterrupted = train_run(tmp_path / "runs", "pretrain", [*LEARNING_RUN, *overrides], name="whole")
 
-    cfg = compose("pretrain", [*BASE, *overrides])
+    cfg = compose("pretrain", [*LEARNING_RUN, *overrides])
     killed = Run.create(tmp_path / "runs", "pretrain", "killed", cfg, argv=["test"])
     with pytest.raises(SystemExit):
         pretrain.run(cfg, killed, callbacks=[Crash(6)])
@@ -66,9 +58,9 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
 def test_hf_causal_artifact_loads_with_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = train(tmp_path, "llama", ["model=hf-causal", "model.hf.hidden_size=64", "model.hf.intermediate_size=128",
-                                    "model.hf.num_hidden_layers=2", "objective=causal_lm", "trainer.max_steps=4",
-                                    "trainer.val_check_interval=2", "checkpoint_every=4"])
+    run = train_run(tmp_path / "runs", "pretrain", [*LEARNING_RUN, "model=hf-causal", "model.hf.hidden_size=64",
+                    "model.hf.intermediate_size=128", "model.hf.num_hidden_layers=2", "objective=causal_lm",
+                    "trainer.max_steps=4", "trainer.val_check_interval=2", "checkpoint_every=4"], name="llama")
     model = AutoModelForCausalLM.from_pretrained(run.model_dir)
     assert model.config.model_type == "llama" and model.config.vocab_size % 128 == 0
     assert (run.model_dir / "model.safetensors").is_file() and (run.model_dir / "tokenizer.json").is_file()
@@ -83,58 +75,50 @@ def test_hf_causal_artifact_loads_with_transformers(tmp_path):
 
 
 def test_init_fine_tunes_an_earlier_run_with_its_tokenizer(tmp_path):
-    base = train(tmp_path, "base", ["model=tiny", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                                    "checkpoint_every=4"])
-    tuned = train(tmp_path, "tuned", ["objective=seq2seq", f"init={base.path}", "trainer.max_steps=4",
-                                      "trainer.val_check_interval=2", "checkpoint_every=4"])
+    base = train_run(tmp_path / "runs", "pretrain", [*LEARNING_RUN, "model=tiny", "trainer.max_steps=4",
+                     "trainer.val_check_interval=2", "checkpoint_every=4"], name="base")
+    tuned = train_run(tmp_path / "runs", "pretrain", [*LEARNING_RUN, "objective=seq2seq", f"init={base.path}",
+                      "trainer.max_steps=4", "trainer.val_check_interval=2", "checkpoint_every=4"], name="tuned")
     assert (tuned.model_dir / "tokenizer.json").read_text() == (base.model_dir / "tokenizer.json").read_text()
     assert any(i["kind"] == "run" and i["stage"] == "pretrain" for i in tuned.inputs())
 
 
 def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
-    run = train(tmp_path, "bf16", ["model=tiny", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
-                                   "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint_every=4"])
+    run = train_run(tmp_path / "runs", "pretrain", [*LEARNING_RUN, "model=tiny", "trainer.precision=bf16-mixed",
+                    "trainer.accumulate_grad_batches=2", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                    "checkpoint_every=4"], name="bf16")
     assert run.status()["summary"]["steps"] == 4
     assert all(torch.isfinite(torch.tensor(m["val_loss"])) for m in run.metrics() if "val_loss" in m)
 
 
 def test_cli_resume_unfinished_finishes_a_killed_run(tmp_path):
-    from typer.testing import CliRunner
-
-    from slmctl.cli import app
-
     overrides = ["model=tiny", "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint_every=3"]
-    cfg = compose("pretrain", [*BASE, *overrides])
+    cfg = compose("pretrain", [*LEARNING_RUN, *overrides])
     killed = Run.create(tmp_path / "runs", "pretrain", "killed", cfg, argv=["test"])
     with pytest.raises(SystemExit):
         pretrain.run(cfg, killed, callbacks=[Crash(4)])
-    runner = CliRunner()
-    renamed = runner.invoke(app, ["pretrain", "resume=latest", "--runs-dir", str(tmp_path / "runs")])
+    renamed = cli("pretrain", "resume=latest", runs=tmp_path / "runs")
     assert renamed.exit_code == 2 and "resume=latest is now resume=unfinished" in renamed.output
     assert Run.open(killed.path).status()["status"] == "running"  # untouched by the refused command
-    refused = runner.invoke(app, ["pretrain", "resume=unfinished", "batch_size=4", "--runs-dir", str(tmp_path / "runs")])
+    refused = cli("pretrain", "resume=unfinished", "batch_size=4", runs=tmp_path / "runs")
     assert refused.exit_code == 2 and "drop the other overrides (batch_size=4)" in refused.output
-    result = runner.invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", "resume=unfinished", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     status = Run.open(killed.path).status()
     assert status["status"] == "succeeded" and status["summary"]["steps"] == 6
     assert (tmp_path / "runs" / "pretrain" / "latest").resolve() == killed.path
-    nothing_left = runner.invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(tmp_path / "runs")])
+    nothing_left = cli("pretrain", "resume=unfinished", runs=tmp_path / "runs")
     assert nothing_left.exit_code == 2 and "no unfinished pretrain run" in nothing_left.output
 
 
 def test_a_diverging_loss_fails_the_run_at_its_step_and_keeps_the_checkpoints_before_it(tmp_path):
-    from typer.testing import CliRunner
-
-    from slmctl.cli import app
-
-    result = CliRunner().invoke(app, ["pretrain", *BASE, "model=tiny", "optim.lr=1e30", "optim.warmup_steps=1",
-                                      "trainer.gradient_clip_val=0", "trainer.max_steps=30", "trainer.val_check_interval=30",
-                                      "checkpoint_every=1", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", *LEARNING_RUN, "model=tiny", "optim.lr=1e30", "optim.warmup_steps=1",
+                 "trainer.gradient_clip_val=0", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                 "checkpoint_every=1", runs=tmp_path / "runs")
     message = " ".join(result.output.split())
     assert result.exit_code == 1 and "training diverged" in message and "Traceback" not in result.output
     step = int(message.split("at step ")[1].split(":")[0])
-    run = next((tmp_path / "runs" / "pretrain").glob("*-pretrain"))
+    run = newest_run(tmp_path / "runs", "pretrain")
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "failed" and f"at step {step}" in status["error"]
     kept = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))

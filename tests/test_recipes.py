@@ -5,14 +5,13 @@ import re
 
 import pytest
 import yaml
+from conftest import REPO, TINY_SYNTHETIC_DATA, TINY_TRAINING, cli
 
 from slmctl.config import ConfigError
 from slmctl.recipes import load_recipe, run_recipe
 
-SMALL = ["tokenizer.vocab_size=400", "data.train_examples=200", "data.validation_examples=16", "batch_size=8",
-         "max_source_len=48", "max_target_len=8", "trainer.max_steps=3", "trainer.val_check_interval=3",
-         "checkpoint_every=3", "trainer.enable_progress_bar=false", "objective=seq2seq", "data.min_facts=1",
-         "data.max_facts=2"]
+SMALL = ["tokenizer.vocab_size=400", "objective=seq2seq", *TINY_SYNTHETIC_DATA, "max_source_len=48", *TINY_TRAINING,
+         "checkpoint_every=3"]
 
 
 def test_a_pipeline_shares_the_tokenizer_and_records_lineage(tmp_path):
@@ -84,11 +83,10 @@ def test_bad_recipes(tmp_path, recipe, message):
 
 
 def test_quickstart_recipe_is_valid():
-    from pathlib import Path
 
     from slmctl.config import compose
 
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     for step in recipe["steps"]:
         if "stage" in step:
             overrides = [re.sub(r"\$\{runs\.[a-z-]+\}", "/tmp/x", o) for o in step["overrides"]]
@@ -98,9 +96,6 @@ def test_quickstart_recipe_is_valid():
 def test_a_recipe_step_stopped_by_sigterm_is_marked_interrupted_like_a_stage_alone(tmp_path, monkeypatch):
     """A Stopped (SIGTERM, Ctrl-C) inside a recipe step goes through the same runner as a stage
     run alone: the step's run says `interrupted`, the recipe exits 130 naming how to resume."""
-    from typer.testing import CliRunner
-
-    from slmctl.cli import app
     from slmctl.runs import list_runs
     from slmctl.train import pretrain
     from slmctl.train.stopping import Stopped
@@ -111,7 +106,7 @@ def test_a_recipe_step_stopped_by_sigterm_is_marked_interrupted_like_a_stage_alo
     monkeypatch.setattr(pretrain, "run", stopped)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"steps": [{"name": "encdec", "stage": "pretrain", "overrides": ["model=tiny", *SMALL]}]}))
-    result = CliRunner().invoke(app, ["recipe", "run", str(path), "--runs-dir", str(tmp_path / "runs")])
+    result = cli("recipe", "run", str(path), runs=tmp_path / "runs")
     assert result.exit_code == 130, result.output
     (run,) = list_runs(tmp_path / "runs", "pretrain")
     assert run.status == "interrupted"

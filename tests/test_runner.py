@@ -2,10 +2,7 @@
 
 import json
 
-from conftest import Crash
-from typer.testing import CliRunner
-
-from slmctl.cli import app
+from conftest import Crash, cli
 from slmctl.config import compose
 from slmctl.runs import Run
 from slmctl.train import pretrain
@@ -26,7 +23,7 @@ def test_resume_unfinished_continues_a_run_whose_group_options_are_not_the_defau
         pretrain.run(cfg, killed, callbacks=[Crash(3)])
     except SystemExit:
         pass
-    result = CliRunner().invoke(app, ["pretrain", "resume=unfinished", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", "resume=unfinished", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     status = Run.open(killed.path).status()
     assert status["status"] == "succeeded" and status["summary"]["steps"] == 4
@@ -44,7 +41,7 @@ def test_a_sigterm_while_the_run_is_being_opened_leaves_it_interrupted_not_runni
         raise Stopped("stopped by SIGTERM")
 
     monkeypatch.setattr(runner.console, "print", stopped_while_announcing)
-    result = CliRunner().invoke(app, ["pretrain", "model=tiny", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", "model=tiny", runs=tmp_path / "runs")
     assert result.exit_code == 130 and "stopped by SIGTERM before pretrain started" in result.output
     (run,) = list_runs(tmp_path / "runs", "pretrain")
     assert run.status == "interrupted"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_PRETRAIN, cli
 from omegaconf import OmegaConf
 
 from slmctl import runs
@@ -393,27 +394,17 @@ def test_a_second_process_cannot_resume_a_locked_run_but_a_dead_owner_is_taken_o
     assert f"taking over the lock of process {dead.stdout.strip()}" in (run.path / "log.txt").read_text()
 
 
-TINY_PRETRAIN = ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=300", "data.n_people=50",
-                 "data.train_examples=40", "data.validation_examples=8", "data.min_facts=1", "data.max_facts=1",
-                 "batch_size=4", "max_source_len=48", "max_target_len=8", "trainer.max_steps=2",
-                 "trainer.val_check_interval=1", "checkpoint_every=1", "trainer.enable_progress_bar=false"]
-
-
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_run_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, umask, mode):
     """Files written to a temporary name and renamed must not keep mkstemp's 0600: a teammate
     on a shared filesystem reads the runs (umask 022), a private user keeps them private (077)."""
-    from typer.testing import CliRunner
-
-    from slmctl.cli import app
-
     runs_dir = tmp_path / "runs"
     previous = os.umask(umask)
     try:
-        result = CliRunner().invoke(app, ["pretrain", *TINY_PRETRAIN, "--runs-dir", str(runs_dir)])
+        result = cli("pretrain", *TINY_PRETRAIN, "checkpoint_every=1", runs=runs_dir)
         assert result.exit_code == 0, result.output
         if umask == 0o022:  # the export's graphs too (once: exporting is the slow part)
-            result = CliRunner().invoke(app, ["export", "onnx", "pretrain/latest", "--runs-dir", str(runs_dir)])
+            result = cli("export", "onnx", "pretrain/latest", runs=runs_dir)
             assert result.exit_code == 0, result.output
     finally:
         os.umask(previous)

@@ -12,20 +12,13 @@ import sys
 
 import pytest
 import torch
-from conftest import InitialWeights
+from conftest import DISTILL_DATA, LEARNING_DATA, InitialWeights, cli, stage_runs, train_run
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from slmctl.cli import app
-from slmctl.config import compose
 from slmctl.runs import Run, verify_manifest
-from slmctl.train import add_vision, distill, pretrain
-from test_distill import DATA as DISTILL_DATA
 
-BASE = ["model=tiny", "tokenizer.vocab_size=400", "data.train_examples=400", "data.validation_examples=32",
-        "batch_size=8", "max_source_len=48", "max_target_len=16", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1", "trainer.val_check_interval=6", "trainer.max_steps=12", "checkpoint_every=6",
-        "optim.lr=3e-3", "optim.warmup_steps=2"]
+# twelve steps at a high learning rate: the weights move far beyond the tolerance
+TWELVE_FAST_STEPS = ["model=tiny", *LEARNING_DATA, "trainer.log_every_n_steps=1", "trainer.val_check_interval=6", "trainer.max_steps=12",
+        "checkpoint_every=6", "optim.lr=3e-3", "optim.warmup_steps=2"]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 LAUNCHES = {
     "lightning": [sys.executable, "-m", "slmctl", "pretrain"],  # Lightning starts the second process
@@ -35,10 +28,8 @@ LAUNCHES = {
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    cfg = compose("pretrain", BASE)
-    run = Run.create(tmp_path_factory.mktemp("single") / "runs", "pretrain", "single", cfg, argv=["test"])
     initial = InitialWeights()
-    pretrain.run(cfg, run, callbacks=[initial])
+    run = train_run(tmp_path_factory.mktemp("single") / "runs", "pretrain", TWELVE_FAST_STEPS, name="single", callbacks=[initial])
     return run, initial.fits[0]
 
 
@@ -75,10 +66,10 @@ def assert_same_steps(ddp_dir, single_dir, weights, rtol=1e-3):
 @pytest.mark.parametrize("launch", LAUNCHES)
 def test_two_process_ddp_equals_one_process_and_writes_one_artifact(tmp_path, one_process, launch):
     runs = tmp_path / "runs"
-    result = subprocess.run([*LAUNCHES[launch], *BASE, *DDP, "--runs-dir", str(runs)], capture_output=True, text=True,
+    result = subprocess.run([*LAUNCHES[launch], *TWELVE_FAST_STEPS, *DDP, "--runs-dir", str(runs)], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dirs = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    run_dirs = stage_runs(runs, "pretrain")
     assert len(run_dirs) == 1  # one run, written by rank 0
     run_dir = run_dirs[0]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "succeeded"
@@ -91,7 +82,7 @@ def test_two_process_ddp_equals_one_process_and_writes_one_artifact(tmp_path, on
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_a_one_line_error(tmp_path):
-    result = CliRunner().invoke(app, ["pretrain", *BASE, *DDP, "trainer.devices=3", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", *TWELVE_FAST_STEPS, *DDP, "trainer.devices=3", runs=tmp_path / "runs")
     assert result.exit_code == 2
     assert "batch_size=8 is the global batch and does not split over 3 processes" in " ".join(result.output.split())
 
@@ -106,9 +97,8 @@ def test_distill_with_a_replicated_or_sharded_teacher_and_add_vision_under_ddp_e
     distill_args = [f"teacher.path={llama_dir}", "tokenizer=teacher", "student=tiny", "control=true", *DISTILL_DATA, *fast,
                     "trainer.max_steps=8", "trainer.val_check_interval=4"]
     one = tmp_path / "one" / "runs"
-    cfg = compose("distill", distill_args)
-    single, initial = Run.create(one, "distill", "single", cfg, argv=["test"]), InitialWeights()
-    distill.run(cfg, single, callbacks=[initial])
+    initial = InitialWeights()
+    single = train_run(one, "distill", distill_args, name="single", callbacks=[initial])
     student, control = initial.fits
     assert all(torch.equal(student[k], control[k]) for k in student)  # the control starts where the student did
     for label, extra in {"replicated": [], "sharded": ["teacher.shard=true"]}.items():
@@ -123,9 +113,8 @@ def test_distill_with_a_replicated_or_sharded_teacher_and_add_vision_under_ddp_e
                    "stage2.lr=1e-3", "optim.warmup_steps=1", "validation_every=2", "batch_size=4",
                    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "data.train_examples=40",
                    "data.validation_examples=8"]
-    cfg = compose("add-vision", vision_args)
-    single, initial = Run.create(one, "add-vision", "single", cfg, argv=["test"]), InitialWeights()
-    add_vision.run(cfg, single, callbacks=[initial])
+    initial = InitialWeights()
+    single = train_run(one, "add-vision", vision_args, name="single", callbacks=[initial])
     ddp = launch(tmp_path / "vision", "add-vision", vision_args)
     assert_same_steps(ddp, single.path, [("model/model.safetensors", initial.fits[0], "text."),
                                          ("model/vision.safetensors", initial.fits[0], "")])
@@ -136,7 +125,7 @@ def launch(runs, stage, args):
     result = subprocess.run([sys.executable, "-m", "slmctl", stage, *args, *DDP, "--runs-dir", str(runs)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (runs / stage).glob("2*")
+    (run_dir,) = stage_runs(runs, stage)
     assert (run_dir / "ranks" / "rank-1.log").is_file() and verify_manifest(run_dir) == []
     return run_dir
 
@@ -148,7 +137,7 @@ def test_sigterm_to_rank_0_stops_every_rank_after_the_same_step_with_one_checkpo
     import time
 
     runs = tmp_path / "runs"
-    process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *BASE, *DDP, "trainer.max_steps=100000",
+    process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *TWELVE_FAST_STEPS, *DDP, "trainer.max_steps=100000",
                                 "checkpoint_every=100000", "--runs-dir", str(runs)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -163,7 +152,7 @@ def test_sigterm_to_rank_0_stops_every_rank_after_the_same_step_with_one_checkpo
     finally:
         process.kill()
     assert process.returncode == 130, stderr[-3000:]
-    (run_dir,) = [p for p in (runs / "pretrain").iterdir() if p.name != "latest"]
+    (run_dir,) = stage_runs(runs, "pretrain")
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and "SIGTERM" in status["error"]
     (saved,) = (run_dir / "checkpoints").glob("step-*.ckpt")

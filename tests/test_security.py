@@ -5,17 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import DISTILL_DATA, TINY_PRETRAIN, cli, save_llama, stage_runs
 from PIL import Image
-from typer.testing import CliRunner
-
-from slmctl.cli import app
 from slmctl.config import compose
 from slmctl.data.images import load_jsonl
 from slmctl.data.sources import DataError
 from slmctl.model.directory import CheckpointError
 from slmctl.train.checkpoints import VerifiedCheckpointIO
-from conftest import save_llama
-from test_distill import DATA
 
 
 class Payload:
@@ -54,12 +50,13 @@ def test_remote_code_when_asked_for_is_passed_on_and_logged(tmp_path, monkeypatc
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    result = CliRunner().invoke(app, ["distill", f"teacher.path={llama}", "teacher.trust_remote_code=true", "tokenizer=teacher",
-                                      "student=tiny", *DATA, "trainer.max_steps=1", "trainer.val_check_interval=1",
-                                      "control=false", "--runs-dir", str(tmp_path / "runs")])
+    result = cli("distill", f"teacher.path={llama}", "teacher.trust_remote_code=true", "tokenizer=teacher",
+                 "student=tiny", *DISTILL_DATA, "trainer.max_steps=1", "trainer.val_check_interval=1",
+                 "control=false", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     assert asked == [True]
-    (log,) = (tmp_path / "runs" / "distill").glob("2*/log.txt")
+    (run,) = stage_runs(tmp_path / "runs", "distill")
+    log = run / "log.txt"
     assert "teacher.trust_remote_code=true: code from the teacher's repository runs in this process" in log.read_text()
 
 
@@ -76,11 +73,9 @@ def test_image_paths_cannot_leave_the_data_directory_unless_allowed(tmp_path):
 
 
 def test_model_artifacts_hold_no_pickles(tmp_path):
-    result = CliRunner().invoke(app, ["pretrain", "model=tiny", "tokenizer.vocab_size=300", "data.train_examples=40",
-                                      "data.validation_examples=8", "batch_size=4", "max_source_len=32", "max_target_len=8",
-                                      "trainer.max_steps=1", "trainer.enable_progress_bar=false",
-                                      "--runs-dir", str(tmp_path / "runs")])
+    result = cli("pretrain", *TINY_PRETRAIN, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    (model_dir,) = (tmp_path / "runs" / "pretrain").glob("2*/model")
+    (run,) = stage_runs(tmp_path / "runs", "pretrain")
+    model_dir = run / "model"
     assert sorted(p.name for p in model_dir.iterdir()) == ["checksums.json", "generation.json", "model.json", "model.safetensors",
                                                            "slmctl_tokenizer.json", "tokenizer.json"]

@@ -3,14 +3,14 @@ the student distilled from the Llama teacher ends with a lower validation CE tha
 trained the same steps on the same data with gold CE only."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from slmctl.recipes import run_recipe
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 
 @pytest.mark.slow
