@@ -88,6 +88,30 @@ def test_generated_targets_train(llama_dir, tmp_path, targets):
         assert {m["on_policy"] for m in steps} == {0.0, 1.0}  # seeded draws: both kinds happen
 
 
+def test_teacher_written_targets_are_the_teachers_own_greedy_generation(llama_dir, tmp_path):
+    """kd.targets=teacher: the batched, left-padded generation behind the student's labels equals
+    what transformers' own `generate` gives for each prompt alone (greedy), cut after eos, or
+    closed with one when the budget ran out."""
+    from slmctl.train.teacher import cut_after_eos
+
+    teacher = load_teacher(teacher_cfg(llama_dir), tmp_path)
+    tok = teacher.tokenizer
+    pairs = [(e["source"], e["target"]) for e in SyntheticWorld(seed=3, n_people=200).qa("train", 5, 1, 3)]
+    batcher = DistillBatcher(tok, tok, teacher.start_ids, True, max_source=256, max_target=12)
+    examples = batcher.tokenize("train", pairs)
+    assert len({len(e.teacher_source) for e in examples}) > 1  # prompts of different lengths: padding matters
+    generated = teacher.generate([e.teacher_source for e in examples], max_new_tokens=12)
+    batch = batcher.with_targets("train", list(range(len(examples))), generated, "teacher")
+    for i, example in enumerate(examples):
+        prompt = torch.tensor([[*teacher.start_ids, *example.teacher_source]])
+        alone = teacher.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                       do_sample=False, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
+        expected = cut_after_eos(alone[0, prompt.shape[1]:].tolist(), tok.eos_id)
+        expected = expected if expected[-1] == tok.eos_id else [*expected[:11], tok.eos_id]
+        labels = batch["labels"][i]
+        assert labels[labels != -100].tolist() == expected
+
+
 def test_an_encoder_decoder_run_is_not_a_teacher(tmp_path):
     encdec = train_run(tmp_path / "runs", "pretrain", ["model=tiny", "objective=seq2seq", "tokenizer.vocab_size=300",
                                                        "trainer.max_steps=1", *DISTILL_DATA], name="encdec")
