@@ -3,6 +3,7 @@ the slmctl command in-process, run lookups, tiny override lists and tiny trainin
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -236,3 +237,14 @@ class ChatServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def wait_for_steps(runs, stage: str, steps: int, process=None, timeout: float = 120) -> None:
+    """Wait until the run of `stage` under `runs` has logged `steps` training steps (or `process`
+    ended, or `timeout` seconds passed): the moment a test sends a signal to a training process."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (process is None or process.poll() is None):
+        metrics = list(Path(runs).glob(f"{stage}/*/metrics.jsonl"))
+        if metrics and metrics[0].read_text().count("train_loss") >= steps:
+            return
+        time.sleep(0.2)

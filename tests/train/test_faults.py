@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import LEARNING_DATA, CountSteps, Crash, cli, resumed_from, stage_runs, train_run
+from conftest import LEARNING_DATA, CountSteps, Crash, cli, resumed_from, stage_runs, train_run, wait_for_steps
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -78,12 +78,7 @@ def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_unfinished_fini
     command = [sys.executable, "-m", "slmctl", "pretrain", *WITH_DROPOUT, "trainer.max_steps=100000", "checkpoint_every=100000",
                "--runs-dir", str(runs)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = list(runs.glob("pretrain/*/metrics.jsonl"))
-        if metrics and metrics[0].read_text().count("train_loss") >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_steps(runs, "pretrain", 3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DISTILL_DATA, LEARNING_DATA, InitialWeights, cli, stage_runs, train_run
+from conftest import DISTILL_DATA, LEARNING_DATA, InitialWeights, cli, stage_runs, train_run, wait_for_steps
 from safetensors.torch import load_file
 from slmctl.runs import Run, verify_manifest
 
@@ -134,19 +134,13 @@ def test_sigterm_to_rank_0_stops_every_rank_after_the_same_step_with_one_checkpo
     """A scheduler's SIGTERM reaches rank 0 of a 2-process run: both ranks stop after the same
     step (the stop is agreed every step), one resumable checkpoint is written, exit 130."""
     import signal
-    import time
 
     runs = tmp_path / "runs"
     process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *TWELVE_FAST_STEPS, *DDP, "trainer.max_steps=100000",
                                 "checkpoint_every=100000", "--runs-dir", str(runs)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and process.poll() is None:
-            metrics = list(runs.glob("pretrain/*/metrics.jsonl"))
-            if metrics and metrics[0].read_text().count("train_loss") >= 3:
-                break
-            time.sleep(0.2)
+        wait_for_steps(runs, "pretrain", 3, process, timeout=180)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
