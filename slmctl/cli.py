@@ -90,6 +90,15 @@ def run_stage(stage: str, overrides: list[str], name: Optional[str], runs_dir: P
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def prepare(overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides"),
+            name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, verbose: bool = VERBOSE,
+            dry_run: bool = DRY_RUN) -> None:
+    """Tokenise a corpus once into a sharded token store that training streams from
+    (data=files data.train='corpus/*.jsonl.gz', or data=hub data.id=NAME; then data=prepared data.path=prepare/latest)."""
+    run_stage("prepare", overrides or [], name, runs_dir, "cpu", verbose, dry_run)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def pretrain(overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides"),
              name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
              verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:

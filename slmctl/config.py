@@ -56,6 +56,8 @@ def choices(name: str, *values: str) -> type[Choice]:
 # Choices (the values a field may take)
 
 Arch = choices("Arch", "encdec", "deconly", "hf-causal")
+BadRowPolicy = choices("BadRowPolicy", "skip", "error")
+Layout = choices("Layout", "auto", "documents", "pairs")
 KDLoss = choices("KDLoss", "forward_kl", "reverse_kl", "jsd")
 KDTargets = choices("KDTargets", "gold", "teacher", "student", "mix")
 CrossTokenizer = choices("CrossTokenizer", "error", "uld")
@@ -140,6 +142,15 @@ class FilesDataSchema:
     validation: Optional[str] = None  # path; null = hold out validation_fraction of train
     validation_fraction: float = 0.02
     columns: ColumnsSchema = field(default_factory=ColumnsSchema)
+    on_bad_row: BadRowPolicy = BadRowPolicy.skip  # prepare: skip (counted, the first few named file:line) or error
+
+
+@dataclass
+class PreparedDataSchema:
+    kind: str = "prepared"
+    path: str = MISSING  # a `slmctl prepare` run (prepare/latest) or its data/ directory
+    num_workers: int = 2  # DataLoader worker processes reading the memory-mapped token store
+    validation_rows: int = 256  # validation rows (packed windows or documents) taken from the validation split
 
 
 @dataclass
@@ -167,8 +178,10 @@ class HubDataSchema:
     id: str = MISSING  # e.g. wikitext
     subset: Optional[str] = None  # e.g. wikitext-2-raw-v1
     train_split: str = "train"
-    validation_split: Optional[str] = "validation"
+    validation_split: Optional[str] = "validation"  # null: prepare holds out validation_fraction of the documents
+    validation_fraction: float = 0.02
     columns: ColumnsSchema = field(default_factory=ColumnsSchema)
+    on_bad_row: BadRowPolicy = BadRowPolicy.skip
 
 
 @dataclass
@@ -332,6 +345,19 @@ class PretrainSchema(TrainingSchema):
     init: Optional[str] = None  # start from this model / run instead of random weights
     model: ModelSchema = field(default_factory=ModelSchema)
     objective: Any = None  # null: the model's arch chooses (PRETRAIN_OBJECTIVE)
+
+
+@dataclass
+class PrepareSchema:
+    """slmctl prepare: a corpus read once (streamed), tokenised and written as a token store."""
+    seed: int = 0  # the train/validation split of documents, the tokenizer's sample order
+    layout: Layout = Layout.auto  # documents (text column) | pairs (source/target) | auto: what the first row has
+    shard_tokens: int = 67108864  # tokens per shard file (2**26; 128 MB at uint16)
+    batch_rows: int = 4096  # rows tokenised together (the tokenizer spreads a batch over all cores)
+    max_rows: Optional[int] = None  # stop after this many rows (a sample of a larger corpus)
+    data: Any = None
+    tokenizer: Any = None
+    teacher: Any = None  # tokenizer=teacher: the teacher whose tokenizer the data is prepared with
 
 
 @dataclass
@@ -500,7 +526,7 @@ class ExportSchema:
 KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
 
 # ConfigStore entries: each conf/ YAML names its schema as `/schema/<name>@_here_` in its defaults
-STAGE_SCHEMAS = {"pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema,
+STAGE_SCHEMAS = {"prepare": PrepareSchema, "pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema,
                  "export": ExportSchema, "add-vision": AddVisionSchema}
 GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     # group -> (discriminating key, {value: schema}); the ConfigStore name is schema/<group>[/<value>]
@@ -510,7 +536,7 @@ GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     "judge": ("", {"": JudgeSchema}),
     "vision": ("", {"": VisionSchema}),
     "data": ("kind", {"synthetic": SyntheticDataSchema, "files": FilesDataSchema, "hub": HubDataSchema,
-                      "shapes": ShapesDataSchema, "images": ImagesDataSchema}),
+                      "prepared": PreparedDataSchema, "shapes": ShapesDataSchema, "images": ImagesDataSchema}),
     "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema,
                            "teacher": TeacherTokenizerSchema}),
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
@@ -539,7 +565,7 @@ def register_schemas() -> None:
 
 
 # each has run(cfg, run)
-STAGE_MODULES = {"pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
+STAGE_MODULES = {"prepare": "slmctl.data.prepare", "pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
                  "bench": "slmctl.bench.stage", "export": "slmctl.export.stage",
                  "add-vision": "slmctl.train.add_vision"}
 
@@ -646,7 +672,7 @@ def validate(cfg: DictConfig, stage: str) -> DictConfig:
         raise ConfigError(first_line(e, "invalid config")) from None
     checked = {}
     for group, (key, options) in GROUP_SCHEMAS.items():
-        if group not in cfg:
+        if cfg.get(group) is None:  # absent, or an optional group left empty (prepare's teacher)
             continue
         node = cfg[group]
         kind = node.get(key) if key else ""
@@ -707,7 +733,8 @@ def _check_trainer(node) -> DictConfig:
 
 
 def _check_values(cfg: DictConfig) -> None:
-    positive = ["batch_size", "max_source_len", "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
+    positive = ["batch_size", "shard_tokens", "batch_rows", "max_rows", "data.validation_rows", "max_source_len",
+                "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
                 "generation.num_beams", "task.max_new_tokens", "threads"]
     for key in positive:

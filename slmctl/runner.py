@@ -94,14 +94,15 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
     """(config, Run) for this invocation; (config, None) for a dry run, after printing the config."""
     from omegaconf import OmegaConf
 
-    from slmctl.config import ConfigError, compose, saved_config, to_yaml
+    from slmctl.config import STAGE_SCHEMAS, ConfigError, compose, saved_config, to_yaml
     from slmctl.runs import Run
     from slmctl.train.ranks import follow_rank0
 
     check_device(stage, device, (extra or {}).get("runtime", "torch"))
-    if stage not in TRAINING_STAGES:
+    if "device" in STAGE_SCHEMAS[stage].__dataclass_fields__:
         overrides = [*overrides, f"device={device}"]
-    elif device != "cpu" and not any(o.startswith(("trainer=", "trainer.accelerator=")) for o in overrides):
+    elif stage in TRAINING_STAGES and device != "cpu" and not any(o.startswith(("trainer=", "trainer.accelerator="))
+                                                                   for o in overrides):
         overrides = [*overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}"]
     cfg = compose(stage, overrides)
     if extra:
