@@ -32,6 +32,25 @@ def padding_positions(attention_mask: torch.Tensor, centred: bool) -> torch.Tens
     return positions.masked_fill(mask == 0, 0)
 
 
+def segment_layout(segment_ids: torch.Tensor, causal: bool, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed row's attention and positions from its segment ids [B, T] (0 = padding, 1, 2, ...
+    = the documents packed into the row) -> ("may attend" [B, 1, T, T] bool, positions [B, T]).
+
+    A token may attend only to tokens of its own segment (causal: at or before it). Positions
+    restart in every segment exactly as `padding_positions` numbers one unpacked row of that
+    segment's length (from 0, or centred: position - (L - 1) // 2); padding is position 0.
+    Padding tokens attend to padding, so no row of the mask is empty. (With rope_factor > 1,
+    the NTK base follows the row's width, as it follows a padded batch's width.)"""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T query, T key]
+    T = segment_ids.shape[1]
+    same_so_far = same & torch.ones(T, T, dtype=torch.bool, device=same.device).tril()
+    positions = same_so_far.sum(dim=-1) - 1
+    if centred:
+        positions = positions - (same.sum(dim=-1) - 1) // 2
+    positions = positions.masked_fill(segment_ids == 0, 0)
+    return (same_so_far if causal else same)[:, None], positions
+
+
 def has_padding(attention_mask: torch.Tensor | None) -> bool:
     return attention_mask is not None and not bool(attention_mask.all())
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slmctl.model.base import LanguageModel, LMOutput, has_padding, padding_positions
+from slmctl.model.base import IGNORE_INDEX, LanguageModel, LMOutput, has_padding, padding_positions, segment_layout
 from slmctl.model.cache import KVCache
 from slmctl.model.config import ModelConfig
 from slmctl.model.layers import RMSNorm, SelfAttentionBlock, additive_mask, init_weights
@@ -49,11 +49,25 @@ class DecoderOnlyLM(LanguageModel):
             cache.advance(T)
         return self.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, labels=None) -> LMOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None, segment_ids=None) -> LMOutput:
         """Logits [B, T, vocab]; `labels` are aligned with `input_ids` and shifted inside
-        (position t predicts labels[t + 1]), -100 ignored."""
-        logits = self.lm_head(self.hidden_states(input_ids, attention_mask))
-        loss = self.loss(logits[:, :-1], labels[:, 1:]) if labels is not None else None
+        (position t predicts labels[t + 1]), -100 ignored.
+
+        Packed rows: `segment_ids` [B, T] number the documents of each row 1, 2, ... (0 =
+        padding); attention never crosses a segment, positions restart in each, and no
+        segment's first token is predicted from the one before it."""
+        if segment_ids is None:
+            hidden = self.hidden_states(input_ids, attention_mask)
+        else:
+            allowed, positions = segment_layout(segment_ids, causal=True, centred=False)
+            hidden = self.hidden_states(input_ids, positions=positions, mask=additive_mask(allowed, self.dtype))
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            if segment_ids is not None:  # the last token of a document does not predict the next one
+                targets = targets.masked_fill(segment_ids[:, 1:] != segment_ids[:, :-1], IGNORE_INDEX)
+            loss = self.loss(logits[:, :-1], targets)
         return LMOutput(logits=logits, loss=loss)
 
     def start_decoding(self, input_ids, attention_mask, max_new_tokens) -> "DecoderOnlySession":
