@@ -248,3 +248,29 @@ def wait_for_steps(runs, stage: str, steps: int, process=None, timeout: float = 
         if metrics and metrics[0].read_text().count("train_loss") >= steps:
             return
         time.sleep(0.2)
+
+
+def write_corpus(directory, texts, files: int = 1, suffix: str = ".jsonl", extra_lines=()) -> str:
+    """Write `texts` as {"text": ...} rows over `files` files called part-N`suffix` (.jsonl, .jsonl.gz,
+    .jsonl.zst, .txt) in `directory`, with `extra_lines` (raw, e.g. bad rows) appended to the first file;
+    returns the glob that names them all."""
+    import gzip
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    per_file = -(-len(texts) // files)
+    for n in range(files):
+        chunk = texts[n * per_file:(n + 1) * per_file]
+        lines = [t if suffix.startswith(".txt") else json.dumps({"text": t}) for t in chunk]
+        if n == 0:
+            lines += list(extra_lines)
+        data = ("\n".join(lines) + "\n").encode()
+        path = directory / f"part-{n}{suffix}"
+        if suffix.endswith(".gz"):
+            data = gzip.compress(data)
+        elif suffix.endswith(".zst"):
+            import pyarrow as pa
+
+            data = pa.compress(data, codec="zstd", asbytes=True)
+        path.write_bytes(data)
+    return str(directory / f"part-*{suffix}")

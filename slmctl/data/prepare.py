@@ -202,9 +202,7 @@ def _tokenizer(cfg, run, sources: dict) -> TextTokenizer:
         run.log(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on the first {len(texts)} rows")
         return train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cfg.tokenizer.n_sentinels)
     if kind == "run":
-        source = resolve(cfg.tokenizer.path, run.runs_dir, allow=("model_dir", "hf_dir"), purpose="tokenizer=run")
-        source.record_input(run, role="tokenizer")
-        return TextTokenizer.load(source.path)
+        return _run_tokenizer(cfg.tokenizer.path, run)
     if kind == "hf":
         record_source(run, cfg.tokenizer.path, role="tokenizer")
         return load_hf_tokenizer(cfg.tokenizer.path, cfg.tokenizer.n_sentinels)
@@ -217,6 +215,26 @@ def _tokenizer(cfg, run, sources: dict) -> TextTokenizer:
     if ref.kind == "model_dir":  # ours: already has sentinels and an image token
         return TextTokenizer.load(ref.path)
     return load_hf_tokenizer(teacher.tokenizer or ref.where, cfg.tokenizer.n_sentinels, teacher.trust_remote_code)
+
+
+def _run_tokenizer(text: str, run) -> TextTokenizer:
+    """tokenizer=run: a tokenizer directory, a prepare run (its data's tokenizer) or a model (run or directory)."""
+    from slmctl.data.tokenizer import SPECIAL_FILE
+    from slmctl.runs import RunError, resolve_run
+
+    path = Path(text).expanduser()
+    if not (path / SPECIAL_FILE).is_file():
+        try:
+            store = prepared_directory(resolve_run(text, run.runs_dir))
+            path = store / TOKENIZER_DIR if (store / META_FILE).is_file() else path
+        except RunError:
+            pass
+    if (path / SPECIAL_FILE).is_file():
+        record_source(run, text, role="tokenizer", path=path)
+        return TextTokenizer.load(path)
+    source = resolve(text, run.runs_dir, allow=("model_dir", "hf_dir"), purpose="tokenizer=run")
+    source.record_input(run, role="tokenizer")
+    return TextTokenizer.load(source.path)
 
 
 def prepared_directory(path: Path) -> Path:
