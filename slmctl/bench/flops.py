@@ -254,3 +254,48 @@ def bandwidth_bound_tokens_per_s(cost: Cost, bytes_per_s: float) -> float:
     """Upper bound on steps/s when each step must read `cost`'s weights and keys/values from
     memory at `bytes_per_s` (batch-1 decoding is memory-bound; compute and caches ignored)."""
     return bytes_per_s / (cost.weight_bytes + cost.kv_bytes)
+
+
+def forward_flops(cfg: ModelConfig, source_len: int, target_len: int = 0) -> int:
+    """FLOPs of ONE teacher-forced forward pass over one row (no cache, every position at once),
+    as a training step computes it.
+
+    Encoder-decoder, `source_len` = S encoder tokens and `target_len` = T decoder tokens: every
+    encoder layer over S tokens (bidirectional: S * S query/key pairs), every decoder layer over
+    T tokens (causal self-attention: T * (T + 1) / 2 pairs; cross-attention: T * S pairs and its
+    key/value projection of the S encoder states), and the LM head at all T positions.
+
+    Decoder-only, `source_len` = L tokens (`target_len` ignored): every layer over L tokens with
+    causal attention (L * (L + 1) / 2 pairs) and the LM head at all L positions.
+
+    Same conventions as the rest of this module (a multiply-add is 2 FLOPs; matmuls and
+    attention products only; the causal half of attention only; padding positions count, since
+    they are computed).
+    """
+    if source_len < 1:
+        raise ValueError(f"source_len must be >= 1, got {source_len}")
+    S, T = source_len, target_len
+    if cfg.is_encoder_decoder:
+        if T < 1:
+            raise ValueError(f"target_len must be >= 1 for an encoder-decoder, got {T}")
+        encoder_layer = S * (_self_attention_projection_flops(cfg) + _mlp_flops(cfg)) + S * S * _attention_flops_per_pair(cfg)
+        decoder_layer = (
+            T * (_self_attention_projection_flops(cfg) + _cross_attention_q_out_flops(cfg) + _mlp_flops(cfg))
+            + S * _cross_attention_kv_flops(cfg)
+            + (T * (T + 1) // 2 + T * S) * _attention_flops_per_pair(cfg)
+        )
+        return cfg.n_encoder_layers * encoder_layer + cfg.n_decoder_layers * decoder_layer + T * _lm_head_flops(cfg)
+    L = S
+    layer = L * (_self_attention_projection_flops(cfg) + _mlp_flops(cfg)) + L * (L + 1) // 2 * _attention_flops_per_pair(cfg)
+    return cfg.n_decoder_layers * layer + L * _lm_head_flops(cfg)
+
+
+def training_step_flops(cfg: ModelConfig, source_len: int, target_len: int = 0, batch: int = 1) -> int:
+    """FLOPs of one training step (forward + backward, optimizer excluded) over `batch` rows of
+    S encoder + T decoder tokens (decoder-only: `source_len` = L tokens), by the usual
+    convention that the backward pass costs twice the forward (a gradient for the inputs and
+    one for the weights of every matmul): 3 x `forward_flops`. This is "model FLOPs" as in MFU
+    (model FLOPs utilisation, PaLM appendix B): recomputation under activation checkpointing is
+    not counted, so checkpointing lowers MFU. The AdamW update (~a dozen FLOPs per parameter,
+    once per step) is left out, as it is by that convention."""
+    return 3 * batch * forward_flops(cfg, source_len, target_len)

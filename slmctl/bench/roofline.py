@@ -55,6 +55,34 @@ def measure_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int 
     return 2 * size**3 / best
 
 
+def gpu_profile(device_name: str) -> str | None:
+    """The conf/hardware profile whose name appears in a CUDA device's name ("NVIDIA H100 80GB
+    HBM3" -> h100), or None when none does."""
+    name = device_name.lower().replace(" ", "").replace("-", "")
+    gpus = [p for p in profiles() if p != "this-cpu" and not p.endswith("-npu")]
+    found = [p for p in gpus if p.replace("-", "") in name]
+    return max(found, key=len) if found else None
+
+
+def device_peak_flops(device: str, dtype: str = "float32") -> tuple[float | None, str]:
+    """(peak FLOP/s at `dtype`, where it comes from) for MFU. CPU (and MPS, measured on the CPU):
+    `measure_matmul_flops` now, with torch's current threads (the ones training uses). CUDA:
+    the conf/hardware profile of the GPU (fp32 counts as tf32 when torch lets matmuls use it);
+    (None, why) when no profile matches."""
+    if device != "cuda":
+        return measure_matmul_flops(dtype), f"measured: {dtype} 1024x1024 matmul, {torch.get_num_threads()} threads"
+    gpu = torch.cuda.get_device_name()
+    name = gpu_profile(gpu)
+    if name is None:
+        return None, f"no conf/hardware profile matches {gpu!r}"
+    if dtype == "float32" and torch.get_float32_matmul_precision() != "highest":
+        dtype = "tf32"
+    peaks = OmegaConf.to_container(OmegaConf.load(Path(HARDWARE_DIR) / f"{name}.yaml"))["peak_tflops"]
+    if dtype not in peaks:
+        return None, f"conf/hardware/{name}.yaml has no {dtype} peak"
+    return peaks[dtype] * 1e12, f"conf/hardware/{name}.yaml: {dtype}"
+
+
 def step_seconds(cost: Cost, profile: dict) -> float:
     return max(cost.flops / profile["peak_flops"], (cost.weight_bytes + cost.kv_bytes) / profile["bandwidth"])
 
