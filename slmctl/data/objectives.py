@@ -48,6 +48,13 @@ def _check_positive(**limits: int) -> None:
 # Objectives: one example -> (source, target) or one sequence
 
 
+def prefix_lm_split_range(n: int, min_prefix_frac: float, max_prefix_frac: float) -> tuple[int, int]:
+    """The (lowest, highest) prefix length `prefix_lm` may draw for a text of n >= 2 tokens."""
+    low = min(max(1, math.ceil(min_prefix_frac * n)), n - 1)
+    high = max(low, min(n - 1, math.floor(max_prefix_frac * n)))
+    return low, high
+
+
 def prefix_lm(ids: list[int], rng: random.Random, special: SpecialIds, max_source: int, max_target: int,
               min_prefix_frac: float = 0.2, max_prefix_frac: float = 0.8) -> tuple[list[int], list[int]]:
     """Split a text in two at a random point: the encoder reads the prefix, the decoder
@@ -61,9 +68,7 @@ def prefix_lm(ids: list[int], rng: random.Random, special: SpecialIds, max_sourc
     n = len(ids)
     if n < 2:
         raise ValueError(f"prefix_lm needs at least 2 tokens to split, got {n}")
-    low = min(max(1, math.ceil(min_prefix_frac * n)), n - 1)
-    high = max(low, min(n - 1, math.floor(max_prefix_frac * n)))
-    split = rng.randint(low, high)
+    split = rng.randint(*prefix_lm_split_range(n, min_prefix_frac, max_prefix_frac))
     source = list(ids[:split][-max_source:])
     target = list(ids[split:][: max_target - 1]) + [special.eos]
     return source, target
@@ -108,6 +113,21 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_span_length:
     return mask
 
 
+def span_corruption_length(length: int, noise_density: float, mean_span_length: float, max_source: int,
+                           max_target: int) -> int:
+    """The longest prefix (at most `length` tokens) of a text whose span-corrupted source (kept
+    tokens + one sentinel per span) and target (noise + one sentinel per span + eos) fit
+    `max_source` / `max_target`; below 2 when none does."""
+    # source + target > length, which bounds the search.
+    length = min(length, max_source + max_target)
+    while length >= 2:
+        num_noise, num_spans = _noise_counts(length, noise_density, mean_span_length)
+        if length - num_noise + num_spans <= max_source and num_noise + num_spans + 1 <= max_target:
+            break
+        length -= 1
+    return length
+
+
 def span_corruption(ids: list[int], rng: random.Random, special: SpecialIds, noise_density: float = 0.15,
                     mean_span_length: float = 3.0, *, max_source: int,
                     max_target: int) -> tuple[list[int], list[int]]:
@@ -120,14 +140,7 @@ def span_corruption(ids: list[int], rng: random.Random, special: SpecialIds, noi
         raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
     if mean_span_length < 1.0:
         raise ValueError(f"mean_span_length must be at least 1, got {mean_span_length}")
-    # Longest prefix whose source (kept + one sentinel per span) and target (noise +
-    # one sentinel per span + eos) fit. source + target > length, which bounds the search.
-    length = min(len(ids), max_source + max_target)
-    while length >= 2:
-        num_noise, num_spans = _noise_counts(length, noise_density, mean_span_length)
-        if length - num_noise + num_spans <= max_source and num_noise + num_spans + 1 <= max_target:
-            break
-        length -= 1
+    length = span_corruption_length(len(ids), noise_density, mean_span_length, max_source, max_target)
     if length < 2:
         raise ValueError(f"span_corruption needs at least 2 tokens that fit max_source={max_source} and "
                          f"max_target={max_target}; got {len(ids)} tokens")
