@@ -284,7 +284,7 @@ def packing_efficiency(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
 def windows_of(documents: Sequence[Sequence[int]], window: int) -> list[list[Piece]]:
     """Reference cut of a corpus into windows (what the token store does at scale): the
     documents, each followed by one EOS, as one stream cut into `window`-token windows (the
-    tail is dropped); each window as its document pieces."""
+    tail is dropped); each window as its non-empty document pieces."""
     rows: list[list[Piece]] = []
     pieces: list[Piece] = []
     at = 0  # stream tokens in the current window
@@ -295,7 +295,7 @@ def windows_of(documents: Sequence[Sequence[int]], window: int) -> list[list[Pie
             take = min(framed - start, window - at)
             end = start + take
             text = list(ids[start:min(end, len(ids))])
-            if text or end == framed:
+            if text:  # a window that opens on a document's EOS holds no piece of it, as in the store
                 pieces.append(Piece(text, starts_doc=start == 0, ends_doc=end == framed))
             at += take
             start = end

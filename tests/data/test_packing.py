@@ -82,6 +82,8 @@ def test_windows_of_cuts_the_stream_into_pieces():
     ]
     rebuilt = [t for w in windows for p in w for t in [*p.ids, *([2] * p.ends_doc)]]
     assert rebuilt == stream
+    # a window opening on a document's EOS: no empty piece for it (the store drops them too)
+    assert packing.windows_of(documents, 3)[1] == [Piece([8], True, True)]
 
 
 def test_window_lengths():
