@@ -148,7 +148,13 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           compare: bool = typer.Option(False, "--compare", help="Compare the models: ratios against the last one, and a plot."),
           input_lens: str = typer.Option("512", "--input-lens", help="Comma-separated prompt lengths."),
           output_lens: str = typer.Option("64", "--output-lens", help="Comma-separated numbers of new tokens."),
-          batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
+          batch: Optional[str] = typer.Option(None, "--batch", help="Comma-separated batch sizes (default 1; --train: 16)."),
+          train: Optional[str] = typer.Option(None, "--train", metavar="MODEL",
+                                              help="Time training steps (forward+backward+AdamW) of MODEL instead; "
+                                              "--compare adds transformers' T5 of matching dimensions."),
+          source_len: Optional[int] = typer.Option(None, "--source-len", help="--train: encoder tokens per row "
+                                                   "(decoder-only: the sequence length; default 256)."),
+          target_len: Optional[int] = typer.Option(None, "--target-len", help="--train: decoder tokens per row (default 64)."),
           repeat: int = typer.Option(3, "--repeat", help="Timed runs per configuration."),
           warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
@@ -161,15 +167,26 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           isolate: bool = typer.Option(False, "--isolate", help="Measure each model in its own child process (nothing shared)."),
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
-    """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m)."""
+    """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m);
+    with --train MODEL, training tokens/s, MFU and memory (slmctl bench --train small --compare)."""
     arguments = arguments or []
     if any(a.startswith("resume=") for a in arguments):  # the run's saved config has the models and options
         run_stage("bench", arguments, name, runs_dir, device, verbose, dry_run)
         return
     models = [a for a in arguments if "=" not in a]
+    training = []
+    if train is not None:
+        if models:
+            fail(f"--train MODEL times one model; drop the other model argument(s): {' '.join(models)}")
+        models = [train]
+        training = ["train=true", *([f"source_len={source_len}"] if source_len is not None else []),
+                    *([f"target_len={target_len}"] if target_len is not None else []), *(["t5=true"] if compare else [])]
+    elif source_len is not None or target_len is not None:
+        fail("--source-len and --target-len are for --train MODEL (generation takes --input-lens and --output-lens)")
+    batch = batch or ("16" if train is not None else "1")
     if not models:
         fail("give model(s) to benchmark: presets (330m, deconly-330m, ...), model directories or runs")
-    if compare and len(models) < 2:
+    if compare and len(models) < 2 and train is None:
         fail("--compare needs two or more models, e.g. slmctl bench --compare 330m deconly-330m")
     if repeat < 0 or (repeat == 0 and not estimate):
         fail("--repeat must be >= 1 (or 0 with --estimate PROFILE for a prediction only)")
@@ -183,7 +200,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                  f"warmup={warmup}", f"dtype={dtype}", f"runtime={runtime}",
                  *([f"threads={threads}"] if threads else []), *([f"format={output_format}"] if output_format else []),
                  *([f"estimate={estimate}"] if estimate else []), f"image_size=[{width},{height}]",
-                 *(["isolate=true"] if isolate else []), *(a for a in arguments if "=" in a)]
+                 *(["isolate=true"] if isolate else []), *training, *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 
 

@@ -432,6 +432,11 @@ class BenchSchema:
     resume: Optional[str] = None  # RUN or "latest": continue that (unfinished) run where it stopped
     # true: measure each model in a fresh child process (no allocator, thread-pool or cache state shared between models)
     isolate: bool = False
+    # --train MODEL: time training steps (forward + backward + AdamW) instead of generation (slmctl.bench.training)
+    train: bool = False
+    source_len: int = 256  # train: encoder tokens per row (decoder-only: the sequence length)
+    target_len: int = 64  # train: decoder tokens per row
+    t5: bool = False  # train (--compare): also train transformers' T5 of matching dimensions, with ratios against it
 
 
 @dataclass
@@ -736,7 +741,7 @@ def _check_values(cfg: DictConfig) -> None:
     positive = ["batch_size", "shard_tokens", "batch_rows", "max_rows", "data.validation_rows", "max_source_len",
                 "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
-                "generation.num_beams", "task.max_new_tokens", "threads"]
+                "generation.num_beams", "task.max_new_tokens", "threads", "source_len", "target_len"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:

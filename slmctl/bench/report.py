@@ -1,6 +1,7 @@
 """How bench results are shown: the Rich table of medians, the ratios against the last model
 (the paper's encoder-decoder vs decoder-only comparison), the Figure 1a plot, and the records
-as json, csv or Markdown for `--format`."""
+as json, csv or Markdown for `--format`; for `bench --train`, its own table (step time,
+tokens/s, MFU, peak memory) and ratios against T5."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ from rich.table import Table
 RECORD_FIELDS = ("model", "arch", "device", "runtime", "dtype", "batch", "input_len", "output_len", "first_token_ms",
                  "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
                  "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction")
+
+
+# `bench --train` records (slmctl.bench.training)
+TRAIN_RECORD_FIELDS = ("model", "arch", "device", "runtime", "dtype", "batch", "source_len", "target_len", "step_ms",
+                       "tokens_per_s", "target_tokens_per_s", "mfu", "peak_mem_mb", "params", "flops_per_step", "peak_flops")
+
+
+def is_training(records: list[dict]) -> bool:
+    return bool(records) and "step_ms" in records[0]
 
 
 def table(records: list[dict]) -> Table:
@@ -68,6 +78,43 @@ def comparison_table(records: list[dict], models: list[str]) -> Table:
     return result
 
 
+def train_table(records: list[dict]) -> Table:
+    result = Table(title="bench --train (median step)")
+    for column in ("model", "batch", "source", "target", "step ms", "tokens/s", "target tokens/s", "MFU", "peak MB"):
+        result.add_column(column)
+    for r in records:
+        result.add_row(r["model"], str(r["batch"]), str(r["source_len"]), str(r["target_len"] or "-"), f"{r['step_ms']:.0f}",
+                       f"{r['tokens_per_s']:.0f}", f"{r['target_tokens_per_s']:.0f}",
+                       "-" if r["mfu"] is None else f"{r['mfu']:.1%}", f"{r['peak_mem_mb']:.0f}")
+    return result
+
+
+def train_comparisons(records: list[dict], models: list[str]) -> list[dict]:
+    """For each model but the last, at each (batch, source, target): its tokens/s and peak memory
+    over the last model's (the T5 of `--compare`)."""
+    baseline = models[-1]
+    by_key = {(r["model"], r["batch"], r["source_len"], r["target_len"]): r for r in records}
+    rows = []
+    for (name, batch, source_len, target_len), r in by_key.items():
+        b = by_key.get((baseline, batch, source_len, target_len))
+        if name == baseline or b is None:
+            continue
+        rows.append({"model": name, "baseline": baseline, "batch": batch, "source_len": source_len,
+                     "target_len": target_len, "speedup": r["tokens_per_s"] / b["tokens_per_s"],
+                     "memory_ratio": r["peak_mem_mb"] / b["peak_mem_mb"]})
+    return rows
+
+
+def train_comparison_table(records: list[dict], models: list[str]) -> Table:
+    result = Table(title=f"against {models[-1]}")
+    for column in ("model", "batch", "source", "target", "tokens/s ratio", "peak memory ratio"):
+        result.add_column(column)
+    for c in train_comparisons(records, models):
+        result.add_row(c["model"], str(c["batch"]), str(c["source_len"]), str(c["target_len"] or "-"),
+                       f"{c['speedup']:.2f}x", f"{c['memory_ratio']:.2f}x")
+    return result
+
+
 def plot(records: list[dict], models: list[str], path) -> None:
     """First-token latency and decode throughput against input length, one line per model
     (batch 1 and the first output length when several were measured)."""
@@ -103,14 +150,15 @@ def format_records(records: list[dict], fmt: str) -> str:
     """The records as json (with samples), csv or a Markdown table (without samples)."""
     if fmt == "json":
         return json.dumps(records, indent=2) + "\n"
-    flat = [{k: r[k] for k in RECORD_FIELDS} for r in records]
+    fields = TRAIN_RECORD_FIELDS if is_training(records) else RECORD_FIELDS
+    flat = [{k: r[k] for k in fields} for r in records]
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS)
+        writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
         return out.getvalue()
-    lines = ["| " + " | ".join(RECORD_FIELDS) + " |", "|" + "---|" * len(RECORD_FIELDS)]
+    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     for r in flat:
         lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
     return "\n".join(lines) + "\n"

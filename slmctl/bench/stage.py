@@ -9,7 +9,8 @@ comparison (ratios against the last model) and `bench.png` (first-token latency 
 throughput against input length, the paper's Figure 1a). Each configuration is appended to
 progress/bench.jsonl as soon as it is measured; `resume=RUN` continues an interrupted bench
 with the configurations missing there. With `isolate=true` each model is measured in its own
-child process.
+child process. With `train=true` (`slmctl bench --train MODEL`) it times training steps
+instead: slmctl.bench.training.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def _run(cfg, run, records_out):
         torch.set_num_threads(cfg.threads)
     environment = _environment(cfg)
     run.log(f"environment: {environment['cpu']}, {environment['threads']} threads, torch {environment['torch']}")
+    if cfg.train:
+        return _run_training(cfg, run, environment, records_out)
     if cfg.device == "cpu" and cfg.format is None:
         console.print("peak memory = the process's resident high-water mark while each model loads and runs", highlight=False)
     profile = None
@@ -95,6 +98,32 @@ def _run(cfg, run, records_out):
         print(format_records(records, cfg.format), end="", file=records_out)
     run.succeed({f"{r['model']}:b{r['batch']}:in{r['input_len']}:first_token_ms": round(r["first_token_ms"], 2)
                  for r in records if r["first_token_ms"] is not None} | {"records": len(records)})
+    return run
+
+
+def _run_training(cfg, run, environment: dict, records_out):
+    """`bench --train MODEL`: training steps timed (slmctl.bench.training), T5 beside with `t5=true`."""
+    from slmctl.bench.report import train_comparison_table, train_comparisons, train_table
+    from slmctl.bench.training import measure as measure_training
+
+    shown = err_console if cfg.format else console
+    records = measure_training(cfg, run, shown)
+    run.write_json("bench.json", {"environment": environment, "records": records})
+    shown.print(train_table(records))
+    labels = list(dict.fromkeys(r["model"] for r in records))
+    ratios = train_comparisons(records, labels) if len(labels) > 1 else []
+    if ratios:
+        shown.print(train_comparison_table(records, labels))
+    if cfg.format:
+        print(format_records(records, cfg.format), end="", file=records_out)
+    summary = {}
+    for r in records:
+        key = f"{r['model']}:b{r['batch']}:s{r['source_len']}:t{r['target_len'] or 0}"
+        summary[f"{key}:train_tokens_per_s"] = round(r["tokens_per_s"], 1)
+        summary[f"{key}:mfu"] = round(r["mfu"], 4) if r["mfu"] is not None else None
+    for c in ratios:
+        summary[f"{c['model']}:b{c['batch']}:speedup_vs_{c['baseline']}"] = round(c["speedup"], 3)
+    run.succeed(summary | {"records": len(records)})
     return run
 
 

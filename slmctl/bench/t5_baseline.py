@@ -30,6 +30,7 @@ from slmctl.bench.bandwidth import measure_read_bandwidth
 from slmctl.bench.timing import summarize, time_generation
 from slmctl.model import build_model
 from slmctl.model.base import LanguageModel
+from slmctl.model.config import ModelConfig
 
 
 def decoder_weight_bytes(model: LanguageModel) -> int:
@@ -43,10 +44,11 @@ def decoder_weight_bytes(model: LanguageModel) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def build_t5(model: LanguageModel):
+def build_t5(model: LanguageModel | ModelConfig):
+    """Hugging Face T5 with a model's (or a ModelConfig's) dimensions, random weights, eval mode."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = model.config
+    cfg = model if isinstance(model, ModelConfig) else model.config
     t5_config = T5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff, num_heads=cfg.n_heads,
         num_layers=cfg.n_encoder_layers, num_decoder_layers=cfg.n_decoder_layers, feed_forward_proj="gelu_new",
@@ -54,6 +56,13 @@ def build_t5(model: LanguageModel):
         decoder_start_token_id=cfg.pad_token_id,
     )
     return T5ForConditionalGeneration(t5_config).eval()
+
+
+def t5_flop_config(cfg: ModelConfig) -> ModelConfig:
+    """The ModelConfig whose FLOP count (slmctl.bench.flops) is `build_t5(cfg)`'s: T5 has full-width
+    keys and values (one key/value head per query head, no grouped-query attention); its missing
+    biases and its relative position bias are not counted by those conventions anyway."""
+    return cfg.replace(n_kv_heads=cfg.n_heads)
 
 
 class _TokenClock:
