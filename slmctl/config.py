@@ -326,6 +326,15 @@ class OptimSchema(AdamWSchema):
 
 
 @dataclass
+class TrainerOptionsSchema:
+    """slmctl's own keys of the `trainer` config, beside lightning.Trainer's arguments (which the
+    group leaves open-ended); slmctl.train.fit applies them and never passes them to Lightning."""
+    # recompute each transformer block's activations in the backward pass: less memory, ~1/3 more compute
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model for training (docs/speed.md: what it measured)
+
+
+@dataclass
 class TrainingSchema:
     """What pretrain and distill share."""
     seed: int = 0
@@ -716,25 +725,36 @@ def trainer_arguments() -> list[str]:
     return [p for p in inspect.signature(Trainer.__init__).parameters if p not in ("self", "logger", "callbacks", "plugins")]
 
 
+def trainer_options() -> list[str]:
+    """slmctl's own trainer keys (TrainerOptionsSchema), e.g. activation_checkpointing."""
+    return [f.name for f in dataclasses.fields(TrainerOptionsSchema)]
+
+
+def _unknown_trainer_key(name: str) -> ConfigError:
+    return ConfigError(f"unknown trainer argument {name!r} (trainer.* takes lightning.Trainer arguments: "
+                       f"{', '.join(trainer_arguments())}; and slmctl's: {', '.join(trainer_options())})")
+
+
 def _trainer_override(item: str) -> str:
     """`trainer.X=v` may set any Trainer argument, also one the trainer config does not list
-    (rewritten to Hydra's add-or-override `++trainer.X=v`)."""
+    (rewritten to Hydra's add-or-override `++trainer.X=v`), and slmctl's own trainer options."""
     key = item.split("=", 1)[0]
     if not key.startswith("trainer.") or key.count(".") != 1:
         return item
     name = key.split(".", 1)[1]
-    if name not in trainer_arguments():
-        raise ConfigError(f"unknown trainer argument {name!r} (trainer.* takes lightning.Trainer arguments: "
-                          f"{', '.join(trainer_arguments())})")
+    if name not in trainer_arguments() and name not in trainer_options():
+        raise _unknown_trainer_key(name)
     return "++" + item
 
 
 def _check_trainer(node) -> DictConfig:
-    unknown = sorted(set(node) - set(trainer_arguments()))
+    """Lightning's arguments as given, slmctl's options typed with their defaults filled in."""
+    own = trainer_options()
+    unknown = sorted(set(node) - set(trainer_arguments()) - set(own))
     if unknown:
-        raise ConfigError(f"unknown trainer argument {unknown[0]!r} (trainer.* takes lightning.Trainer arguments: "
-                          f"{', '.join(trainer_arguments())})")
-    return node
+        raise _unknown_trainer_key(unknown[0])
+    options = _merge(TrainerOptionsSchema, {k: node[k] for k in node if k in own}, "trainer")
+    return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), options)
 
 
 def _check_values(cfg: DictConfig) -> None:

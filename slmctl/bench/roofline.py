@@ -70,7 +70,8 @@ def device_peak_flops(device: str, dtype: str = "float32") -> tuple[float | None
     the conf/hardware profile of the GPU (fp32 counts as tf32 when torch lets matmuls use it);
     (None, why) when no profile matches."""
     if device != "cuda":
-        return measure_matmul_flops(dtype), f"measured: {dtype} 1024x1024 matmul, {torch.get_num_threads()} threads"
+        # best of 20 (~0.2 s): a moment when no other process shares the cores
+        return measure_matmul_flops(dtype, repeats=20), f"measured: {dtype} 1024x1024 matmul, {torch.get_num_threads()} threads"
     gpu = torch.cuda.get_device_name()
     name = gpu_profile(gpu)
     if name is None:

@@ -34,6 +34,7 @@ from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.optim import adamw_with_schedule
 from slmctl.train.run_logger import RunLogger
+from slmctl.train.throughput import throughput
 
 PARTS = ("tower", "compressor", "projector", "text")
 
@@ -103,7 +104,7 @@ def run(cfg, run, callbacks: list | None = None):
                "tokens_per_image": accuracy["tokens_per_image"], "examples": accuracy["n"],
                "train_seconds": round(time.perf_counter() - started, 1), "tower": model.vision_config.tower,
                "compress": model.vision_config.compress}
-    run.succeed(summary)
+    run.succeed(summary | throughput(run))
     return run
 
 

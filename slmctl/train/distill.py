@@ -33,6 +33,7 @@ from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
 from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer
 from slmctl.train.ranks import rank0_first
 from slmctl.train.run_logger import RunLogger
+from slmctl.train.throughput import throughput
 from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
 
 CACHE_DIR = "teacher_cache"
@@ -97,7 +98,7 @@ def run(cfg, run, callbacks: list | None = None):
         if summary.get("val_ce_loss") is not None and summary.get("control_val_ce_loss") is not None:
             summary["val_ce_gain"] = round(summary["control_val_ce_loss"] - summary["val_ce_loss"], 4)
             run.log(f"validation CE: distilled {summary['val_ce_loss']:.4f} vs control {summary['control_val_ce_loss']:.4f}")
-    run.succeed(summary)
+    run.succeed(summary | throughput(run))
     return run
 
 

@@ -8,8 +8,9 @@ Generation happens here, in batches on the training device, not in the data load
 
 The teacher is held outside the module's parameters: it is frozen, never optimised and
 never written into checkpoints. Logged per step: train_loss, train_kd_loss,
-train_ce_loss, train_agreement (top-1 match with the teacher on target tokens),
-tokens_per_s, lr; per validation (always gold targets): the same with a val_ prefix.
+train_ce_loss, train_agreement (top-1 match with the teacher on target tokens), lr (and
+train/throughput.py's tokens_per_s, target_tokens_per_s, mfu, data_wait_fraction); per
+validation (always gold targets): the same with a val_ prefix.
 """
 
 from __future__ import annotations
@@ -114,7 +115,6 @@ class DistillModule(LMTrainingModule):
         loss, reported = global_token_mean(self, loss, tokens)
         check_finite(reported, self.global_step)
         size = int(batch["labels"].shape[0])
-        self._log_throughput(tokens)
         if self.trainer.world_size > 1:  # log what one process logs: means over every rank's tokens
             ce, kd, agree = self._global_means(ce, kd, agree, tokens, int(kd_batch["kd_mask"].sum()))
         self.log("train_loss", reported, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
@@ -166,4 +166,3 @@ class DistillModule(LMTrainingModule):
         self.log("val_kd_loss", kd)
         if self.shared_vocab is not None:
             self.log("val_agreement", v["agree"] / max(1, v["kd_tokens"]))
-        self._step_started = None

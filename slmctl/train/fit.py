@@ -1,5 +1,7 @@
 """One Lightning fit as every training stage runs it: checkpoints that survive kills and full
-disks, a graceful stop on SIGINT/SIGTERM, resume from the newest intact checkpoint."""
+disks, a graceful stop on SIGINT/SIGTERM, resume from the newest intact checkpoint, slmctl's
+own trainer options (train/trainer_options.py) and throughput measured at every step
+(train/throughput.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from slmctl.config import ConfigError
 from slmctl.train.checkpoints import VerifiedCheckpointIO, last_good_checkpoint
 from slmctl.train.stopping import GracefulStop, Stopped
+from slmctl.train.throughput import Throughput
+from slmctl.train.trainer_options import apply_trainer_options, split_trainer_args
 
 
 def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, trainer_args: dict, checkpoint_dir: Path,
@@ -21,12 +25,15 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
     the final step only restores the weights). Raises `Stopped` (a KeyboardInterrupt) when a
     signal or Ctrl-C stopped training, after saving where it got to."""
     checkpoint_dir = Path(checkpoint_dir)
+    trainer_args, options = split_trainer_args(trainer_args)
+    apply_trainer_options(module.model, options, run.log)
+    throughput = Throughput(run, trainer_args.get("precision", "32-true"))
     periodic = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
                                every_n_train_steps=checkpoint_every, save_top_k=-1, save_last=False)
     stop = GracefulStop(checkpoint_dir)
     progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
     try:
-        trainer = L.Trainer(logger=logger, callbacks=[periodic, stop, *progress, *(callbacks or [])],
+        trainer = L.Trainer(logger=logger, callbacks=[periodic, stop, *progress, throughput, *(callbacks or [])],
                             plugins=[VerifiedCheckpointIO()], default_root_dir=str(run.path),
                             **{**trainer_args, "use_distributed_sampler": False})  # the data module shards itself
     except (ValueError, TypeError, MisconfigurationException) as e:  # e.g. trainer=fsdp without a GPU

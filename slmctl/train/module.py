@@ -1,14 +1,13 @@
 """The LightningModule that trains any of our language models (or a Hugging Face causal LM).
 
-It computes the loss a batch asks for, logs train/validation loss and tokens/s, and
-owns the optimiser: AdamW (no weight decay on norms and biases) with linear warmup and
+It computes the loss a batch asks for, logs train/validation loss (tokens/s, MFU and data
+wait are logged by train/throughput.py's callback, which `fit` adds), and owns the optimiser: AdamW (no weight decay on norms and biases) with linear warmup and
 cosine decay. RNG states travel in checkpoints so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import random
-import time
 
 import lightning as L
 import numpy as np
@@ -59,7 +58,6 @@ class LMTrainingModule(L.LightningModule):
         self.model, self.optim, self.max_steps, self.hf_causal = model, optim, max_steps, hf_causal
         self._val_loss_sum = 0.0
         self._val_tokens = 0
-        self._step_started: float | None = None
         self.step_tokens = 0  # target tokens of this optimizer step's micro-batches so far (global_token_mean)
 
     def loss_and_tokens(self, batch: dict) -> tuple[torch.Tensor, int]:
@@ -76,7 +74,6 @@ class LMTrainingModule(L.LightningModule):
         loss, tokens = self.loss_and_tokens(batch)
         loss, reported = global_token_mean(self, loss, tokens)
         check_finite(reported, self.global_step)
-        self._log_throughput(tokens)
         self.log("train_loss", reported, on_step=True, on_epoch=False, prog_bar=True, batch_size=labels_batch(batch))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -94,13 +91,6 @@ class LMTrainingModule(L.LightningModule):
             if p.grad is not None:
                 p.grad.mul_(scale)
 
-    def _log_throughput(self, tokens: int) -> None:
-        """Target tokens per second over the time since the previous training step started."""
-        now = time.perf_counter()
-        if self._step_started is not None:
-            self.log("tokens_per_s", tokens / max(now - self._step_started, 1e-9), on_step=True, on_epoch=False)
-        self._step_started = now
-
     def on_validation_epoch_start(self):
         self._val_loss_sum, self._val_tokens = 0.0, 0
 
@@ -116,7 +106,6 @@ class LMTrainingModule(L.LightningModule):
         loss_sum, tokens = sum_over_ranks(self, [self._val_loss_sum, float(self._val_tokens)])
         if tokens:
             self.log("val_loss", loss_sum / tokens, prog_bar=True)
-        self._step_started = None  # validation time is not training throughput
 
     def configure_optimizers(self):
         return adamw_with_schedule(decay_groups(self.model, self.optim.weight_decay), self.optim, self.max_steps)

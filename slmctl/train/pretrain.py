@@ -26,6 +26,7 @@ from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.run_logger import RunLogger
+from slmctl.train.throughput import throughput
 
 ENCDEC_OBJECTIVES = ("prefix_lm", "span_corruption", "seq2seq")
 CAUSAL_OBJECTIVES = ("causal_lm", "seq2seq")  # seq2seq: prompt + completion, loss on the completion
@@ -76,7 +77,7 @@ def run(cfg, run, callbacks: list | None = None):
     summary = {"val_loss": float(val_loss) if val_loss is not None else None, "steps": trainer.global_step,
                "parameters": n_params, "train_seconds": round(seconds, 2), "objective": objective,
                "model": model_name(cfg.model)}
-    run.succeed(summary)
+    run.succeed(summary | throughput(run))
     return run
 
 
