@@ -43,9 +43,12 @@ def load_profile(name: str, dtype: str) -> dict:
 
 
 def measure_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a square matmul with torch's current threads."""
-    a = torch.randn(size, size, dtype=getattr(torch, dtype))
-    b = torch.randn(size, size, dtype=getattr(torch, dtype))
+    """Best-of-`repeats` FLOP/s of a square matmul with torch's current threads. Its inputs come
+    from a generator of its own: measured inside a training run, it must not move the global RNG
+    (dropout after a resume would differ from the uninterrupted run's)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, dtype=getattr(torch, dtype), generator=generator)
+    b = torch.randn(size, size, dtype=getattr(torch, dtype), generator=generator)
     a @ b
     best = float("inf")
     for _ in range(repeats):
