@@ -28,8 +28,9 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
     trainer_args, options = split_trainer_args(trainer_args)
     apply_trainer_options(module.model, options, run.log)
     throughput = Throughput(run, trainer_args.get("precision", "32-true"))
-    periodic = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
-                               every_n_train_steps=checkpoint_every, save_top_k=-1, save_last=False)
+    periodic = throughput.exclude_from_wait(ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
+        every_n_train_steps=checkpoint_every, save_top_k=-1, save_last=False))
     stop = GracefulStop(checkpoint_dir)
     progress = progress_bar() if trainer_args.get("enable_progress_bar", True) else []
     try:

@@ -5,9 +5,10 @@ arrived, on its device) and `on_train_batch_end` (forward, backward and, at the 
 accumulation, the optimizer step are done):
 
 * compute = start -> end of the step; data wait = end of the previous step -> start of this
-  one (fetching and collating the batch, moving it to the device, the loop's own bookkeeping);
-  a gap that held a validation pass or a checkpoint save is not data wait, and that step is
-  left out;
+  one (fetching and collating the batch, moving it to the device, the loop's own bookkeeping)
+  less the time of any validation pass and periodic checkpoint save in that gap (timed by the
+  validation hooks and around the checkpoint callback's save, `exclude_from_wait`), which is
+  neither training nor waiting for data;
 * `tokens_per_s`: input + target token positions of the batch (encoder-decoder: B x (S + T);
   decoder-only: B x L; padding included, as it is computed) over compute + wait, times the
   number of processes (DDP ranks step together); `target_tokens_per_s`: the tokens the loss is
@@ -99,8 +100,8 @@ class Throughput(Callback):
     def __init__(self, run, precision="32-true"):
         self.run, self.dtype = run, precision_dtype(precision)
         self.steps: list[_Step] = []
-        self._start = self._end = None
-        self._gap_is_data = False  # the gap since the last step held only data loading and the loop
+        self._start = self._end = self._wait = None
+        self._excluded = 0.0  # seconds of the current gap spent validating or saving a checkpoint
 
     # -- the fit -----------------------------------------------------------------
 
@@ -123,7 +124,7 @@ class Throughput(Callback):
         self.steps = []
         state.fits.append(self.steps)
         reset_peak_memory(self.device)
-        self._end, self._gap_is_data = None, False
+        self._end, self._excluded = None, 0.0
 
     def on_train_end(self, trainer, pl_module):
         from slmctl.bench.measure import peak_memory_mb
@@ -135,18 +136,17 @@ class Throughput(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
+        self._wait = None if self._end is None else max(0.0, self._start - self._end - self._excluded)
         self._shape = batch_shape(batch, self.encoder_decoder)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.device == "cuda":
             torch.cuda.synchronize()
         end = time.perf_counter()
-        previous, measured = self._end, self._gap_is_data
-        self._end, self._gap_is_data = end, True
-        if previous is None or not measured:
+        self._end, self._excluded, wait = end, 0.0, self._wait
+        if wait is None:  # the first step of the fit: nothing before it to time
             return
-        wait = self._start - previous
-        seconds = end - previous
+        seconds = end - self._start + wait
         B, S, T, targets = self._shape
         step = _Step(tokens=B * (S + T) * self.world_size, target_tokens=targets * self.world_size,
                      flops=self.flops(B, S, T), seconds=seconds, wait=wait)
@@ -161,10 +161,26 @@ class Throughput(Callback):
     # -- what is not waiting for data --------------------------------------------
 
     def on_validation_start(self, trainer, pl_module):
-        self._gap_is_data = False
+        self._validation_started = time.perf_counter()
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        self._gap_is_data = False
+    def on_validation_end(self, trainer, pl_module):
+        self._excluded += time.perf_counter() - self._validation_started
+
+    def exclude_from_wait(self, callback: Callback) -> Callback:
+        """`callback` (the periodic ModelCheckpoint) with the time of its on_train_batch_end,
+        where it saves after the step, left out of the data wait (wrapped on the instance, so its
+        class and its state in checkpoints stay as they are)."""
+        hook = callback.on_train_batch_end
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self._excluded += time.perf_counter() - started
+
+        callback.on_train_batch_end = timed
+        return callback
 
 
 def throughput(run) -> dict:
