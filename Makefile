@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-slow lint speed
+.PHONY: install demo test test-slow lint speed gpu-wheels gpu-check data-scale
 
 install:
 	$(PIP) install --quiet $(TORCH)
@@ -28,3 +28,20 @@ speed: install
 lint:
 	$(PIP) install --quiet ruff
 	$(PYTHON) -m ruff check slmctl tests
+
+# Training on corpora larger than memory (docs/data.md): 200 MB and 2 GB corpora, prepare and stream.
+data-scale: install
+	$(PYTHON) -m slmctl.bench.data_scale --sizes-mb 200 2000
+
+# The GPU machine has CUDA torch, Lightning and transformers but no network: fetch the rest here
+# (into .whl/, git-ignored) and carry it there.
+GPU_WHEELS := hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels:
+	$(PIP) download --quiet --no-deps -d .whl $(GPU_WHEELS)
+
+# Every GPU number of docs/data.md and docs/speed.md in one run (about 8 minutes on an H100/H200);
+# `python -m slmctl.bench.gpu_check --dry-run` is the same on a CPU with tiny sizes (tests/bench/test_gpu_check.py).
+gpu-check:
+	$(PIP) install --quiet --no-index --no-deps --find-links .whl $(GPU_WHEELS) || $(PIP) install --quiet $(GPU_WHEELS)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) -m slmctl.bench.gpu_check --out gpu-check

@@ -579,7 +579,8 @@ def register_schemas() -> None:
 
 
 # each has run(cfg, run)
-STAGE_MODULES = {"prepare": "slmctl.data.prepare", "pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
+STAGE_MODULES = {"prepare": "slmctl.data.prepare",
+                 "pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
                  "bench": "slmctl.bench.stage", "export": "slmctl.export.stage",
                  "add-vision": "slmctl.train.add_vision"}
 

@@ -136,7 +136,7 @@ def test_a_choice_reads_as_its_string():
     ("optimm.lr=1", "unknown config key 'optimm' (valid keys: "),
     ("+extra=1", "unknown config key 'extra' (valid keys: "),
     ("model.widht=8", "unknown config key 'model.widht' (valid keys of model: preset, arch,"),
-    ("data.kind=nope", "data.kind='nope' is not one of: synthetic, files, hub, shapes, images"),
+    ("data.kind=nope", "data.kind='nope' is not one of: synthetic, files, hub, prepared, shapes, images"),
     ("model=350m", "unknown model option '350m' (choose from: 1b, 330m,"),
     ("tokenizer=hf", "tokenizer.path is required: set tokenizer.path=VALUE"),
 ])

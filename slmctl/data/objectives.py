@@ -11,8 +11,8 @@ any tokenizer so they can be tested with toy ids and reused by every data module
 - `causal_lm`: one sequence for the decoder-only baseline.
 
 Then the collators that right-pad a batch into tensors for `EncoderDecoderLM` and
-`DecoderOnlyLM`, and packing that concatenates short texts so no compute is spent on
-padding. Every random choice comes from the `random.Random` passed in, so a seeded
+`DecoderOnlyLM` (packing several documents per row, isolated from each other, is
+slmctl.data.packing). Every random choice comes from the `random.Random` passed in, so a seeded
 data pipeline gives the same examples every time.
 """
 
@@ -250,46 +250,3 @@ def collate_causal(seqs: list[list[int]], special: SpecialIds) -> dict[str, torc
     attention_mask = _mask_rows(seqs)
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-# ---------------------------------------------------------------------------
-# Packing: many short texts -> few full rows
-
-
-def pack_causal(seqs: list[list[int]], max_length: int) -> list[list[int]]:
-    """Greedily concatenate whole sequences (each already framed by bos/eos) into rows of
-    at most `max_length` tokens, starting a new row when the next one does not fit. A
-    sequence longer than `max_length` is cut into `max_length` chunks first (its last
-    chunk may share a row with what follows). No token is dropped and order is kept."""
-    _check_positive(max_length=max_length)
-    rows: list[list[int]] = []
-    row: list[int] = []
-    for seq in seqs:
-        for start in range(0, len(seq), max_length):
-            piece = list(seq[start : start + max_length])
-            if len(row) + len(piece) > max_length:
-                rows.append(row)
-                row = []
-            row.extend(piece)
-    if row:
-        rows.append(row)
-    return rows
-
-
-def pack_prefix_lm(texts_ids: list[list[int]], length: int, special: SpecialIds) -> list[list[int]]:
-    """Concatenate documents, each followed by eos, and cut the stream into chunks of
-    `length` tokens: the examples `prefix_lm` and `span_corruption` train on when packing
-    is on. Empty documents are skipped. The last, shorter chunk is kept if it has at
-    least 2 tokens (enough to split)."""
-    if length < 2:
-        raise ValueError(f"length must be at least 2 (prefix_lm splits every chunk in two), got {length}")
-    stream: list[int] = []
-    for ids in texts_ids:
-        if not ids:
-            continue
-        stream.extend(ids)
-        stream.append(special.eos)
-    chunks = [stream[start : start + length] for start in range(0, len(stream), length)]
-    if chunks and len(chunks[-1]) < 2:
-        chunks.pop()
-    return chunks

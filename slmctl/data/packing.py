@@ -25,20 +25,19 @@ holds the document's start and end); each piece becomes one segment:
   256/64 and T5's 15% / 3), plus one for the stored EOS. Synthetic corpus at 256/64:
   0.986 of slots used (encoder 0.995, decoder 0.95), 0.02% of tokens cut.
 - prefix_lm: `objectives.prefix_lm` on each piece, split at the configured random fraction
-  of the piece. Rows cannot be full at 256/64 with splits in [0.2, 0.8]: a full row holds
-  256 prefix tokens per 64 continuation tokens (a prefix fraction of 0.8 of all tokens),
-  while the configured splits put on average half of every document in the decoder. The
-  decoder fills when the encoder holds about as many tokens, so the best expected use of
-  the 320 slots is ~(64 + 64) / 320 = 0.40; measured on the synthetic corpus: 0.37
-  (encoder 0.24, decoder 0.90), with 7% of tokens cut. Filling the encoder anyway would
-  take cutting every continuation to a quarter of its prefix (or clamping the split to
-  0.8), which gives every example a prefix fraction of ~0.8 whatever the configuration
-  says; this module does not do that. The window holds what the decoder takes on average,
-  (max_target - 1) / (1 - mean prefix fraction) + 1 tokens (127 at 64 and 0.2/0.8), and
-  only the row's last continuation is cut to the room left (prefix_lm's own rule: a
-  continuation keeps its first tokens, then eos); a prefix is never cut. Closer to full
-  rows: a target length near the source length (160/160 measured 0.83, 6% cut), or
-  min_prefix_frac near max_source / (max_source + max_target).
+  of the piece. A fixed 256 + 64 row cannot be full here: it holds max_source prefix tokens
+  per max_target continuation tokens (a prefix fraction of 0.8 of every token), while splits
+  drawn from [min_prefix_frac, max_prefix_frac] = [0.2, 0.8] put on average half of every
+  document in the decoder, so the decoder fills when the encoder holds about as many tokens
+  (0.37 of 320 fixed slots measured on the synthetic corpus). Filling the encoder anyway
+  would mean cutting every continuation to a quarter of its prefix (or clamping the split to
+  0.8), making every example ~0.8 prefix whatever the configuration says, so this module
+  does not. The window holds what the decoder takes on average, (max_target - 1) / (1 - mean
+  prefix fraction) tokens + 1 (127 at 64 and 0.2/0.8), only the row's last continuation is
+  cut to the room left (prefix_lm's own rule), and `collate_packed` pads a batch only to its
+  longest row, so the unused encoder slots cost nothing: 0.71 of the batch's slots are real
+  tokens (measured, batches of the synthetic corpus at 256/64). For a longer encoder side,
+  raise min_prefix_frac towards max_source / (max_source + max_target).
 
 Truncation is the only way a window token is not trained on, and it is counted
 (`PackedRow.dropped`): a piece's objective output is cut to the room left in the row,
@@ -229,6 +228,14 @@ def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
     return out
 
 
+def _width(lengths: list[int], capacity: int) -> int:
+    """The batch's width: its longest row rounded up to a multiple of 8 (few distinct shapes for
+    kernels and compilers), at most the capacity. Rows that do not fill up (prefix_lm's encoder
+    side) cost no compute beyond the longest of them."""
+    longest = max(lengths)
+    return max(longest, min(capacity, -(-longest // 8) * 8))
+
+
 def _segment_starts(segments: torch.Tensor) -> torch.Tensor:
     """True where a segment begins (padding excluded)."""
     starts = torch.ones_like(segments, dtype=torch.bool)
@@ -237,8 +244,7 @@ def _segment_starts(segments: torch.Tensor) -> torch.Tensor:
 
 
 def collate_packed(rows: Sequence[PackedRow], special: SpecialIds, causal: bool) -> dict[str, torch.Tensor]:
-    """Packed rows -> int64 tensors right-padded to the rows' capacity (max_source /
-    max_target): input_ids, attention_mask, labels, segment_ids, and for encoder-decoder rows
+    """Packed rows -> int64 tensors right-padded to the batch's longest row (`_width`): input_ids, attention_mask, labels, segment_ids, and for encoder-decoder rows
     decoder_input_ids (each segment's own [bos] + target[:-1]), decoder_attention_mask and
     decoder_segment_ids. Causal labels are -100 on padding and on every segment's first
     token (the model predicts labels[t + 1] at t: nothing predicts a document from the
@@ -247,7 +253,7 @@ def collate_packed(rows: Sequence[PackedRow], special: SpecialIds, causal: bool)
         raise ValueError("collate_packed got an empty batch")
     if any(not row.source for row in rows):
         raise ValueError("collate_packed got an empty row")
-    width = max(max(row.max_source for row in rows), max(len(row.source) for row in rows))
+    width = _width([len(row.source) for row in rows], max(row.max_source for row in rows))
     input_ids = _pad([row.source for row in rows], width, special.pad)
     segment_ids = _pad([row.segment_ids for row in rows], width, 0)
     batch = {"input_ids": input_ids, "attention_mask": (segment_ids > 0).long(), "segment_ids": segment_ids}
@@ -257,7 +263,7 @@ def collate_packed(rows: Sequence[PackedRow], special: SpecialIds, causal: bool)
     for row in rows:
         if not row.target or set(row.target_segment_ids) != set(row.segment_ids):
             raise ValueError("every segment of an encoder-decoder row needs both source and target tokens")
-    width = max(max(row.max_target for row in rows), max(len(row.target) for row in rows))
+    width = _width([len(row.target) for row in rows], max(row.max_target for row in rows))
     labels = _pad([row.target for row in rows], width, IGNORE_INDEX)
     decoder_segment_ids = _pad([row.target_segment_ids for row in rows], width, 0)
     shifted = torch.cat([labels.new_full((len(rows), 1), special.pad), labels[:, :-1]], dim=1)

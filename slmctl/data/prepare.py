@@ -24,7 +24,7 @@ import numpy as np
 from slmctl.config import ConfigError
 from slmctl.data.corpus import BadRows, Row, RowReader, resolve_files
 from slmctl.data.sources import DataError
-from slmctl.data.store import META_FILE, SplitWriter, token_dtype, write_meta
+from slmctl.data.store import META_FILE, SplitWriter, TokenStore, token_dtype, write_meta
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
 from slmctl.refs import record_source, resolve
 
@@ -59,20 +59,16 @@ def run(cfg, run):
     writers: dict[str, SplitWriter] = {}
     counts = {"rows": 0, "characters": 0}
     holdout = data.validation_fraction if "validation" not in sources else 0.0
-    for split, batch in _batches(sources, reader, data, holdout, cfg.seed, cfg.batch_rows, cfg.max_rows):
-        layout = reader.layout
+    tokenizing = time.perf_counter()
+    batches = _batches(sources, reader, data, holdout, cfg.seed, cfg.batch_rows, cfg.max_rows)
+    for split, rows, characters, encoded in _prefetched(_encoded(batches, reader, tokenizer)):
         if split not in writers:
-            eos = tokenizer.eos_id if layout == "documents" else None
-            writers[split] = SplitWriter(directory, split, layout, dtype, eos, cfg.shard_tokens)
-        counts["rows"] += len(batch)
-        if layout == "documents":
-            texts = [row.text for row in batch]
-            counts["characters"] += sum(map(len, texts))
-            writers[split].add(tokenizer.encode_batch(texts))
-        else:
-            sources_, targets = [row.source for row in batch], [row.target for row in batch]
-            counts["characters"] += sum(map(len, sources_)) + sum(map(len, targets))
-            writers[split].add(tokenizer.encode_batch(sources_), tokenizer.encode_batch(targets))
+            eos = tokenizer.eos_id if reader.layout == "documents" else None
+            writers[split] = SplitWriter(directory, split, reader.layout, dtype, eos, cfg.shard_tokens)
+        counts["rows"] += rows
+        counts["characters"] += characters
+        writers[split].add(*(_ids(column) for column in encoded))
+    tokenizing = time.perf_counter() - tokenizing
     if "train" not in writers or not writers["train"].summary()["documents"]:
         where = f" ({bad.count} bad rows, first: {bad.first[0]})" if bad.first else ""
         raise DataError(f"no usable rows in {_describe(data)}{where}")
@@ -91,8 +87,9 @@ def run(cfg, run):
     summary = {"layout": reader.layout, "rows": counts["rows"], "bad_rows": bad.count,
                **{f"{split}_{key}": value for split, info in splits.items() for key, value in info.items()
                   if key != "shard_files"},
-               "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9)),
-               "characters_per_s": round(counts["characters"] / max(seconds, 1e-9)), "data": f"{DATA_DIR}/{META_FILE}"}
+               "tokens": tokens, "seconds": round(seconds, 2), "tokenize_seconds": round(tokenizing, 2),
+               "tokens_per_s": round(tokens / max(tokenizing, 1e-9)),
+               "characters_per_s": round(counts["characters"] / max(tokenizing, 1e-9)), "data": f"{DATA_DIR}/{META_FILE}"}
     run.succeed(summary)
     return run
 
@@ -148,6 +145,31 @@ def _batches(sources: dict, reader: RowReader, data, holdout: float, seed: int, 
     if "validation" in sources:
         yield from (("validation", batch) for batch in
                     _prefetched(_batched(_rows(sources["validation"], reader, data), batch_rows, None)))
+
+
+def _encoded(batches: Iterator[tuple[str, list[Row]]], reader: RowReader,
+             tokenizer: TextTokenizer) -> Iterator[tuple[str, int, int, list]]:
+    """(split, rows, characters, encoded columns) per batch. Run in its own thread (`_prefetched`),
+    the tokenizer encodes the next batch on every core while the caller turns this one's encodings
+    into ids and writes them (which needs the GIL the encoder has released)."""
+    rust = tokenizer.rust_tokenizer
+    encode = getattr(rust, "encode_batch_fast", getattr(rust, "encode_batch", None))
+    for split, batch in batches:
+        if reader.layout == "documents":
+            columns = [[row.text for row in batch]]
+        else:
+            columns = [[row.source for row in batch], [row.target for row in batch]]
+        characters = sum(len(text) for column in columns for text in column)
+        if encode is not None:
+            encoded = [encode(column, add_special_tokens=False) for column in columns]
+        else:
+            encoded = [tokenizer.encode_batch(column) for column in columns]
+        yield split, len(batch), characters, encoded
+
+
+def _ids(encoded: list) -> list[list[int]]:
+    """Token id lists from a batch's encodings (or the id lists themselves)."""
+    return [e.ids for e in encoded] if encoded and not isinstance(encoded[0], list) else encoded
 
 
 def _batched(rows: Iterator[Row], size: int, limit: int | None) -> Iterator[list[Row]]:
@@ -241,3 +263,32 @@ def prepared_directory(path: Path) -> Path:
     """The token store a prepare run (or its data/ directory) holds."""
     path = Path(path)
     return path / DATA_DIR if (path / DATA_DIR / META_FILE).is_file() else path
+
+
+def open_prepared(path: str, run) -> TokenStore:
+    """The token store `data.path` names (a prepare run or its data/ directory), checked against
+    its run's MANIFEST and recorded as an input of `run`."""
+    from slmctl.runs import RunError, resolve_run, verify_artifact
+
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        try:
+            directory = resolve_run(path, run.runs_dir)
+        except RunError as e:
+            raise ConfigError(f"data.path={path}: no prepared data there ({e})") from None
+    directory = prepared_directory(directory)
+    store = TokenStore.open(directory)
+    verify_artifact(directory)
+    record_source(run, path, role="data", path=directory)
+    return store
+
+
+def prepared_tokenizer(store: TokenStore, run) -> TextTokenizer:
+    """The tokenizer the data was prepared with (saved into the run, so a resume reuses it)."""
+    saved = run.path / TOKENIZER_DIR  # the training run's own copy
+    if saved.is_dir():
+        return TextTokenizer.load(saved)
+    tokenizer = TextTokenizer.load(store.path / TOKENIZER_DIR)
+    if run.is_writer:
+        tokenizer.save(saved)
+    return tokenizer

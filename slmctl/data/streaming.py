@@ -21,8 +21,8 @@ Rows are:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
+from slmctl.data.packing import Piece
 from slmctl.data.store import Stream, TokenSplit
 
 FEISTEL_ROUNDS = 6
@@ -76,16 +76,6 @@ class PositionOrder:
         if epoch != self._epoch:
             self._epoch, self._permutation = epoch, Permutation(self.n_rows, f"{self.seed}:{epoch}")
         return self._permutation[index]
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A document, or part of one, inside a window: its ids (no EOS) and whether the window holds
-    the document's start and end."""
-
-    ids: list[int]
-    starts_doc: bool
-    ends_doc: bool
 
 
 class Windows:

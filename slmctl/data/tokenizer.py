@@ -77,9 +77,18 @@ class TextTokenizer:
         return self.backend.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts, spread over every core by the tokenizers library (its
+        `encode_batch_fast` where it has one: ids without character offsets, measured faster)."""
         if self.kind == "bpe":
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
         return self.backend(texts, add_special_tokens=False)["input_ids"]
+
+    @property
+    def rust_tokenizer(self):
+        """The `tokenizers.Tokenizer` underneath (ours, or a Hugging Face fast tokenizer's), or None:
+        bulk encoders call it from a thread, since it releases the GIL while it encodes."""
+        return self.backend if self.kind == "bpe" else getattr(self.backend, "_tokenizer", None)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]

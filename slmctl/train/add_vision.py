@@ -32,7 +32,7 @@ from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
-from slmctl.train.optim import adamw_with_schedule
+from slmctl.train.optim import adamw_with_schedule, fused_adamw
 from slmctl.train.run_logger import RunLogger
 from slmctl.train.throughput import throughput
 
@@ -52,7 +52,7 @@ class VisionTrainingModule(LMTrainingModule):
             params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": self.optim.weight_decay})
-        return adamw_with_schedule(groups, self.optim, self.max_steps)
+        return adamw_with_schedule(groups, self.optim, self.max_steps, fused=fused_adamw(self.trainer))
 
 
 def run(cfg, run, callbacks: list | None = None):

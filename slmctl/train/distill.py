@@ -30,7 +30,8 @@ from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.distill_module import DistillModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
-from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer
+from slmctl.data.streaming import Pairs
+from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, open_prepared, prepared_tokenizer
 from slmctl.train.ranks import rank0_first
 from slmctl.train.run_logger import RunLogger
 from slmctl.train.throughput import throughput
@@ -51,8 +52,20 @@ def run(cfg, run, callbacks: list | None = None):
     if kd.cache and kd.targets != "gold":
         raise ConfigError(f"kd.cache=true needs kd.targets=gold (the cache holds the teacher's view of the data's own "
                           f"targets), got kd.targets={kd.targets}")
-    train_pairs, val_pairs = load_pairs(cfg.data, "train"), load_pairs(cfg.data, "validation")
-    run.log(f"data: {len(train_pairs)} train / {len(val_pairs)} validation examples ({cfg.data.kind})")
+    streamed = cfg.data.kind == "prepared"
+    if streamed:
+        if kd.cache:
+            raise ConfigError("kd.cache=true scores every example up front; with data=prepared the teacher runs live "
+                              "(drop kd.cache)")
+        store = open_prepared(cfg.data.path, run)
+        if store.layout != "pairs":
+            raise ConfigError(f"{store.path} holds documents; distill trains on source/target pairs (prepare a corpus "
+                              f"with source and target columns)")
+        train_pairs, val_pairs = Pairs(store.split("train")), Pairs(store.split("validation"))
+        run.log(f"data: {store.path} ({len(train_pairs)} train / {len(val_pairs)} validation pairs, streamed)")
+    else:
+        train_pairs, val_pairs = load_pairs(cfg.data, "train"), load_pairs(cfg.data, "validation")
+        run.log(f"data: {len(train_pairs)} train / {len(val_pairs)} validation examples ({cfg.data.kind})")
 
     runs_dir = run.runs_dir
     teacher = load_teacher(cfg.teacher, runs_dir)
@@ -62,7 +75,10 @@ def run(cfg, run, callbacks: list | None = None):
     run.log(f"teacher: {teacher.name} ({teacher.source}), {teacher.num_parameters() / 1e6:.1f}M parameters, "
             f"{str(teacher.dtype).removeprefix('torch.')}, logits over {teacher.vocab_size} ids")
 
-    tokenizer = _student_tokenizer(cfg, run, teacher, train_pairs)
+    tokenizer = prepared_tokenizer(store, run) if streamed else _student_tokenizer(cfg, run, teacher, train_pairs)
+    if streamed and cfg.student.init and TextTokenizer.load(_student_init(cfg, run).path).vocab() != tokenizer.vocab():
+        raise ConfigError(f"student.init={cfg.student.init} has another tokenizer than the prepared data; prepare the "
+                          f"data with tokenizer=run tokenizer.path={cfg.student.init}")
     student = _student(cfg, run, tokenizer)
     shared = _shared_vocabulary(cfg, run, teacher, tokenizer, student.config.vocab_size)
     run.log(f"student: {cfg.student.init or model_name(cfg.student)}, {student.num_parameters() / 1e6:.2f}M parameters; "
@@ -70,8 +86,12 @@ def run(cfg, run, callbacks: list | None = None):
 
     batcher = DistillBatcher(tokenizer, teacher.tokenizer, teacher.start_ids, shared is not None,
                              cfg.max_source_len, cfg.max_target_len)
-    batcher.tokenize("train", train_pairs)
-    batcher.tokenize("validation", val_pairs)
+    if streamed:
+        batcher.stream("train", train_pairs)
+        batcher.stream("validation", val_pairs, limit=cfg.data.validation_rows)
+    else:
+        batcher.tokenize("train", train_pairs)
+        batcher.tokenize("validation", val_pairs)
     if kd.cache:
         with rank0_first(run):  # torchrun/SLURM: the other ranks reuse the cache rank 0 builds
             batcher.cache = _logit_cache(cfg, run, teacher, batcher, shared)
@@ -111,8 +131,9 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillModule(student, teacher, batcher, kd, cfg.optim, cfg.trainer.max_steps, cfg.seed, shared,
                            shard_teacher=cfg.teacher.shard)
+    workers = cfg.data.num_workers if cfg.data.kind == "prepared" else 0
     datamodule = TrainingDataModule(batcher.examples["train"], batcher.examples["validation"], batcher, cfg.batch_size,
-                                    cfg.seed, make_val_batch=partial(batcher, split="validation"))
+                                    cfg.seed, make_val_batch=partial(batcher, split="validation"), num_workers=workers)
     started = time.perf_counter()
     trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), directory / "checkpoints", logger,
                   cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)

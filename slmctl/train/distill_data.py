@@ -58,6 +58,25 @@ class DistillBatcher:
         self.examples[split] = examples
         return examples
 
+    def stream(self, split: str, pairs, limit: int | None = None) -> "StreamedExamples":
+        """Examples read lazily from a prepared store's pairs (student ids); kept as
+        `self.examples[split]`. With `limit`, the first `limit` pairs, read now (validation)."""
+        examples = StreamedExamples(self, pairs)
+        if limit is not None:
+            examples = [examples[i] for i in range(min(limit, len(examples)))]
+        self.examples[split] = examples
+        return examples
+
+    def example(self, index: int, source_ids: list[int], target_ids: list[int]) -> DistillExample:
+        """One prepared pair as a DistillExample: the teacher's ids are the student's when the two
+        share a tokenizer, else the pair's text re-tokenised by the teacher."""
+        source, target = obj.seq2seq(source_ids, target_ids, self.special, self.max_source, self.max_target)
+        if self.same_tokenizer:
+            return DistillExample(index, source, target, source, target)
+        teacher_source, teacher_target = self._teacher_pair(self.teacher.encode(self.student.decode(source_ids)),
+                                                            self.teacher.encode(self.student.decode(target_ids)))
+        return DistillExample(index, source, target, teacher_source, teacher_target)
+
     def _teacher_pair(self, source: list[int], target: list[int]) -> tuple[list[int], list[int]]:
         return list(source[: self.max_source]), [*target[: self.max_target - 1], self.teacher.eos_id]
 
@@ -108,6 +127,19 @@ class DistillBatcher:
         text = source.decode([i for i in ids if i != source.eos_id])
         out = destination.encode(text)[: self.max_target - (1 if append_eos else 0)]
         return [*out, eos] if append_eos or not out else out
+
+
+class StreamedExamples:
+    """DistillExamples built on demand from (source ids, target ids) rows (slmctl.data.streaming.Pairs)."""
+
+    def __init__(self, batcher: DistillBatcher, pairs):
+        self.batcher, self.pairs = batcher, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> DistillExample:
+        return self.batcher.example(index, *self.pairs[index])
 
 
 def _ending(ids: list[int], eos: int, max_len: int) -> list[int]:

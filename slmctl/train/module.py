@@ -15,7 +15,7 @@ import torch
 
 from slmctl.errors import RunFailure
 from slmctl.train.datamodule import PADDING
-from slmctl.train.optim import adamw_with_schedule, decay_groups
+from slmctl.train.optim import adamw_with_schedule, decay_groups, fused_adamw
 
 
 class TrainingDiverged(RunFailure, RuntimeError):
@@ -108,7 +108,8 @@ class LMTrainingModule(L.LightningModule):
             self.log("val_loss", loss_sum / tokens, prog_bar=True)
 
     def configure_optimizers(self):
-        return adamw_with_schedule(decay_groups(self.model, self.optim.weight_decay), self.optim, self.max_steps)
+        return adamw_with_schedule(decay_groups(self.model, self.optim.weight_decay), self.optim, self.max_steps,
+                                   fused=fused_adamw(self.trainer))
 
     # RNG states in the checkpoint: a resumed run draws the same dropout masks and samples.
     # (Plain tensors and numbers only, so checkpoints load with torch.load(weights_only=True).)

@@ -26,11 +26,23 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw_with_schedule(groups: list[dict], optim, max_steps: int) -> dict:
+def fused_adamw(trainer) -> bool:
+    """Whether a fit may use the fused AdamW kernel: not with 16-mixed precision, whose gradient
+    scaler must unscale the gradients before Lightning clips them (the fused kernel unscales inside)."""
+    return not str(trainer.precision).startswith("16")
+
+
+def adamw_with_schedule(groups: list[dict], optim, max_steps: int, fused: bool = False) -> dict:
     """What a LightningModule's configure_optimizers returns for these parameter groups; a group
-    without its own "lr" takes `optim.lr`."""
+    without its own "lr" takes `optim.lr`. `fused`: torch's fused AdamW, one kernel per parameter
+    (the same update, within float rounding: ~2% of weights differ by an ulp after 5 steps),
+    instead of ~6 (4x faster optimizer steps on CPU: 10 vs 40 ms for `small`)."""
     peak = {"lr": optim.lr} if "lr" in optim else {}  # add-vision sets one per group instead
-    optimizer = torch.optim.AdamW(groups, **peak, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = fused and devices <= {"cpu", "cuda", "mps", "xpu"} and all(
+        p.is_floating_point() for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(groups, **peak, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                  **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, optim.warmup_steps, max_steps, optim.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -18,11 +19,14 @@ from slmctl.atomic import set_new_file_mode
 from slmctl.config import ConfigError
 from slmctl.data import objectives as obj
 from slmctl.data.sources import load_pairs, load_texts
+from slmctl.data.prepare import open_prepared, prepared_tokenizer
+from slmctl.data.store import TokenSplit, TokenStore
+from slmctl.data.streaming import Documents, Pairs, Windows
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
 from slmctl.model import build_model, save_model
 from slmctl.model.config import model_config_from, model_name
 from slmctl.refs import record_source, resolve
-from slmctl.train.datamodule import TrainingDataModule
+from slmctl.train.datamodule import StepStream, TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.run_logger import RunLogger
@@ -46,23 +50,38 @@ def run(cfg, run, callbacks: list | None = None):
         raise ConfigError("init= is not supported for model=hf-causal")
 
     seq2seq_data = objective == "seq2seq"
-    train_data = load_pairs(cfg.data, "train") if seq2seq_data else load_texts(cfg.data, "train")
-    val_data = load_pairs(cfg.data, "validation") if seq2seq_data else load_texts(cfg.data, "validation")
-    run.log(f"data: {len(train_data)} train / {len(val_data)} validation examples ({cfg.data.kind})")
-
-    tokenizer = build_tokenizer(cfg, run, train_data, seq2seq_data)
+    if cfg.data.kind == "prepared":
+        store = open_prepared(cfg.data.path, run)
+        _check_layout(store, seq2seq_data)
+        tokenizer = prepared_tokenizer(store, run)
+        train_split, val_split = store.split("train"), store.split("validation")
+        run.log(f"data: {store.path} ({train_split.n_documents} train / {val_split.n_documents} validation "
+                f"{store.layout}, streamed)")
+    else:
+        train_data = load_pairs(cfg.data, "train") if seq2seq_data else load_texts(cfg.data, "train")
+        val_data = load_pairs(cfg.data, "validation") if seq2seq_data else load_texts(cfg.data, "validation")
+        run.log(f"data: {len(train_data)} train / {len(val_data)} validation examples ({cfg.data.kind})")
+        tokenizer = build_tokenizer(cfg, run, train_data, seq2seq_data)
+        train_split, val_split = in_memory_split(tokenizer, train_data), in_memory_split(tokenizer, val_data)
     model = _model(cfg, run, tokenizer, arch)
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"model: {model_name(cfg.model)}, {n_params / 1e6:.2f}M parameters; tokenizer: {len(tokenizer)} tokens")
 
     special = obj.SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id,
                              sentinels=tokenizer.sentinel_ids)
-    train_examples = _examples(cfg, tokenizer, train_data, special)
-    val_examples = _examples(cfg, tokenizer, val_data, special)
-    if not train_examples or not val_examples:
-        raise ConfigError("no training examples after tokenisation: are the texts empty?")
-    make_batch = partial(_make_batch, cfg=cfg, special=special, causal=arch != "encdec")
-    datamodule = TrainingDataModule(train_examples, val_examples, make_batch, cfg.batch_size, cfg.seed)
+    train_rows, make_batch = training_rows(cfg, train_split, special, causal=arch != "encdec")
+    val_rows, _ = training_rows(cfg, val_split, special, causal=arch != "encdec")
+    if cfg.data.kind == "prepared":
+        val_rows = [val_rows[i] for i in range(min(len(val_rows), cfg.data.validation_rows))]
+    if not len(train_rows) or not len(val_rows):
+        raise ConfigError(f"no training rows: the data has {train_split.n_documents} train / {val_split.n_documents} "
+                          f"validation documents, too few tokens for one {train_rows.describe()} row")
+    workers = cfg.data.num_workers if cfg.data.kind == "prepared" else 0
+    datamodule = TrainingDataModule(train_rows, val_rows, make_batch, cfg.batch_size, cfg.seed, num_workers=workers,
+                                    describe=train_rows.describe())
+    efficiency = packing_efficiency(datamodule)
+    run.log(f"rows: {len(train_rows)} train / {len(val_rows)} validation ({train_rows.describe()}); "
+            f"non-padding fraction {efficiency:.3f}")
     module = LMTrainingModule(model, cfg.optim, max_steps=cfg.trainer.max_steps, hf_causal=arch == "hf-causal")
 
     started = time.perf_counter()
@@ -76,7 +95,7 @@ def run(cfg, run, callbacks: list | None = None):
     val_loss = trainer.callback_metrics.get("val_loss")
     summary = {"val_loss": float(val_loss) if val_loss is not None else None, "steps": trainer.global_step,
                "parameters": n_params, "train_seconds": round(seconds, 2), "objective": objective,
-               "model": model_name(cfg.model)}
+               "model": model_name(cfg.model), "packing_efficiency": round(efficiency, 4)}
     run.succeed(summary | throughput(run))
     return run
 
@@ -141,45 +160,86 @@ def _hf_causal(hf_cfg, tokenizer: TextTokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
-def _examples(cfg, tokenizer: TextTokenizer, data, special) -> list:
-    """Token-id examples the objective consumes: packed chunks for LM objectives,
-    (source, target) pairs for seq2seq."""
+def in_memory_split(tokenizer: TextTokenizer, data: list) -> TokenSplit:
+    """Texts or pairs held in memory, tokenised into the form a prepared store has (so small data
+    and streamed data go through the same rows and collation)."""
+    if data and isinstance(data[0], tuple):
+        return TokenSplit.from_pairs(tokenizer.encode_batch([s for s, _ in data]),
+                                     tokenizer.encode_batch([t for _, t in data]))
+    return TokenSplit.from_documents(tokenizer.encode_batch(list(data)), tokenizer.eos_id)
+
+
+def training_rows(cfg, split: TokenSplit, special, causal: bool):
+    """(rows, make_batch): packed windows for LM objectives with objective.packing, else one
+    document (or, for seq2seq, one pair) per row. (A Hugging Face causal LM takes packed rows
+    without their segment ids: its documents see each other, but no label crosses a boundary.)"""
     name = cfg.objective.name
     if name == "seq2seq":
-        sources = tokenizer.encode_batch([s for s, _ in data])
-        targets = tokenizer.encode_batch([t for _, t in data])
-        return list(zip(sources, targets))
-    ids = tokenizer.encode_batch(list(data))
-    if name == "causal_lm":
-        sequences = [[special.bos, *row, special.eos] for row in ids if row]
-        return obj.pack_causal(sequences, cfg.max_source_len) if cfg.objective.packing else sequences
-    length = cfg.max_source_len if name == "span_corruption" else cfg.max_source_len + cfg.max_target_len - 1
+        return Pairs(split), partial(_make_batch, cfg=cfg, special=special, causal=causal)
     if cfg.objective.packing:
-        return obj.pack_prefix_lm(ids, length, special)
-    return [row[:length] for row in ids if len(row) >= 2]
+        from slmctl.data import packing
+
+        window = packing.window_length(name, cfg.objective, cfg.max_source_len, cfg.max_target_len)
+        make = partial(_make_packed_batch, cfg=cfg, special=special, causal=causal)
+        return Windows(split.text, window), make
+    return Documents(split.text), partial(_make_batch, cfg=cfg, special=special, causal=causal)
+
+
+def packing_efficiency(datamodule: TrainingDataModule, batches: int = 8) -> float:
+    """Non-padding fraction of the first training batches (encoder and decoder slots together)."""
+    from slmctl.data.packing import packing_efficiency as real_and_slots
+
+    stream = StepStream(datamodule.train_rows, datamodule.batch_size, datamodule.seed, datamodule.make_batch)
+    counts = [real_and_slots(stream.batch(k)) for k in range(batches)]
+    return sum(real for real, _ in counts) / max(1, sum(slots for _, slots in counts))
+
+
+def _make_packed_batch(windows: list, rngs: list, cfg, special, causal: bool) -> dict:
+    from slmctl.data import packing
+
+    rows = [packing.pack_window(pieces, cfg.objective.name, cfg.objective, special, cfg.max_source_len,
+                                cfg.max_target_len, rng) for pieces, rng in zip(windows, rngs)]
+    return packing.collate_packed(rows, special, causal=causal)
 
 
 def _make_batch(examples: list, rngs: list, cfg, special, causal: bool) -> dict:
+    """Unpacked rows: documents (LM objectives, cut to the objective's length) or pairs."""
     name, o = cfg.objective.name, cfg.objective
     if name == "causal_lm":
-        return obj.collate_causal([list(e)[: cfg.max_source_len] for e in examples], special)
+        return obj.collate_causal([obj.causal_lm(e, special, cfg.max_source_len) for e in examples], special)
     if causal:  # seq2seq for a decoder-only model: the whole sequence, loss on the target only
         rows = [obj.prompt_completion(s, t, special, cfg.max_source_len + cfg.max_target_len) for s, t in examples]
         batch = obj.collate_causal([ids for ids, _ in rows], special)
         for i, (_, n_prompt) in enumerate(rows):
             batch["labels"][i, :n_prompt] = -100
         return batch
+    length = cfg.max_source_len if name == "span_corruption" else cfg.max_source_len + cfg.max_target_len - 1
     pairs = []
     for example, rng in zip(examples, rngs):
         if name == "prefix_lm":
-            pairs.append(obj.prefix_lm(example, rng, special, cfg.max_source_len, cfg.max_target_len,
+            ids = _at_least_two(example[:length], special)
+            pairs.append(obj.prefix_lm(ids, rng, special, cfg.max_source_len, cfg.max_target_len,
                                        o.min_prefix_frac, o.max_prefix_frac))
         elif name == "span_corruption":
-            pairs.append(obj.span_corruption(example, rng, special, o.noise_density, o.mean_span_length,
+            ids = _at_least_two(example[:length], special)
+            pairs.append(obj.span_corruption(ids, rng, special, o.noise_density, o.mean_span_length,
                                              max_source=cfg.max_source_len, max_target=cfg.max_target_len))
         else:
             pairs.append(obj.seq2seq(example[0], example[1], special, cfg.max_source_len, cfg.max_target_len))
     return obj.collate_seq2seq(pairs, special)
+
+
+def _at_least_two(ids: list[int], special) -> list[int]:
+    """A one-token document, with its EOS back, so the objectives have something to split."""
+    return ids if len(ids) >= 2 else [*ids, special.eos]
+
+
+def _check_layout(store: TokenStore, seq2seq_data: bool) -> None:
+    wanted = "pairs" if seq2seq_data else "documents"
+    if store.layout != wanted:
+        fix = "objective=seq2seq" if store.layout == "pairs" else "an LM objective (prefix_lm, span_corruption, causal_lm)"
+        raise ConfigError(f"{store.path} holds {store.layout}, and this objective trains on {wanted}; use {fix}, "
+                          f"or prepare the data with layout={wanted}")
 
 
 def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str) -> None:

@@ -11,8 +11,6 @@ from slmctl.data.objectives import (
     causal_lm,
     collate_causal,
     collate_seq2seq,
-    pack_causal,
-    pack_prefix_lm,
     prefix_lm,
     random_spans_noise_mask,
     seq2seq,
@@ -251,45 +249,10 @@ def test_collated_seq2seq_batch_trains_the_encoder_decoder():
 def test_collated_causal_batch_trains_the_decoder_only():
     model = build_model("deconly-tiny", seed=0).eval()
     seqs = [causal_lm(text(n, seed=n), SPECIAL, 32) for n in (10, 40, 3)]
-    rows = pack_causal(seqs, 24)
-    batch = collate_causal(rows, SPECIAL)
+    batch = collate_causal(seqs, SPECIAL)
     out = model(**batch)
     assert torch.isfinite(out.loss)
     # the loss is next-token cross-entropy over real tokens only
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
-
-
-# ---------------------------------------------------------------------------
-# packing
-
-
-def test_pack_causal_keeps_every_token_in_order():
-    rng = random.Random(0)
-    seqs = [causal_lm(text(rng.randrange(0, 60), seed=i), SPECIAL, 1000) for i in range(50)]
-    rows = pack_causal(seqs, 32)
-    assert all(0 < len(row) <= 32 for row in rows)
-    assert [t for row in rows for t in row] == [t for seq in seqs for t in seq]
-    # greedy: a row is closed only when the next piece would not fit
-    assert sum(len(row) for row in rows) / len(rows) > 24
-
-
-def test_pack_causal_splits_long_sequences():
-    long = list(range(100, 170))  # 70 tokens
-    rows = pack_causal([[1, 2], long, [3, 4, 5]], 32)
-    assert rows == [[1, 2], long[:32], long[32:64], long[64:] + [3, 4, 5]]
-    assert pack_causal([], 8) == []
-
-
-def test_pack_prefix_lm_chunks_documents():
-    docs = [[11, 12, 13], [14, 15], [], [16, 17, 18, 19]]
-    # stream: 11 12 13 </s> 14 15 </s> 16 17 18 19 </s>  (12 tokens)
-    assert pack_prefix_lm(docs, 5, SPECIAL) == [[11, 12, 13, 2, 14], [15, 2, 16, 17, 18], [19, 2]]
-    assert pack_prefix_lm(docs, 11, SPECIAL) == [[11, 12, 13, 2, 14, 15, 2, 16, 17, 18, 19]]  # 1 left: dropped
-    assert pack_prefix_lm(docs, 4, SPECIAL) == [[11, 12, 13, 2], [14, 15, 2, 16], [17, 18, 19, 2]]
-    with pytest.raises(ValueError, match="at least 2"):
-        pack_prefix_lm(docs, 1, SPECIAL)
-    # every chunk is something prefix_lm can split
-    for chunk in pack_prefix_lm([text(37, seed=i) for i in range(5)], 16, SPECIAL):
-        prefix_lm(chunk, random.Random(0), SPECIAL, 16, 16)

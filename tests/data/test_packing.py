@@ -151,10 +151,11 @@ def test_causal_lm_and_span_corruption_rows_come_out_full(corpus):
 
 
 def test_prefix_lm_efficiency_is_what_the_docstring_says(corpus):
-    # 256 / 64 slots but on average half of every document is continuation: the decoder fills
-    # when the encoder holds ~64 tokens, so ~0.40 at best (see slmctl.data.packing).
+    # on average half of every document is continuation: the decoder fills when the encoder holds
+    # ~64 tokens, so rows are padded only to the batch's longest encoder side (see slmctl.data.packing):
+    # measured 0.71 of the batch's slots (0.37 of a fixed 256 + 64)
     used, dropped = efficiency(corpus, "prefix_lm")
-    assert 0.33 < used < 0.42, used
+    assert 0.6 < used < 0.8, used
     assert dropped < 0.08, dropped
 
 
