@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import torch
