@@ -245,10 +245,11 @@ def _segment_starts(segments: torch.Tensor) -> torch.Tensor:
 
 def collate_packed(rows: Sequence[PackedRow], special: SpecialIds, causal: bool) -> dict[str, torch.Tensor]:
     """Packed rows -> int64 tensors right-padded to the batch's longest row (`_width`): input_ids,
-    attention_mask, labels, segment_ids, and for encoder-decoder rows decoder_input_ids (each segment's own [bos] + target[:-1]), decoder_attention_mask and
-    decoder_segment_ids. Causal labels are -100 on padding and on every segment's first
-    token (the model predicts labels[t + 1] at t: nothing predicts a document from the
-    previous one); encoder-decoder labels are the targets, -100 on padding."""
+    attention_mask, labels, segment_ids, and for encoder-decoder rows decoder_input_ids (each
+    segment's own [bos] + target[:-1]), decoder_attention_mask and decoder_segment_ids. Causal
+    labels are -100 on padding and on every segment's first token (the model predicts
+    labels[t + 1] at t: nothing predicts a document from the previous one); encoder-decoder
+    labels are the targets, -100 on padding."""
     if not rows:
         raise ValueError("collate_packed got an empty batch")
     if any(not row.source for row in rows):
