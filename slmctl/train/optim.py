@@ -27,9 +27,10 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def fused_adamw(trainer) -> bool:
-    """Whether a fit may use the fused AdamW kernel: not with 16-mixed precision, whose gradient
-    scaler must unscale the gradients before Lightning clips them (the fused kernel unscales inside)."""
-    return not str(trainer.precision).startswith("16")
+    """Whether a fit may use the fused AdamW kernel: with "*-true" precision (fp32 by default), not
+    with a mixed one, whose plugin refuses gradient clipping with an optimizer that unscales
+    gradients inside its kernel (Lightning's amp plugin, for bf16-mixed too)."""
+    return str(trainer.precision).endswith("-true") or str(trainer.precision) in ("32", "64")
 
 
 def adamw_with_schedule(groups: list[dict], optim, max_steps: int, fused: bool = False) -> dict:
