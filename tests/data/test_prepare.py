@@ -99,3 +99,15 @@ def test_a_given_tokenizer_is_used_as_it_is(tmp_path, texts):
 def test_no_such_corpus_is_one_line_and_exit_2(tmp_path):
     result = cli("prepare", "data=files", f"data.train={tmp_path}/nothing-*.jsonl", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "no such data file" in result.stderr
+
+
+def test_a_hub_dataset_is_streamed_split_by_split(tmp_path, texts):
+    # a local dataset directory is what `datasets.load_dataset(id, streaming=True)` reads without network
+    dataset = tmp_path / "dataset"
+    write_corpus(dataset / "train", texts[:300])
+    write_corpus(dataset / "validation", texts[300:340])
+    (dataset / "train" / "part-0.jsonl").rename(dataset / "train.jsonl")
+    (dataset / "validation" / "part-0.jsonl").rename(dataset / "validation.jsonl")
+    run = prepare(tmp_path / "runs", "data=hub", f"data.id={dataset}", *SMALL_BPE)
+    store = TokenStore.open(run / "data")
+    assert store.split("train").n_documents == 300 and store.split("validation").n_documents == 40
