@@ -446,6 +446,8 @@ class BenchSchema:
     source_len: int = 256  # train: encoder tokens per row (decoder-only: the sequence length)
     target_len: int = 64  # train: decoder tokens per row
     t5: bool = False  # train (--compare): also train transformers' T5 of matching dimensions, with ratios against it
+    # train: the trainer options a training run would set (trainer.activation_checkpointing=true, trainer.compile=true)
+    trainer: TrainerOptionsSchema = field(default_factory=TrainerOptionsSchema)
 
 
 @dataclass
@@ -695,7 +697,7 @@ def validate(cfg: DictConfig, stage: str) -> DictConfig:
             raise ConfigError(f"{group}.{key}={kind!r} is not one of: {', '.join(options)}")
         checked[group] = _merge(options[kind], node, group)
     if "trainer" in cfg:
-        checked["trainer"] = _check_trainer(cfg.trainer)
+        checked["trainer"] = _check_trainer(cfg.trainer, lightning=stage != "bench")
     top = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in checked})
     result = _merge(STAGE_SCHEMAS[stage], top, None)
     with_groups = OmegaConf.merge(result, checked)
@@ -748,11 +750,14 @@ def _trainer_override(item: str) -> str:
     return "++" + item
 
 
-def _check_trainer(node) -> DictConfig:
-    """Lightning's arguments as given, slmctl's options typed with their defaults filled in."""
+def _check_trainer(node, lightning: bool = True) -> DictConfig:
+    """Lightning's arguments as given, slmctl's options typed with their defaults filled in (bench:
+    the options only, as `bench --train` runs no Lightning trainer)."""
     own = trainer_options()
-    unknown = sorted(set(node) - set(trainer_arguments()) - set(own))
+    unknown = sorted(set(node) - (set(trainer_arguments()) if lightning else set()) - set(own))
     if unknown:
+        if not lightning:
+            raise ConfigError(f"unknown trainer option {unknown[0]!r} (bench --train takes: {', '.join(own)})")
         raise _unknown_trainer_key(unknown[0])
     options = _merge(TrainerOptionsSchema, {k: node[k] for k in node if k in own}, "trainer")
     return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), options)

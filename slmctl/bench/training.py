@@ -13,6 +13,10 @@ conf/hardware profile). Peak memory: the process's resident high-water mark (CPU
 torch.cuda.max_memory_allocated (CUDA), from just before the optimiser is built to the last
 step, so it holds weights, gradients, AdamW's two moments and the activations of a step.
 
+`trainer.activation_checkpointing=true` and `trainer.compile=true` apply the training options
+(slmctl.train.trainer_options) to every model measured (T5 included: its own gradient
+checkpointing; compilation happens in the warm-up steps, so give `--warmup 2` or more).
+
 With `t5=true` (`--compare`) Hugging Face `T5ForConditionalGeneration` of matching dimensions
 (slmctl.bench.t5_baseline.build_t5) goes through the same steps on the same batch after our
 model, which is freed first; the comparison is our tokens/s over T5's.
@@ -89,10 +93,14 @@ def time_training(cfg, name: str, arch: str, runtime: str, model: torch.nn.Modul
     from slmctl.bench.roofline import device_peak_flops
     from slmctl.train.optim import adamw_with_schedule, decay_groups
 
+    from slmctl.train.trainer_options import apply_trainer_options
+
     device, S, T = cfg.device, cfg.source_len, cfg.target_len
     encdec = flop_config.is_encoder_decoder
     T = T if encdec else 0
     model.train()
+    options = {k: bool(v) for k, v in cfg.trainer.items()}
+    apply_trainer_options(model, options, lambda message: None)
     data = training_batch(flop_config, batch, S, T, cfg.seed, device)
     mixed = cfg.dtype != "float32"  # weights stay fp32, matmuls in bf16/fp16 (the trainer's *-mixed precision)
     gc.collect()
@@ -129,7 +137,9 @@ def time_training(cfg, name: str, arch: str, runtime: str, model: torch.nn.Modul
         "tokens_per_s": tokens / median, "target_tokens_per_s": target_tokens / median,
         "mfu": step_flops / median / peak if peak else None, "peak_mem_mb": memory,
         "params": sum(p.numel() for p in model.parameters()), "flops_per_step": step_flops, "peak_flops": peak,
-        "peak_source": peak_source, "warmup": cfg.warmup, "steps": cfg.repeat, "samples": samples,
+        "activation_checkpointing": options["activation_checkpointing"], "compile": options["compile"],
+        "step_ms_min": min(samples) * 1e3, "peak_source": peak_source, "warmup": cfg.warmup, "steps": cfg.repeat,
+        "samples": samples,
     }
 
 

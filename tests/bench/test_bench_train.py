@@ -87,11 +87,12 @@ def test_train_compare_prints_ours_and_t5_with_the_ratio_and_valid_json(tmp_path
 
 def test_train_csv_and_markdown_and_decoder_only(tmp_path):
     result = cli("bench", "--train", "deconly-tiny", "--batch", "1,2", "--source-len", "16", "--repeat", "1",
-                 "--warmup", "0", "--format", "csv", runs=tmp_path / "runs")
+                 "--warmup", "0", "--format", "csv", "trainer.activation_checkpointing=true", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split(",") == list(TRAIN_RECORD_FIELDS) and len(lines) == 3
     assert lines[1].startswith("deconly-tiny,deconly,cpu,torch,float32,1,16,,") and lines[2].split(",")[5] == "2"
+    assert lines[1].endswith(",True,False")  # activation checkpointing on, compile off
     result = cli("bench", "--train", "tiny", "--batch", "1", "--source-len", "8", "--target-len", "4", "--repeat", "1",
                  "--format", "md", runs=tmp_path / "runs")
     lines = result.stdout.splitlines()
@@ -104,6 +105,7 @@ def test_train_csv_and_markdown_and_decoder_only(tmp_path):
     (["--train", "deconly-tiny", "--compare", "--source-len", "8", "--repeat", "1"], "give an encoder-decoder model"),
     (["--train", "tiny", "--source-len", "0"], "source_len must be > 0"),
     (["--train", "tiny", "--estimate", "h100"], "--estimate"),
+    (["--train", "tiny", "trainer.max_steps=3"], "unknown trainer option 'max_steps'"),
 ])
 def test_train_bad_options_are_one_line_errors(tmp_path, args, fragment):
     result = cli("bench", *args, runs=tmp_path / "runs")
