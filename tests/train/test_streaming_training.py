@@ -97,3 +97,34 @@ def test_distilling_from_prepared_pairs_trains_exactly_as_from_the_same_pairs_in
     assert in_memory.exit_code == 0, in_memory.output
     a, b = weights(newest_run(runs, "distill", "streamed")), weights(newest_run(runs, "distill", "in-memory"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_readme_real_corpus_path_prepare_pretrain_distill(llama_dir, tmp_path):
+    """README's three commands at toy size: text and pairs prepared with the teacher's tokenizer,
+    an encoder-decoder pretrained on the text, then distilled from the teacher on the pairs."""
+    world = SyntheticWorld(seed=0, n_people=200)
+    corpus = write_corpus(tmp_path / "corpus", world.texts("train", 300), files=2, suffix=".jsonl.gz")
+    pairs = tmp_path / "qa.jsonl"
+    pairs.write_text("".join(json.dumps({"source": r["source"], "target": r["target"]}) + "\n"
+                             for r in world.qa(split="train", n=120, min_facts=1, max_facts=2)))
+    runs, teacher = tmp_path / "runs", ["tokenizer=teacher", "teacher=llama", f"teacher.path={llama_dir}"]
+    tiny = ["batch_size=4", "max_source_len=48", "max_target_len=12", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "data.validation_rows=8"]
+    assert cli("prepare", "data=files", f"data.train={corpus}", *teacher, "--name", "text", runs=runs).exit_code == 0
+    pretrained = cli("pretrain", "model=tiny", "data=prepared", "data.path=prepare/latest", "objective=span_corruption",
+                     *tiny, runs=runs)
+    assert pretrained.exit_code == 0, pretrained.output
+    assert cli("prepare", "data=files", f"data.train={pairs}", *teacher, "--name", "pairs", runs=runs).exit_code == 0
+    distilled = cli("distill", f"teacher.path={llama_dir}", "student.init=pretrain/latest", "data=prepared",
+                    f"data.path={newest_run(runs, 'prepare', 'pairs')}", *tiny, runs=runs)
+    assert distilled.exit_code == 0, distilled.output
+    summary = json.loads((newest_run(runs, "distill") / "status.json").read_text())["summary"]
+    assert summary["steps"] == 2 and summary["val_kd_loss"] > 0
+    # documents are not pairs; a student whose tokenizer is not the data's: each refused in one line
+    wrong = cli("distill", f"teacher.path={llama_dir}", "student.init=pretrain/latest", "data=prepared",
+                f"data.path={newest_run(runs, 'prepare', 'text')}", *tiny, runs=runs)
+    assert wrong.exit_code == 2 and "holds documents" in wrong.stderr
+    assert cli("prepare", "data=files", f"data.train={pairs}", "tokenizer.vocab_size=300", "--name", "bpe", runs=runs).exit_code == 0
+    wrong = cli("distill", f"teacher.path={llama_dir}", "student.init=pretrain/latest", "data=prepared",
+                f"data.path={newest_run(runs, 'prepare', 'bpe')}", *tiny, runs=runs)
+    assert wrong.exit_code == 2 and "has another tokenizer than the prepared data" in wrong.stderr
