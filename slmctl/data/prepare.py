@@ -267,10 +267,12 @@ def prepared_directory(path: Path) -> Path:
 
 def open_prepared(path: str, run) -> TokenStore:
     """The token store `data.path` names (a prepare run or its data/ directory), checked against
-    its run's MANIFEST and recorded as an input of `run`."""
+    its run's MANIFEST and recorded as an input of `run`. A resumed run reopens the store it
+    recorded, even when `path` (say prepare/latest) now names a newer one."""
     from slmctl.runs import RunError, resolve_run, verify_artifact
 
-    directory = Path(path).expanduser()
+    recorded = [i["path"] for i in run.inputs() if i.get("role") == "data" and i.get("ref") == str(path)]
+    directory = Path(recorded[0]) if recorded else Path(path).expanduser()
     if not directory.is_dir():
         try:
             directory = resolve_run(path, run.runs_dir)

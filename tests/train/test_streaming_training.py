@@ -25,10 +25,14 @@ def prepared_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("streamed")
     texts = SyntheticWorld(seed=0, n_people=200).texts("train", 800)
     corpus = write_corpus(root / "corpus", texts, files=3, suffix=".jsonl.gz")
-    result = cli("prepare", "data=files", f"data.train={corpus}", "tokenizer.vocab_size=400", "shard_tokens=5000",
-                 runs=root / "runs")
-    assert result.exit_code == 0, result.output
+    prepare_corpus(corpus, root / "runs")
     return root / "runs"
+
+
+def prepare_corpus(corpus, runs, *overrides):
+    result = cli("prepare", "data=files", f"data.train={corpus}", "tokenizer.vocab_size=400", "shard_tokens=5000",
+                 *overrides, runs=runs)
+    assert result.exit_code == 0, result.output
 
 
 def weights(run):
@@ -55,12 +59,14 @@ def test_an_objective_that_does_not_fit_the_prepared_layout_is_one_line(prepared
 
 
 def test_kill_9_in_the_middle_of_an_epoch_with_two_workers_resumes_to_the_uninterrupted_weights(prepared_runs, tmp_path):
+    """...on the data it started with, though prepare/latest has moved on since."""
     steps = ["trainer.max_steps=10", "checkpoint_every=2"]
     whole = cli("pretrain", *STREAMED, *steps, "--name", "whole", runs=prepared_runs)
     assert whole.exit_code == 0, whole.output
     runs = tmp_path / "runs"  # its own runs directory, so the wait sees only this run's steps
-    data = f"data.path={newest_run(prepared_runs, 'prepare')}"
-    command = [sys.executable, "-m", "slmctl", "pretrain", *STREAMED, data, *steps, "--runs-dir", str(runs)]
+    corpus = str(prepared_runs.parent / "corpus" / "part-*.jsonl.gz")
+    prepare_corpus(corpus, runs)  # the same store again (prepare is deterministic), as prepare/latest here
+    command = [sys.executable, "-m", "slmctl", "pretrain", *STREAMED, *steps, "--runs-dir", str(runs)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_steps(runs, "pretrain", 5, process)
@@ -69,6 +75,7 @@ def test_kill_9_in_the_middle_of_an_epoch_with_two_workers_resumes_to_the_uninte
         process.wait()
     killed = newest_run(runs, "pretrain")
     assert json.loads((killed / "status.json").read_text())["status"] == "running"  # kill -9 left it so
+    prepare_corpus(corpus, runs, "tokenizer.vocab_size=300")  # prepare/latest now names other data
     resumed = cli("pretrain", f"resume={killed}", runs=runs)
     assert resumed.exit_code == 0, resumed.output
     log = (killed / "log.txt").read_text()
