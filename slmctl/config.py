@@ -331,7 +331,7 @@ class TrainerOptionsSchema:
     group leaves open-ended); slmctl.train.fit applies them and never passes them to Lightning."""
     # recompute each transformer block's activations in the backward pass: less memory, ~1/3 more compute
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model for training (docs/speed.md: what it measured)
+    # (no `compile`: torch.compile of the training step measured no faster on CPU, docs/speed.md)
 
 
 @dataclass
@@ -446,7 +446,7 @@ class BenchSchema:
     source_len: int = 256  # train: encoder tokens per row (decoder-only: the sequence length)
     target_len: int = 64  # train: decoder tokens per row
     t5: bool = False  # train (--compare): also train transformers' T5 of matching dimensions, with ratios against it
-    # train: the trainer options a training run would set (trainer.activation_checkpointing=true, trainer.compile=true)
+    # train: the trainer options a training run would set (trainer.activation_checkpointing=true)
     trainer: TrainerOptionsSchema = field(default_factory=TrainerOptionsSchema)
 
 

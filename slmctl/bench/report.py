@@ -19,7 +19,7 @@ RECORD_FIELDS = ("model", "arch", "device", "runtime", "dtype", "batch", "input_
 # `bench --train` records (slmctl.bench.training)
 TRAIN_RECORD_FIELDS = ("model", "arch", "device", "runtime", "dtype", "batch", "source_len", "target_len", "step_ms",
                        "tokens_per_s", "target_tokens_per_s", "mfu", "peak_mem_mb", "params", "flops_per_step", "peak_flops",
-                       "activation_checkpointing", "compile")
+                       "activation_checkpointing")
 
 
 def is_training(records: list[dict]) -> bool:

@@ -13,9 +13,8 @@ conf/hardware profile). Peak memory: the process's resident high-water mark (CPU
 torch.cuda.max_memory_allocated (CUDA), from just before the optimiser is built to the last
 step, so it holds weights, gradients, AdamW's two moments and the activations of a step.
 
-`trainer.activation_checkpointing=true` and `trainer.compile=true` apply the training options
-(slmctl.train.trainer_options) to every model measured (T5 included: its own gradient
-checkpointing; compilation happens in the warm-up steps, so give `--warmup 2` or more).
+`trainer.activation_checkpointing=true` applies that training option (slmctl.train.trainer_options)
+to every model measured (T5 included: its own gradient checkpointing).
 
 With `t5=true` (`--compare`) Hugging Face `T5ForConditionalGeneration` of matching dimensions
 (slmctl.bench.t5_baseline.build_t5) goes through the same steps on the same batch after our
@@ -137,7 +136,7 @@ def time_training(cfg, name: str, arch: str, runtime: str, model: torch.nn.Modul
         "tokens_per_s": tokens / median, "target_tokens_per_s": target_tokens / median,
         "mfu": step_flops / median / peak if peak else None, "peak_mem_mb": memory,
         "params": sum(p.numel() for p in model.parameters()), "flops_per_step": step_flops, "peak_flops": peak,
-        "activation_checkpointing": options["activation_checkpointing"], "compile": options["compile"],
+        "activation_checkpointing": options["activation_checkpointing"],
         "step_ms_min": min(samples) * 1e3, "peak_source": peak_source, "warmup": cfg.warmup, "steps": cfg.repeat,
         "samples": samples,
     }

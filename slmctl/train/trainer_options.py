@@ -7,8 +7,9 @@ module it trains; Lightning never sees them.
   preserved so dropout masks repeat): the same loss and gradients for ~1/3 more compute and
   far less activation memory. Only while training with gradients: generation and validation
   run the blocks as they are. A Hugging Face model uses its own `gradient_checkpointing_enable`.
-* `compile`: torch.compile of the model's forward (`nn.Module.compile`, in place, so parameter
-  names and checkpoints do not change); generation does not go through it.
+
+(`compile`, torch.compile of the model for training, was measured and not kept: on this CPU
+no faster at 2 threads, 70 s of compilation and more memory; docs/speed.md.)
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ def apply_trainer_options(model: torch.nn.Module, options: dict, log) -> None:
     if options.get("activation_checkpointing"):
         blocks = checkpoint_blocks(model)
         log(f"activation checkpointing: {blocks} blocks recompute their activations in the backward pass")
-    if options.get("compile"):
-        model.compile()
-        log("torch.compile: the model's forward is compiled (the first steps include compilation)")
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> int:
