@@ -39,11 +39,12 @@ def weights(run):
     return load_file(run / "model" / "model.safetensors")
 
 
-def test_pretrain_streams_the_prepared_corpus_with_its_tokenizer_and_reports_packing(prepared_runs):
-    result = cli("pretrain", *STREAMED, "objective=span_corruption", "max_source_len=256", "max_target_len=64",
-                 "trainer.max_steps=3", "--name", "streamed", runs=prepared_runs)
+@pytest.mark.parametrize("model, objective", [("tiny", "span_corruption"), ("deconly-tiny", "causal_lm")])
+def test_pretrain_streams_the_prepared_corpus_with_its_tokenizer_and_reports_packing(prepared_runs, model, objective):
+    result = cli("pretrain", *STREAMED, f"model={model}", f"objective={objective}", "max_source_len=256",
+                 "max_target_len=64", "trainer.max_steps=3", "--name", model, runs=prepared_runs)
     assert result.exit_code == 0, result.output
-    run = newest_run(prepared_runs, "pretrain", "streamed")
+    run = newest_run(prepared_runs, "pretrain", model)
     prepared = newest_run(prepared_runs, "prepare")
     assert TextTokenizer.load(run / "model").vocab() == TextTokenizer.load(prepared / "data" / "tokenizer").vocab()
     inputs = json.loads((run / "inputs.json").read_text())
