@@ -123,8 +123,7 @@ def time_training(cfg, name: str, arch: str, runtime: str, model: torch.nn.Modul
     peak, peak_source = device_peak_flops(device, cfg.dtype)  # just before the timed steps: the machine as it is now
     samples = [step() for _ in range(cfg.repeat)]
     memory = peak_memory_mb(device)
-    optimizer.zero_grad(set_to_none=True)
-    del optimizer
+    optimizer.zero_grad(set_to_none=True)  # (the optimizer's state goes with this function's frame)
     median = statistics.median(samples)
     step_flops = flops.training_step_flops(flop_config, S, T, batch)
     tokens = batch * (S + T)

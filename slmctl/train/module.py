@@ -1,8 +1,9 @@
 """The LightningModule that trains any of our language models (or a Hugging Face causal LM).
 
 It computes the loss a batch asks for, logs train/validation loss (tokens/s, MFU and data
-wait are logged by train/throughput.py's callback, which `fit` adds), and owns the optimiser: AdamW (no weight decay on norms and biases) with linear warmup and
-cosine decay. RNG states travel in checkpoints so a resumed run continues exactly.
+wait are logged by train/throughput.py's callback, which `fit` adds), and owns the optimiser:
+AdamW (no weight decay on norms and biases) with linear warmup and cosine decay. RNG states
+travel in checkpoints so a resumed run continues exactly.
 """
 
 from __future__ import annotations
