@@ -130,12 +130,14 @@ def measure(megabytes: int, workdir: Path, steps: int) -> dict:
                       f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000000",
                       "trainer.enable_progress_bar=false", "data.validation_rows=16", "--runs-dir", str(runs)],
                      runs, "pretrain")
+    trained = json.loads((runs / "pretrain" / "latest" / "status.json").read_text())["summary"]
     return {"corpus_mb": megabytes, "documents": summary["train_documents"] + summary["validation_documents"],
             "tokens": summary["tokens"], "prepare_s": prepare["seconds"],
             "prepare_chars_per_s": summary["characters_per_s"], "tokenizer_chars_per_s": round(baseline),
             "prepare_vs_tokenizer": round(summary["characters_per_s"] / baseline, 3),
             "pretrain_peak_pss_mb": pretrain["peak_pss_mb"], "first_step_s": pretrain["first_step_s"],
-            "pretrain_s": pretrain["seconds"]}
+            "pretrain_s": pretrain["seconds"], "packing_efficiency": trained.get("packing_efficiency"),
+            "throughput": trained.get("throughput")}
 
 
 def main(argv: list[str] | None = None) -> None:

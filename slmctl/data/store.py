@@ -1,4 +1,4 @@
-"""The prepared token store: a corpus tokenised once, read by training through memory maps.
+"""The prepared token store: a corpus tokenised once, read by training with positioned reads.
 
 Layout (in a prepare run's `data/`; every file written atomically, counted in meta.json):
 
@@ -12,8 +12,10 @@ Layout (in a prepare run's `data/`; every file written atomically, counted in me
 Why flat little-endian arrays plus an offsets index (the Megatron / nanoGPT layout) and not
 LitData's chunks or Arrow shards: training cuts fixed-length windows out of the token stream
 and needs each window's document boundaries, so it wants O(1) random access to any token range
-and O(log n) access to the document around a position. `numpy.memmap` gives both with no
-per-read decoding and no memory beyond the pages touched; docs/data.md has the measurements.
+and O(log n) access to the document around a position. Positioned reads (os.pread) of the
+flat files give both with no per-read decoding, and an in-memory index of every 1024th document
+offset keeps a lookup to one read; memory stays constant (a memory map would not: see
+`ArrayFile`). docs/data.md has the measurements.
 
 A document never spans two shards. `TokenSplit` hides the shards: global token positions and
 document numbers run over all of them in order.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,21 +138,100 @@ def write_meta(directory: Path, layout: str, dtype: np.dtype, eos_id: int | None
 # Reading
 
 
+class ArrayFile:
+    """A flat array on disk, read by positioned reads (os.pread). Not a memory map: pages a
+    memory map has touched stay in the process's resident set, so random windows over a corpus
+    would grow it towards the corpus's size; read pages stay in the kernel's page cache instead."""
+
+    def __init__(self, path: Path, dtype: np.dtype, count: int):
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise StoreError(f"{path} is missing; the prepared data is incomplete (prepare it again)") from None
+        if size != count * dtype.itemsize:
+            raise StoreError(f"{path} has {size} bytes, meta.json says {count * dtype.itemsize}; the prepared data is "
+                             f"damaged (prepare it again)")
+        self.path, self.dtype, self.count = path, dtype, count
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked loader worker opens its own
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Items start..stop-1 (clipped to the array)."""
+        start, stop = max(0, start), min(stop, self.count)
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        size = self.dtype.itemsize
+        data = os.pread(self._file(), (stop - start) * size, start * size)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __getstate__(self) -> dict:  # pickled to a spawned worker: it opens the file itself
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+
+class InMemoryArray:
+    """An array held in memory with ArrayFile's interface (small data)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.array[max(0, start):stop]
+
+
+class Offsets:
+    """A shard's document offsets with an in-memory index of every STRIDE-th one: finding the
+    document around a position takes one read of STRIDE + 1 offsets."""
+
+    STRIDE = 1024
+
+    def __init__(self, array: ArrayFile | InMemoryArray):
+        self.array = array
+        self.coarse = np.array([array.read(i, i + 1)[0] for i in range(0, len(array), self.STRIDE)], dtype=np.int64)
+
+    @property
+    def documents(self) -> int:
+        return len(self.array) - 1
+
+    def span(self, index: int) -> tuple[int, int]:
+        """(start, end) of document `index`."""
+        pair = self.array.read(index, index + 2)
+        return int(pair[0]), int(pair[1])
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        """(document, start, end) of the document holding token `position` (shard-local)."""
+        block = int(np.searchsorted(self.coarse, position, side="right")) - 1
+        first = block * self.STRIDE
+        offsets = self.array.read(first, first + self.STRIDE + 1)
+        local = int(np.searchsorted(offsets, position, side="right")) - 1
+        return first + local, int(offsets[local]), int(offsets[local + 1])
+
+
 @dataclass(frozen=True)
 class Stream:
     """One token stream of a split over all its shards: tokens and document offsets."""
 
-    tokens: list[np.ndarray]  # per shard (memory maps, or arrays for in-memory data)
-    offsets: list[np.ndarray]  # per shard, int64 [documents + 1]
+    tokens: list  # per shard: ArrayFile (on disk) or InMemoryArray
+    offsets: list[Offsets]  # per shard
     token_starts: np.ndarray  # int64 [shards + 1]: global position of each shard's first token
     doc_starts: np.ndarray  # int64 [shards + 1]: global number of each shard's first document
 
     @classmethod
-    def of(cls, tokens: list[np.ndarray], offsets: list[np.ndarray]) -> Stream:
+    def of(cls, tokens: list, offsets: list[Offsets]) -> Stream:
         token_starts = np.zeros(len(tokens) + 1, dtype=np.int64)
         doc_starts = np.zeros(len(tokens) + 1, dtype=np.int64)
         np.cumsum([len(t) for t in tokens], out=token_starts[1:])
-        np.cumsum([len(o) - 1 for o in offsets], out=doc_starts[1:])
+        np.cumsum([o.documents for o in offsets], out=doc_starts[1:])
         return cls(tokens, offsets, token_starts, doc_starts)
 
     @property
@@ -163,28 +245,26 @@ class Stream:
     def document(self, index: int) -> np.ndarray:
         """Document `index`'s tokens (with its EOS, if the stream stores one)."""
         shard = bisect.bisect_right(self.doc_starts, index) - 1
-        local = index - int(self.doc_starts[shard])
-        offsets = self.offsets[shard]
-        return self.tokens[shard][int(offsets[local]):int(offsets[local + 1])]
+        start, end = self.offsets[shard].span(index - int(self.doc_starts[shard]))
+        return self.tokens[shard].read(start, end)
 
     def document_span(self, position: int) -> tuple[int, int]:
         """(start, end) global positions of the document holding token `position`."""
         shard = bisect.bisect_right(self.token_starts, position) - 1
         base = int(self.token_starts[shard])
-        offsets = self.offsets[shard]
-        local = int(np.searchsorted(offsets, position - base, side="right")) - 1
-        return base + int(offsets[local]), base + int(offsets[local + 1])
+        _, start, end = self.offsets[shard].locate(position - base)
+        return base + start, base + end
 
     def tokens_between(self, start: int, end: int) -> np.ndarray:
-        """Tokens at global positions start..end-1 (a copy; may join two shards)."""
+        """Tokens at global positions start..end-1 (may join two shards)."""
         parts = []
         while start < end:
             shard = bisect.bisect_right(self.token_starts, start) - 1
             base = int(self.token_starts[shard])
             stop = min(end, int(self.token_starts[shard + 1]))
-            parts.append(np.asarray(self.tokens[shard][start - base:stop - base]))
+            parts.append(self.tokens[shard].read(start - base, stop - base))
             start = stop
-        return np.concatenate(parts) if len(parts) != 1 else parts[0].copy()
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
     def window_pieces(self, start: int, end: int, separator: bool) -> list[tuple[list[int], bool, bool]]:
         """The documents (or parts of them) in positions start..end-1, in order, as
@@ -238,12 +318,12 @@ def _in_memory(rows: list[list[int]], dtype) -> Stream:
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
-    return Stream.of([tokens], [offsets])
+    return Stream.of([InMemoryArray(tokens)], [Offsets(InMemoryArray(offsets))])
 
 
 @dataclass(frozen=True)
 class TokenStore:
-    """A prepared data directory, opened: meta.json and a memory-mapped `TokenSplit` per split."""
+    """A prepared data directory, opened: meta.json and a `TokenSplit` per split (read from disk)."""
 
     path: Path
     meta: dict
@@ -276,21 +356,7 @@ class TokenStore:
             tokens, offsets = [], []
             for shard in info["shard_files"]:
                 base = self.path / name / f"{shard['name']}.{stream}"
-                tokens.append(_memmap(Path(f"{base}.tokens"), dtype, shard[f"{stream}_tokens"]))
-                offsets.append(_memmap(Path(f"{base}.offsets"), np.dtype(np.int64), shard["documents"] + 1))
+                tokens.append(ArrayFile(Path(f"{base}.tokens"), dtype, shard[f"{stream}_tokens"]))
+                offsets.append(Offsets(ArrayFile(Path(f"{base}.offsets"), np.dtype(np.int64), shard["documents"] + 1)))
             streams[stream] = Stream.of(tokens, offsets)
         return TokenSplit(streams, self.layout, self.meta["eos_id"])
-
-
-def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    """A read-only memory map of `count` items, after checking the file holds exactly that many."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise StoreError(f"{path} is missing; the prepared data is incomplete (prepare it again)") from None
-    if size != count * dtype.itemsize:
-        raise StoreError(f"{path} has {size} bytes, meta.json says {count * dtype.itemsize}; the prepared data is "
-                         f"damaged (prepare it again)")
-    if count == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))

@@ -7,7 +7,7 @@ trainer has reached, so a resumed run sees exactly the batches an uninterrupted 
 seen; the position is also saved in every checkpoint (`state_dict`) and checked on resume.
 
 Rows are anything with len() and [] : an in-memory list, or lazily read windows, documents or
-pairs of a prepared token store (memory-mapped, so worker processes share its pages).
+pairs of a prepared token store (read from disk as needed).
 
 `batch_size` is the global batch: on W processes (DDP/FSDP) rank r takes the r-th of W equal
 slices of every batch, so the examples (and the optimizer steps, see module.py) are those of
