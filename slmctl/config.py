@@ -362,7 +362,8 @@ class PrepareSchema:
     seed: int = 0  # the train/validation split of documents, the tokenizer's sample order
     layout: Layout = Layout.auto  # documents (text column) | pairs (source/target) | auto: what the first row has
     shard_tokens: int = 67108864  # tokens per shard file (2**26; 128 MB at uint16)
-    batch_rows: int = 4096  # rows tokenised together (the tokenizer spreads a batch over all cores)
+    batch_rows: int = 1024  # rows a tokenizing worker takes at a time
+    workers: Optional[int] = None  # tokenizing worker processes (null: one per core)
     max_rows: Optional[int] = None  # stop after this many rows (a sample of a larger corpus)
     data: Any = None
     tokenizer: Any = None
@@ -764,7 +765,7 @@ def _check_trainer(node, lightning: bool = True) -> DictConfig:
 
 
 def _check_values(cfg: DictConfig) -> None:
-    positive = ["batch_size", "shard_tokens", "batch_rows", "max_rows", "data.validation_rows", "max_source_len",
+    positive = ["batch_size", "shard_tokens", "batch_rows", "workers", "max_rows", "data.validation_rows", "max_source_len",
                 "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
                 "generation.num_beams", "task.max_new_tokens", "threads", "source_len", "target_len"]

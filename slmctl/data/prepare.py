@@ -5,16 +5,15 @@
 
 `run(cfg, run)` streams rows (slmctl.data.corpus: constant memory, bad rows counted), trains
 the tokenizer on the first `tokenizer.max_training_texts` rows unless one is given, then
-tokenises batches of `batch_rows` rows while a reader thread parses the next batch (the
-tokenizers library spreads each batch over every core and releases the GIL), and appends them
-to the train and validation shards (slmctl.data.store). Documents go to validation by a seeded
+tokenises batches of `batch_rows` rows in one worker process per core (slmctl.data.encoding;
+the pool's feeder thread parses the next batches meanwhile), and appends the ids in order to the train and
+validation shards (slmctl.data.store). Documents go to validation by a seeded
 draw per document (`data.validation_fraction`) unless a validation file or hub split is given.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +22,7 @@ import numpy as np
 
 from slmctl.config import ConfigError
 from slmctl.data.corpus import BadRows, Row, RowReader, resolve_files
+from slmctl.data.encoding import encode_in_workers
 from slmctl.data.sources import DataError
 from slmctl.data.store import META_FILE, SplitWriter, TokenStore, token_dtype, write_meta
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
@@ -30,7 +30,6 @@ from slmctl.refs import record_source, resolve
 
 DATA_DIR = "data"  # the token store inside a prepare run
 TOKENIZER_DIR = "tokenizer"  # inside DATA_DIR: the store is self-contained
-QUEUED_BATCHES = 4  # parsed row batches waiting for the tokenizer (bounds memory)
 
 
 class StrictBadRows(BadRows):
@@ -60,14 +59,15 @@ def run(cfg, run):
     counts = {"rows": 0, "characters": 0}
     holdout = data.validation_fraction if "validation" not in sources else 0.0
     tokenizing = time.perf_counter()
-    batches = _batches(sources, reader, data, holdout, cfg.seed, cfg.batch_rows, cfg.max_rows)
-    for split, rows, characters, encoded in _prefetched(_encoded(batches, reader, tokenizer)):
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    tasks = _tasks(_batches(sources, reader, data, holdout, cfg.seed, cfg.batch_rows, cfg.max_rows), reader)
+    for split, rows, characters, encoded in encode_in_workers(tasks, str(directory / TOKENIZER_DIR), dtype, workers):
         if split not in writers:
             eos = tokenizer.eos_id if reader.layout == "documents" else None
             writers[split] = SplitWriter(directory, split, reader.layout, dtype, eos, cfg.shard_tokens)
         counts["rows"] += rows
         counts["characters"] += characters
-        writers[split].add(*(_ids(column) for column in encoded))
+        writers[split].add(*encoded)
     tokenizing = time.perf_counter() - tokenizing
     if "train" not in writers or not writers["train"].summary()["documents"]:
         where = f" ({bad.count} bad rows, first: {bad.first[0]})" if bad.first else ""
@@ -130,7 +130,7 @@ def _batches(sources: dict, reader: RowReader, data, holdout: float, seed: int, 
     """(split, rows) batches. With `holdout`, the train source's rows are dealt to train and
     validation by a draw seeded per batch (the same split every time for the same corpus)."""
     held_out: list[Row] = []
-    for number, batch in enumerate(_prefetched(_batched(_rows(sources["train"], reader, data), batch_rows, max_rows))):
+    for number, batch in enumerate(_batched(_rows(sources["train"], reader, data), batch_rows, max_rows)):
         if holdout:
             held = np.random.default_rng([seed, number]).random(len(batch)) < holdout
             held_out.extend(row for row, h in zip(batch, held) if h)
@@ -144,32 +144,17 @@ def _batches(sources: dict, reader: RowReader, data, holdout: float, seed: int, 
         yield "validation", held_out
     if "validation" in sources:
         yield from (("validation", batch) for batch in
-                    _prefetched(_batched(_rows(sources["validation"], reader, data), batch_rows, None)))
+                    _batched(_rows(sources["validation"], reader, data), batch_rows, None))
 
 
-def _encoded(batches: Iterator[tuple[str, list[Row]]], reader: RowReader,
-             tokenizer: TextTokenizer) -> Iterator[tuple[str, int, int, list]]:
-    """(split, rows, characters, encoded columns) per batch. Run in its own thread (`_prefetched`),
-    the tokenizer encodes the next batch on every core while the caller turns this one's encodings
-    into ids and writes them (which needs the GIL the encoder has released)."""
-    rust = tokenizer.rust_tokenizer
-    encode = getattr(rust, "encode_batch_fast", getattr(rust, "encode_batch", None))
+def _tasks(batches: Iterator[tuple[str, list[Row]]], reader: RowReader) -> Iterator[tuple[str, int, int, list]]:
+    """(split, rows, characters, columns of texts) per batch, for the tokenizing workers."""
     for split, batch in batches:
         if reader.layout == "documents":
             columns = [[row.text for row in batch]]
         else:
             columns = [[row.source for row in batch], [row.target for row in batch]]
-        characters = sum(len(text) for column in columns for text in column)
-        if encode is not None:
-            encoded = [encode(column, add_special_tokens=False) for column in columns]
-        else:
-            encoded = [tokenizer.encode_batch(column) for column in columns]
-        yield split, len(batch), characters, encoded
-
-
-def _ids(encoded: list) -> list[list[int]]:
-    """Token id lists from a batch's encodings (or the id lists themselves)."""
-    return [e.ids for e in encoded] if encoded and not isinstance(encoded[0], list) else encoded
+        yield split, len(batch), sum(len(text) for column in columns for text in column), columns
 
 
 def _batched(rows: Iterator[Row], size: int, limit: int | None) -> Iterator[list[Row]]:
@@ -183,29 +168,6 @@ def _batched(rows: Iterator[Row], size: int, limit: int | None) -> Iterator[list
             break
     if batch:
         yield batch
-
-
-def _prefetched(batches: Iterator[list[Row]]) -> Iterator[list[Row]]:
-    """`batches`, parsed by a reader thread while the caller tokenises the previous one."""
-    waiting: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
-    done = object()
-
-    def read() -> None:
-        try:
-            for batch in batches:
-                waiting.put(batch)
-            waiting.put(done)
-        except BaseException as e:  # handed to the consumer, which raises it
-            waiting.put(e)
-
-    threading.Thread(target=read, daemon=True, name="slmctl-prepare-reader").start()
-    while True:
-        item = waiting.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 # -- the tokenizer ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from slmctl.atomic import atomic_writer, atomic_write_text
+from slmctl.data.encoding import to_arrays
 from slmctl.errors import UserError
 
 FORMAT = "slmctl-tokens/1"
@@ -68,11 +69,14 @@ class SplitWriter:
         self._lengths = {name: [] for name in self.streams}
         self._count = 0  # tokens in the open shard, all streams
 
-    def add(self, *columns: list[list[int]]) -> None:
-        """One batch of tokenised rows: `add(texts_ids)` for documents, `add(sources, targets)` for
-        pairs. Rows fill the open shard up to `shard_tokens` (a longer row gets a shard of its own)."""
+    def add(self, *columns) -> None:
+        """One batch of rows: `add(texts)` for documents, `add(sources, targets)` for pairs, each
+        column either token id lists or `(lengths, flat ids)` arrays (slmctl.data.encoding). Rows
+        fill the open shard up to `shard_tokens` (a longer row gets a shard of its own)."""
+        columns = [c if isinstance(c, tuple) else to_arrays(c, self.dtype) for c in columns]
         separator = int(self.eos_id is not None and self.streams == ("text",))
-        per_row = sum(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) for rows in columns) + separator
+        per_row = sum(lengths for lengths, _ in columns) + separator
+        bounds = [np.concatenate([[0], np.cumsum(lengths)]) for lengths, _ in columns]
         start = 0
         while start < len(per_row):
             room = self.shard_tokens - self._count
@@ -80,17 +84,17 @@ class SplitWriter:
             if take == 0 and self._count:
                 self.flush()
                 continue
-            take = max(take, 1)
-            self._append([rows[start:start + take] for rows in columns], separator)
-            self._count += int(per_row[start:start + take].sum())
-            start += take
+            stop = start + max(take, 1)
+            self._append([(lengths[start:stop], flat[bound[start]:bound[stop]])
+                          for (lengths, flat), bound in zip(columns, bounds)], separator)
+            self._count += int(per_row[start:stop].sum())
+            start = stop
             if start < len(per_row) or self._count >= self.shard_tokens:
                 self.flush()
 
-    def _append(self, columns: list[list[list[int]]], separator: int) -> None:
-        for name, rows in zip(self.streams, columns):
-            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=self.dtype, count=int(lengths.sum()))
+    def _append(self, columns: list[tuple[np.ndarray, np.ndarray]], separator: int) -> None:
+        for name, (lengths, flat) in zip(self.streams, columns):
+            flat = flat.astype(self.dtype, copy=False)
             if separator:  # one EOS after every document
                 flat = np.insert(flat, np.cumsum(lengths), self.eos_id)
                 lengths = lengths + 1
