@@ -102,13 +102,14 @@ def tree_pss_kb(root: int) -> int:
 
 def watch(command: list[str], runs: Path, stage: str) -> dict:
     """Run `command`, sampling its memory; seconds to the first logged training step, if any."""
+    earlier = set(runs.glob(f"{stage}/*/metrics.jsonl"))  # runs of earlier measurements
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak_pss, first_step = 0, None
     while process.poll() is None:
         peak_pss = max(peak_pss, tree_pss_kb(process.pid))
         if first_step is None:
-            metrics = [p for p in runs.glob(f"{stage}/*/metrics.jsonl") if p.stat().st_size]
+            metrics = [p for p in runs.glob(f"{stage}/*/metrics.jsonl") if p not in earlier and p.stat().st_size]
             if metrics and "train_loss" in metrics[0].read_text():
                 first_step = time.perf_counter() - started
         time.sleep(0.1)

@@ -59,7 +59,7 @@ def run(cfg, run):
     counts = {"rows": 0, "characters": 0}
     holdout = data.validation_fraction if "validation" not in sources else 0.0
     tokenizing = time.perf_counter()
-    workers = cfg.workers or len(os.sched_getaffinity(0))
+    workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     tasks = _tasks(_batches(sources, reader, data, holdout, cfg.seed, cfg.batch_rows, cfg.max_rows), reader)
     for split, rows, characters, encoded in encode_in_workers(tasks, str(directory / TOKENIZER_DIR), dtype, workers):
         if split not in writers:
