@@ -111,3 +111,30 @@ def test_a_hub_dataset_is_streamed_split_by_split(tmp_path, texts):
     run = prepare(tmp_path / "runs", "data=hub", f"data.id={dataset}", *SMALL_BPE)
     store = TokenStore.open(run / "data")
     assert store.split("train").n_documents == 300 and store.split("validation").n_documents == 40
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_parquet_and_csv_corpora_are_read_too(tmp_path, texts, suffix):
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    table, path = pa.table({"body": texts[:150]}), tmp_path / f"corpus{suffix}"
+    if suffix == ".parquet":
+        pyarrow.parquet.write_table(table, path, row_group_size=40)
+    else:
+        pyarrow.csv.write_csv(table, path)
+    run = prepare(tmp_path / "runs", "data=files", f"data.train={path}", "data.columns.text=body", *SMALL_BPE)
+    store = TokenStore.open(run / "data")
+    assert store.split("train").n_documents + store.split("validation").n_documents == 150
+
+
+def test_a_damaged_store_is_refused_in_one_line(tmp_path, texts):
+    corpus = write_corpus(tmp_path / "corpus", texts[:300])
+    runs = tmp_path / "runs"
+    run = prepare(runs, "data=files", f"data.train={corpus}", *SMALL_BPE)
+    shard = next((run / "data" / "train").glob("*.text.tokens"))
+    shard.write_bytes(shard.read_bytes()[:-2])  # one token short
+    result = cli("pretrain", "model=tiny", "data=prepared", "data.path=prepare/latest", "trainer.max_steps=1", runs=runs)
+    assert result.exit_code == 2
+    assert shard.name in result.stderr and len(result.stderr.strip().splitlines()) == 1

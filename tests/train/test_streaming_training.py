@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli, newest_run, wait_for_steps, write_corpus
+from conftest import cli, newest_run, resumed_from, wait_for_steps, write_corpus
 from safetensors.torch import load_file
 
 from slmctl.data.synthetic import SyntheticWorld
@@ -79,8 +79,8 @@ def test_kill_9_in_the_middle_of_an_epoch_with_two_workers_resumes_to_the_uninte
     prepare_corpus(corpus, runs, "tokenizer.vocab_size=300")  # prepare/latest now names other data
     resumed = cli("pretrain", f"resume={killed}", runs=runs)
     assert resumed.exit_code == 0, resumed.output
-    log = (killed / "log.txt").read_text()
-    assert "resumed from step 4" in log or "resumed from step 6" in log
+    (line,) = resumed_from(killed)  # wherever the kill landed: after a checkpoint, before the end
+    assert 2 <= int(line.split()[3]) <= 8, line
     a, b = weights(newest_run(prepared_runs, "pretrain", "whole")), weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
