@@ -5,7 +5,8 @@ paragraphs each) in 100 MB shards, then measures, each in a fresh process:
 
 1. the tokenizers library's own batch encoding speed (`encode_batch_fast`, batches of 4096, all
    cores) on the first 50 MB of that corpus, with the tokenizer `slmctl prepare` trained;
-2. `slmctl prepare` end to end (read, tokenise, write shards): characters/s, and its ratio to (1);
+2. `slmctl prepare` end to end (read, tokenise, write shards): characters/s, and its ratio to (1)
+   (not memory-sampled: the sampler's CPU would slow it);
 3. `slmctl pretrain model=small data=prepared` for a few steps: the process tree's peak
    proportional memory (PSS, sampled every 0.1 s, so loader workers sharing pages are not counted
    twice), the main process's peak RSS, and the seconds from the command's start to its first
@@ -100,14 +101,16 @@ def tree_pss_kb(root: int) -> int:
     return total
 
 
-def watch(command: list[str], runs: Path, stage: str) -> dict:
-    """Run `command`, sampling its memory; seconds to the first logged training step, if any."""
+def watch(command: list[str], runs: Path, stage: str, sample_memory: bool = True) -> dict:
+    """Run `command`, sampling its memory (walking /proc costs CPU: off where speed is the
+    measurement); seconds to the first logged training step, if any."""
     earlier = set(runs.glob(f"{stage}/*/metrics.jsonl"))  # runs of earlier measurements
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak_pss, first_step = 0, None
     while process.poll() is None:
-        peak_pss = max(peak_pss, tree_pss_kb(process.pid))
+        if sample_memory:
+            peak_pss = max(peak_pss, tree_pss_kb(process.pid))
         if first_step is None:
             metrics = [p for p in runs.glob(f"{stage}/*/metrics.jsonl") if p not in earlier and p.stat().st_size]
             if metrics and "train_loss" in metrics[0].read_text():
@@ -124,7 +127,8 @@ def measure(megabytes: int, workdir: Path, steps: int) -> dict:
     corpus = generate(workdir / f"corpus-{megabytes}mb", megabytes)
     runs = workdir / f"runs-{megabytes}mb"
     slmctl = [sys.executable, "-m", "slmctl"]
-    prepare = watch([*slmctl, "prepare", "data=files", f"data.train={corpus}", "--runs-dir", str(runs)], runs, "prepare")
+    prepare = watch([*slmctl, "prepare", "data=files", f"data.train={corpus}", "--runs-dir", str(runs)], runs, "prepare",
+                    sample_memory=False)
     summary = json.loads((runs / "prepare" / "latest" / "status.json").read_text())["summary"]
     baseline = tokenizer_speed(corpus, runs / "prepare" / "latest" / "data" / "tokenizer")
     pretrain = watch([*slmctl, "pretrain", "model=small", "data=prepared", "data.path=prepare/latest",
