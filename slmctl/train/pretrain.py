@@ -174,6 +174,9 @@ def training_rows(cfg, split: TokenSplit, special, causal: bool):
     without their segment ids: its documents see each other, but no label crosses a boundary.)"""
     name = cfg.objective.name
     if name == "seq2seq":
+        if cfg.objective.packing:
+            raise ConfigError("objective.packing=true is not supported for seq2seq yet (pairs train one per row); "
+                              "drop it")
         return Pairs(split), partial(_make_batch, cfg=cfg, special=special, causal=causal)
     if cfg.objective.packing:
         from slmctl.data import packing

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli, newest_run, resumed_from, wait_for_steps, write_corpus
+from conftest import TINY_PRETRAIN, cli, newest_run, resumed_from, wait_for_steps, write_corpus
 from safetensors.torch import load_file
 
 from slmctl.data.synthetic import SyntheticWorld
@@ -136,3 +136,8 @@ def test_the_readme_real_corpus_path_prepare_pretrain_distill(llama_dir, tmp_pat
     wrong = cli("distill", f"teacher.path={llama_dir}", "student.init=pretrain/latest", "data=prepared",
                 f"data.path={newest_run(runs, 'prepare', 'bpe')}", *tiny, runs=runs)
     assert wrong.exit_code == 2 and "has another tokenizer than the prepared data" in wrong.stderr
+
+
+def test_seq2seq_packing_is_refused_rather_than_silently_ignored(tmp_path):
+    result = cli("pretrain", *TINY_PRETRAIN, "objective.packing=true", runs=tmp_path / "runs")
+    assert result.exit_code == 2 and "objective.packing=true is not supported for seq2seq" in result.stderr
