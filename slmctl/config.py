@@ -57,6 +57,7 @@ def choices(name: str, *values: str) -> type[Choice]:
 
 Arch = choices("Arch", "encdec", "deconly", "hf-causal")
 BadRowPolicy = choices("BadRowPolicy", "skip", "error")
+LoggerKind = choices("LoggerKind", "csv", "tensorboard", "wandb", "mlflow")
 Layout = choices("Layout", "auto", "documents", "pairs")
 KDLoss = choices("KDLoss", "forward_kl", "reverse_kl", "jsd")
 KDTargets = choices("KDTargets", "gold", "teacher", "student", "mix")
@@ -343,6 +344,8 @@ class TrainingSchema:
     max_source_len: int = 256  # encoder tokens (or the whole sequence for decoder-only models)
     max_target_len: int = 64  # decoder tokens
     checkpoint_every: int = 100  # steps between resumable checkpoints (checkpoints/step-*)
+    # experiment trackers beside metrics.jsonl, written inside the run: logger=tensorboard or logger=[tensorboard,mlflow]
+    logger: List[LoggerKind] = field(default_factory=list)
     optim: OptimSchema = field(default_factory=OptimSchema)
     data: Any = None
     tokenizer: Any = None
@@ -473,6 +476,7 @@ class AddVisionSchema:
     optim: AdamWSchema = field(default_factory=lambda: AdamWSchema(weight_decay=0.0, warmup_steps=20))
     validation_every: int = 100  # steps between validation passes (each stage)
     checkpoint_every: int = 100  # steps between resumable checkpoints (checkpoints/stage<N>/step-*)
+    logger: List[LoggerKind] = field(default_factory=list)  # as pretrain's
     vision: VisionSchema = field(default_factory=VisionSchema)
     data: Any = None
     trainer: Any = None
@@ -626,12 +630,18 @@ def compose(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConf
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: expected key=value (e.g. model=tiny or trainer.max_steps=50)")
-    overrides = [_trainer_override(_reused_group_override(item, stage)) for item in overrides]
+    overrides = [_list_override(_trainer_override(_reused_group_override(item, stage))) for item in overrides]
     if stage == "pretrain" and not any(o.lstrip("+~").startswith("objective=") for o in overrides):
         # no objective named: the model's architecture chooses (objective.* overrides apply to that choice)
         arch = _hydra_compose(stage, [o for o in overrides if not o.lstrip("+~").startswith("objective.")]).model.arch
         overrides = [*overrides, f"objective={PRETRAIN_OBJECTIVE[arch]}"]
     return validate(_hydra_compose(stage, overrides), stage)
+
+
+def _list_override(item: str) -> str:
+    """`logger=tensorboard` -> `logger=[tensorboard]` (one tracker without the list brackets)."""
+    key, value = item.split("=", 1)
+    return f"{key}=[{value}]" if key == "logger" and not value.startswith("[") else item
 
 
 def _reused_group_override(item: str, stage: str) -> str:

@@ -33,7 +33,7 @@ from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.optim import adamw_with_schedule, fused_adamw
-from slmctl.train.run_logger import RunLogger
+from slmctl.train.loggers import training_loggers
 from slmctl.train.throughput import throughput
 
 PARTS = ("tower", "compressor", "projector", "text")
@@ -155,8 +155,9 @@ def _fit(cfg, run, model, datamodule, number: int, steps: int, lrs: dict, callba
     if trainer_args.get("strategy") == "ddp":  # parts without a use in this stage's loss (e.g. an unused compressor)
         trainer_args["strategy"] = "ddp_find_unused_parameters_true"
     # Each stage checkpoints in checkpoints/stage<N>/; on resume a finished stage only reloads its weights.
-    fit(module, datamodule, run, trainer_args, run.checkpoint_dir / f"stage{number}", RunLogger(run, prefix=f"stage{number}_"),
-        cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
+    loggers = training_loggers(run, cfg.logger, prefix=f"stage{number}_")
+    fit(module, datamodule, run, trainer_args, run.checkpoint_dir / f"stage{number}", loggers, cfg.checkpoint_every,
+        resume=bool(cfg.resume), callbacks=callbacks)
 
 
 @torch.inference_mode()

@@ -33,7 +33,7 @@ from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
 from slmctl.data.streaming import Pairs
 from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, open_prepared, prepared_tokenizer
 from slmctl.train.ranks import rank0_first
-from slmctl.train.run_logger import RunLogger
+from slmctl.train.loggers import training_loggers
 from slmctl.train.throughput import throughput
 from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
 
@@ -100,7 +100,7 @@ def run(cfg, run, callbacks: list | None = None):
     if done.is_file():  # a resumed run whose distillation finished before its control did
         summary = json.loads(done.read_text())
     else:
-        summary = _fit(cfg, run, student, teacher, batcher, shared, run.path, RunLogger(run), callbacks, kd)
+        summary = _fit(cfg, run, student, teacher, batcher, shared, run.path, training_loggers(run, cfg.logger), callbacks, kd)
         _save(student, tokenizer, run.model_dir, run)
         summary |= {"teacher": teacher.name, "teacher_parameters": teacher.num_parameters(),
                     "student": cfg.student.init or model_name(cfg.student), "parameters": student.num_parameters(),
@@ -112,7 +112,7 @@ def run(cfg, run, callbacks: list | None = None):
         control = _student(cfg, run, tokenizer, quiet=True)
         control_kd = OmegaConf.merge(kd, {"alpha": 0.0})
         result = _fit(cfg, run, control, teacher, batcher, shared, run.path / CONTROL_DIR,
-                      RunLogger(run, prefix="control_"), callbacks, control_kd)
+                      training_loggers(run, cfg.logger, prefix="control_"), callbacks, control_kd)
         _save(control, tokenizer, run.path / CONTROL_DIR / "model", run)
         summary |= {f"control_{k}": v for k, v in result.items() if k.startswith("val_")}
         if summary.get("val_ce_loss") is not None and summary.get("control_val_ce_loss") is not None:
@@ -126,7 +126,7 @@ def run(cfg, run, callbacks: list | None = None):
 
 
 def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: int | None, directory: Path,
-         logger: RunLogger, callbacks, kd) -> dict:
+         loggers: list, callbacks, kd) -> dict:
     """Train one student in `directory` (checkpoints/ beneath it); its validation metrics."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillModule(student, teacher, batcher, kd, cfg.optim, cfg.trainer.max_steps, cfg.seed, shared,
@@ -135,7 +135,7 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
     datamodule = TrainingDataModule(batcher.examples["train"], batcher.examples["validation"], batcher, cfg.batch_size,
                                     cfg.seed, make_val_batch=partial(batcher, split="validation"), num_workers=workers)
     started = time.perf_counter()
-    trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), directory / "checkpoints", logger,
+    trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), directory / "checkpoints", loggers,
                   cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     return {**metrics, "steps": trainer.global_step, "train_seconds": round(time.perf_counter() - started, 2)}

@@ -28,7 +28,7 @@ from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import StepStream, TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
 from slmctl.train.module import LMTrainingModule
-from slmctl.train.run_logger import RunLogger
+from slmctl.train.loggers import training_loggers
 from slmctl.train.throughput import throughput
 
 ENCDEC_OBJECTIVES = ("prefix_lm", "span_corruption", "seq2seq")
@@ -85,7 +85,7 @@ def run(cfg, run, callbacks: list | None = None):
 
     started = time.perf_counter()
     trainer = fit(module, datamodule, run, OmegaConf.to_container(cfg.trainer, resolve=True), run.checkpoint_dir,
-                  RunLogger(run), cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
+                  training_loggers(run, cfg.logger), cfg.checkpoint_every, resume=bool(cfg.resume), callbacks=callbacks)
     seconds = time.perf_counter() - started
     if not run.is_writer:  # another rank of a multi-process run: rank 0 writes the artifacts
         return run
