@@ -69,14 +69,13 @@ def run(cfg, run):
         counts["characters"] += characters
         writers[split].add(*encoded)
     tokenizing = time.perf_counter() - tokenizing
-    if "train" not in writers or not writers["train"].summary()["documents"]:
+    splits = {name: writer.summary() for name, writer in writers.items()}
+    if not splits.get("train", {}).get("documents"):
         where = f" ({bad.count} bad rows, first: {bad.first[0]})" if bad.first else ""
         raise DataError(f"no usable rows in {_describe(data)}{where}")
-    if "validation" not in writers or not writers["validation"].summary()["documents"]:
+    if not splits.get("validation", {}).get("documents"):
         raise DataError(f"no validation documents: {_describe(data)} has too few rows for "
                         f"data.validation_fraction={data.validation_fraction} (raise it, or give data.validation)")
-
-    splits = {name: writer.summary() for name, writer in writers.items()}
     seconds = time.perf_counter() - started
     bad_rows = {"count": bad.count, "first": bad.first}
     write_meta(directory, reader.layout, dtype, tokenizer.eos_id if reader.layout == "documents" else None,

@@ -24,7 +24,6 @@ document numbers run over all of them in order.
 from __future__ import annotations
 
 import bisect
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -318,10 +317,9 @@ class TokenSplit:
 
 
 def _in_memory(rows: list[list[int]], dtype) -> Stream:
-    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    lengths, tokens = to_arrays(rows, np.dtype(dtype))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
     return Stream.of([InMemoryArray(tokens)], [Offsets(InMemoryArray(offsets))])
 
 
