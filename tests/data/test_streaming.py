@@ -100,3 +100,14 @@ def test_position_order_covers_each_epoch_once():
     order = PositionOrder(10, seed=3)
     assert sorted(order.row(p) for p in range(10)) == list(range(10))
     assert sorted(order.row(p) for p in range(10, 20)) == list(range(10))
+
+
+def test_the_document_around_any_position_is_found_past_the_first_block_of_the_offsets_index(tmp_path):
+    rng = np.random.default_rng(1)
+    documents = [rng.integers(2, 1000, size=rng.integers(1, 9)).tolist() for _ in range(5000)]  # > 4 index blocks
+    split = write_store(tmp_path, documents, shard_tokens=10**9)
+    assert len(split.text.tokens) == 1
+    starts = np.cumsum([0] + [len(d) + 1 for d in documents])
+    for position in rng.integers(0, split.text.n_tokens, size=500):
+        index = int(np.searchsorted(starts, position, side="right")) - 1
+        assert split.text.document_span(int(position)) == (starts[index], starts[index + 1])
