@@ -54,7 +54,7 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, cls=OneLineErrors,
                   help="Pretrain, distill, add vision to, evaluate, export and benchmark small encoder-decoder LMs.")
 runs_app = typer.Typer(add_completion=False, help="List runs, or show one with its lineage.", invoke_without_command=True)
-export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model for other runtimes (onnx).")
+export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model for other runtimes (onnx) or for transformers (hf).")
 recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-stage pipelines (recipes/*.yaml).")
 app.add_typer(runs_app, name="runs")
 app.add_typer(export_app, name="export")
@@ -223,6 +223,21 @@ def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MOD
     if quantize:
         overrides.append(f"quantize=[{','.join(quantize)}]")
     run_stage("export", overrides, name, runs_dir, device, verbose, dry_run)
+
+
+@export_app.command("hf", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export_hf(arguments: Optional[list[str]] = typer.Argument(None, help="[MODEL] (model dir, run or preset; default: the "
+                                                              "newest distill/pretrain run) and key=value overrides"),
+              name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
+    """Export a transformers model directory (AutoModelForSeq2SeqLM / AutoModelForCausalLM with
+    trust_remote_code=True, AutoTokenizer, safetensors, a README.md model card); loaded back and
+    checked against slmctl (exit 1 if they differ)."""
+    arguments = arguments or []
+    models = [a for a in arguments if "=" not in a]
+    if len(models) > 1:
+        fail(f"export takes one model, got {len(models)}: {' '.join(models)}")
+    overrides = ["to=hf", *(a for a in arguments if "=" in a), *(f"source={model}" for model in models)]
+    run_stage("export", overrides, name, runs_dir, "cpu", verbose, dry_run)
 
 
 @app.command()

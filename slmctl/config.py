@@ -69,7 +69,7 @@ TaskKind = choices("TaskKind", "columns", "squad", "synthetic", "shapes", "image
 JudgeKind = choices("JudgeKind", "none", "local", "endpoint")
 Runtime = choices("Runtime", "auto", "torch", "onnx")
 RecordFormat = choices("RecordFormat", "json", "csv", "md")
-ExportFormat = choices("ExportFormat", "onnx")
+ExportFormat = choices("ExportFormat", "onnx", "hf")
 Quantization = choices("Quantization", "int8", "qdq")
 ExternalData = choices("ExternalData", "auto", "always", "never")
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
@@ -526,7 +526,7 @@ class QuantReportSchema:
 
 @dataclass
 class ExportSchema:
-    to: ExportFormat = ExportFormat.onnx  # the target format (the subcommand: slmctl export onnx)
+    to: ExportFormat = ExportFormat.onnx  # the target format (the subcommand: slmctl export onnx|hf)
     source: Optional[str] = None  # the model: a model dir, a run or a preset; null: the newest distill/pretrain run
     # int8 (dynamic, weight MatMul/Gemm) and/or qdq (static QDQ, calibrated): --quantize int8
     quantize: List[Quantization] = field(default_factory=list)

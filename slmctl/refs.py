@@ -2,6 +2,7 @@
 
     330m, deconly-tiny                      a preset (random weights)
     DIR holding model.json                  one of our model directories
+    DIR from `slmctl export hf`             the same model in transformers' form (config.json, model_type slmctl)
     DIR holding config.json                 a Hugging Face save_pretrained directory
     a run: its directory, <stage>/latest,   the run's model/ (an export run's export/)
       runs/<stage>/latest, latest:<stage>
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slmctl.errors import UserError, first_line
-from slmctl.files import EXPORT_DIR, EXPORT_SPEC_FILE, HF_CONFIG_FILE, MODEL_CONFIG_FILE, MODEL_DIR
+from slmctl.files import EXPORT_DIR, EXPORT_SPEC_FILE, HF_CONFIG_FILE, MODEL_CONFIG_FILE, MODEL_DIR, is_slmctl_transformers_dir
 from slmctl.runs import LATEST, RunError, model_label, owning_run, resolve_run, verify_artifact
 
 KINDS = ("preset", "model_dir", "hf_dir", "export", "reference_pt", "hub")
@@ -200,7 +201,10 @@ def in_run(text: str, run_dir: Path) -> ModelRef:
 
 
 def directory_kind(path: Path) -> str | None:
-    """model_dir, export or hf_dir by the file that describes the directory; None for anything else."""
+    """model_dir, export or hf_dir by the file that describes the directory; None for anything else.
+    A `slmctl export hf` directory is one of our models (in transformers' form): a model_dir."""
+    if is_slmctl_transformers_dir(path):
+        return "model_dir"
     for name, kind in ((MODEL_CONFIG_FILE, "model_dir"), (EXPORT_SPEC_FILE, "export"), (HF_CONFIG_FILE, "hf_dir")):
         if (path / name).is_file():
             return kind

@@ -91,10 +91,7 @@ class TextTokenizer:
         return self.backend if self.kind == "bpe" else getattr(self.backend, "_tokenizer", None)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        if self.kind == "bpe":  # drop the space the prefix-space convention put in front
-            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens).removeprefix(" ")
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # -- files ---------------------------------------------------------------
 
@@ -124,7 +121,7 @@ class TextTokenizer:
             if record["kind"] == "bpe":
                 from tokenizers import Tokenizer
 
-                backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+                backend = strip_prefix_space(Tokenizer.from_file(str(directory / "tokenizer.json")))
             else:
                 backend = _auto_tokenizer(str(directory))
             return cls(backend, record["kind"], record["pad"], record["bos"], record["eos"], record["image"],
@@ -147,17 +144,35 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     # answer ("Tobrin") is the very token the context holds (" Tobrin") and can be copied.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
+    strip_prefix_space(tokenizer)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return TextTokenizer(tokenizer, "bpe", PAD, BOS, EOS, IMAGE, sentinels)
 
 
-def _auto_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def strip_prefix_space(tokenizer):
+    """Make the byte-level decoder drop the one space the prefix-space convention put in front of
+    a text, inside the tokenizer itself, so every loader of its tokenizer.json (transformers'
+    AutoTokenizer too) decodes exactly as slmctl does. Tokenizers saved before this had a plain
+    ByteLevel decoder; they are upgraded on load."""
+    from tokenizers import decoders
 
+    if isinstance(tokenizer.decoder, decoders.ByteLevel):
+        tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+    return tokenizer
+
+
+def _auto_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    from slmctl.files import is_slmctl_transformers_dir
+
+    # A `slmctl export hf` directory: its tokenizer needs none of the model code transformers would
+    # otherwise ask to run (AutoTokenizer reads the model's config first), so pass a blank config.
+    config = {"config": PretrainedConfig()} if is_slmctl_transformers_dir(path) else {}
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **config)
     except (OSError, ValueError) as e:
         raise TokenizerError(f"cannot load a tokenizer from {path!r}: {first_line(e)}") from None
 

@@ -36,7 +36,11 @@ TOKENIZER_FILES = ("tokenizer.json", "slmctl_tokenizer.json", "tokenizer_config.
 
 
 def run(cfg, run):
-    model, source = _load(cfg, run)
+    if cfg.to == "hf":
+        from slmctl.export import hf_export
+
+        return hf_export.run(cfg, run)
+    model, source = load_source(cfg, run)
     out = run.path / EXPORT_DIR
     out.mkdir(exist_ok=True)
     static = dict(batch=cfg.static.batch, prompt_len=cfg.static.prompt_len, capacity=cfg.static.capacity) if cfg.static.enabled else None
@@ -76,11 +80,11 @@ def run(cfg, run):
     return run
 
 
-def _load(cfg, run):
+def load_source(cfg, run):
     """(model in eval mode, fp32, cpu; the model directory or None for a preset)."""
     from slmctl.refs import resolve
 
-    source = resolve(cfg.source or _newest_model_run(run.runs_dir), run.runs_dir, allow=("preset", "model_dir"),
+    source = resolve(cfg.source or _newest_model_run(run.runs_dir, cfg.to), run.runs_dir, allow=("preset", "model_dir"),
                      purpose="export")
     source.record_input(run, role="model")
     if source.kind == "preset":
@@ -89,13 +93,13 @@ def _load(cfg, run):
     return source.load_torch().float().eval(), source.path
 
 
-def _newest_model_run(runs_dir: Path) -> str:
+def _newest_model_run(runs_dir: Path, to: str) -> str:
     from slmctl.runs import latest_run
 
     found = [p for p in (latest_run(runs_dir, stage) for stage in ("distill", "pretrain")) if p is not None]
     if not found:
         raise ConfigError(f"no model given and no succeeded distill or pretrain run under {runs_dir}: "
-                          f"slmctl export onnx MODEL (a model dir, a run, or a preset like 330m)")
+                          f"slmctl export {to} MODEL (a model dir, a run, or a preset like 330m)")
     return str(max(found, key=lambda p: p.name))
 
 

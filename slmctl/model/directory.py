@@ -188,13 +188,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = import_reference_checkpoint(path, **config_overrides)
     else:
         model_dir = path
-        if not (model_dir / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{path} is not a model directory: no {CONFIG_FILE} in it")
         verify_checksums(model_dir)
-        try:
-            cfg = ModelConfig.load_json(model_dir / CONFIG_FILE)
-        except (ValueError, TypeError) as e:  # json errors are ValueErrors
-            raise CheckpointError(f"{model_dir / CONFIG_FILE}: {e}") from None
+        cfg = read_model_config(model_dir)
         if config_overrides:
             cfg = cfg.replace(**config_overrides)
         check_tokenizer_fits(model_dir, cfg.vocab_size)
@@ -213,6 +208,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
             model = attach_saved_vision(model, model_dir)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """The architecture of a model directory: its model.json, or the config.json of a `slmctl
+    export hf` directory (the same fields, among transformers' own)."""
+    from slmctl.files import HF_CONFIG_FILE, is_slmctl_transformers_dir
+
+    if (model_dir / CONFIG_FILE).is_file():
+        config_file, fields = model_dir / CONFIG_FILE, None
+    elif is_slmctl_transformers_dir(model_dir):
+        config_file = model_dir / HF_CONFIG_FILE
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        fields = {k: v for k, v in json.loads(config_file.read_text(encoding="utf-8")).items() if k in names}
+    else:
+        raise CheckpointError(f"{model_dir} is not a model directory: no {CONFIG_FILE} in it")
+    try:
+        return ModelConfig.load_json(config_file) if fields is None else ModelConfig.from_dict(fields)
+    except (ValueError, TypeError) as e:  # json errors are ValueErrors
+        raise CheckpointError(f"{config_file}: {e}") from None
 
 
 def check_tokenizer_fits(model_dir: Path, vocab_size: int) -> None:

@@ -20,6 +20,18 @@ def test_bpe_round_trip_specials_and_copyable_words(tmp_path):
     assert again.encode(text) == tok.encode(text) and again.sentinel_ids == tok.sentinel_ids
 
 
+def test_a_tokenizer_saved_before_the_decoder_stripped_the_prefix_space_decodes_the_same(tmp_path):
+    """Older tokenizer.json files have a plain ByteLevel decoder (slmctl stripped the prefix space
+    itself); the strip now lives in the tokenizer, so transformers' loaders decode alike."""
+    from tokenizers import decoders
+
+    tok = train_bpe(TEXTS, vocab_size=400, n_sentinels=4)
+    assert tok.backend.decode(tok.encode("Tobrin bakers")) == "Tobrin bakers"  # the tokenizer itself strips
+    tok.backend.decoder = decoders.ByteLevel()  # as saved by earlier versions
+    tok.save(tmp_path / "old")
+    assert TextTokenizer.load(tmp_path / "old").decode(tok.encode("Tobrin bakers")) == "Tobrin bakers"
+
+
 def test_bpe_vocab_too_small_is_a_clear_error():
     with pytest.raises(TokenizerError, match="too small"):
         train_bpe(TEXTS, vocab_size=100)
