@@ -58,6 +58,9 @@ def choices(name: str, *values: str) -> type[Choice]:
 Arch = choices("Arch", "encdec", "deconly", "hf-causal")
 BadRowPolicy = choices("BadRowPolicy", "skip", "error")
 LoggerKind = choices("LoggerKind", "csv", "tensorboard", "wandb", "mlflow")
+# where LoRA adapters go: a group (attn: self-attention qkv + out, cross_attn: q, kv, out, mlp: fc1, fc2) or one projection
+LoraTarget = choices("LoraTarget", "attn", "cross_attn", "mlp", "attn.qkv", "attn.out", "cross_attn.q", "cross_attn.kv",
+                     "cross_attn.out", "mlp.fc1", "mlp.fc2")
 Layout = choices("Layout", "auto", "documents", "pairs")
 KDLoss = choices("KDLoss", "forward_kl", "reverse_kl", "jsd")
 KDTargets = choices("KDTargets", "gold", "teacher", "student", "mix")
@@ -347,9 +350,21 @@ class TrainingSchema:
     # experiment trackers beside metrics.jsonl, written inside the run: logger=tensorboard or logger=[tensorboard,mlflow]
     logger: List[LoggerKind] = field(default_factory=list)
     optim: OptimSchema = field(default_factory=OptimSchema)
+    peft: Any = None  # null: every weight trains; peft=lora: low-rank adapters through PEFT (needs init= / student.init=)
     data: Any = None
     tokenizer: Any = None
     trainer: Any = None
+
+
+@dataclass
+class LoraSchema:
+    """peft=lora: W x + (alpha / r) B A x on the target Linear layers, the rest frozen (PEFT's LoRA)."""
+    kind: str = "lora"
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling numerator: the update is (alpha / r) B A
+    dropout: float = 0.0  # dropout on the adapter's input
+    targets: List[LoraTarget] = field(default_factory=lambda: [LoraTarget.attn, LoraTarget.cross_attn, LoraTarget.mlp])
+    merge: bool = True  # true: model/ holds full merged weights; false: model/ holds the PEFT adapter (+ the base's path)
 
 
 @dataclass
@@ -560,6 +575,7 @@ GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
                       "prepared": PreparedDataSchema, "shapes": ShapesDataSchema, "images": ImagesDataSchema}),
     "tokenizer": ("kind", {"bpe": BpeTokenizerSchema, "hf": HFTokenizerSchema, "run": RunTokenizerSchema,
                            "teacher": TeacherTokenizerSchema}),
+    "peft": ("kind", {"lora": LoraSchema}),
     "objective": ("name", {"prefix_lm": PrefixLMSchema, "span_corruption": SpanCorruptionSchema,
                            "seq2seq": Seq2SeqSchema, "causal_lm": CausalLMSchema}),
 }
@@ -792,6 +808,13 @@ def _check_values(cfg: DictConfig) -> None:
                     "validation.tolerance", "qdq.calibration_prompts", "report.prompts", "report.steps"):
             if OmegaConf.select(cfg, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
+    if OmegaConf.select(cfg, "peft.kind") == "lora":
+        if cfg.peft.r <= 0 or cfg.peft.alpha <= 0:
+            raise ConfigError(f"peft.r and peft.alpha must be > 0, got r={cfg.peft.r}, alpha={cfg.peft.alpha}")
+        if not 0 <= cfg.peft.dropout < 1:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {cfg.peft.dropout}")
+        if not cfg.peft.targets:
+            raise ConfigError("peft.targets is empty: name at least one of attn, cross_attn, mlp (or one projection)")
     beta = OmegaConf.select(cfg, "kd.beta")
     if beta is not None and OmegaConf.select(cfg, "kd.loss") == "jsd" and not 0 < beta < 1:
         raise ConfigError(f"kd.beta must be in (0, 1) for kd.loss=jsd, got {beta}")

@@ -201,7 +201,7 @@ def test_ls_lists_only_groups_a_command_line_can_choose():
     assert "hardware" not in found and "hardware" in config.NOT_GROUPS and (CONF / "hardware").is_dir()
     stage_of = {"model": "pretrain", "data": "pretrain", "tokenizer": "pretrain", "objective": "pretrain",
                 "trainer": "pretrain", "teacher": "distill", "student": "distill", "task": "eval", "judge": "eval",
-                "vision": "add-vision"}
+                "vision": "add-vision", "peft": "pretrain"}
     assert set(found) == set(stage_of)
     for group, options in found.items():
         for option in options:  # each composes, or names the value it needs

@@ -97,14 +97,18 @@ def save_model(model: LanguageModel, directory: str | Path, tokenizer=None,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    model.config.save_json(directory / CONFIG_FILE)
-    gen = generation_config or GenerationConfig(eos_token_id=model.config.eos_token_id,
-                                                pad_token_id=model.config.pad_token_id)
-    atomic_write_text(directory / GENERATION_FILE, json.dumps(dataclasses.asdict(gen), indent=2) + "\n")
+    write_description(model.config, directory, generation_config)
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)
     seal(directory)
     return directory
+
+
+def write_description(config: ModelConfig, directory: Path, generation_config: GenerationConfig | None = None) -> None:
+    """model.json and generation.json (decoding defaults: greedy, the model's eos and pad)."""
+    config.save_json(directory / CONFIG_FILE)
+    gen = generation_config or GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    atomic_write_text(directory / GENERATION_FILE, json.dumps(dataclasses.asdict(gen), indent=2) + "\n")
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
@@ -189,6 +193,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     else:
         model_dir = path
         verify_checksums(model_dir)
+        from slmctl.model.lora import is_adapter_dir, load_adapter_model
+
+        if is_adapter_dir(model_dir):  # peft.merge=false: a LoRA adapter over the model it names
+            model = load_adapter_model(model_dir)
+            return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         cfg = read_model_config(model_dir)
         if config_overrides:
             cfg = cfg.replace(**config_overrides)

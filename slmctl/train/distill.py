@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from slmctl.config import ConfigError
 from slmctl.data.sources import load_pairs
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer
-from slmctl.model import build_model, save_model
+from slmctl.model import build_model
+from slmctl.model.lora import add_lora, check_lora_init, parameter_counts, save_trained
 from slmctl.model.config import model_config_from, model_name
 from slmctl.refs import ModelRef, resolve
 from slmctl.train.datamodule import TrainingDataModule
@@ -80,6 +81,8 @@ def run(cfg, run, callbacks: list | None = None):
         raise ConfigError(f"student.init={cfg.student.init} has another tokenizer than the prepared data; prepare the "
                           f"data with tokenizer=run tokenizer.path={cfg.student.init}")
     student = _student(cfg, run, tokenizer)
+    check_lora_init(cfg.peft, cfg.student.init, "student.init")
+    lora = add_lora(student, cfg.peft, run) if cfg.peft is not None else None
     shared = _shared_vocabulary(cfg, run, teacher, tokenizer, student.config.vocab_size)
     run.log(f"student: {cfg.student.init or model_name(cfg.student)}, {student.num_parameters() / 1e6:.2f}M parameters; "
             f"kd: {kd.loss} T={kd.temperature} alpha={kd.alpha} targets={kd.targets}")
@@ -101,19 +104,22 @@ def run(cfg, run, callbacks: list | None = None):
         summary = json.loads(done.read_text())
     else:
         summary = _fit(cfg, run, student, teacher, batcher, shared, run.path, training_loggers(run, cfg.logger), callbacks, kd)
-        _save(student, tokenizer, run.model_dir, run)
+        trainable, _ = parameter_counts(student)
+        student = _save(cfg, student, lora, tokenizer, run.model_dir, run)
         summary |= {"teacher": teacher.name, "teacher_parameters": teacher.num_parameters(),
                     "student": cfg.student.init or model_name(cfg.student), "parameters": student.num_parameters(),
+                    "trainable_parameters": trainable,
                     "kd_loss": kd.loss, "alpha": kd.alpha, "targets": kd.targets}
         run.write_json(DISTILLED, summary)
 
     if cfg.control:
         run.log("control: the same student trained on gold CE only (kd.alpha=0)")
         control = _student(cfg, run, tokenizer, quiet=True)
+        control_lora = add_lora(control, cfg.peft, run, quiet=True) if cfg.peft is not None else None
         control_kd = OmegaConf.merge(kd, {"alpha": 0.0})
         result = _fit(cfg, run, control, teacher, batcher, shared, run.path / CONTROL_DIR,
                       training_loggers(run, cfg.logger, prefix="control_"), callbacks, control_kd)
-        _save(control, tokenizer, run.path / CONTROL_DIR / "model", run)
+        _save(cfg, control, control_lora, tokenizer, run.path / CONTROL_DIR / "model", run)
         summary |= {f"control_{k}": v for k, v in result.items() if k.startswith("val_")}
         if summary.get("val_ce_loss") is not None and summary.get("control_val_ce_loss") is not None:
             summary["val_ce_gain"] = round(summary["control_val_ce_loss"] - summary["val_ce_loss"], 4)
@@ -141,10 +147,13 @@ def _fit(cfg, run, student, teacher: Teacher, batcher: DistillBatcher, shared: i
     return {**metrics, "steps": trainer.global_step, "train_seconds": round(time.perf_counter() - started, 2)}
 
 
-def _save(model, tokenizer: TextTokenizer, directory: Path, run) -> None:
+def _save(cfg, model, lora, tokenizer: TextTokenizer, directory: Path, run):
+    """Write the student's model directory (LoRA: merged, or the adapter over student.init); returns
+    the student as saved."""
     if not run.is_writer:  # another rank of a multi-process run
-        return
-    save_model(model.eval(), directory, tokenizer)  # checksums.json last, over the tokenizer too
+        return model
+    base = _student_init(cfg, run).path if lora is not None else None
+    return save_trained(model, lora, directory, tokenizer, base, merge=lora is None or cfg.peft.merge)
 
 
 # -- the student ---------------------------------------------------------------------

@@ -22,7 +22,8 @@ from slmctl.data.prepare import open_prepared, prepared_tokenizer
 from slmctl.data.store import TokenSplit, TokenStore
 from slmctl.data.streaming import Documents, Pairs, Windows
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
-from slmctl.model import build_model, save_model
+from slmctl.model import build_model
+from slmctl.model.lora import add_lora, check_lora_init, parameter_counts, save_trained
 from slmctl.model.config import model_config_from, model_name
 from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import StepStream, TrainingDataModule
@@ -64,7 +65,12 @@ def run(cfg, run, callbacks: list | None = None):
         train_split, val_split = in_memory_split(tokenizer, train_data), in_memory_split(tokenizer, val_data)
     model = _model(cfg, run, tokenizer, arch)
     n_params = sum(p.numel() for p in model.parameters())
-    run.log(f"model: {model_name(cfg.model)}, {n_params / 1e6:.2f}M parameters; tokenizer: {len(tokenizer)} tokens")
+    name = model.config.name if cfg.init else model_name(cfg.model)  # init=: the model's own, not the preset option's
+    run.log(f"model: {name}, {n_params / 1e6:.2f}M parameters; tokenizer: {len(tokenizer)} tokens")
+    lora = None
+    if cfg.peft is not None:
+        check_lora_init(cfg.peft, cfg.init, "init")
+        lora = add_lora(model, cfg.peft, run)
 
     special = obj.SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id,
                              sentinels=tokenizer.sentinel_ids)
@@ -90,11 +96,12 @@ def run(cfg, run, callbacks: list | None = None):
     if not run.is_writer:  # another rank of a multi-process run: rank 0 writes the artifacts
         return run
 
-    _save_artifact(model, tokenizer, run, arch)
+    trainable, _ = parameter_counts(model)
+    _save_artifact(model, tokenizer, run, arch, lora, cfg)
     val_loss = trainer.callback_metrics.get("val_loss")
     summary = {"val_loss": float(val_loss) if val_loss is not None else None, "steps": trainer.global_step,
-               "parameters": n_params, "train_seconds": round(seconds, 2), "objective": objective,
-               "model": model_name(cfg.model), "packing_efficiency": round(efficiency, 4)}
+               "parameters": n_params, "trainable_parameters": trainable, "train_seconds": round(seconds, 2),
+               "objective": objective, "model": name, "packing_efficiency": round(efficiency, 4)}
     run.succeed(summary | throughput(run))
     return run
 
@@ -244,7 +251,7 @@ def _check_layout(store: TokenStore, seq2seq_data: bool) -> None:
                           f"or prepare the data with layout={wanted}")
 
 
-def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str) -> None:
+def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str, lora, cfg) -> None:
     if arch == "hf-causal":
         from transformers.utils import logging as hf_logging
 
@@ -253,5 +260,6 @@ def _save_artifact(model, tokenizer: TextTokenizer, run, arch: str) -> None:
         for weights in run.model_dir.glob("*.safetensors"):
             set_new_file_mode(weights)  # safetensors leaves 0600
         tokenizer.save(run.model_dir)
-    else:
-        save_model(model.eval(), run.model_dir, tokenizer)  # checksums.json last, over the tokenizer too
+    else:  # checksums.json last, over the tokenizer too
+        base = resolve(cfg.init, run.runs_dir, allow=("model_dir",), purpose="init=").path if lora is not None else None
+        save_trained(model, lora, run.model_dir, tokenizer, base, merge=lora is None or cfg.peft.merge)

@@ -151,7 +151,7 @@ def test_a_full_disk_while_writing_the_model_fails_the_run_with_one_line(tmp_pat
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "model/model.safetensors")
 
-    monkeypatch.setattr(pretrain, "save_model", no_space)
+    monkeypatch.setattr(pretrain, "save_trained", no_space)
     result = cli("pretrain", *WITH_DROPOUT, "trainer.max_steps=2", "checkpoint_every=2", runs=tmp_path / "runs")
     assert result.exit_code == 1
     assert "no space left on device writing model/model.safetensors" in " ".join(result.output.split())
