@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-slow lint speed gpu-wheels gpu-check data-scale
+.PHONY: install demo test test-slow lint speed gpu-wheels gpu-check data-scale lora-compare
 
 install:
 	$(PIP) install --quiet $(TORCH)
@@ -32,6 +32,9 @@ lint:
 # Training on corpora larger than memory (docs/data.md): 200 MB and 2 GB corpora, prepare and stream.
 data-scale: install
 	$(PYTHON) -m slmctl.bench.data_scale --sizes-mb 200 2000
+
+lora-compare: install
+	$(PYTHON) -m slmctl.bench.lora_compare --workdir lora-compare
 
 # The GPU machine has CUDA torch, Lightning and transformers but no network: fetch the rest here
 # (into .whl/, git-ignored) and carry it there.

@@ -195,8 +195,10 @@ def describe_schedule(config: dict, stage: str) -> str:
         parts.append(f"{steps} steps, batch {config.get('batch_size')}")
     if stage == "pretrain":
         model = config.get("model") or {}
-        objective = (config.get("objective") or {}).get("kind")
-        parts.append(f"{model.get('preset')} {model.get('arch')}" + (f", objective {objective}" if objective else ""))
+        objective = (config.get("objective") or {}).get("name")
+        what = f"from {config['init']}" if config.get("init") else " ".join(
+            str(v) for v in (model.get("preset"), model.get("arch")) if v)
+        parts.append(what + (f", objective {objective}" if objective else ""))
     if stage == "distill":
         kd = config.get("kd") or {}
         teacher = config.get("teacher") or {}
@@ -209,7 +211,8 @@ def describe_schedule(config: dict, stage: str) -> str:
 
 def describe_result(status: dict) -> str:
     summary = status.get("summary") or {}
-    shown = [f"{key} {summary[key]}" for key in ("val_loss", "control_val_loss", "documents", "tokens") if key in summary]
+    shown = [f"{key} {summary[key]:.4g}" if isinstance(summary[key], float) else f"{key} {summary[key]}"
+             for key in ("val_loss", "control_val_loss", "documents", "tokens") if summary.get(key) is not None]
     return ", ".join(shown) or status.get("status", "-")
 
 
