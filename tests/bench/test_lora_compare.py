@@ -16,4 +16,4 @@ def test_the_comparison_reports_what_its_runs_measured(tmp_path, capsys):
         assert row["val_loss"] == round(summary["summary"]["val_loss"], 4) and summary["summary"]["steps"] == 3
     assert report["rows"]["lora"]["trainable_parameters"] < report["rows"]["full"]["trainable_parameters"]
     assert report["val_loss_ratio"] == round(report["rows"]["lora"]["val_loss"] / report["rows"]["full"]["val_loss"], 4)
-    assert "| lora | 0.001 |" in capsys.readouterr().out
+    assert "| lora | 0.005 |" in capsys.readouterr().out
