@@ -208,11 +208,11 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
 def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MODEL] (model dir, run or preset; default: the "
                                                                 "newest distill/pretrain run) and key=value overrides"),
                 static: bool = typer.Option(False, "--static", help="Fixed shapes + preallocated cache (NPU runtimes)."),
-                quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="int8 and/or qdq (repeatable)."),
+                quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="int8, int4 and/or qdq (repeatable)."),
                 name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
                 verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
     """Export encoder.onnx + decoder.onnx (KV cache) with slmctl_onnx.json and the tokenizer; validate them
-    against PyTorch (exit 1 if they differ); --quantize int8|qdq adds quantized variants with a report."""
+    against PyTorch (exit 1 if they differ); --quantize int8|int4|qdq adds quantized variants with a report."""
     arguments = arguments or []
     models = [a for a in arguments if "=" not in a]
     if len(models) > 1:

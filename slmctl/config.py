@@ -73,7 +73,7 @@ JudgeKind = choices("JudgeKind", "none", "local", "endpoint")
 Runtime = choices("Runtime", "auto", "torch", "onnx")
 RecordFormat = choices("RecordFormat", "json", "csv", "md")
 ExportFormat = choices("ExportFormat", "onnx", "hf")
-Quantization = choices("Quantization", "int8", "qdq")
+Quantization = choices("Quantization", "int8", "int4", "qdq")
 ExternalData = choices("ExternalData", "auto", "always", "never")
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
 WeightType = choices("WeightType", "uint8", "int8")
@@ -520,6 +520,14 @@ class Int8Schema:
 
 
 @dataclass
+class Int4Schema:
+    """Weight-only block-wise int4 (ONNX Runtime's MatMulNBits)."""
+    block_size: int = 32  # weights per scale along the input dimension (16, 32, 64, 128, ...)
+    symmetric: bool = True  # false: a zero point per block too
+    accuracy_level: Optional[int] = None  # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8; null: ORT's default
+
+
+@dataclass
 class QdqSchema:
     """QNN HTP: activation_type=uint16 weight_type=uint8."""
     activation_type: ActivationType = ActivationType.uint8
@@ -543,7 +551,7 @@ class QuantReportSchema:
 class ExportSchema:
     to: ExportFormat = ExportFormat.onnx  # the target format (the subcommand: slmctl export onnx|hf)
     source: Optional[str] = None  # the model: a model dir, a run or a preset; null: the newest distill/pretrain run
-    # int8 (dynamic, weight MatMul/Gemm) and/or qdq (static QDQ, calibrated): --quantize int8
+    # int8 (dynamic, weight MatMul/Gemm), int4 (weight-only MatMulNBits) and/or qdq (static QDQ, calibrated): --quantize int8
     quantize: List[Quantization] = field(default_factory=list)
     external_data: ExternalData = ExternalData.auto  # auto: weights in <graph>.onnx.data for graphs over 2 GB
     # --static: fixed shapes and a preallocated cache, for NPU runtimes (QNN HTP, OpenVINO NPU)
@@ -551,6 +559,7 @@ class ExportSchema:
     # PyTorch vs ONNX Runtime on fresh random prompts; a breach fails the run (exit 1)
     validation: ValidationSchema = field(default_factory=ValidationSchema)
     int8: Int8Schema = field(default_factory=Int8Schema)
+    int4: Int4Schema = field(default_factory=Int4Schema)
     qdq: QdqSchema = field(default_factory=QdqSchema)
     report: QuantReportSchema = field(default_factory=QuantReportSchema)  # quantized vs fp32, measured in the same process
     threads: Optional[int] = None  # ONNX Runtime intra-op threads (null: its default)
@@ -804,6 +813,9 @@ def _check_values(cfg: DictConfig) -> None:
         if value is not None and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
     if OmegaConf.select(cfg, "to") is not None:  # export
+        block = OmegaConf.select(cfg, "int4.block_size")
+        if block is not None and (block < 16 or block & (block - 1)):
+            raise ConfigError(f"int4.block_size must be a power of two >= 16, got {block}")
         for key in ("static.batch", "static.prompt_len", "static.capacity", "validation.steps", "validation.batch",
                     "validation.tolerance", "qdq.calibration_prompts", "report.prompts", "report.steps"):
             if OmegaConf.select(cfg, key) <= 0:

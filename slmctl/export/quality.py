@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slmctl.export.onnx_export import variant_mb
-from slmctl.export.quantize import quantize_int8, quantize_qdq, record_feeds
+from slmctl.export.quantize import quantize_int4, quantize_int8, quantize_qdq, record_feeds
 from slmctl.export.validate import token_agreement
 from slmctl.runtime.onnx import OnnxLM
 
@@ -32,6 +32,8 @@ def quantize_and_report(cfg, run, out: Path, model, source: Path | None, fp32_mo
     for method in cfg.quantize:
         if method == "int8":
             variant = quantize_int8(out, fp32, per_channel=cfg.int8.per_channel)
+        elif method == "int4":
+            variant = quantize_int4(out, fp32, cfg.int4.block_size, cfg.int4.symmetric, cfg.int4.accuracy_level)
         else:
             feeds = record_feeds(fp32_model, prompts[: cfg.qdq.calibration_prompts], cfg.qdq.calibration_steps)
             variant = quantize_qdq(out, fp32, feeds, cfg.qdq.activation_type, cfg.qdq.weight_type, cfg.qdq.per_channel)

@@ -4,6 +4,9 @@
   quantized per call). `MatMulConstBOnly` keeps every activation-by-activation MatMul in fp32:
   the attention scores q k^T (and their 1/sqrt(d) scale, in self- and cross-attention) and
   probs x V stay exact.
+- int4: weight-only, block-wise: every weight MatMul becomes ONNX Runtime's `MatMulNBits` (4-bit
+  weights in blocks of `block_size` along the input dimension, one scale (and, asymmetric, one
+  zero point) per block; activations stay fp32, or int8 inside the kernel with accuracy_level=4).
 - qdq: static QuantizeLinear/DequantizeLinear pairs around weights and activations, with
   activation ranges calibrated by running the fp32 graphs on calibration prompts (the format
   QNN's HTP backend compiles; use activation_type=uint16 weight_type=uint8 for it).
@@ -69,6 +72,63 @@ def quantize_int8(directory: Path, source: dict, per_channel: bool = True, prefi
                              weight_type=_quant_type("int8"), use_external_data_format=bool(graph.get("external_data")),
                              extra_options={"MatMulConstBOnly": True})
     return _finish(source, graphs, {"method": "dynamic", "weights": "int8", "per_channel": per_channel})
+
+
+def gemm_as_matmul(model):
+    """Rewrite every Gemm with a constant weight (torch's Linear on 2-D input: Y = A B^T + C) as
+    MatMul(A, B^T) + Add(C), in place, so weight-only quantizers that take MatMul (MatMulNBits)
+    reach every projection. Returns the number of nodes rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attributes.get("alpha", 1.0) == 1.0 and attributes.get("beta", 1.0) == 1.0 and not attributes.get("transA", 0)
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in weights or not plain:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        if attributes.get("transB", 0):
+            weight = weight.T.copy()
+        name = f"{node.input[1]}_as_matmul"
+        graph.initializer.append(numpy_helper.from_array(weight, name))
+        product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_matmul"))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    return rewritten
+
+
+def quantize_int4(directory: Path, source: dict, block_size: int = 32, symmetric: bool = True,
+                  accuracy_level: int | None = None, prefix: str = "int4/") -> dict:
+    """Block-wise 4-bit weight-only copies of `source` (ONNX Runtime's MatMulNBits quantizer), every
+    weight Gemm first rewritten as MatMul + Add."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    graphs = _targets(directory, source, prefix)
+    for src, dst, graph in graphs.values():
+        model = onnx.load(str(src))
+        gemm_as_matmul(model)
+        with _quiet_root_logger():
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                             accuracy_level=accuracy_level)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(dst), use_external_data_format=bool(graph.get("external_data")))
+    method = {"method": "weight-only-blockwise", "weights": "int4", "block_size": block_size, "symmetric": symmetric,
+              "accuracy_level": accuracy_level}
+    return _finish(source, graphs, method)
 
 
 class _Feeds:

@@ -156,15 +156,16 @@ def test_external_data_keeps_weights_beside_the_graph(tmp_path):
 
 
 def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_path, trained):
-    result = cli("export", "onnx", str(trained), "--quantize", "int8", "--quantize", "qdq", *FAST, *SMALL_REPORT, runs=tmp_path / "runs")
+    result = cli("export", "onnx", str(trained), "--quantize", "int8", "--quantize", "int4", "--quantize", "qdq", *FAST,
+                 *SMALL_REPORT, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     run = newest_run(tmp_path / "runs", "export")
     out = run / "export"
     assert (out / "tokenizer.json").is_file()
     report = json.loads((run / "quantization.json").read_text())
-    fp32, int8, qdq = (report["variants"][name] for name in ("fp32", "int8", "qdq"))
+    fp32, int8, int4, qdq = (report["variants"][name] for name in ("fp32", "int8", "int4", "qdq"))
     assert report["prompt_source"] == "task"
-    for row in (int8, qdq):  # (token agreement itself: test_token_agreement_counts_each_sequence_up_to_its_first_difference)
+    for row in (int8, int4, qdq):  # (token agreement itself: test_token_agreement_counts_each_sequence_up_to_its_first_difference)
         assert 0 <= row["token_agreement"] <= 1 and row["prompts"] == 6 and row["size_vs_fp32"] < 0.9
         assert row["token_agreement"] == 1 or row["identical_sequences"] < 1  # all identical: every token agrees
         assert row["size_vs_fp32"] == pytest.approx(row["mb"] / fp32["mb"])
@@ -175,8 +176,11 @@ def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_p
     ops = {n.op_type for n in onnx.load(str(out / "int8" / "decoder.onnx")).graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / "qdq" / "decoder.onnx")).graph.node}
+    int4_ops = [n.op_type for n in onnx.load(str(out / "int4" / "decoder.onnx")).graph.node]
+    assert int4_ops.count("MatMulNBits") == 6 * 3 + 1 and "Gemm" not in int4_ops  # every projection + the LM head
+    assert int4["mb"] < int8["mb"] and report["methods"]["int4"]["block_size"] == 32
     spec = json.loads((out / SPEC_FILE).read_text())
-    assert set(spec["variants"]) == {"fp32", "int8", "qdq"}
+    assert set(spec["variants"]) == {"fp32", "int8", "int4", "qdq"}
 
     runs_dir = tmp_path / "runs"
     generated = cli("generate", str(run), "prompt=Where does Ana live?", "--max-new-tokens", "6", runs=runs_dir)
@@ -198,8 +202,8 @@ def test_onnx_runtime_needs_an_export(tmp_path, trained):
     assert result.exit_code == 2 and "slmctl export onnx" in result.output
     result = cli("generate", str(trained), "prompt=hi", "--runtime", "onnx")
     assert result.exit_code == 2 and "make one with `slmctl export onnx" in " ".join(result.output.split())
-    result = cli("export", "onnx", "tiny", "--quantize", "int4", runs=tmp_path / "runs")
-    assert result.exit_code == 2 and "quantize='int4' is not one of: int8, qdq" in result.output
+    result = cli("export", "onnx", "tiny", "--quantize", "int3", runs=tmp_path / "runs")
+    assert result.exit_code == 2 and "quantize='int3' is not one of: int8, int4, qdq" in result.output
 
 
 def test_ort_outputs_stay_bound_between_steps(tmp_path):
@@ -414,3 +418,29 @@ def test_plain_onnx_runtime_loop_matches_the_torch_forward_at_every_step(randomi
             assert max_logit_error(got, expected) < 1e-4, (b, max_logit_error(got, expected))
             assert torch.equal(expected.argmax(-1), new), b
         assert len(set(tokens.flatten().tolist())) > 5  # a real decode, not one token repeated
+
+
+@pytest.mark.parametrize("trans_b, bias", [(1, True), (0, True), (1, False)])
+def test_a_weight_gemm_rewritten_as_matmul_computes_the_same(trans_b, bias):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slmctl.export.quantize import gemm_as_matmul
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((6, 4) if trans_b else (4, 6)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "W")] + ([numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "C")]
+                                                     if bias else [])
+    node = helper.make_node("Gemm", ["A", "W", *(["C"] if bias else [])], ["Y"], transB=trans_b, name="proj")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    a = rng.standard_normal((3, 4)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+
+    expected = run(model)
+    assert gemm_as_matmul(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", *(["Add"] if bias else [])]
+    np.testing.assert_allclose(run(model), expected, rtol=1e-6, atol=1e-6)
