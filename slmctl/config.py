@@ -524,7 +524,9 @@ class Int4Schema:
     """Weight-only block-wise int4 (ONNX Runtime's MatMulNBits)."""
     block_size: int = 32  # weights per scale along the input dimension (16, 32, 64, 128, ...)
     symmetric: bool = True  # false: a zero point per block too
-    accuracy_level: Optional[int] = None  # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8; null: ORT's default
+    # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8 (activations quantized per block in the kernel); null:
+    # ONNX Runtime's default. 4: 1.54x the decode speed of the default at 330m on this CPU (docs/export.md)
+    accuracy_level: Optional[int] = 4
 
 
 @dataclass

@@ -15,6 +15,8 @@ instead: slmctl.bench.training.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import contextlib
 import json
 import platform
@@ -31,7 +33,8 @@ from slmctl.refs import parse
 
 console = Console()
 err_console = Console(stderr=True)
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "qdq": 1}  # per weight (int8/qdq: quantized exports)
+# per weight (int8/qdq/int4: quantized exports; int4: 4 bits + one fp32 scale per block of 32, the default block size)
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "qdq": 1, "int4": Fraction(1, 2) + Fraction(4, 32)}
 
 
 def run(cfg, run):

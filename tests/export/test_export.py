@@ -189,11 +189,12 @@ def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_p
     assert generated.exit_code == 0, generated.output
     assert generated.stdout.splitlines()[1:] == torch_generated.stdout.splitlines()[1:]
 
-    bench = cli("bench", "--compare", f"{run}:int8", str(run), str(trained), "--input-lens", "16",
+    bench = cli("bench", "--compare", f"{run}:int8", f"{run}:int4", str(run), str(trained), "--input-lens", "16",
                 "--output-lens", "4", "--repeat", "1", "--format", "json", runs=runs_dir)
     assert bench.exit_code == 0, bench.output
     records = json.loads(bench.stdout[bench.stdout.index("["):bench.stdout.rindex("]") + 1])
-    assert [(r["runtime"], r["dtype"]) for r in records] == [("onnx", "int8"), ("onnx", "float32"), ("torch", "float32")]
+    assert [(r["runtime"], r["dtype"]) for r in records] == [("onnx", "int8"), ("onnx", "int4"), ("onnx", "float32"),
+                                                            ("torch", "float32")]
     assert records[0]["model"].endswith(":int8") and all(r["decode_tok_s"] > 0 for r in records)
 
 
