@@ -4,6 +4,9 @@ Nothing from slmctl or torch: run bookkeeping (runs.py) and model references (re
 without pulling in torch.
 """
 
+import json
+from pathlib import Path
+
 MODEL_DIR = "model"  # a run's model directory
 EXPORT_DIR = "export"  # an export run's ONNX or transformers directory
 MODEL_CONFIG_FILE = "model.json"  # ours: the architecture of a model directory
@@ -14,9 +17,6 @@ EXPORT_SPEC_FILE = "slmctl_onnx.json"  # an ONNX export's description of its gra
 
 def is_slmctl_transformers_dir(path) -> bool:
     """Does `path` hold a `slmctl export hf` directory (config.json with model_type "slmctl")?"""
-    import json
-    from pathlib import Path
-
     config = Path(path) / HF_CONFIG_FILE
     try:
         return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == HF_MODEL_TYPE
