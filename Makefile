@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-slow lint speed gpu-wheels gpu-check data-scale lora-compare
+.PHONY: install demo test test-slow test-openvino lint speed gpu-wheels gpu-check data-scale lora-compare
 
 install:
 	$(PIP) install --quiet $(TORCH)
@@ -16,6 +16,17 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The OpenVINO execution provider (docs/export.md): onnxruntime-openvino ships its own `onnxruntime`
+# module, so it lives in its own environment, where it replaces the plain onnxruntime slmctl depends on.
+OPENVINO_VENV := .venv-openvino
+test-openvino:
+	$(PYTHON) -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/pip install --quiet $(TORCH)
+	$(OPENVINO_VENV)/bin/pip install --quiet -e '.[dev]'
+	$(OPENVINO_VENV)/bin/pip uninstall --yes --quiet onnxruntime
+	$(OPENVINO_VENV)/bin/pip install --quiet --force-reinstall --no-deps onnxruntime-openvino
+	$(OPENVINO_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/runtime
 
 # Heavier checks CI does not run: 330M numerics.
 test-slow: install

@@ -68,6 +68,13 @@ NAME = typer.Option(None, "--name", help="Run name (the directory is <runs-dir>/
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, mps or npu (sets trainer.accelerator for training).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved config and exit.")
+EP = typer.Option(None, "--ep", help="ONNX Runtime execution provider for exports: cpu, cuda, tensorrt, openvino, qnn, dml, "
+                  "vitisai, coreml or migraphx (default: --device's).")
+ALLOW_FALLBACK = typer.Option(False, "--allow-fallback", help="--device npu: run even when nodes would fall back to the CPU.")
+
+
+def provider_overrides(ep: Optional[str], allow_fallback: bool) -> list[str]:
+    return [*([f"ep={ep}"] if ep else []), *(["allow_fallback=true"] if allow_fallback else [])]
 
 def fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
@@ -132,12 +139,13 @@ def add_vision(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (model dirs or runs) and key=value overrides"),
              predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a jsonl of {id, prediction} instead."),
+             ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
              verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
     """Evaluate models on a task (task=synthetic_qa|squad_v2|xsum|codexglue|ielts|jsonl); several models
     get a side-by-side table and a bar chart."""
     arguments = arguments or []
-    overrides = [a for a in arguments if "=" in a]
+    overrides = [a for a in arguments if "=" in a] + provider_overrides(ep, allow_fallback)
     models = [a for a in arguments if "=" not in a]
     extra = ({"models": models} if models else {}) | ({"predictions": str(predictions)} if predictions else {})
     run_stage("eval", overrides, name, runs_dir, device, verbose, dry_run, extra=extra)
@@ -165,6 +173,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                                                  "(this-cpu, a100, h100, ...); with --repeat 0 nothing is run."),
           image_size: str = typer.Option("336x336", "--image-size", help="Vision models: the image each prompt carries (WxH)."),
           isolate: bool = typer.Option(False, "--isolate", help="Measure each model in its own child process (nothing shared)."),
+          ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
     """Measure first-token latency, decode tokens/s and memory (slmctl bench --compare 330m deconly-330m);
@@ -200,7 +209,8 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                  f"warmup={warmup}", f"dtype={dtype}", f"runtime={runtime}",
                  *([f"threads={threads}"] if threads else []), *([f"format={output_format}"] if output_format else []),
                  *([f"estimate={estimate}"] if estimate else []), f"image_size=[{width},{height}]",
-                 *(["isolate=true"] if isolate else []), *training, *(a for a in arguments if "=" in a)]
+                 *(["isolate=true"] if isolate else []), *provider_overrides(ep, allow_fallback), *training,
+                 *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 
 
@@ -252,7 +262,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
              threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
              image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
-             runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
+             ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
     from slmctl.runner import check_torch_device, user_errors
     from slmctl.runtime.generator import generate_text, load_generator
@@ -274,7 +284,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
             from slmctl.bench.devices import check_device
 
             check_device(device, runtime)
-        generator = load_generator(model, runs_dir, device, runtime, threads)
+        generator = load_generator(model, runs_dir, device, runtime, threads, ep, allow_fallback)
     except user_errors() as e:
         if verbose:
             raise

@@ -435,6 +435,8 @@ class EvalSchema:
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
     seed: int = 0
     device: str = "cpu"  # set by --device
+    ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep; null: the device's)
+    allow_fallback: bool = False  # --device npu: run even when nodes would fall back to the CPU provider
     generation: GenerationSchema = field(default_factory=GenerationSchema)
     task: TaskSchema = field(default_factory=TaskSchema)
     judge: JudgeSchema = field(default_factory=JudgeSchema)
@@ -451,6 +453,8 @@ class BenchSchema:
     dtype: FloatDtype = FloatDtype.float32
     runtime: Runtime = Runtime.auto  # auto: ONNX Runtime for exports (slmctl export onnx), torch for the rest
     device: str = "cpu"  # set by --device
+    ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep; null: the device's)
+    allow_fallback: bool = False  # --device npu: run even when nodes would fall back to the CPU provider
     threads: Optional[int] = None  # torch threads (null: torch's default)
     format: Optional[RecordFormat] = None  # also print the records to stdout
     # a conf/hardware profile (this-cpu, a100, h100, ...): add roofline predictions; with repeat=0 a prediction only
@@ -566,6 +570,7 @@ class ExportSchema:
     report: QuantReportSchema = field(default_factory=QuantReportSchema)  # quantized vs fp32, measured in the same process
     threads: Optional[int] = None  # ONNX Runtime intra-op threads (null: its default)
     device: str = "cpu"  # set by --device
+    ep: Optional[str] = None  # the execution provider validation runs the graphs on (null: the CPU's)
     seed: int = 0  # weights of a preset, prompts of the report
     task: TaskSchema = field(default_factory=TaskSchema)  # prompts for calibration and the quantized-vs-fp32 report
 

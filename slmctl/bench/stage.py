@@ -30,6 +30,7 @@ from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure
 from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, table
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.refs import parse
+from slmctl.runtime.providers import placement_line
 
 console = Console()
 err_console = Console(stderr=True)
@@ -91,7 +92,10 @@ def _run(cfg, run, records_out):
             fresh[key] = record
         records += [measured.get(key) or fresh[key] for key in keys] if cfg.repeat else list(fresh.values())
     _add_bandwidth_bound(cfg, records, environment)  # measured after the models: its buffer must not count in their peaks
-    run.write_json("bench.json", {"environment": environment, "records": records})
+    placement = _hoist_placement(records)
+    run.write_json("bench.json", {"environment": environment, "records": records} | ({"placement": placement} if placement else {}))
+    for model, roles in placement.items():
+        run.log(f"{model}: {placement_line(roles)}")
     shown.print(table(records))
     labels = list(dict.fromkeys(r["model"] for r in records))
     if len(labels) > 1:
@@ -136,7 +140,7 @@ def measure_model(cfg, ref: str, runs_dir, environment: dict, profile: dict | No
 
     gc.collect()
     reset_peak_memory(cfg.device)  # each model's peak is its own
-    loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads)
+    loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads, cfg.ep, cfg.allow_fallback)
     params = loaded.model.num_parameters()
     image = _bench_image(cfg) if is_vision(loaded.model) else None
     vision = {}
@@ -195,8 +199,10 @@ def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples,
     decode = cost["decode_per_token"]
     decode_tok_s = summary["decode_tokens_per_s"]["median"] * batch  # every sequence of the batch
     return {
-        "model": loaded.name, "arch": loaded.arch, "device": cfg.device, "runtime": loaded.runtime, "dtype": loaded.dtype,
+        "model": loaded.name, "arch": loaded.arch, "device": cfg.device, "runtime": loaded.runtime,
+        "ep": getattr(loaded.model, "provider", None), "dtype": loaded.dtype,
         "batch": batch, "input_len": input_len, "output_len": output_len,
+        "placement": getattr(loaded.model, "placement", None),  # ONNX Runtime: where each node ran
         "first_token_ms": summary["first_token_s"]["median"] * 1e3,
         "first_token_ms_p90": summary["first_token_s"]["p90"] * 1e3,
         "first_token_ms_stdev": summary["first_token_s"]["stdev"] * 1e3,
@@ -214,6 +220,19 @@ def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples,
         "samples": [{"first_token_ms": s.first_token_s * 1e3, "decode_tok_s": s.decode_tokens_per_s * batch,
                      "e2e_ms": s.total_s * 1e3} for s in samples],
     }
+
+
+def _hoist_placement(records: list[dict]) -> dict:
+    """{model: {role: full placement report}} for bench.json, once per model; each record keeps
+    the report without the node-by-node assignment."""
+    from slmctl.runtime.providers import summary
+
+    full = {}
+    for r in records:
+        if r.get("placement"):
+            full.setdefault(r["model"], r["placement"])
+            r["placement"] = {role: summary(report) for role, report in r["placement"].items()}
+    return full
 
 
 def _bench_image(cfg):

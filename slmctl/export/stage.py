@@ -7,7 +7,7 @@
     tokenizer files, generation.json
     slmctl_onnx.json               the model config, special ids, every graph's inputs/outputs with
                                    shapes and dtypes, the variants, and the validation report
-    validation.json, quantization.json
+    validation.json, quantization.json     (validation.json: also where ONNX Runtime placed every node)
 
 Validation is a gate: logits beyond the tolerance or any differing greedy token fails the
 run (exit 1), and the graphs are not described as usable.
@@ -29,6 +29,7 @@ from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
 from slmctl.export.validate import ValidationFailed, validate
 from slmctl.files import EXPORT_DIR
 from slmctl.runtime.onnx import SPEC_FILE, OnnxLM
+from slmctl.runtime.providers import placement_line
 
 console = Console()
 TOKENIZER_FILES = ("tokenizer.json", "slmctl_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -51,8 +52,9 @@ def run(cfg, run):
             f"({variant_mb(fp32):.1f} MB)")
     spec = _spec(model, source, cfg, {"fp32": fp32})
     _copy_tokenizer(source, out)
-    onnx_model = OnnxLM(out, threads=cfg.threads, spec=spec)
-    report = _validate(cfg, model, onnx_model, static)
+    onnx_model = OnnxLM(out, threads=cfg.threads, spec=spec, ep=cfg.ep)
+    run.log(f"validation graphs {placement_line(onnx_model.placement)}")
+    report = _validate(cfg, model, onnx_model, static) | {"placement": onnx_model.placement}
     run.write_json("validation.json", report)
     _print_validation(report)
     if not report["passed"]:  # no slmctl_onnx.json: nothing describes these graphs as usable

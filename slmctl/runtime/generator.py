@@ -26,7 +26,7 @@ GENERATE_KINDS = ("model_dir", "hf_dir", "export")  # each carries its tokenizer
 
 
 def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", device: str = "cpu", runtime: str = "auto",
-                   threads: int | None = None) -> Generator:
+                   threads: int | None = None, ep: str | None = None, allow_fallback: bool = False) -> Generator:
     """`runtime` auto: ONNX Runtime for an export (`slmctl export onnx`, `EXPORT:int8` for a
     variant), PyTorch for the rest."""
     from slmctl.config import ConfigError
@@ -36,9 +36,12 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
         raise ConfigError(f"{ref}: --runtime onnx runs ONNX exports; make one with `slmctl export onnx {ref}`")
     if runtime == "torch" and model_ref.kind == "export":
         raise ConfigError(f"{ref} is an ONNX export; --runtime torch runs model directories and runs (or use --runtime onnx)")
+    if ep is not None and model_ref.kind != "export":
+        raise ConfigError(f"{ref}: --ep picks an ONNX Runtime execution provider for an export; "
+                          f"make one with `slmctl export onnx {ref}`")
     tokenizer = TextTokenizer.load(model_ref.path)
     if model_ref.kind == "export":
-        model = model_ref.open_onnx(device=device, threads=threads)
+        model = model_ref.open_onnx(device=device, threads=threads, ep=ep, allow_fallback=allow_fallback)
     elif model_ref.kind == "hf_dir":  # a Hugging Face causal LM (e.g. a pretrain run of model=hf-causal)
         model = model_ref.load_transformers(dtype=torch.float32).to(device).eval()
         return Generator(model, tokenizer, "hf-causal", model_ref.path, model_ref)

@@ -32,37 +32,6 @@ class OnnxExportError(UserError, ValueError):
     """An export directory that cannot be run (one line, names the problem)."""
 
 
-def providers_for(device: str) -> list:
-    """ONNX Runtime execution providers for --device cpu | cuda | npu (NPU: the first NPU provider
-    found; QNN gets its HTP backend)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise OnnxExportError(f"--device cuda: this onnxruntime has no CUDAExecutionProvider (available: {', '.join(available)})")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "npu":
-        from slmctl.bench.devices import NPU_PROVIDERS
-
-        for name in NPU_PROVIDERS:
-            if name in available:
-                options = {"backend_path": "QnnHtp.dll" if _windows() else "libQnnHtp.so"} if name == "QNNExecutionProvider" else {}
-                if name == "OpenVINOExecutionProvider":
-                    options = {"device_type": "NPU"}
-                return [(name, options), "CPUExecutionProvider"]
-        raise OnnxExportError(f"--device npu: no NPU execution provider in onnxruntime (available: {', '.join(available)})")
-    raise OnnxExportError(f"unknown device {device!r} for ONNX Runtime (cpu, cuda or npu)")
-
-
-def _windows() -> bool:
-    import sys
-
-    return sys.platform == "win32"
-
-
 def read_spec(directory: str | Path) -> dict:
     path = Path(directory) / SPEC_FILE
     if not path.is_file():
@@ -104,8 +73,12 @@ class OnnxLM:
     dtype = torch.float32
 
     def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None, variant: str | None = None,
-                 spec: dict | None = None):
+                 spec: dict | None = None, ep: str | None = None, allow_fallback: bool = False):
+        """`ep`: the execution provider (slmctl.runtime.providers; None: --device picks); on an NPU a
+        graph with nodes falling back to CPU is refused unless `allow_fallback`."""
         import onnxruntime as ort
+
+        from slmctl.runtime.providers import check_fallback, placement, provider_name, providers_for
 
         started = time.perf_counter()
         self.directory = Path(directory)
@@ -116,7 +89,8 @@ class OnnxLM:
             raise OnnxExportError(f"{directory}: no {self.variant!r} graphs (has: {', '.join(self.spec['variants'])})")
         self.graphs = self.spec["variants"][self.variant]
         options = _options(threads, spinning=True)
-        providers = providers_for(device)
+        providers = providers_for(device, ep)
+        self.provider = provider_name(providers)
         self.output_device = "cuda" if device == "cuda" else "cpu"
         self.sessions = {}
         for role, graph in self.graphs["graphs"].items():
@@ -128,6 +102,8 @@ class OnnxLM:
                 role_options = _options(threads, spinning=False)
             self.sessions[role] = ort.InferenceSession(str(path), role_options, providers=providers)
             check_graph(path, self.sessions[role], graph)
+        self.placement = {role: placement(session, self.provider) for role, session in self.sessions.items()}
+        check_fallback(self.placement, device, allow_fallback)
         self.output_names = {role: [o.name for o in session.get_outputs()] for role, session in self.sessions.items()}
         self.load_s = time.perf_counter() - started
 
@@ -248,7 +224,10 @@ def _options(threads: int | None, spinning: bool):
     took 57-63 ms with the encoder's threads still spinning, 48-58 ms without)."""
     import onnxruntime as ort
 
+    from slmctl.runtime.providers import record_assignment
+
     options = ort.SessionOptions()
+    record_assignment(options)
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

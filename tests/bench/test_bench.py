@@ -46,7 +46,7 @@ def test_csv_and_markdown_formats(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()  # the header and the records, nothing else
     assert len(lines) == 2, result.stdout
-    assert lines[0].split(",") == list(RECORD_FIELDS) and lines[1].startswith("tiny,encdec,cpu,torch,float32,1,16,3,")
+    assert lines[0].split(",") == list(RECORD_FIELDS) and lines[1].startswith("tiny,encdec,cpu,torch,,float32,1,16,3,")
     result = cli("bench", "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "md", runs=tmp_path / "runs")
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| model | arch | device |"), result.stdout

@@ -239,21 +239,6 @@ def test_without_a_model_the_newest_distill_or_pretrain_run_is_exported(tmp_path
     assert empty.exit_code == 2 and "no model given and no succeeded distill or pretrain run" in " ".join(empty.output.split())
 
 
-def test_npu_providers_are_chosen_with_their_npu_settings(monkeypatch):
-    import onnxruntime
-
-    from slmctl.runtime.onnx import providers_for
-
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["QNNExecutionProvider", "CPUExecutionProvider"])
-    provider, options = providers_for("npu")[0]
-    assert provider == "QNNExecutionProvider" and options["backend_path"].startswith(("libQnnHtp", "QnnHtp"))
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
-    assert providers_for("npu")[0] == ("OpenVINOExecutionProvider", {"device_type": "NPU"})
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    with pytest.raises(OnnxExportError, match="no NPU execution provider"):
-        providers_for("npu")
-
-
 def test_the_docs_standalone_example_matches_slmctl_generate(tmp_path, trained, capsys):
     """docs/export.md's ONNX Runtime loop (no slmctl) answers what `slmctl generate` answers."""
     import re
