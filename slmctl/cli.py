@@ -262,7 +262,8 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
              threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
              image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
-             ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
+             ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
+             runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
     from slmctl.runner import check_torch_device, user_errors
     from slmctl.runtime.generator import generate_text, load_generator

@@ -27,7 +27,7 @@ def export(tmp_path_factory):
 def test_placement_on_the_cpu_provider_lists_every_node(export):
     _, run = export
     model = OnnxLM(run / "export")
-    for role, report in model.placement.items():
+    for report in model.placement.values():
         assert report["provider"] == CPU and report["fallback"] == []
         assert report["nodes"] == report["on_provider"] == len(report["assignment"][CPU]) > 0
         assert sum(report["ops"].values()) == report["nodes"]
