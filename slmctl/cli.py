@@ -219,6 +219,10 @@ def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MOD
                                                                 "newest distill/pretrain run) and key=value overrides"),
                 static: bool = typer.Option(False, "--static", help="Fixed shapes + preallocated cache (NPU runtimes)."),
                 quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="int8, int4 and/or qdq (repeatable)."),
+                dtype: Optional[str] = typer.Option(None, "--dtype", help="fp16: also an fp16 variant for GPU/NPU providers, "
+                                                    "its overflow checked on calibration prompts."),
+                fp16_policy: Optional[str] = typer.Option(None, "--fp16-policy", help="keep (default): nodes near fp16's "
+                                                          "max stay fp32; fail: the export fails with the report."),
                 name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
                 verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
     """Export encoder.onnx + decoder.onnx (KV cache) with slmctl_onnx.json and the tokenizer; validate them
@@ -232,6 +236,7 @@ def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MOD
         overrides.append("static.enabled=true")
     if quantize:
         overrides.append(f"quantize=[{','.join(quantize)}]")
+    overrides += [*([f"dtype={dtype}"] if dtype else []), *([f"fp16.policy={fp16_policy}"] if fp16_policy else [])]
     run_stage("export", overrides, name, runs_dir, device, verbose, dry_run)
 
 

@@ -75,6 +75,8 @@ RecordFormat = choices("RecordFormat", "json", "csv", "md")
 ExportFormat = choices("ExportFormat", "onnx", "hf")
 Quantization = choices("Quantization", "int8", "int4", "qdq")
 ExternalData = choices("ExternalData", "auto", "always", "never")
+ExportDtype = choices("ExportDtype", "fp32", "fp16")
+Fp16Policy = choices("Fp16Policy", "keep", "fail")
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
 WeightType = choices("WeightType", "uint8", "int8")
 Tower = choices("Tower", "vit", "clip", "siglip")
@@ -524,6 +526,17 @@ class Int8Schema:
 
 
 @dataclass
+class Fp16Schema:
+    """The fp16 variant's overflow check and validation (slmctl.export.fp16)."""
+    # nodes whose activations or weights reach fp16's max (65504) / margin: keep them in fp32, or fail the export
+    policy: Fp16Policy = Fp16Policy.keep
+    margin: float = 2.0
+    calibration_prompts: int = 8  # prompts greedily generated through the fp32 graphs to measure every tensor's range
+    calibration_steps: int = 16
+    tolerance: float = 0.01  # max |fp16 - fp32 logit| over the largest |fp32 logit|, on the calibration prompts
+
+
+@dataclass
 class Int4Schema:
     """Weight-only block-wise int4 (ONNX Runtime's MatMulNBits)."""
     block_size: int = 32  # weights per scale along the input dimension (16, 32, 64, 128, ...)
@@ -559,6 +572,8 @@ class ExportSchema:
     source: Optional[str] = None  # the model: a model dir, a run or a preset; null: the newest distill/pretrain run
     # int8 (dynamic, weight MatMul/Gemm), int4 (weight-only MatMulNBits) and/or qdq (static QDQ, calibrated): --quantize int8
     quantize: List[Quantization] = field(default_factory=list)
+    dtype: ExportDtype = ExportDtype.fp32  # fp16: also an fp16 variant (GPU / NPU providers), overflow-checked (--dtype fp16)
+    fp16: Fp16Schema = field(default_factory=Fp16Schema)
     external_data: ExternalData = ExternalData.auto  # auto: weights in <graph>.onnx.data for graphs over 2 GB
     # --static: fixed shapes and a preallocated cache, for NPU runtimes (QNN HTP, OpenVINO NPU)
     static: StaticShapeSchema = field(default_factory=StaticShapeSchema)
@@ -824,7 +839,8 @@ def _check_values(cfg: DictConfig) -> None:
         if block is not None and (block < 16 or block & (block - 1)):
             raise ConfigError(f"int4.block_size must be a power of two >= 16, got {block}")
         for key in ("static.batch", "static.prompt_len", "static.capacity", "validation.steps", "validation.batch",
-                    "validation.tolerance", "qdq.calibration_prompts", "report.prompts", "report.steps"):
+                    "validation.tolerance", "qdq.calibration_prompts", "report.prompts", "report.steps", "fp16.margin",
+                    "fp16.calibration_prompts", "fp16.calibration_steps", "fp16.tolerance"):
             if OmegaConf.select(cfg, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
     if OmegaConf.select(cfg, "peft.kind") == "lora":

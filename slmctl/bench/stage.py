@@ -35,7 +35,7 @@ from slmctl.runtime.providers import placement_line
 console = Console()
 err_console = Console(stderr=True)
 # per weight (int8/qdq/int4: quantized exports; int4: 4 bits + one fp32 scale per block of 32, the default block size)
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "qdq": 1, "int4": Fraction(1, 2) + Fraction(4, 32)}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp16": 2, "int8": 1, "qdq": 1, "int4": Fraction(1, 2) + Fraction(4, 32)}
 
 
 def run(cfg, run):

@@ -3,7 +3,8 @@
 `run(cfg, run)` writes into `<run>/export/`:
 
     encoder.onnx, decoder.onnx     (model.onnx for the decoder-only baseline; --static: fixed shapes)
-    int8/..., qdq/...              quantized variants (--quantize)
+    int8/..., int4/..., qdq/...    quantized variants (--quantize)
+    fp16/...                       the fp16 variant (--dtype fp16), overflow-checked: fp16.json
     tokenizer files, generation.json
     slmctl_onnx.json               the model config, special ids, every graph's inputs/outputs with
                                    shapes and dtypes, the variants, and the validation report
@@ -72,12 +73,30 @@ def run(cfg, run):
         quantized, quality = quantize_and_report(cfg, run, out, model, source, onnx_model, fp32)
         run.write_json("quantization.json", quality)
     spec["variants"].update(quantized)
+    if cfg.dtype == "fp16":
+        from slmctl.export.fp16 import Fp16Overflow, export_fp16
+
+        fp16, fp16_report = export_fp16(cfg, run, out, model, source, onnx_model, fp32)
+        run.write_json("fp16.json", fp16_report)
+        if fp16 is None:
+            kept = [f"{row['node']} ({row['op']}, {row['layer']}, {row['max_abs']:.4g})"
+                    for rows in fp16_report["blocked"].values() for row in rows]
+            raise Fp16Overflow(f"fp16: {len(kept)} nodes reach {fp16_report['threshold']:.0f} (fp16's max / "
+                               f"{cfg.fp16.margin:g}): {', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''}; "
+                               f"fp16.json has every layer; --fp16-policy keep keeps them in fp32")
+        if not fp16_report["passed"]:
+            check = fp16_report["validation"]
+            raise ValidationFailed(f"fp16 validation failed: max |logit diff| {check['max_abs_logit_diff']:.3g} is "
+                                   f"{check['relative_diff']:.2e} of the largest logit (tolerance {check['tolerance']:g})")
+        spec["variants"]["fp16"] = fp16
     run.write_json(f"{EXPORT_DIR}/{SPEC_FILE}", spec)
     summary = {"graphs": len(fp32["graphs"]), "max_abs_logit_diff": f"{report['max_abs_logit_diff']:.2e}",
                "greedy_identical": report["greedy_identical"], "export_s": round(export_s, 1),
                "fp32_mb": round(variant_mb(fp32), 1)}
     for name, variant in quantized.items():
         summary[f"{name}_mb"] = round(variant_mb(variant), 1)
+    if "fp16" in spec["variants"]:
+        summary["fp16_mb"] = round(variant_mb(spec["variants"]["fp16"]), 1)
     run.succeed(summary)
     return run
 

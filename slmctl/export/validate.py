@@ -36,7 +36,7 @@ def random_batch(config, batch: int, length: int, generator: torch.Generator, pa
 @torch.inference_mode()
 def compare_decoding(reference, candidate, input_ids, attention_mask, steps: int) -> dict:
     """Greedy decoding led by `reference` (torch); `candidate` reads the same tokens.
-    -> {max_abs_logit_diff, greedy_identical, first_divergence (step or None), tokens}"""
+    -> {max_abs_logit_diff, greedy_identical, first_divergence (step or None), tokens, max_abs_logit (reference's)}"""
     return compare_sessions(reference.start_decoding(input_ids, attention_mask, steps),
                             candidate.start_decoding(input_ids, attention_mask, steps), steps)
 
@@ -44,9 +44,11 @@ def compare_decoding(reference, candidate, input_ids, attention_mask, steps: int
 def compare_sessions(ours, theirs, steps: int) -> dict:
     """`compare_decoding` over two started decoding sessions."""
     expected, got = ours.first_logits(), theirs.first_logits()
-    worst, divergence, tokens = 0.0, None, []
+    worst, largest, divergence, tokens = 0.0, 0.0, None, []
     for step in range(steps):
-        worst = max(worst, (expected.float() - got.float()).abs().max().item())
+        diff = (expected.float() - got.float()).abs().max().item()
+        worst = max(worst, diff if diff == diff else float("inf"))  # a NaN is the worst difference, not none
+        largest = max(largest, expected.float().abs().max().item())
         chosen = expected.argmax(dim=-1)
         if divergence is None and not bool((got.argmax(dim=-1) == chosen).all()):
             divergence = step
@@ -54,7 +56,7 @@ def compare_sessions(ours, theirs, steps: int) -> dict:
         if step < steps - 1:
             expected, got = ours.step(chosen), theirs.step(chosen)
     return {"max_abs_logit_diff": worst, "greedy_identical": divergence is None, "first_divergence": divergence,
-            "tokens": torch.stack(tokens, dim=1)}
+            "tokens": torch.stack(tokens, dim=1), "max_abs_logit": largest}
 
 
 def validate(model, onnx_model, prompt_lens: list[int], steps: int, batch: int, tolerance: float, seed: int) -> dict:

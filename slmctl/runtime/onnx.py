@@ -215,7 +215,8 @@ class OnnxLM:
     def empty_cache(self, batch: int, length: int) -> list[np.ndarray]:
         cfg = self.config
         shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * cfg.n_decoder_layers)]
+        dtype = np.dtype(self.graphs.get("cache_dtype", "float32"))  # the fp16 variant keeps fp16 caches
+        return [np.zeros(shape, dtype=dtype) for _ in range(2 * cfg.n_decoder_layers)]
 
 
 def _options(threads: int | None, spinning: bool):
