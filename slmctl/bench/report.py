@@ -147,6 +147,41 @@ def plot(records: list[dict], models: list[str], path) -> None:
     temporary.replace(path)
 
 
+def plot_batch(records: list[dict], models: list[str], path) -> None:
+    """Decode tokens/s of all sequences against batch size, one line per model, beside the
+    memory-bandwidth bound (dashed) and, with --estimate, the roofline prediction (dotted): where
+    the measured line leaves the bound, decoding stops being bandwidth-bound. First input and
+    output length when several were measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    input_len, output_len = records[0]["input_len"], records[0]["output_len"]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for model in models:
+        rows = sorted((r for r in records if r["model"] == model and r["input_len"] == input_len
+                       and r["output_len"] == output_len and r["decode_tok_s"] is not None), key=lambda r: r["batch"])
+        if not rows:
+            continue
+        batches = [r["batch"] for r in rows]
+        line = axes.plot(batches, [r["decode_tok_s"] for r in rows], marker="o", label=model)[0]
+        for key, style, what in (("bandwidth_bound_tok_s", "--", "bandwidth bound"),
+                                 ("predicted_decode_tok_s", ":", "roofline")):
+            if all(r.get(key) for r in rows):
+                axes.plot(batches, [r[key] for r in rows], style, color=line.get_color(), label=f"{model} {what}")
+    axes.set(xlabel="batch (sequences decoded together)", ylabel="decode tokens/s (all sequences)",
+             title=f"decode throughput, {input_len} -> {output_len} tokens")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+
+
 def format_records(records: list[dict], fmt: str) -> str:
     """The records as json (with samples), csv or a Markdown table (without samples)."""
     if fmt == "json":

@@ -6,7 +6,8 @@ adds the analytic cost (FLOPs per prefill and per decoded token, bytes read per 
 token) and the decode bound that memory bandwidth allows, and writes `bench.json` (the
 environment and every record with its samples), a Rich table, and with two or more models a
 comparison (ratios against the last model) and `bench.png` (first-token latency and
-throughput against input length, the paper's Figure 1a). Each configuration is appended to
+throughput against input length, the paper's Figure 1a); with two or more batch sizes,
+`bench_batch.png` (decode tokens/s of all sequences against batch, beside the bandwidth bound). Each configuration is appended to
 progress/bench.jsonl as soon as it is measured; `resume=RUN` continues an interrupted bench
 with the configurations missing there. With `isolate=true` each model is measured in its own
 child process. With `train=true` (`slmctl bench --train MODEL`) it times training steps
@@ -27,7 +28,7 @@ from rich.console import Console
 
 from slmctl.bench import flops
 from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory, time_vision
-from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, table
+from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, plot_batch, table
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.refs import parse
 from slmctl.runtime.providers import placement_line
@@ -101,6 +102,8 @@ def _run(cfg, run, records_out):
     if len(labels) > 1:
         shown.print(comparison_table(records, labels))
         plot(records, labels, run.path / "bench.png")
+    if len({r["batch"] for r in records}) > 1:
+        plot_batch(records, labels, run.path / "bench_batch.png")
     if cfg.format:
         print(format_records(records, cfg.format), end="", file=records_out)
     run.succeed({f"{r['model']}:b{r['batch']}:in{r['input_len']}:first_token_ms": round(r["first_token_ms"], 2)

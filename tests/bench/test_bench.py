@@ -203,3 +203,24 @@ def test_compare_table_and_formats_render_the_hand_built_records():
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert dict(zip(RECORD_FIELDS, cells))["first_token_ms"] == "25" and cells[0] == "int8"
     assert json.loads(format_records(records, "json")) == records
+
+
+def test_batched_decode_counts_every_sequence_on_both_runtimes_and_plots_against_batch(tmp_path):
+    runs = tmp_path / "runs"
+    assert cli("export", "onnx", "tiny", "validation.prompt_lens=[5]", "validation.steps=4", runs=runs).exit_code == 0
+    export = newest_run(runs, "export")
+    result = cli("bench", "tiny", export, "--batch", "1,4", "--input-lens", "16", "--output-lens", "9", "--repeat", "1",
+                 "--warmup", "1", runs=runs)
+    assert result.exit_code == 0, result.output
+    run = newest_run(runs, "bench")
+    records = json.loads((run / "bench.json").read_text())["records"]
+    assert sorted((r["runtime"], r["batch"]) for r in records) == [("onnx", 1), ("onnx", 4), ("torch", 1), ("torch", 4)]
+    for r in records:  # tokens of all sequences: batch x (new tokens after the first) over the decode time
+        sample = r["samples"][0]
+        decode_s = (sample["e2e_ms"] - sample["first_token_ms"]) / 1e3
+        assert sample["decode_tok_s"] == pytest.approx(r["batch"] * 8 / decode_s, rel=0.25)
+    for runtime in ("torch", "onnx"):
+        one, four = sorted((r for r in records if r["runtime"] == runtime), key=lambda r: r["batch"])
+        assert four["decode_tok_s"] > 1.5 * one["decode_tok_s"]  # a tiny model's step costs about the same for 4 rows
+        assert four["bandwidth_bound_tok_s"] > one["bandwidth_bound_tok_s"]
+    assert (run / "bench_batch.png").stat().st_size > 1000
