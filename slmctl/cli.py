@@ -223,6 +223,8 @@ def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MOD
                                                     "its overflow checked on calibration prompts."),
                 fp16_policy: Optional[str] = typer.Option(None, "--fp16-policy", help="keep (default): nodes near fp16's "
                                                           "max stay fp32; fail: the export fails with the report."),
+                optimize: Optional[str] = typer.Option(None, "--optimize", help="ort: also an ONNX Runtime-only variant "
+                                                       "with fused contrib ops (EXPORT:ort)."),
                 name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
                 verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
     """Export encoder.onnx + decoder.onnx (KV cache) with slmctl_onnx.json and the tokenizer; validate them
@@ -236,7 +238,8 @@ def export_onnx(arguments: Optional[list[str]] = typer.Argument(None, help="[MOD
         overrides.append("static.enabled=true")
     if quantize:
         overrides.append(f"quantize=[{','.join(quantize)}]")
-    overrides += [*([f"dtype={dtype}"] if dtype else []), *([f"fp16.policy={fp16_policy}"] if fp16_policy else [])]
+    overrides += [*([f"dtype={dtype}"] if dtype else []), *([f"fp16.policy={fp16_policy}"] if fp16_policy else []),
+                  *([f"optimize={optimize}"] if optimize else [])]
     run_stage("export", overrides, name, runs_dir, device, verbose, dry_run)
 
 

@@ -77,6 +77,7 @@ Quantization = choices("Quantization", "int8", "int4", "qdq")
 ExternalData = choices("ExternalData", "auto", "always", "never")
 ExportDtype = choices("ExportDtype", "fp32", "fp16")
 Fp16Policy = choices("Fp16Policy", "keep", "fail")
+Optimization = choices("Optimization", "none", "ort")
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
 WeightType = choices("WeightType", "uint8", "int8")
 Tower = choices("Tower", "vit", "clip", "siglip")
@@ -457,6 +458,7 @@ class BenchSchema:
     device: str = "cpu"  # set by --device
     ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep; null: the device's)
     allow_fallback: bool = False  # --device npu: run even when nodes would fall back to the CPU provider
+    prepacking: bool = True  # ONNX Runtime: packed copies of the weights for its GEMMs (false: less memory; docs/export.md)
     threads: Optional[int] = None  # torch threads (null: torch's default)
     format: Optional[RecordFormat] = None  # also print the records to stdout
     # a conf/hardware profile (this-cpu, a100, h100, ...): add roofline predictions; with repeat=0 a prediction only
@@ -573,8 +575,9 @@ class ExportSchema:
     # int8 (dynamic, weight MatMul/Gemm), int4 (weight-only MatMulNBits) and/or qdq (static QDQ, calibrated): --quantize int8
     quantize: List[Quantization] = field(default_factory=list)
     dtype: ExportDtype = ExportDtype.fp32  # fp16: also an fp16 variant (GPU / NPU providers), overflow-checked (--dtype fp16)
+    optimize: Optimization = Optimization.none  # ort: also an ONNX Runtime-only variant with fused contrib ops (--optimize ort)
     fp16: Fp16Schema = field(default_factory=Fp16Schema)
-    external_data: ExternalData = ExternalData.auto  # auto: weights in <graph>.onnx.data for graphs over 2 GB
+    external_data: ExternalData = ExternalData.auto  # auto: weights in <graph>.onnx.data (memory-mapped) past 256 MB
     # --static: fixed shapes and a preallocated cache, for NPU runtimes (QNN HTP, OpenVINO NPU)
     static: StaticShapeSchema = field(default_factory=StaticShapeSchema)
     # PyTorch vs ONNX Runtime on fresh random prompts; a breach fails the run (exit 1)

@@ -89,13 +89,15 @@ class ModelRef:
             return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         return load_model(self.path, device=device, dtype=dtype, **config_overrides)
 
-    def open_onnx(self, device: str = "cpu", threads: int | None = None, ep: str | None = None, allow_fallback: bool = False):
+    def open_onnx(self, device: str = "cpu", threads: int | None = None, ep: str | None = None, allow_fallback: bool = False,
+                  prepacking: bool = True):
         """The export's `variant` graphs on ONNX Runtime (`OnnxLM`, generate() as in PyTorch), on
         execution provider `ep` (None: the device's)."""
         from slmctl.runtime.onnx import OnnxLM
 
         self.require(("export",), "ONNX Runtime")
-        return OnnxLM(self.path, device=device, threads=threads, variant=self.variant, ep=ep, allow_fallback=allow_fallback)
+        return OnnxLM(self.path, device=device, threads=threads, variant=self.variant, ep=ep, allow_fallback=allow_fallback,
+                      prepacking=prepacking)
 
     def load_transformers(self, dtype="auto", trust_remote_code: bool = False, what: str = "model"):
         """A Hugging Face `AutoModelForCausalLM` from a save_pretrained directory or the hub

@@ -34,7 +34,8 @@ BENCH_KINDS = ("preset", "model_dir", "export")  # what bench measures (slmctl.r
 
 
 def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtime: str = "auto",
-                   threads: int | None = None, ep: str | None = None, allow_fallback: bool = False) -> LoadedModel:
+                   threads: int | None = None, ep: str | None = None, allow_fallback: bool = False,
+                   prepacking: bool = True) -> LoadedModel:
     """A preset name (random weights, so no checkpoint is needed), a model directory / run, or an
     ONNX export (`slmctl export onnx`; `EXPORT:int8` picks a variant), run by ONNX Runtime."""
     from slmctl.config import ConfigError
@@ -42,7 +43,7 @@ def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtim
 
     model_ref = resolve(ref, runs_dir, allow=BENCH_KINDS, purpose="bench")
     if model_ref.kind == "export" and runtime != "torch":
-        return _load_export(model_ref, device, threads, ep, allow_fallback)
+        return _load_export(model_ref, device, threads, ep, allow_fallback, prepacking)
     if runtime == "onnx" or device == "npu" or ep is not None:
         raise ConfigError(f"{ref}: --runtime onnx / --device npu / --ep run ONNX exports; make one with `slmctl export onnx {ref}`")
     if model_ref.kind == "export":
@@ -50,11 +51,12 @@ def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtim
     return _load_torch(model_ref, device, dtype, seed)
 
 
-def _load_export(model_ref, device: str, threads: int | None, ep: str | None, allow_fallback: bool) -> LoadedModel:
-    model = model_ref.open_onnx(device=device, threads=threads, ep=ep, allow_fallback=allow_fallback)
+def _load_export(model_ref, device: str, threads: int | None, ep: str | None, allow_fallback: bool,
+                 prepacking: bool = True) -> LoadedModel:
+    model = model_ref.open_onnx(device=device, threads=threads, ep=ep, allow_fallback=allow_fallback, prepacking=prepacking)
     arch = "encdec" if model.config.is_encoder_decoder else "deconly"
     return LoadedModel(model_ref.label, model, arch, model.load_s, "onnx",
-                       "float32" if model.variant == "fp32" else model.variant)
+                       {"fp32": "float32", "ort": "float32"}.get(model.variant, model.variant))
 
 
 def _load_torch(model_ref, device: str, dtype: str, seed: int) -> LoadedModel:

@@ -143,7 +143,8 @@ def measure_model(cfg, ref: str, runs_dir, environment: dict, profile: dict | No
 
     gc.collect()
     reset_peak_memory(cfg.device)  # each model's peak is its own
-    loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads, cfg.ep, cfg.allow_fallback)
+    loaded = load_for_bench(ref, runs_dir, cfg.device, cfg.dtype, cfg.seed, cfg.runtime, cfg.threads, cfg.ep, cfg.allow_fallback,
+                            cfg.prepacking)
     params = loaded.model.num_parameters()
     image = _bench_image(cfg) if is_vision(loaded.model) else None
     vision = {}

@@ -18,6 +18,8 @@ import contextlib
 import logging
 from pathlib import Path
 
+from slmctl.atomic import set_new_file_mode
+
 QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8", "int16": "QInt16", "uint16": "QUInt16"}
 
 
@@ -48,14 +50,19 @@ def _targets(directory: Path, source: dict, prefix: str) -> dict[str, tuple[Path
     return out
 
 
-def _finish(source: dict, graphs: dict, method: dict) -> dict:
-    """The quantized variant's description (slmctl_onnx.json), after checking each graph."""
+def _finish(source: dict, graphs: dict, method: dict, check: bool = True) -> dict:
+    """The quantized variant's description (slmctl_onnx.json), after checking each graph
+    (`check=False`: graphs with ONNX Runtime's contrib ops in the default domain, which only ONNX
+    Runtime itself can check, by loading them)."""
     import onnx
 
     for _, path, target in graphs.values():
-        onnx.checker.check_model(str(path))
+        if check:
+            onnx.checker.check_model(str(path))
         data = path.parent / f"{path.name}.data"
         target["external_data"] = data.name if data.exists() else None
+        if data.exists():
+            set_new_file_mode(data)  # ONNX Runtime's tools write it 0600
         target["bytes"] = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
     return {"graphs": {role: target for role, (_, _, target) in graphs.items()}, "cache_names": source["cache_names"],
             "static": source["static"], "quantization": method}

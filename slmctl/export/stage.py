@@ -5,6 +5,7 @@
     encoder.onnx, decoder.onnx     (model.onnx for the decoder-only baseline; --static: fixed shapes)
     int8/..., int4/..., qdq/...    quantized variants (--quantize)
     fp16/...                       the fp16 variant (--dtype fp16), overflow-checked: fp16.json
+    ort/...                        fused ONNX Runtime contrib ops (--optimize ort): validation_ort.json
     tokenizer files, generation.json
     slmctl_onnx.json               the model config, special ids, every graph's inputs/outputs with
                                    shapes and dtypes, the variants, and the validation report
@@ -73,6 +74,8 @@ def run(cfg, run):
         quantized, quality = quantize_and_report(cfg, run, out, model, source, onnx_model, fp32)
         run.write_json("quantization.json", quality)
     spec["variants"].update(quantized)
+    if cfg.optimize == "ort":
+        spec["variants"]["ort"] = _optimized(cfg, run, out, model, spec, onnx_model, fp32, static)
     if cfg.dtype == "fp16":
         from slmctl.export.fp16 import Fp16Overflow, export_fp16
 
@@ -95,10 +98,28 @@ def run(cfg, run):
                "fp32_mb": round(variant_mb(fp32), 1)}
     for name, variant in quantized.items():
         summary[f"{name}_mb"] = round(variant_mb(variant), 1)
-    if "fp16" in spec["variants"]:
-        summary["fp16_mb"] = round(variant_mb(spec["variants"]["fp16"]), 1)
+    for name in ("fp16", "ort"):
+        if name in spec["variants"]:
+            summary[f"{name}_mb"] = round(variant_mb(spec["variants"][name]), 1)
     run.succeed(summary)
     return run
+
+
+def _optimized(cfg, run, out: Path, model, spec: dict, fp32_model, fp32: dict, static) -> dict:
+    """The `--optimize ort` variant, validated against the fp32 graphs (validation_ort.json)."""
+    from slmctl.export.ort_optimize import optimize_ort
+
+    variant = optimize_ort(out, fp32, model.config)
+    optimized = OnnxLM(out, threads=cfg.threads, variant="ort", spec=dict(spec, variants={"fp32": fp32, "ort": variant}))
+    report = _validate(cfg, fp32_model, optimized, static)
+    run.write_json("validation_ort.json", report)
+    fused = "; ".join(f"{role}: " + ", ".join(f"{op} x{n}" for op, n in ops.items()) for role, ops in variant["quantization"]["fused"].items())
+    run.log(f"ort: {fused}; against fp32: max |logit diff| {report['max_abs_logit_diff']:.2e}, "
+            f"greedy identical {report['greedy_identical']}")
+    if not report["passed"]:
+        raise ValidationFailed(f"the --optimize ort graphs differ from the fp32 graphs: max |logit diff| "
+                               f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:g})")
+    return variant
 
 
 def load_source(cfg, run):

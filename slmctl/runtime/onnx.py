@@ -73,9 +73,10 @@ class OnnxLM:
     dtype = torch.float32
 
     def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None, variant: str | None = None,
-                 spec: dict | None = None, ep: str | None = None, allow_fallback: bool = False):
+                 spec: dict | None = None, ep: str | None = None, allow_fallback: bool = False, prepacking: bool = True):
         """`ep`: the execution provider (slmctl.runtime.providers; None: --device picks); on an NPU a
-        graph with nodes falling back to CPU is refused unless `allow_fallback`."""
+        graph with nodes falling back to CPU is refused unless `allow_fallback`. `prepacking=False`:
+        ONNX Runtime keeps no packed second copy of the weights (less memory; docs/export.md)."""
         import onnxruntime as ort
 
         from slmctl.runtime.providers import check_fallback, placement, provider_name, providers_for
@@ -88,7 +89,7 @@ class OnnxLM:
         if self.variant not in self.spec["variants"]:
             raise OnnxExportError(f"{directory}: no {self.variant!r} graphs (has: {', '.join(self.spec['variants'])})")
         self.graphs = self.spec["variants"][self.variant]
-        options = _options(threads, spinning=True)
+        options = _options(threads, spinning=True, prepacking=prepacking)
         providers = providers_for(device, ep)
         self.provider = provider_name(providers)
         self.output_device = "cuda" if device == "cuda" else "cpu"
@@ -99,7 +100,7 @@ class OnnxLM:
                 raise OnnxExportError(f"{path} is missing from the export")
             role_options = options
             if role in ("encoder", "vision"):  # run once per prompt: their threads must not spin on while the decoder runs
-                role_options = _options(threads, spinning=False)
+                role_options = _options(threads, spinning=False, prepacking=prepacking)
             self.sessions[role] = ort.InferenceSession(str(path), role_options, providers=providers)
             check_graph(path, self.sessions[role], graph)
         self.placement = {role: placement(session, self.provider) for role, session in self.sessions.items()}
@@ -219,7 +220,7 @@ class OnnxLM:
         return [np.zeros(shape, dtype=dtype) for _ in range(2 * cfg.n_decoder_layers)]
 
 
-def _options(threads: int | None, spinning: bool):
+def _options(threads: int | None, spinning: bool, prepacking: bool = True):
     """Session options: full graph optimisation, `threads` intra-op threads; `spinning=False` lets the
     threads sleep as soon as a run ends (measured at 330m: the first decoder step after the encoder
     took 57-63 ms with the encoder's threads still spinning, 48-58 ms without)."""
@@ -234,6 +235,8 @@ def _options(threads: int | None, spinning: bool):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 

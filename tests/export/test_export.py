@@ -430,3 +430,26 @@ def test_a_weight_gemm_rewritten_as_matmul_computes_the_same(trans_b, bias):
     assert gemm_as_matmul(model) == 1
     assert [n.op_type for n in model.graph.node] == ["MatMul", *(["Add"] if bias else [])]
     np.testing.assert_allclose(run(model), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_optimize_ort_fuses_norms_and_gelu_and_decodes_as_the_plain_graphs(tmp_path):
+    result = cli("export", "onnx", "tiny", "--optimize", "ort", *FAST, runs=tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
+    spec = json.loads((run / "export" / SPEC_FILE).read_text())
+    fused = spec["variants"]["ort"]["quantization"]["fused"]
+    layers = spec["model"]["n_encoder_layers"], spec["model"]["n_decoder_layers"]
+    assert fused["encoder"]["FastGelu"] == layers[0] and fused["decoder"]["FastGelu"] == layers[1]
+    # every norm but the first of each stack takes the residual Add with it
+    assert fused["encoder"]["SkipSimplifiedLayerNormalization"] == 2 * layers[0]
+    assert fused["decoder"]["SkipSimplifiedLayerNormalization"] + fused["decoder"]["SimplifiedLayerNormalization"] == 3 * layers[1] + 1
+    decoder = onnx.load(str(run / "export" / spec["variants"]["ort"]["graphs"]["decoder"]["file"]))
+    assert {"Pow", "Gelu"}.isdisjoint(n.op_type for n in decoder.graph.node)
+    assert json.loads((run / "validation_ort.json").read_text())["passed"]
+    plain, optimized = OnnxLM(run / "export"), OnnxLM(run / "export", variant="ort")
+    prompts = torch.randint(4, 500, (2, 11), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain.generate(prompts, max_new_tokens=8), optimized.generate(prompts, max_new_tokens=8))
+    bench = cli("bench", f"{run}:ort", "--input-lens", "8", "--output-lens", "3", "--repeat", "1", runs=tmp_path / "runs")
+    assert bench.exit_code == 0, bench.output
+    record = json.loads((newest_run(tmp_path / "runs", "bench") / "bench.json").read_text())["records"][0]
+    assert record["dtype"] == "float32" and record["placement"]["decoder"]["ops"]["SkipSimplifiedLayerNormalization"] > 0
