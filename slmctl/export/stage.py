@@ -113,7 +113,8 @@ def _optimized(cfg, run, out: Path, model, spec: dict, fp32_model, fp32: dict, s
     optimized = OnnxLM(out, threads=cfg.threads, variant="ort", spec=dict(spec, variants={"fp32": fp32, "ort": variant}))
     report = _validate(cfg, fp32_model, optimized, static)
     run.write_json("validation_ort.json", report)
-    fused = "; ".join(f"{role}: " + ", ".join(f"{op} x{n}" for op, n in ops.items()) for role, ops in variant["quantization"]["fused"].items())
+    fused = "; ".join(f"{role}: " + ", ".join(f"{op} x{n}" for op, n in ops.items())
+                      for role, ops in variant["quantization"]["fused"].items())
     run.log(f"ort: {fused}; against fp32: max |logit diff| {report['max_abs_logit_diff']:.2e}, "
             f"greedy identical {report['greedy_identical']}")
     if not report["passed"]:
