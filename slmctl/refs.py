@@ -6,7 +6,8 @@
     DIR holding config.json                 a Hugging Face save_pretrained directory
     a run: its directory, <stage>/latest,   the run's model/ (an export run's export/)
       runs/<stage>/latest, latest:<stage>
-    EXPORT[:variant]                        an ONNX export (slmctl_onnx.json), e.g. runs/export/latest:int8
+    EXPORT[:variant][@ep]                   an ONNX export (slmctl_onnx.json), e.g. runs/export/latest:int8, and
+                                            the execution provider to run it on (runs/export/latest@openvino)
     FILE.pt                                 a reference-format checkpoint
     org/name                                a Hugging Face hub id (where the caller takes one)
 
@@ -54,6 +55,7 @@ class ModelRef:
     path: Path | None = None  # the model directory, export directory or .pt file; None for a preset or hub id
     variant: str | None = None  # an export's graphs (fp32, int8, ...): the one asked for, else its default
     run_dir: Path | None = None  # the run the path lies in, if any
+    ep: str | None = None  # an export's ONNX Runtime execution provider, when named (@openvino)
 
     @property
     def where(self) -> str:
@@ -66,7 +68,7 @@ class ModelRef:
         if self.path is None:
             return self.text
         label = model_label(self.path)
-        return f"{label}:{self.variant}" if self.kind == "export" else label
+        return f"{label}:{self.variant}{f'@{self.ep}' if self.ep else ''}" if self.kind == "export" else label
 
     def require(self, kinds: tuple[str, ...], purpose: str) -> ModelRef:
         """This reference, if it is one of `kinds`; else a one-line error saying what `purpose` takes."""
@@ -92,12 +94,12 @@ class ModelRef:
     def open_onnx(self, device: str = "cpu", threads: int | None = None, ep: str | None = None, allow_fallback: bool = False,
                   prepacking: bool = True):
         """The export's `variant` graphs on ONNX Runtime (`OnnxLM`, generate() as in PyTorch), on
-        execution provider `ep` (None: the device's)."""
+        execution provider `ep` (None: the one the reference names, else the device's)."""
         from slmctl.runtime.onnx import OnnxLM
 
         self.require(("export",), "ONNX Runtime")
-        return OnnxLM(self.path, device=device, threads=threads, variant=self.variant, ep=ep, allow_fallback=allow_fallback,
-                      prepacking=prepacking)
+        return OnnxLM(self.path, device=device, threads=threads, variant=self.variant, ep=ep or self.ep,
+                      allow_fallback=allow_fallback, prepacking=prepacking)
 
     def load_transformers(self, dtype="auto", trust_remote_code: bool = False, what: str = "model"):
         """A Hugging Face `AutoModelForCausalLM` from a save_pretrained directory or the hub
@@ -162,6 +164,15 @@ def _parse(text: str, runs_dir: Path, hub: bool) -> ModelRef:
 
     if text in PRESETS:
         return ModelRef("preset", text)
+    base, _, ep = text.rpartition("@")
+    if base and ep and "/" not in ep and not Path(text).exists():
+        from slmctl.runtime.providers import EXECUTION_PROVIDERS
+
+        ref = _parse(base, runs_dir, hub=False)
+        if ref.kind != "export" or ep not in EXECUTION_PROVIDERS:
+            raise RefError(f"{text!r}: '@{ep}' names the execution provider of an ONNX export "
+                           f"({', '.join(EXECUTION_PROVIDERS)}), e.g. runs/export/latest:int8@openvino")
+        return replace(ref, text=text, ep=ep)
     base, _, variant = text.rpartition(":")
     if base and variant and "/" not in variant and base != LATEST and not Path(text).exists():
         ref = _parse(base, runs_dir, hub=False)

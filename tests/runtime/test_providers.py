@@ -101,6 +101,20 @@ def test_bad_providers_are_one_line_errors(export):
             assert expected in " ".join(result.output.split())
     model_dir = cli("generate", "tiny", "prompt=hi", "--ep", "cpu", runs=runs)
     assert model_dir.exit_code == 2
+    for ref, expected in ((f"{run}@tpu", "'@tpu' names the execution provider of an ONNX export"),
+                          ("tiny@cpu", "'@cpu' names the execution provider of an ONNX export")):
+        result = cli("bench", ref, *BENCH, runs=runs)
+        assert result.exit_code == 2 and expected in " ".join(result.output.split())
+
+
+def test_a_model_reference_names_its_provider(export):
+    """One bench command can measure the same export on two providers: EXPORT[:variant]@ep."""
+    runs, run = export
+    result = cli("bench", f"{run}:fp32@cpu", run, *BENCH, runs=runs)
+    assert result.exit_code == 0, result.output
+    records = json.loads((newest_run(runs, "bench") / "bench.json").read_text())["records"]
+    assert [r["model"].rsplit(":", 1)[1] for r in records] == ["fp32@cpu", "fp32"]
+    assert all(r["ep"] == CPU for r in records)
 
 
 @pytest.mark.skipif(not OPENVINO, reason="onnxruntime-openvino is not installed (make test-openvino)")
@@ -120,7 +134,7 @@ def test_openvino_runs_the_static_graphs_as_the_cpu_provider(tmp_path):
         assert report["fallback"] == [] and report["on_provider"] == report["nodes"] > 0
     prompts = torch.randint(4, cpu.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(cpu.generate(prompts, max_new_tokens=10), openvino.generate(prompts, max_new_tokens=10))
-    bench = cli("bench", run, "--ep", "openvino", *BENCH, runs=runs)
+    bench = cli("bench", f"{run}@openvino", run, *BENCH, runs=runs)
     assert bench.exit_code == 0, bench.output
-    record = json.loads((newest_run(runs, "bench") / "bench.json").read_text())["records"][0]
-    assert record["ep"] == "OpenVINOExecutionProvider" and record["decode_tok_s"] > 0
+    records = json.loads((newest_run(runs, "bench") / "bench.json").read_text())["records"]
+    assert [r["ep"] for r in records] == ["OpenVINOExecutionProvider", CPU] and records[0]["decode_tok_s"] > 0
