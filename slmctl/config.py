@@ -546,6 +546,7 @@ class Int4Schema:
     # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8 (activations quantized per block in the kernel); null:
     # ONNX Runtime's default. 4: 1.54x the decode speed of the default at 330m on this CPU (docs/export.md)
     accuracy_level: Optional[int] = 4
+    embeddings: bool = True  # the embedding tables too (GatherBlockQuantized); false: they stay fp32
 
 
 @dataclass

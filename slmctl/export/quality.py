@@ -33,7 +33,8 @@ def quantize_and_report(cfg, run, out: Path, model, source: Path | None, fp32_mo
         if method == "int8":
             variant = quantize_int8(out, fp32, per_channel=cfg.int8.per_channel)
         elif method == "int4":
-            variant = quantize_int4(out, fp32, cfg.int4.block_size, cfg.int4.symmetric, cfg.int4.accuracy_level)
+            variant = quantize_int4(out, fp32, cfg.int4.block_size, cfg.int4.symmetric, cfg.int4.accuracy_level,
+                                    cfg.int4.embeddings)
         else:
             feeds = record_feeds(fp32_model, prompts[: cfg.qdq.calibration_prompts], cfg.qdq.calibration_steps)
             variant = quantize_qdq(out, fp32, feeds, cfg.qdq.activation_type, cfg.qdq.weight_type, cfg.qdq.per_channel)

@@ -118,9 +118,10 @@ def gemm_as_matmul(model):
 
 
 def quantize_int4(directory: Path, source: dict, block_size: int = 32, symmetric: bool = True,
-                  accuracy_level: int | None = None, prefix: str = "int4/") -> dict:
+                  accuracy_level: int | None = None, embeddings: bool = True, prefix: str = "int4/") -> dict:
     """Block-wise 4-bit weight-only copies of `source` (ONNX Runtime's MatMulNBits quantizer), every
-    weight Gemm first rewritten as MatMul + Add."""
+    weight Gemm first rewritten as MatMul + Add; with `embeddings`, the embedding tables too
+    (Gather -> GatherBlockQuantized, blocks along the model dimension)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -129,12 +130,13 @@ def quantize_int4(directory: Path, source: dict, block_size: int = 32, symmetric
         model = onnx.load(str(src))
         gemm_as_matmul(model)
         with _quiet_root_logger():
+            ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} if embeddings else {}
             quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                             accuracy_level=accuracy_level)
+                                             accuracy_level=accuracy_level, **ops)
             quantizer.process()
             quantizer.model.save_model_to_file(str(dst), use_external_data_format=bool(graph.get("external_data")))
     method = {"method": "weight-only-blockwise", "weights": "int4", "block_size": block_size, "symmetric": symmetric,
-              "accuracy_level": accuracy_level}
+              "accuracy_level": accuracy_level, "embeddings": embeddings}
     return _finish(source, graphs, method)
 
 

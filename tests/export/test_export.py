@@ -178,6 +178,10 @@ def test_int8_and_qdq_variants_report_size_speed_agreement_and_task_metric(tmp_p
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / "qdq" / "decoder.onnx")).graph.node}
     int4_ops = [n.op_type for n in onnx.load(str(out / "int4" / "decoder.onnx")).graph.node]
     assert int4_ops.count("MatMulNBits") == 6 * 3 + 1 and "Gemm" not in int4_ops  # every projection + the LM head
+    int4_decoder = onnx.load(str(out / "int4" / "decoder.onnx")).graph  # the embedding table too: no Gather reads a weight
+    weights = {init.name for init in int4_decoder.initializer}
+    assert int4_ops.count("GatherBlockQuantized") == 1
+    assert not [n.name for n in int4_decoder.node if n.op_type == "Gather" and n.input[0] in weights]
     assert int4["mb"] < int8["mb"] and report["methods"]["int4"]["block_size"] == 32
     spec = json.loads((out / SPEC_FILE).read_text())
     assert set(spec["variants"]) == {"fp32", "int8", "int4", "qdq"}
