@@ -69,7 +69,7 @@ def fast_gelu_with_bias(model) -> int:
     return len(replace)
 
 
-def optimize_ort(directory: Path, source: dict, config, prefix: str = "ort/") -> dict:
+def optimize_ort(directory: Path, source: dict, prefix: str = "ort/") -> dict:
     """The optimized copies of the variant `source` under `prefix`, described like a quantized
     variant (slmctl_onnx.json), with the fused operators counted per graph."""
     import onnx
@@ -89,7 +89,8 @@ def optimize_ort(directory: Path, source: dict, config, prefix: str = "ort/") ->
         with tempfile.TemporaryDirectory() as work, _quiet_root_logger():
             rewritten = Path(work) / "matmul.onnx"
             onnx.save(model, str(rewritten), save_as_external_data=True, location="matmul.onnx.data")
-            optimized = optimize_model(str(rewritten), model_type="bert", num_heads=config.n_heads, hidden_size=config.d_model,
+            # heads and width 0 (detect): only attention fusion reads them, and it is off
+            optimized = optimize_model(str(rewritten), model_type="bert", num_heads=0, hidden_size=0,
                                        optimization_options=options, opt_level=0)
         fast_gelu_with_bias(optimized.model)
         optimized.topological_sort()

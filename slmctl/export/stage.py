@@ -109,7 +109,7 @@ def _optimized(cfg, run, out: Path, model, spec: dict, fp32_model, fp32: dict, s
     """The `--optimize ort` variant, validated against the fp32 graphs (validation_ort.json)."""
     from slmctl.export.ort_optimize import optimize_ort
 
-    variant = optimize_ort(out, fp32, model.config)
+    variant = optimize_ort(out, fp32)
     optimized = OnnxLM(out, threads=cfg.threads, variant="ort", spec=dict(spec, variants={"fp32": fp32, "ort": variant}))
     report = _validate(cfg, fp32_model, optimized, static)
     run.write_json("validation_ort.json", report)
