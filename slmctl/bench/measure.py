@@ -55,8 +55,18 @@ def _load_export(model_ref, device: str, threads: int | None, ep: str | None, al
                  prepacking: bool = True) -> LoadedModel:
     model = model_ref.open_onnx(device=device, threads=threads, ep=ep, allow_fallback=allow_fallback, prepacking=prepacking)
     arch = "encdec" if model.config.is_encoder_decoder else "deconly"
-    return LoadedModel(model_ref.label, model, arch, model.load_s, "onnx",
-                       {"fp32": "float32", "ort": "float32"}.get(model.variant, model.variant))
+    return LoadedModel(model_ref.label, model, arch, model.load_s, "onnx", weights_dtype(model.graphs))
+
+
+def weights_dtype(variant: dict) -> str:
+    """What an export variant's weights are stored as (its bytes per weight in the bandwidth bound):
+    int8 / int4 / qdq quantized, fp16, else float32 (fp32 and the optimized graphs)."""
+    method = variant.get("quantization") or {}
+    if method.get("method") == "static-qdq":
+        return "qdq"
+    if method.get("method") == "fp16":
+        return "fp16"
+    return method.get("weights") if method.get("weights") in ("int8", "int4") else "float32"
 
 
 def _load_torch(model_ref, device: str, dtype: str, seed: int) -> LoadedModel:

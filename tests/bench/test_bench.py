@@ -105,6 +105,9 @@ def test_roofline_estimate_only_and_measured_over_predicted(tmp_path):
                      "--format", "json", runs=tmp_path / "runs")
     record = json.loads(measured.stdout[measured.stdout.index("["):measured.stdout.rindex("]") + 1])[0]
     assert record["first_token_measured_over_predicted"] > 0 and record["decode_measured_over_predicted"] > 0
+    estimate = json.loads((newest_run(tmp_path / "runs", "bench") / "bench.json").read_text())["environment"]["estimate"]
+    assert set(estimate["matmul_peaks"]) == {"torch", "onnxruntime"}  # the roof is the faster runtime's GEMM
+    assert estimate["peak_flops"] == max(estimate["matmul_peaks"].values()) > 0
     assert cli("bench", "tiny", "--estimate", "tpu9000", runs=tmp_path / "runs").exit_code == 2
     assert cli("bench", "tiny", "--repeat", "0", runs=tmp_path / "runs").exit_code == 2
 
