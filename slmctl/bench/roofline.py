@@ -125,7 +125,8 @@ def measure_onnxruntime_matmul_flops(size: int = 1024, repeats: int = 20, thread
                               [numpy_helper.from_array(weight, "w")])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
-    session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # any ONNX Runtime >= 1.14
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {"x": np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)}
     session.run(None, feed)
     best = float("inf")
