@@ -436,6 +436,9 @@ class EvalSchema:
     batch_size: int = 16
     max_source_len: int = 1024  # prompt tokens kept (encoder-decoder: the first; decoder-only: the last)
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
+    # paired comparisons on the same examples, as [model, baseline] positions in `models` ([[2,3]]: the third against
+    # the fourth); empty: with two or more models, each against the last
+    pairs: list = field(default_factory=list)
     seed: int = 0
     device: str = "cpu"  # set by --device
     ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep; null: the device's)

@@ -8,7 +8,8 @@ configured, the LLM-judge score), and writes into the run:
     predictions.jsonl           one line per (task, model, example): task, model, id, source,
                                 references, prediction and the per-example scores
     metrics.json                {"tasks": {task: {"n", "models": {model: {metric: {value, low,
-                                high, n}}}}}} (+ the judge's missing count)
+                                high, n}}}, "paired": [{model, baseline, metrics: {metric:
+                                {difference, low, high, n}}}]}}} (+ the judge's missing count)
     comparison-<task>.png       with several models: grouped bars of the 0..1 metrics
     progress/<task>/<model>.jsonl  each generated example (id, prediction, reference NLL) as its
                                 batch finishes: `resume=RUN` continues an interrupted eval from them
@@ -27,7 +28,7 @@ from rich.progress import Progress
 from slmctl.config import ConfigError
 from slmctl.data.sources import DataError
 from slmctl.eval import metrics as M
-from slmctl.eval.report import bar_chart, model_table, side_by_side
+from slmctl.eval.report import bar_chart, model_table, paired_table, side_by_side
 from slmctl.eval.tasks import EvalExample, load_task
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 
@@ -49,7 +50,7 @@ def run(cfg, run):
         examples = load_task(task, cfg.limit)
         run.log(f"task {task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
         results: dict[str, dict] = {}
-        exact_matches: dict[str, list] = {}  # label -> per-example exact match (shapes: split by question kind)
+        scored: dict[str, dict[str, list]] = {}  # label -> per-example scores, for the paired comparisons
         for ref in [None] if cfg.predictions else list(cfg.models):
             if ref is None:
                 label = _unique(_label_of_file(cfg.predictions), results)
@@ -63,8 +64,7 @@ def run(cfg, run):
                 per_example["judge"] = judge_scores
                 run.log(f"{task.name} {label}: judge {judge.id}: {counts}")
             results[label] = scores
-            if "exact_match" in per_example:
-                exact_matches[label] = per_example["exact_match"]
+            scored[label] = per_example
             for i, (example, prediction) in enumerate(zip(examples, predictions)):
                 lines.append({"task": task.name, "model": label, "id": example.id, "source": example.source,
                               "references": example.references, "prediction": prediction,
@@ -74,6 +74,9 @@ def run(cfg, run):
             console.print(side_by_side(results, task.name))
             bar_chart(results, task.name, run.path / f"comparison-{task.name}.png")
         report[task.name] = {"n": len(examples), "models": results}
+        if len(results) > 1:
+            report[task.name]["paired"] = paired_comparisons(cfg, list(results), scored, task)
+            console.print(paired_table(report[task.name]["paired"], task.name))
         if task.kind == "shapes":  # the accuracy of guessing each question kind's most frequent answer
             from slmctl.data.shapes import ShapeScenes, chance, exact_match_by_kind
 
@@ -81,10 +84,11 @@ def run(cfg, run):
             questions = scenes.questions("test", len(examples))
             report[task.name]["chance"] = chance(questions)
             run.log(f"{task.name}: chance (most frequent answer per question kind) {report[task.name]['chance']['overall']:.3f}")
+            exact_matches = {label: s["exact_match"] for label, s in scored.items() if "exact_match" in s}
             if exact_matches:  # which kinds of question each model answers, against their chance
                 report[task.name]["per_kind"] = {}
-                for label, scored in exact_matches.items():
-                    per_kind = exact_match_by_kind(questions, scored)
+                for label, matched in exact_matches.items():
+                    per_kind = exact_match_by_kind(questions, matched)
                     report[task.name]["per_kind"][label] = per_kind
                     run.log(f"{task.name} {label}: exact match by kind " + ", ".join(
                         f"{kind} {value:.3f} (chance {report[task.name]['chance'][kind]:.3f})" for kind, value in per_kind.items()))
@@ -96,8 +100,35 @@ def run(cfg, run):
         for label, scores in report[task.name]["models"].items():
             if headline in scores:
                 summary[f"{task.name}:{label}:{headline}"] = scores[headline]["value"]
+        for pair in report[task.name].get("paired", []):
+            if headline in pair["metrics"]:
+                difference = pair["metrics"][headline]
+                summary[f"{task.name}:{pair['model']}-{pair['baseline']}:{headline}"] = (
+                    f"{difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]")
     run.succeed(summary)
     return run
+
+
+def paired_comparisons(cfg, labels: list[str], scored: dict[str, dict[str, list]], task) -> list[dict]:
+    """[{model, baseline, metrics: {metric: {difference, low, high, n}}}] for `cfg.pairs` (positions
+    in the models' order) or each model against the last, over every per-example metric both have."""
+    pairs = [tuple(p) for p in cfg.pairs] or [(i, len(labels) - 1) for i in range(len(labels) - 1)]
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(i, int) and 0 <= i < len(labels) for i in pair) or pair[0] == pair[1]:
+            raise ConfigError(f"pairs entry {list(pair)}: two different positions in models (0..{len(labels) - 1}), "
+                              f"e.g. pairs=[[0,1]] for {labels[0]} against {labels[min(1, len(labels) - 1)]}")
+    rows = []
+    for i, j in pairs:
+        model, baseline = labels[i], labels[j]
+        shared = [m for m in scored[model] if m in scored[baseline] and m in (*task.metrics, "exact_match", "f1")
+                  and None not in scored[model][m] and None not in scored[baseline][m]]  # per-example metrics only
+        differences = {}
+        for metric in shared:
+            value, low, high = M.paired_bootstrap_ci(scored[model][metric], scored[baseline][metric],
+                                                     n_resamples=cfg.bootstrap, seed=cfg.seed)
+            differences[metric] = {"difference": value, "low": low, "high": high, "n": len(scored[model][metric])}
+        rows.append({"model": model, "baseline": baseline, "metrics": differences})
+    return rows
 
 
 def _tasks(cfg) -> list:

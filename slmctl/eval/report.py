@@ -71,3 +71,20 @@ def bar_chart(results: dict[str, dict[str, dict]], task: str, path: Path) -> Pat
     plt.close(figure)
     temporary.replace(path)
     return path
+
+
+def paired_table(pairs: list[dict], task: str) -> Table:
+    """Each paired comparison's differences with their paired 95% intervals; an interval that
+    excludes 0 is marked."""
+    result = Table(title=f"{task}: paired differences on the same examples (95% paired bootstrap)")
+    metrics = list(dict.fromkeys(m for pair in pairs for m in pair["metrics"]))
+    for column in ("model", "baseline", *metrics):
+        result.add_column(column)
+    for pair in pairs:
+        cells = []
+        for metric in metrics:
+            d = pair["metrics"].get(metric)
+            significant = d is not None and (d["low"] > 0 or d["high"] < 0)
+            cells.append("-" if d is None else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if significant else ""))
+        result.add_row(pair["model"], pair["baseline"], *cells)
+    return result

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import TINY_PRETRAIN, TINY_SYNTHETIC_DATA, TINY_TRAINING, ChatServer, cli, train_run
 
-from slmctl.config import compose
+from slmctl.config import ConfigError, compose
 from slmctl.data.sources import DataError
 from slmctl.eval import evaluate
 from slmctl.eval.tasks import load_task
@@ -129,6 +129,36 @@ def test_side_by_side_report_matches_single_model_runs(tmp_path, models, capsys)
         assert single["exact_match"]["value"] == pytest.approx(sum(em) / len(em))
         assert single["perplexity"]["value"] > 1.0 and single["perplexity"]["low"] <= single["perplexity"]["value"]
     assert {i["role"] for i in json.loads((both.path / "inputs.json").read_text())} == {"model"}
+    # the paired comparison: each model against the last, on the same examples
+    [pair] = json.loads((both.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["paired"]
+    assert (pair["model"], pair["baseline"]) == ("encdec", "deconly") and "paired differences" in shown
+    for metric in ("exact_match", "f1", "rougeLsum"):
+        per_model = {label: [x["scores"][metric] for x in lines if x["model"] == label] for label in ("encdec", "deconly")}
+        expected = (sum(per_model["encdec"]) - sum(per_model["deconly"])) / 12
+        difference = pair["metrics"][metric]
+        assert difference["difference"] == pytest.approx(expected, abs=1e-3) and difference["n"] == 12
+        assert difference["low"] <= difference["difference"] <= difference["high"]
+    reversed_run = evaluate_run(runs, ["limit=12", "pairs=[[1,0]]"], models=[str(encdec), str(deconly)])
+    [flipped] = json.loads((reversed_run.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["paired"]
+    assert flipped["model"] == "deconly" and flipped["metrics"]["f1"]["difference"] == pytest.approx(
+        -pair["metrics"]["f1"]["difference"])
+    with pytest.raises(ConfigError, match="two different positions in models"):
+        evaluate_run(runs, ["limit=4", "pairs=[[0,2]]"], models=[str(encdec), str(deconly)])
+
+
+def test_the_paired_bootstrap_sees_a_difference_that_separate_intervals_hide():
+    from slmctl.eval.metrics import bootstrap_ci, paired_bootstrap_ci
+
+    baseline = [1.0] * 60 + [0.0] * 40
+    better = [1.0] * 70 + [0.0] * 30  # right on everything the baseline gets right, and on 10 more
+    difference, low, high = paired_bootstrap_ci(better, baseline, n_resamples=2000, seed=0)
+    assert difference == pytest.approx(0.1) and 0 < low < 0.1 < high
+    _, better_low, _ = bootstrap_ci(better, n_resamples=2000, seed=0)
+    _, _, baseline_high = bootstrap_ci(baseline, n_resamples=2000, seed=0)
+    assert better_low < baseline_high  # the two models' own intervals overlap
+    assert paired_bootstrap_ci(baseline, baseline) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap_ci(better, baseline[:50])
 
 
 # -- the judge inside an eval run -------------------------------------------------------------------
