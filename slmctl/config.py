@@ -81,6 +81,7 @@ Optimization = choices("Optimization", "none", "ort")
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
 WeightType = choices("WeightType", "uint8", "int8")
 Tower = choices("Tower", "vit", "clip", "siglip")
+TowerPretrain = choices("TowerPretrain", "none", "contrastive")
 Compressor = choices("Compressor", "none", "avgpool", "ldpv2")
 Projector = choices("Projector", "linear", "mlp2x_gelu")
 
@@ -311,6 +312,8 @@ class VisionSchema:
     pixel_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     pixel_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     train_tower: bool = False  # pretrained towers stay frozen unless asked
+    # contrastive: before stages 1-2, pretrain our own ViT on image-caption pairs (SigLIP loss; stage0.*)
+    pretrain: TowerPretrain = TowerPretrain.none
 
 
 # ---------------------------------------------------------------------------
@@ -495,6 +498,8 @@ class AddVisionSchema:
     batch_size: int = 16
     max_source_len: int = 256  # encoder tokens after the image tokens are spliced in
     max_target_len: int = 16
+    # vision.pretrain=contrastive: the tower alone, on image-caption pairs (slmctl/train/tower_pretrain.py)
+    stage0: VisionStageSchema = field(default_factory=lambda: VisionStageSchema(steps=300, lr=1e-3))
     # align: projector (+ compressor) trained; tower and language model frozen
     stage1: VisionStageSchema = field(default_factory=lambda: VisionStageSchema(steps=150, lr=1e-3))
     # tune: projector + language model (+ the tower when vision.train_tower)

@@ -165,6 +165,35 @@ class ShapeScenes:
         return path
 
 
+NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
+
+
+def caption(shapes: list[Shape]) -> str:
+    """What a scene shows, for contrastive tower pretraining: how many shapes, then each
+    colour-and-kind with its count, left to right ("three shapes: two red circles, a blue square")."""
+    ordered = sorted(shapes, key=lambda s: s.x)
+    counts = Counter(s.name for s in ordered)
+    parts = [f"{NUMBERS[n]} {name}s" if n > 1 else f"{'an' if name[0] in 'aeiou' else 'a'} {name}" for name, n in counts.items()]
+    total = len(shapes)
+    return f"{NUMBERS[total]} shape{'s' if total != 1 else ''}: {', '.join(parts)}"
+
+
+class ShapeCaptions:
+    """(image, caption) pairs of one split's scenes, rendered lazily: contrastive pretraining data."""
+
+    def __init__(self, seed: int, split: str, n: int, max_shapes: int = 4):
+        self.scenes, self.split, self.n = ShapeScenes(seed=seed, max_shapes=max_shapes), split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        size, background, shapes = self.scenes.scene(self.split, index)
+        return self.scenes.render(size, background, shapes), caption(shapes)
+
+
 def chance(examples: list[dict]) -> dict[str, float]:
     """Exact match of always answering each question kind's most frequent answer, per kind and overall."""
     by_kind: dict[str, Counter] = {}

@@ -85,6 +85,7 @@ def paired_table(pairs: list[dict], task: str) -> Table:
         for metric in metrics:
             d = pair["metrics"].get(metric)
             significant = d is not None and (d["low"] > 0 or d["high"] < 0)
-            cells.append("-" if d is None else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if significant else ""))
+            shown = "-" if d is None else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            cells.append(shown + (" *" if significant else ""))
         result.add_row(pair["model"], pair["baseline"], *cells)
     return result

@@ -3,6 +3,8 @@
 `run(cfg, run)` attaches the tower, compressor and projector of `cfg.vision` to the
 encoder-decoder `cfg.source` and trains in two Lightning stages, as LLaVA-style models are:
 
+    stage 0 (vision.pretrain=contrastive)  the tower alone, on image-caption pairs (SigLIP loss:
+                     slmctl/train/tower_pretrain.py)
     stage 1 (align)  projector + compressor trained; tower and language model frozen
     stage 2 (tune)   projector + compressor + language model; the tower too when
                      vision.train_tower (our own ViTs, trained from scratch), at stage2.tower_lr
@@ -71,6 +73,7 @@ def run(cfg, run, callbacks: list | None = None):
     train, validation = _data(cfg, run)
     vision_settings = OmegaConf.to_container(cfg.vision, resolve=True)
     train_tower = vision_settings.pop("train_tower")
+    tower_pretraining = vision_settings.pop("pretrain")
     torch.manual_seed(cfg.seed)
     model = VisionEncoderDecoderLM(text, VisionConfig.from_dict(vision_settings), tokenizer.image_id)
     if model.vision_config.tower != "vit" and model.vision_config.path:
@@ -83,6 +86,10 @@ def run(cfg, run, callbacks: list | None = None):
                          max_target=cfg.max_target_len)
     datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed)
     stages, started = [], time.perf_counter()
+    if tower_pretraining == "contrastive" and cfg.stage0.steps > 0:
+        from slmctl.train.tower_pretrain import pretrain_tower
+
+        stages.append(pretrain_tower(cfg, run, model, tokenizer))
     for number, settings in ((1, cfg.stage1), (2, cfg.stage2)):
         trained = ["compressor", "projector"] + (["text"] if number == 2 else []) + (["tower"] if number == 2 and train_tower else [])
         lrs = {part: (settings.tower_lr or settings.lr) if part == "tower" else settings.lr for part in trained}

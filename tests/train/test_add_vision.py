@@ -192,3 +192,31 @@ def test_killed_in_stage_two_and_resumed_continues_to_the_same_weights(text_runs
     for name in ("model.safetensors", "vision.safetensors"):
         a, b = load_file(whole.model_dir / name), load_file(killed.model_dir / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_contrastive_pretraining_trains_the_tower_on_captions_before_the_two_stages(text_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    runs, made = text_runs
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, "vision.pretrain=contrastive", "stage0.steps=4",
+                 "stage2.steps=0", runs=runs)
+    assert result.exit_code == 0, result.output
+    run = newest_run(runs, "add-vision")
+    stages = json.loads((run / "stages.json").read_text())
+    assert [s["stage"] for s in stages] == [0, 1, 2] and stages[0]["trained"] == ["tower"]
+    assert 0 <= stages[0]["retrieval_before"] <= 1 and 0 <= stages[0]["retrieval_after"] <= 1
+    assert stages[0]["final_loss"] > 0
+    pretrained = load_file(str(run / "checkpoints" / "stage0" / "tower.safetensors"))
+    plain = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, "stage2.steps=0", runs=runs)
+    assert plain.exit_code == 0, plain.output
+    final = {name: load_model(newest_run(runs, "add-vision") / "model").tower.state_dict()[name] for name in pretrained}
+    with_pretraining = load_model(run / "model").tower.state_dict()
+    # stage 1 freezes the tower: the model keeps exactly the pretrained tower, which is not the fresh one
+    assert all(torch.equal(with_pretraining[name], pretrained[name]) for name in pretrained)
+    assert any(not torch.equal(final[name], pretrained[name]) for name in pretrained)
+    log = (run / "log.txt").read_text()
+    assert "stage 0: contrastive pretraining of the tower" in log and "retrieval accuracy after" in log
+    jsonl = ShapeScenes(seed=0).write_jsonl(tmp_path / "scenes", "train", 8)  # image-text rows: no captions
+    failed = cli("add-vision", str(made["encdec"]), *TINY_VISION, "vision.pretrain=contrastive", "data=images",
+                 f"data.train={jsonl}", runs=runs)
+    assert failed.exit_code == 2 and "needs captions" in " ".join(failed.output.split())
