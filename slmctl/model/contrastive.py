@@ -38,7 +38,8 @@ class ContrastiveTowers(nn.Module):
         self.image_head = nn.Linear(tower.width, dim)
         self.embed = nn.Embedding(vocab_size, dim)
         self.positions = nn.Parameter(torch.zeros(1, max_len, dim))
-        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
         self.text_encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.text_head = nn.Linear(dim, dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP's initial temperature and bias

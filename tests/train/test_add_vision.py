@@ -220,3 +220,26 @@ def test_contrastive_pretraining_trains_the_tower_on_captions_before_the_two_sta
     failed = cli("add-vision", str(made["encdec"]), *TINY_VISION, "vision.pretrain=contrastive", "data=images",
                  f"data.train={jsonl}", runs=runs)
     assert failed.exit_code == 2 and "needs captions" in " ".join(failed.output.split())
+
+
+def test_a_resumed_run_reloads_the_pretrained_tower_instead_of_pretraining_again(text_runs):
+    from safetensors.torch import load_file
+
+    from slmctl.train import add_vision as stage
+
+    runs, made = text_runs
+    overrides = [f"source={made['encdec']}", *TINY_VISION, *SHAPES, "vision.pretrain=contrastive", "stage0.steps=3",
+                 "stage2.steps=4", "checkpoint_every=2", "validation_every=2"]
+    cfg = compose("add-vision", overrides)
+    whole = train_run(runs, "add-vision", overrides, name="whole0")
+    killed = Run.create(runs, "add-vision", "killed0", cfg, argv=["test"])
+    with pytest.raises(SystemExit):
+        stage.run(cfg, killed, callbacks=[Crash(3, fit=2)])
+    resumed = Run.open(killed.path)
+    resumed.resume()
+    stage.run(compose("add-vision", [*overrides, f"resume={killed.path}"]), resumed)
+    stages = json.loads((killed.path / "stages.json").read_text())
+    assert stages[0]["stage"] == 0 and stages[0]["reloaded"] is True
+    for name in ("model.safetensors", "vision.safetensors"):
+        a, b = load_file(whole.model_dir / name), load_file(killed.model_dir / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
