@@ -38,6 +38,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_save_figure(figure, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as a PNG at `path` atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_writer(path) as f:
+        figure.savefig(f, format="png", dpi=dpi)
+    plt.close(figure)
+
+
 def set_new_file_mode(path: str | Path) -> None:
     """Give `path` the mode `open()` would have: for files written by code that leaves them 0600
     (mkstemp; safetensors' `save_file`, also under transformers' `save_pretrained`)."""

@@ -11,6 +11,8 @@ import json
 
 from rich.table import Table
 
+from slmctl.atomic import atomic_save_figure
+
 RECORD_FIELDS = ("model", "arch", "device", "runtime", "ep", "dtype", "batch", "input_len", "output_len", "first_token_ms",
                  "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
                  "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction")
@@ -141,10 +143,7 @@ def plot(records: list[dict], models: list[str], path) -> None:
         axes.legend()
     figure.suptitle(f"{records[0]['device']}, {records[0]['dtype']}, batch {batch}")
     figure.tight_layout()
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    temporary.replace(path)
+    atomic_save_figure(figure, path)
 
 
 def plot_batch(records: list[dict], models: list[str], path) -> None:
@@ -176,10 +175,7 @@ def plot_batch(records: list[dict], models: list[str], path) -> None:
     axes.set_yscale("log")
     axes.legend(fontsize="small")
     figure.tight_layout()
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    temporary.replace(path)
+    atomic_save_figure(figure, path)
 
 
 def format_records(records: list[dict], fmt: str) -> str:

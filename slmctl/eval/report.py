@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from slmctl.atomic import atomic_save_figure
+
 UNIT_SCALE = ("exact_match", "f1", "exact_match_has_ans", "f1_has_ans", "exact_match_no_ans", "f1_no_ans",
               "rouge1", "rouge2", "rougeLsum", "judge")  # metrics on 0..1, drawn in the bar chart
 
@@ -66,10 +68,7 @@ def bar_chart(results: dict[str, dict[str, dict]], task: str, path: Path) -> Pat
     axes.set_title(task)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    temporary.replace(path)
+    atomic_save_figure(figure, path)
     return path
 
 
