@@ -107,14 +107,15 @@ def test_bad_providers_are_one_line_errors(export):
         assert result.exit_code == 2 and expected in " ".join(result.output.split())
 
 
-def test_a_model_reference_names_its_provider(export):
+def test_a_model_reference_names_its_provider(export, monkeypatch):
     """One bench command can measure the same export on two providers: EXPORT[:variant]@ep."""
     runs, run = export
-    result = cli("bench", f"{run}:fp32@cpu", run, *BENCH, runs=runs)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["QNNExecutionProvider", CPU])
+    result = cli("bench", f"{run}:fp32@qnn", run, *BENCH, runs=runs)
     assert result.exit_code == 0, result.output
     records = json.loads((newest_run(runs, "bench") / "bench.json").read_text())["records"]
-    assert [r["model"].rsplit(":", 1)[1] for r in records] == ["fp32@cpu", "fp32"]
-    assert all(r["ep"] == CPU for r in records)
+    assert [r["model"].rsplit(":", 1)[1] for r in records] == ["fp32@qnn", "fp32"]
+    assert [r["ep"] for r in records] == ["QNNExecutionProvider", CPU]  # the named provider, then the device's
 
 
 @pytest.mark.skipif(not OPENVINO, reason="onnxruntime-openvino is not installed (make test-openvino)")
