@@ -10,8 +10,12 @@
           model: ${runs.encdec}
           synthetic_questions: 5        # or prompts: [...]
 
-`${runs.<step>}` is replaced by the run directory that step produced. Every stage step
-writes its own run directory; the recipe stops at the first failing step.
+      - name: summary                   # tables read from the runs (slmctl.summary)
+        summary:
+          architecture: {eval: ${runs.eval}, bench: ${runs.bench}, models: [encdec, deconly]}
+
+`${runs.<step>}` is replaced by the run directory that step produced. Every stage step (and the
+summary) writes its own run directory; the recipe stops at the first failing step.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from rich.table import Table
 from slmctl.config import ConfigError
 from slmctl.errors import first_line
 
+STEP_KINDS = ("stage", "generate", "summary")
 STEP_REFERENCE = re.compile(r"\$\{runs\.([A-Za-z0-9_-]+)\}")
 console = Console()
 
@@ -45,8 +50,12 @@ def load_recipe(path: Path) -> dict:
     for number, step in enumerate(recipe["steps"], 1):
         if not isinstance(step, dict) or "name" not in step:
             raise ConfigError(f"{path}: step {number} needs a 'name'")
-        if ("stage" in step) == ("generate" in step):
-            raise ConfigError(f"{path}: step {step['name']!r} needs exactly one of 'stage' or 'generate'")
+        if sum(kind in step for kind in STEP_KINDS) != 1:
+            raise ConfigError(f"{path}: step {step['name']!r} needs exactly one of {', '.join(map(repr, STEP_KINDS))}")
+        if "summary" in step:
+            from slmctl.summary import check_spec
+
+            check_spec(step["summary"], f"{path}: step {step['name']!r}")
         for ref in STEP_REFERENCE.findall(yaml.safe_dump(step)):
             if ref not in names:
                 raise ConfigError(f"{path}: step {step['name']!r} uses ${{runs.{ref}}} before a step named {ref!r} ran")
@@ -77,6 +86,13 @@ def run_recipe(path: Path, runs_dir: Path, verbose: bool = False) -> dict[str, P
         step = _substitute(step, produced)
         if "generate" in step:
             _generate_step(step["name"], step["generate"], runs_dir)
+            continue
+        if "summary" in step:
+            from slmctl.summary import run_summary
+
+            console.rule(f"[bold]{escape(recipe.get('name', path.stem))}: {escape(step['name'])}[/bold] (summary)")
+            produced[step["name"]] = run_summary(step["name"], step["summary"], runs_dir, console,
+                                                 argv=["slmctl", "recipe", "run", str(path), f"#{step['name']}"])
             continue
         stage, overrides = step["stage"], [str(o) for o in step.get("overrides", [])]
         console.rule(f"[bold]{escape(recipe.get('name', path.stem))}: {escape(step['name'])}[/bold] "

@@ -76,8 +76,13 @@ def test_interrupted_eval_of_1024_prompts_resumes_generating_only_the_missing_on
     assert len(read_progress(saved)) == len(saved.read_text().splitlines()) == 1024  # the partial line was cut off
 
     whole_dir = newest_run(runs, "eval", "whole")
-    for name in ("predictions.jsonl", "metrics.json"):
-        assert (killed_dir / name).read_text() == (whole_dir / name).read_text(), name
+    assert (killed_dir / "predictions.jsonl").read_text() == (whole_dir / "predictions.jsonl").read_text()
+    resumed_metrics, whole_metrics = (json.loads((d / "metrics.json").read_text())["tasks"]["synthetic_qa"]
+                                      for d in (killed_dir, whole_dir))
+    costs = resumed_metrics.pop("cost")["encdec"], whole_metrics.pop("cost")["encdec"]
+    assert resumed_metrics == whole_metrics
+    for cost in costs:  # the resumed run's cost still counts the answers generated before the interruption
+        assert cost["examples"] == 1024 and cost["cpu_s"] > 0 and cost["wall_s"] > 0
     assert len((whole_dir / "predictions.jsonl").read_text().splitlines()) == 1024
 
 

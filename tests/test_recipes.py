@@ -73,7 +73,8 @@ def test_a_pipeline_distils_its_own_llama_teacher_with_a_control(tmp_path):
     ({"steps": []}, "non-empty 'steps'"),
     ({"steps": [{"stage": "pretrain"}]}, "step 1 needs a 'name'"),
     ({"steps": [{"name": "a", "stage": "pretrain", "overrides": ["init=${runs.b}"]}]}, "uses ${runs.b} before"),
-    ({"steps": [{"name": "a"}]}, "exactly one of 'stage' or 'generate'"),
+    ({"steps": [{"name": "a"}]}, "exactly one of 'stage', 'generate', 'summary'"),
+    ({"steps": [{"name": "a", "summary": {"speed": {}}}]}, "unknown summary section 'speed'"),
 ])
 def test_bad_recipes(tmp_path, recipe, message):
     path = tmp_path / "r.yaml"

@@ -9,7 +9,9 @@ configured, the LLM-judge score), and writes into the run:
                                 references, prediction and the per-example scores
     metrics.json                {"tasks": {task: {"n", "models": {model: {metric: {value, low,
                                 high, n}}}, "paired": [{model, baseline, metrics: {metric:
-                                {difference, low, high, n}}}]}}} (+ the judge's missing count)
+                                {difference, low, high, n}}}], "cost": {model: {cpu_s, wall_s,
+                                examples}}}}} (+ the judge's missing count); cost = the process's
+                                CPU and wall seconds spent generating the task's answers
     comparison-<task>.png       with several models: grouped bars of the 0..1 metrics
     progress/<task>/<model>.jsonl  each generated example (id, prediction, reference NLL) as its
                                 batch finishes: `resume=RUN` continues an interrupted eval from them
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +54,19 @@ def run(cfg, run):
         run.log(f"task {task.name}: {len(examples)} examples" + (f" (limit={cfg.limit})" if cfg.limit else ""))
         results: dict[str, dict] = {}
         scored: dict[str, dict[str, list]] = {}  # label -> per-example scores, for the paired comparisons
+        costs: dict[str, dict] = {}  # label -> CPU and wall seconds of generating the answers
         for ref in [None] if cfg.predictions else list(cfg.models):
             if ref is None:
                 label = _unique(_label_of_file(cfg.predictions), results)
                 predictions, nll = _read_predictions(Path(cfg.predictions), examples), None
                 run.add_input("file", cfg.predictions, cfg.predictions, role="predictions")
             else:
-                predictions, nll, label = _generate(cfg, task, run, ref, runs_dir, examples, generators, taken=results)
+                predictions, nll, label, costs_of_model = _generate(cfg, task, run, ref, runs_dir, examples, generators,
+                                                                    taken=results)
+                if costs_of_model is not None:
+                    costs[label] = costs_of_model
+                    run.log(f"{task.name} {label}: answers generated in {costs_of_model['cpu_s']:.1f} CPU s "
+                            f"({costs_of_model['wall_s']:.1f} s wall)")
             scores, per_example = score(cfg, task, examples, predictions, nll)
             if judge is not None:
                 scores["judge"], judge_scores, counts = _judged(cfg, judge, judge_cache, examples, predictions)
@@ -74,6 +83,8 @@ def run(cfg, run):
             console.print(side_by_side(results, task.name))
             bar_chart(results, task.name, run.path / f"comparison-{task.name}.png")
         report[task.name] = {"n": len(examples), "models": results}
+        if costs:
+            report[task.name]["cost"] = costs
         if len(results) > 1:
             report[task.name]["paired"] = paired_comparisons(cfg, list(results), scored, task)
             console.print(paired_table(report[task.name]["paired"], task.name))
@@ -148,9 +159,11 @@ def _tasks(cfg) -> list:
 
 
 def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExample], generators: dict, taken: dict):
-    """(predictions, reference NLLs or None, label) of one model on a task. Each batch is appended to
-    progress/<task>/<label>.jsonl as it finishes, so a resumed run generates only the examples
-    missing there (those of the same model: a `latest` that has moved on starts over)."""
+    """(predictions, reference NLLs or None, label, cost) of one model on a task. Each batch is appended to
+    progress/<task>/<label>.jsonl as it finishes, with its share of the batch's generation time, so a
+    resumed run generates only the examples missing there (those of the same model: a `latest` that has
+    moved on starts over) and the cost still covers every answer. cost = {cpu_s, wall_s, examples}:
+    process CPU seconds (all threads) and wall seconds spent generating (not scoring) the answers."""
     from slmctl.eval.predict import predict_batches, reference_nll
     from slmctl.runtime.generator import load_generator
 
@@ -180,19 +193,26 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
         run.log(f"{task.name} {label}: {len(finished)} of {len(examples)} examples reused from {saved.relative_to(run.path)}")
     with Progress(transient=True) as progress:
         bar = progress.add_task(f"{task.name} {label}: generating", total=len(examples), completed=len(finished))
+        started = time.process_time(), time.perf_counter()
         for batch, texts in predict_batches(generator, sources, cfg.batch_size, max_new, cfg.generation.num_beams,
                                             cfg.generation.length_penalty, cfg.max_source_len,
                                             images=[e.images for e in examples] if with_images else None, skip=finished):
+            cpu_s, wall_s = time.process_time() - started[0], time.perf_counter() - started[1]
             nll = reference_nll(generator, [sources[i] for i in batch], [references[i] for i in batch], len(batch),
                                 cfg.max_source_len) if with_nll else [None] * len(batch)
-            records = [{"id": examples[i].id, "model": model, "prediction": text, "nll": pair}
+            records = [{"id": examples[i].id, "model": model, "prediction": text, "nll": pair,
+                        "cpu_s": cpu_s / len(batch), "wall_s": wall_s / len(batch)}
                        for i, text, pair in zip(batch, texts, nll)]
             append_progress(saved, records)
             done.update((r["id"], r) for r in records)
             progress.advance(bar, len(batch))
+            started = time.process_time(), time.perf_counter()
     predictions = [done[e.id]["prediction"] for e in examples]
     nll = [tuple(done[e.id]["nll"]) for e in examples] if with_nll else None
-    return predictions, nll, label
+    timed = [done[e.id] for e in examples if "cpu_s" in done[e.id]]
+    cost = None if len(timed) < len(examples) else {  # progress written before costs were recorded: unknown
+        "cpu_s": sum(r["cpu_s"] for r in timed), "wall_s": sum(r["wall_s"] for r in timed), "examples": len(timed)}
+    return predictions, nll, label, cost
 
 
 def _read_predictions(path: Path, examples: list[EvalExample]) -> list[str]:

@@ -2,6 +2,7 @@
 systems' predictions, and the side-by-side report."""
 
 import json
+import time
 
 import pytest
 from conftest import TINY_PRETRAIN, TINY_SYNTHETIC_DATA, TINY_TRAINING, ChatServer, cli, train_run
@@ -144,6 +145,32 @@ def test_side_by_side_report_matches_single_model_runs(tmp_path, models, capsys)
         -pair["metrics"]["f1"]["difference"])
     with pytest.raises(ConfigError, match="two different positions in models"):
         evaluate_run(runs, ["limit=4", "pairs=[[0,2]]"], models=[str(encdec), str(deconly)])
+
+
+def test_the_cost_of_answering_counts_the_cpu_seconds_of_generation(tmp_path, models, monkeypatch):
+    """metrics.json's cost per model = the process CPU seconds spent generating the answers: a
+    generator made to burn 0.2 CPU s per batch costs about that much more than the plain one."""
+    from slmctl.eval import predict
+
+    runs, (encdec, _) = models
+    generate = predict.predict_batches
+
+    def slower(*args, **kwargs):
+        for batch, texts in generate(*args, **kwargs):
+            burn_until = time.process_time() + 0.2
+            while time.process_time() < burn_until:
+                pass
+            yield batch, texts
+
+    plain = evaluate_run(runs, ["limit=12", "batch_size=4"], models=[str(encdec)])
+    monkeypatch.setattr(predict, "predict_batches", slower)
+    slowed = evaluate_run(runs, ["limit=12", "batch_size=4"], models=[str(encdec)])
+    plain_cost, slowed_cost = (json.loads((r.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["cost"]["encdec"]
+                               for r in (plain, slowed))
+    assert plain_cost["examples"] == slowed_cost["examples"] == 12
+    assert 0 < plain_cost["cpu_s"] and 0 < plain_cost["wall_s"]
+    assert slowed_cost["cpu_s"] - plain_cost["cpu_s"] > 0.5  # three batches, each burning 0.2 s while generating
+    assert "answers generated in" in (slowed.path / "log.txt").read_text()
 
 
 def test_the_paired_bootstrap_sees_a_difference_that_separate_intervals_hide():
