@@ -159,8 +159,15 @@ def distillation(spec: dict) -> Section:
         results = model_results(task, spec["eval"], label)
         section.rows.append([label, interval(results["exact_match"]),
                              interval(results["f1"]) if "f1" in results else "-"])
-    for pair in paired_rows(task, labels):
+    pairs = paired_rows(task, labels)
+    for pair in pairs:
         section.notes.append(f"exact match {pair['model']} - {pair['baseline']} on the same questions: {difference(pair)}")
+    if len(pairs) > 1:  # several seeds: how consistent the gain is
+        gains = [p["metrics"]["exact_match"] for p in pairs]
+        above = sum(g["low"] > 0 for g in gains)
+        section.notes.append(f"mean difference over the {len(pairs)} pairs: "
+                             f"{sum(g['difference'] for g in gains) / len(gains):+.3f} (range {min(g['difference'] for g in gains):+.3f} "
+                             f"to {max(g['difference'] for g in gains):+.3f}); {above} of {len(pairs)} intervals above 0")
     return section
 
 

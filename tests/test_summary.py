@@ -89,6 +89,12 @@ def test_every_number_of_the_summary_comes_from_the_runs(tmp_path):
     assert roles == {"architecture.eval", "architecture.bench", "distillation.eval", "export.export", "vision.eval"}
 
 
+def test_several_seeds_are_summarised_by_their_mean_gain_and_how_many_intervals_exclude_zero(tmp_path):
+    evaluated = qa_eval(tmp_path / "runs")
+    [section], _ = build({"distillation": {"eval": evaluated, "models": ["encdec", "deconly", "student", "control"]}})
+    assert section.notes[-1] == "mean difference over the 2 pairs: +0.075 (range +0.040 to +0.110); 1 of 2 intervals above 0"
+
+
 def test_a_summary_refuses_runs_that_failed_or_changed(tmp_path):
     runs = tmp_path / "runs"
     evaluated = qa_eval(runs)
