@@ -83,11 +83,11 @@ def test_bad_recipes(tmp_path, recipe, message):
         load_recipe(path)
 
 
-def test_quickstart_recipe_is_valid():
-
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_shipped_recipes_are_valid(name):
     from slmctl.config import compose
 
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    recipe = load_recipe(REPO / "recipes" / name)
     for step in recipe["steps"]:
         if "stage" in step:
             overrides = [re.sub(r"\$\{runs\.[a-z-]+\}", "/tmp/x", o) for o in step["overrides"]]
