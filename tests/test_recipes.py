@@ -90,7 +90,7 @@ def test_shipped_recipes_are_valid(name):
     recipe = load_recipe(REPO / "recipes" / name)
     for step in recipe["steps"]:
         if "stage" in step:
-            overrides = [re.sub(r"\$\{runs\.[a-z-]+\}", "/tmp/x", o) for o in step["overrides"]]
+            overrides = [re.sub(r"\$\{runs\.[A-Za-z0-9_-]+\}", "/tmp/x", o) for o in step["overrides"]]
             compose(step["stage"], overrides)
 
 
