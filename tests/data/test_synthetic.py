@@ -97,6 +97,25 @@ def test_context_length_follows_the_number_of_facts(world):
     assert 20 < short < 60 < medium < 250 < 1500 < long
 
 
+def test_long_contexts_hide_the_answer_among_other_peoples_facts_of_the_same_kind(world):
+    """The long-context task (12-20 facts, recipes/long-context.yaml): several people per context,
+    and in most examples another person's fact of the asked attribute (the distractor a reader must
+    not copy), so the answer cannot be found by the kind of fact alone."""
+    people = {person.name: person for person in world.people}
+    with_distractor = 0
+    examples = world.qa("validation", 200, min_facts=12, max_facts=20)
+    for example in examples:
+        subject = next(person for name, person in people.items() if name in example["question"])
+        stated = []  # (person, attribute) of every sentence
+        for sentence in example["context"][:-1].split(". "):
+            person = next(p for name, p in people.items() if sentence.startswith(name))
+            stated += [(person.name, a.name) for a in ATTRIBUTES if person.facts[a.name] in sentence]
+        asked = {a for name, a in stated if name == subject.name and subject.facts[a] == example["answer"]}
+        assert asked and len({name for name, _ in stated}) >= 2
+        with_distractor += any(name != subject.name and a in asked for name, a in stated)
+    assert with_distractor / len(examples) > 0.7
+
+
 def test_paragraphs_are_about_one_named_person(world):
     for text in world.texts("validation", 100):
         assert text.endswith(".") and text.count(".") >= 2
