@@ -81,7 +81,7 @@ Optimization = choices("Optimization", "none", "ort")
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
 WeightType = choices("WeightType", "uint8", "int8")
 Tower = choices("Tower", "vit", "clip", "siglip")
-TowerPretrain = choices("TowerPretrain", "none", "contrastive")
+TowerPretrain = choices("TowerPretrain", "none", "contrastive", "counts")
 Compressor = choices("Compressor", "none", "avgpool", "ldpv2")
 Projector = choices("Projector", "linear", "mlp2x_gelu")
 
@@ -312,7 +312,8 @@ class VisionSchema:
     pixel_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     pixel_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     train_tower: bool = False  # pretrained towers stay frozen unless asked
-    # contrastive: before stages 1-2, pretrain our own ViT on image-caption pairs (SigLIP loss; stage0.*)
+    # before stages 1-2, pretrain our own ViT (stage0.*): contrastive = on image-caption pairs (SigLIP loss),
+    # counts = to count each kind of shape in the scene (a classification head on its pooled features)
     pretrain: TowerPretrain = TowerPretrain.none
 
 

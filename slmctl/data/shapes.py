@@ -178,8 +178,15 @@ def caption(shapes: list[Shape]) -> str:
     return f"{NUMBERS[total]} shape{'s' if total != 1 else ''}: {', '.join(parts)}"
 
 
-class ShapeCaptions:
-    """(image, caption) pairs of one split's scenes, rendered lazily: contrastive pretraining data."""
+def counts(shapes: list[Shape]) -> dict[str, int]:
+    """How many shapes a scene holds, and how many of each kind: what count questions ask."""
+    kinds = Counter(s.kind for s in shapes)
+    return {"shapes": len(shapes), **{f"{kind}s": kinds[kind] for kind in SHAPES}}
+
+
+class LabelledScenes:
+    """(image, label) pairs of one split's scenes, rendered lazily: tower pretraining data
+    (stage 0), the label being what `label(shapes)` says of the scene."""
 
     def __init__(self, seed: int, split: str, n: int, max_shapes: int = 4):
         self.scenes, self.split, self.n = ShapeScenes(seed=seed, max_shapes=max_shapes), split, n
@@ -191,7 +198,24 @@ class ShapeCaptions:
         if not 0 <= index < self.n:
             raise IndexError(index)
         size, background, shapes = self.scenes.scene(self.split, index)
-        return self.scenes.render(size, background, shapes), caption(shapes)
+        return self.scenes.render(size, background, shapes), self.label(shapes)
+
+    @staticmethod
+    def label(shapes: list[Shape]):
+        raise NotImplementedError
+
+
+class ShapeCaptions(LabelledScenes):
+    """(image, caption): contrastive pretraining data (`vision.pretrain=contrastive`)."""
+    label = staticmethod(caption)
+
+
+class ShapeCounts(LabelledScenes):
+    """(image, [shapes, circles, squares, triangles]): supervised pretraining data (`vision.pretrain=counts`)."""
+
+    @staticmethod
+    def label(shapes: list[Shape]) -> list[int]:
+        return list(counts(shapes).values())
 
 
 def chance(examples: list[dict]) -> dict[str, float]:

@@ -21,13 +21,8 @@ from pathlib import Path
 
 import torch
 
-from slmctl.data.shapes import SHAPES, ShapeScenes
-
-
-def targets(shapes) -> dict[str, int]:
-    """What the probes predict of one scene: how many shapes, and how many of each kind."""
-    kinds = Counter(s.kind for s in shapes)
-    return {"shapes": len(shapes), **{f"{kind}s": kinds[kind] for kind in SHAPES}}
+from slmctl.data.shapes import ShapeScenes
+from slmctl.data.shapes import counts as targets  # what the probes predict of one scene
 
 
 @torch.no_grad()

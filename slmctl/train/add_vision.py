@@ -3,8 +3,8 @@
 `run(cfg, run)` attaches the tower, compressor and projector of `cfg.vision` to the
 encoder-decoder `cfg.source` and trains in two Lightning stages, as LLaVA-style models are:
 
-    stage 0 (vision.pretrain=contrastive)  the tower alone, on image-caption pairs (SigLIP loss:
-                     slmctl/train/tower_pretrain.py)
+    stage 0 (vision.pretrain=contrastive|counts)  the tower alone, on image-caption pairs (SigLIP
+                     loss) or to count each kind of shape (slmctl/train/tower_pretrain.py)
     stage 1 (align)  projector + compressor trained; tower and language model frozen
     stage 2 (tune)   projector + compressor + language model; the tower too when
                      vision.train_tower (our own ViTs, trained from scratch), at stage2.tower_lr
@@ -86,7 +86,7 @@ def run(cfg, run, callbacks: list | None = None):
                          max_target=cfg.max_target_len)
     datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed)
     stages, started = [], time.perf_counter()
-    if tower_pretraining == "contrastive" and cfg.stage0.steps > 0:
+    if tower_pretraining != "none" and cfg.stage0.steps > 0:
         from slmctl.train.tower_pretrain import pretrain_tower
 
         stages.append(pretrain_tower(cfg, run, model, tokenizer))

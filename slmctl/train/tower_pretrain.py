@@ -1,26 +1,31 @@
-"""Stage 0 of add-vision with `vision.pretrain=contrastive`: the tower learns images from captions.
+"""Stage 0 of add-vision (`vision.pretrain=contrastive|counts`): the tower learns images first.
 
 Before the language model sees a single image token, our own ViT (trained from scratch) is
-pretrained with SigLIP's sigmoid loss (`slmctl.model.contrastive`) to match each shape scene
-with its caption ("three shapes: two red circles, a blue square"), for `stage0.steps` at
-`stage0.lr`. The heads and the text encoder are discarded afterwards; the tower goes on into
-stages 1 and 2. Image-to-caption retrieval accuracy on the validation scenes (is an image's own
-caption the highest-scoring of its batch?) is measured before and after, and the tower's
-weights are kept in checkpoints/stage0/, so a resumed run does not pretrain again.
+pretrained on the shape scenes for `stage0.steps` at `stage0.lr`, either
+- contrastive: with SigLIP's sigmoid loss (`slmctl.model.contrastive`) to match each scene with
+  its caption ("three shapes: two red circles, a blue square"); measured before and after:
+  image-to-caption retrieval accuracy on the validation scenes (is an image's own caption the
+  highest-scoring of its batch?); or
+- counts: to count each kind of shape in the scene (`slmctl.model.counting`); measured before
+  and after: the fraction of validation scenes whose count of each kind it gets exactly.
+The heads (and the text encoder) are discarded afterwards; the tower goes on into stages 1 and 2.
+Its weights are kept in checkpoints/stage0/, so a resumed run does not pretrain again.
 """
 
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
 from slmctl.config import ConfigError
-from slmctl.data.shapes import ShapeCaptions
+from slmctl.data.shapes import ShapeCaptions, ShapeCounts
 from slmctl.model.anyres import tile_image
 from slmctl.model.contrastive import ContrastiveTowers
+from slmctl.model.counting import COUNTED, CountingTower
 from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.optim import adamw_with_schedule
 
@@ -28,14 +33,16 @@ MAX_CAPTION_TOKENS = 48
 TOWER_FILE = "tower.safetensors"
 
 
-class ContrastiveModule(L.LightningModule):
-    def __init__(self, towers: ContrastiveTowers, optim, max_steps: int, lr: float):
+class TowerPretrainModule(L.LightningModule):
+    """Stage 0's training loop: the objective module's forward(**batch) is the loss."""
+
+    def __init__(self, objective: torch.nn.Module, optim, max_steps: int, lr: float):
         super().__init__()
-        self.model, self.optim, self.max_steps, self.lr = towers, optim, max_steps, lr
+        self.model, self.optim, self.max_steps, self.lr = objective, optim, max_steps, lr
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(batch["pixels"], batch["ids"], batch["mask"])
-        self.log("contrastive_loss", loss, on_step=True, on_epoch=False)
+        loss = self.model(**batch)
+        self.log("stage0_loss", loss, on_step=True, on_epoch=False)
         return loss
 
     def configure_optimizers(self):
@@ -66,44 +73,64 @@ def retrieval_accuracy(towers: ContrastiveTowers, batches: list[dict]) -> float:
     return right / max(total, 1)
 
 
+def make_count_batch(rows: list[tuple], rngs, tile: int) -> dict:
+    """Each scene's global view (as the VLM crops it) and its counts [N, 4]."""
+    return {"pixels": torch.cat([tile_image(image, (1, 1), tile)[1] for image, _ in rows]),
+            "counts": torch.tensor([c for _, c in rows])}
+
+
+@torch.no_grad()
+def count_accuracy(counting: CountingTower, batches: list[dict]) -> dict[str, float]:
+    """Per counted kind, the fraction of scenes whose count the head gets exactly."""
+    counting.eval()
+    right = sum(counting.accuracy(b["pixels"], b["counts"]) * len(b["pixels"]) for b in batches)
+    counting.train()
+    total = sum(len(b["pixels"]) for b in batches)
+    return {kind: round(float(value) / max(total, 1), 4) for kind, value in zip(COUNTED, right)}
+
+
 def pretrain_tower(cfg, run, model, tokenizer) -> dict:
     """Pretrain `model.tower` in place (stage 0); returns what stages.json records of it."""
+    kind = str(cfg.vision.pretrain)
     if model.vision_config.tower != "vit":
-        raise ConfigError(f"vision.pretrain=contrastive pretrains our own ViT (vision=vit-tiny); "
+        raise ConfigError(f"vision.pretrain={kind} pretrains our own ViT (vision=vit-tiny); "
                           f"{model.vision_config.tower} towers come pretrained")
     if cfg.data.kind != "shapes":
-        raise ConfigError("vision.pretrain=contrastive needs captions: it takes data=shapes (each scene's caption)")
+        raise ConfigError(f"vision.pretrain={kind} needs {'captions' if kind == 'contrastive' else 'shape counts'}: "
+                          f"it takes data=shapes (each scene's {'caption' if kind == 'contrastive' else 'contents'})")
     settings, data = cfg.stage0, cfg.data
     saved = run.checkpoint_dir / "stage0" / TOWER_FILE
-    record = {"stage": 0, "steps": settings.steps, "trained": ["tower"], "objective": "contrastive (SigLIP sigmoid loss)",
-              "lr": settings.lr}
+    objective = "contrastive (SigLIP sigmoid loss)" if kind == "contrastive" else "counts (cross-entropy per kind)"
+    record = {"stage": 0, "steps": settings.steps, "trained": ["tower"], "objective": objective, "lr": settings.lr}
     if cfg.resume and saved.is_file():
         model.tower.load_state_dict(load_file(str(saved)))
-        run.log(f"stage 0: the contrastively pretrained tower reloaded from {saved.relative_to(run.path)}")
+        run.log(f"stage 0: the pretrained tower reloaded from {saved.relative_to(run.path)}")
         return record | {"reloaded": True}
-    towers = ContrastiveTowers(model.tower, vocab_size=len(tokenizer), pad_id=tokenizer.pad_id)
     tile = model.tower.image_size
-
-    def make_batch(rows, rngs):
-        return make_caption_batch(rows, rngs, tokenizer, tile)
-
-    train = ShapeCaptions(data.seed, "train", data.train_examples, data.max_shapes)
-    validation = ShapeCaptions(data.seed, "validation", data.validation_examples, data.max_shapes)
-    datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed, describe="captioned scenes")
+    if kind == "contrastive":
+        module = ContrastiveTowers(model.tower, vocab_size=len(tokenizer), pad_id=tokenizer.pad_id)
+        scenes, make_batch, describe = ShapeCaptions, partial(make_caption_batch, tokenizer=tokenizer, tile=tile), "captioned scenes"
+        measure, measured = retrieval_accuracy, "validation retrieval accuracy"
+    else:
+        module = CountingTower(model.tower, max_count=data.max_shapes)
+        scenes, make_batch, describe = ShapeCounts, partial(make_count_batch, tile=tile), "counted scenes"
+        measure, measured = count_accuracy, "validation count accuracy (shapes, circles, squares, triangles)"
+    train = scenes(data.seed, "train", data.train_examples, data.max_shapes)
+    validation = scenes(data.seed, "validation", data.validation_examples, data.max_shapes)
+    datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed, describe=describe)
     batches = list(datamodule.val_dataloader())
-    before = retrieval_accuracy(towers, batches)
-    run.log(f"stage 0: contrastive pretraining of the tower for {settings.steps} steps (SigLIP loss); "
-            f"validation retrieval accuracy before {before:.3f}")
+    before = measure(module, batches)
+    run.log(f"stage 0: {kind} pretraining of the tower for {settings.steps} steps ({objective}); {measured} before {before}")
     trainer = L.Trainer(max_steps=settings.steps, accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, use_distributed_sampler=False)
-    trainer.fit(ContrastiveModule(towers, cfg.optim, settings.steps, settings.lr), datamodule=datamodule)
-    after = retrieval_accuracy(towers, batches)
-    run.log(f"stage 0: validation retrieval accuracy after {after:.3f} (chance about 1/{cfg.batch_size})")
+    trainer.fit(TowerPretrainModule(module, cfg.optim, settings.steps, settings.lr), datamodule=datamodule)
+    after = measure(module, batches)
+    run.log(f"stage 0: {measured} after {after}" + (f" (chance about 1/{cfg.batch_size})" if kind == "contrastive" else ""))
     saved.parent.mkdir(parents=True, exist_ok=True)
     temporary = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in model.tower.state_dict().items()}, str(temporary))
     os.replace(temporary, saved)
-    return record | {"retrieval_before": before, "retrieval_after": after,
-                     "final_loss": float(trainer.callback_metrics.get("contrastive_loss", float("nan")))}
-
+    names = ("retrieval_before", "retrieval_after") if kind == "contrastive" else ("count_accuracy_before", "count_accuracy_after")
+    return record | {names[0]: before, names[1]: after,
+                     "final_loss": float(trainer.callback_metrics.get("stage0_loss", float("nan")))}
