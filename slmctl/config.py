@@ -499,7 +499,7 @@ class AddVisionSchema:
     batch_size: int = 16
     max_source_len: int = 256  # encoder tokens after the image tokens are spliced in
     max_target_len: int = 16
-    # vision.pretrain=contrastive: the tower alone, on image-caption pairs (slmctl/train/tower_pretrain.py)
+    # vision.pretrain=contrastive|counts: the tower alone, before stage 1 (slmctl/train/tower_pretrain.py)
     stage0: VisionStageSchema = field(default_factory=lambda: VisionStageSchema(steps=300, lr=1e-3))
     # align: projector (+ compressor) trained; tower and language model frozen
     stage1: VisionStageSchema = field(default_factory=lambda: VisionStageSchema(steps=150, lr=1e-3))

@@ -23,6 +23,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from slmctl.config import ConfigError
+from slmctl.eval.report import cell as interval  # 0.755 [0.695, 0.815], as eval's tables show it
+from slmctl.eval.report import difference_cell
 
 SECTIONS = ("architecture", "distillation", "export", "vision")
 
@@ -86,15 +88,9 @@ def model_results(task: dict, run, label: str) -> dict:
     return task["models"][label]
 
 
-def interval(result: dict, digits: int = 3) -> str:
-    """0.755 [0.695, 0.815]"""
-    return f"{result['value']:.{digits}f} [{result['low']:.{digits}f}, {result['high']:.{digits}f}]"
-
-
 def difference(pair: dict, metric: str = "exact_match") -> str:
     """+0.110 [+0.055, +0.170]"""
-    d = pair["metrics"][metric]
-    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+    return difference_cell(pair["metrics"][metric])
 
 
 def paired_rows(task: dict, labels: list[str]) -> list[dict]:

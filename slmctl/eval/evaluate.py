@@ -31,7 +31,7 @@ from rich.progress import Progress
 from slmctl.config import ConfigError
 from slmctl.data.sources import DataError
 from slmctl.eval import metrics as M
-from slmctl.eval.report import bar_chart, model_table, paired_table, side_by_side
+from slmctl.eval.report import bar_chart, difference_cell, model_table, paired_table, side_by_side
 from slmctl.eval.tasks import EvalExample, load_task
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 
@@ -113,9 +113,7 @@ def run(cfg, run):
                 summary[f"{task.name}:{label}:{headline}"] = scores[headline]["value"]
         for pair in report[task.name].get("paired", []):
             if headline in pair["metrics"]:
-                difference = pair["metrics"][headline]
-                summary[f"{task.name}:{pair['model']}-{pair['baseline']}:{headline}"] = (
-                    f"{difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]")
+                summary[f"{task.name}:{pair['model']}-{pair['baseline']}:{headline}"] = difference_cell(pair["metrics"][headline])
     run.succeed(summary)
     return run
 

@@ -22,6 +22,11 @@ def cell(result: dict) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def difference_cell(d: dict) -> str:
+    """A paired difference with its interval: +0.110 [+0.055, +0.170]."""
+    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
 def model_table(label: str, metrics: dict[str, dict], task: str) -> Table:
     table = Table(title=escape(f"{task}: {label}"))
     for column in ("metric", "value [95% CI]", "n"):
@@ -84,7 +89,7 @@ def paired_table(pairs: list[dict], task: str) -> Table:
         for metric in metrics:
             d = pair["metrics"].get(metric)
             significant = d is not None and (d["low"] > 0 or d["high"] < 0)
-            shown = "-" if d is None else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            shown = "-" if d is None else difference_cell(d)
             cells.append(shown + (" *" if significant else ""))
         result.add_row(pair["model"], pair["baseline"], *cells)
     return result

@@ -21,25 +21,22 @@ from pathlib import Path
 
 import torch
 
-from slmctl.data.shapes import ShapeScenes
-from slmctl.data.shapes import counts as targets  # what the probes predict of one scene
+from slmctl.data.shapes import ShapeCounts
+from slmctl.model.counting import COUNTED, pooled_features
 
 
 @torch.no_grad()
-def scene_features(tower, scenes: ShapeScenes, split: str, n: int, batch: int = 64) -> tuple[torch.Tensor, list[dict]]:
+def scene_features(tower, scenes: ShapeCounts, batch: int = 64) -> tuple[torch.Tensor, list[dict]]:
     """([n, 2 * width] mean- and max-pooled global-view features, targets per scene)."""
     from slmctl.model.anyres import tile_image
 
     features, labels = [], []
     tower.eval()
-    for start in range(0, n, batch):
-        pixels, rows = [], range(start, min(start + batch, n))
-        for i in rows:
-            size, background, shapes = scenes.scene(split, i)
-            pixels.append(tile_image(scenes.render(size, background, shapes), (1, 1), tower.image_size)[1])
-            labels.append(targets(shapes))
-        maps = tower(torch.cat(pixels).to(next(tower.parameters()).dtype)).flatten(1, 2).float()
-        features.append(torch.cat([maps.mean(1), maps.amax(1)], dim=1))
+    for start in range(0, len(scenes), batch):
+        rows = [scenes[i] for i in range(start, min(start + batch, len(scenes)))]
+        pixels = torch.cat([tile_image(image, (1, 1), tower.image_size)[1] for image, _ in rows])
+        features.append(pooled_features(tower, pixels.to(next(tower.parameters()).dtype)).float())
+        labels += [dict(zip(COUNTED, counted)) for _, counted in rows]
     return torch.cat(features), labels
 
 
@@ -61,11 +58,10 @@ def probe_accuracy(train_x, train_y, test_x, test_y, steps: int = 300, weight_de
 
 def probe_towers(towers: dict, max_shapes: int = 4, n_train: int = 2000, n_test: int = 500, seed: int = 0) -> dict:
     """{target: {tower label: test accuracy, "majority": most frequent answer's rate}}."""
-    scenes = ShapeScenes(seed=seed, max_shapes=max_shapes)
     table: dict[str, dict] = {}
     for label, tower in towers.items():
-        train_x, train_labels = scene_features(tower, scenes, "train", n_train)
-        test_x, test_labels = scene_features(tower, scenes, "test", n_test)
+        train_x, train_labels = scene_features(tower, ShapeCounts(seed, "train", n_train, max_shapes))
+        test_x, test_labels = scene_features(tower, ShapeCounts(seed, "test", n_test, max_shapes))
         for target in train_labels[0]:
             train_y = torch.tensor([row[target] for row in train_labels])
             test_y = torch.tensor([row[target] for row in test_labels])

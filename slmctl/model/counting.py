@@ -19,6 +19,12 @@ import torch.nn.functional as F
 COUNTED = ("shapes", "circles", "squares", "triangles")  # the order of slmctl.data.shapes.counts
 
 
+def pooled_features(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, 2 * width]: the tower's feature map, mean- and max-pooled over positions."""
+    features = tower(pixels).flatten(1, 2)
+    return torch.cat([features.mean(1), features.amax(1)], dim=1)
+
+
 class CountingTower(nn.Module):
     """The vision tower and a linear head giving, per counted kind, logits over 0..max_count."""
 
@@ -29,9 +35,7 @@ class CountingTower(nn.Module):
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, targets, max_count + 1]"""
-        features = self.tower(pixels).flatten(1, 2)
-        pooled = torch.cat([features.mean(1), features.amax(1)], dim=1)
-        return self.head(pooled).view(len(pixels), self.targets, self.classes)
+        return self.head(pooled_features(self.tower, pixels)).view(len(pixels), self.targets, self.classes)
 
     def forward(self, pixels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(pixels).flatten(0, 1), counts.flatten())

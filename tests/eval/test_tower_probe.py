@@ -4,7 +4,8 @@ finds a signal that is there, finds none in noise, and runs end to end on a ViT.
 import torch
 
 from slmctl.data.shapes import Shape
-from slmctl.eval.tower_probe import probe_accuracy, probe_towers, targets
+from slmctl.data.shapes import counts as targets
+from slmctl.eval.tower_probe import probe_accuracy, probe_towers
 from slmctl.model.vision import VisionConfig, build_tower
 
 
