@@ -162,14 +162,13 @@ def test_the_cost_of_answering_counts_the_cpu_seconds_of_generation(tmp_path, mo
                 pass
             yield batch, texts
 
-    plain = evaluate_run(runs, ["limit=12", "batch_size=4"], models=[str(encdec)])
     monkeypatch.setattr(predict, "predict_batches", slower)
     slowed = evaluate_run(runs, ["limit=12", "batch_size=4"], models=[str(encdec)])
-    plain_cost, slowed_cost = (json.loads((r.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["cost"]["encdec"]
-                               for r in (plain, slowed))
-    assert plain_cost["examples"] == slowed_cost["examples"] == 12
-    assert 0 < plain_cost["cpu_s"] and 0 < plain_cost["wall_s"]
-    assert slowed_cost["cpu_s"] - plain_cost["cpu_s"] > 0.5  # three batches, each burning 0.2 s while generating
+    cost = json.loads((slowed.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["cost"]["encdec"]
+    assert cost["examples"] == 12
+    # three batches, each burning 0.2 CPU s while generating: a lower bound that holds however busy the machine
+    # is (a comparison with an unslowed run does not: its own CPU time varies by seconds on 2 busy cores)
+    assert cost["cpu_s"] >= 0.6 and cost["wall_s"] >= 0.6
     assert "answers generated in" in (slowed.path / "log.txt").read_text()
 
 
