@@ -312,6 +312,35 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
         console.print()
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a run, model dir, export[:variant] or vision "
+                                                          "model) and key=value overrides (max_batch=, max_queue=, ...)"),
+          runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+          port: int = typer.Option(8000, "--port", help="Port (0: any free one; the run's server.json says which)."),
+          api_key_env: Optional[str] = typer.Option(None, "--api-key-env", metavar="NAME",
+                                                    help="Require 'Authorization: Bearer <key>', the key read from $NAME."),
+          log_prompts: bool = typer.Option(False, "--log-prompts", help="Record prompt text in the run's requests.jsonl."),
+          image_root: Optional[Path] = typer.Option(None, "--image-root", help="Vision models: local image paths must lie here."),
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads."),
+          ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
+          name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
+          dry_run: bool = DRY_RUN) -> None:
+    """Serve a model over OpenAI's API (/v1/completions, /v1/chat/completions, streaming), batching
+    concurrent requests; /health and /metrics (Prometheus). SIGTERM or Ctrl-C stops it gracefully."""
+    arguments = arguments or []
+    models = [a for a in arguments if "=" not in a]
+    if len(models) != 1:
+        fail("give one model to serve: a run, a model directory or an export, e.g. slmctl serve runs/distill/latest")
+    if runtime not in ("auto", "torch", "onnx"):
+        fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+    overrides = [f"runtime={runtime}", f"host={host}", f"port={port}", *([f"api_key_env={api_key_env}"] if api_key_env else []),
+                 *(["log_prompts=true"] if log_prompts else []), *([f"image_root={image_root}"] if image_root else []),
+                 *([f"threads={threads}"] if threads else []), *provider_overrides(ep, allow_fallback),
+                 *(a for a in arguments if "=" in a)]
+    run_stage("serve", overrides, name, runs_dir, device, verbose, dry_run, extra={"source": models[0], "runtime": runtime})
+
+
 def _read_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 

@@ -603,11 +603,32 @@ class ExportSchema:
     task: TaskSchema = field(default_factory=TaskSchema)  # prompts for calibration and the quantized-vs-fp32 report
 
 
+@dataclass
+class ServeSchema:
+    source: Optional[str] = None  # the model: a run, model directory, export[:variant] or vision model (the command line's MODEL)
+    runtime: Runtime = Runtime.auto  # auto: ONNX Runtime for exports, torch for the rest
+    device: str = "cpu"  # set by --device
+    ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep)
+    allow_fallback: bool = False
+    threads: Optional[int] = None  # torch / ONNX Runtime threads (null: their default)
+    host: str = "127.0.0.1"  # loopback by default; 0.0.0.0 to listen on every interface
+    port: int = 8000  # 0: any free port (server.json in the run says which)
+    model_name: Optional[str] = None  # the id clients send as "model" (null: the model's run or directory name)
+    max_batch: int = 16  # sequences decoded together (continuous batching slots)
+    max_queue: int = 64  # requests waiting for a slot before new ones get HTTP 429
+    max_tokens_cap: int = 256  # the largest max_tokens a request may ask for
+    max_prompt_tokens: Optional[int] = None  # the longest prompt accepted (null: the model's max_seq_len)
+    api_key_env: Optional[str] = None  # the environment variable holding the API key (the key itself is never stored)
+    log_prompts: bool = False  # requests.jsonl records prompt text too
+    image_root: Optional[str] = None  # vision models: local image paths must lie under it (data: URLs always work)
+    grace_s: float = 30.0  # on SIGTERM / Ctrl-C: how long in-flight requests may take to finish
+
+
 KD_RANGES = {"kd.alpha": (0.0, 1.0), "kd.on_policy_prob": (0.0, 1.0)}
 
 # ConfigStore entries: each conf/ YAML names its schema as `/schema/<name>@_here_` in its defaults
 STAGE_SCHEMAS = {"prepare": PrepareSchema, "pretrain": PretrainSchema, "distill": DistillSchema, "eval": EvalSchema, "bench": BenchSchema,
-                 "export": ExportSchema, "add-vision": AddVisionSchema}
+                 "export": ExportSchema, "add-vision": AddVisionSchema, "serve": ServeSchema}
 GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     # group -> (discriminating key, {value: schema}); the ConfigStore name is schema/<group>[/<value>]
     "model": ("", {"": ModelSchema}),
@@ -649,7 +670,7 @@ def register_schemas() -> None:
 STAGE_MODULES = {"prepare": "slmctl.data.prepare",
                  "pretrain": "slmctl.train.pretrain", "distill": "slmctl.train.distill", "eval": "slmctl.eval.evaluate",
                  "bench": "slmctl.bench.stage", "export": "slmctl.export.stage",
-                 "add-vision": "slmctl.train.add_vision"}
+                 "add-vision": "slmctl.train.add_vision", "serve": "slmctl.serve.stage"}
 
 
 def stage_module(stage: str):
@@ -838,7 +859,8 @@ def _check_values(cfg: DictConfig) -> None:
     positive = ["batch_size", "shard_tokens", "batch_rows", "workers", "max_rows", "data.validation_rows", "max_source_len",
                 "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
-                "generation.num_beams", "task.max_new_tokens", "threads", "source_len", "target_len"]
+                "generation.num_beams", "task.max_new_tokens", "threads", "source_len", "target_len",
+                "max_batch", "max_queue", "max_tokens_cap", "max_prompt_tokens", "grace_s"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
@@ -847,6 +869,9 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
+    port = OmegaConf.select(cfg, "port")
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"port must be in [0, 65535], got {port}")
     if OmegaConf.select(cfg, "to") is not None:  # export
         block = OmegaConf.select(cfg, "int4.block_size")
         if block is not None and (block < 16 or block & (block - 1)):

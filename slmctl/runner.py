@@ -170,7 +170,7 @@ def check_device(stage: str, device: str, runtime: str = "torch") -> None:
     """Fail before any run directory exists when the requested device is not there."""
     from slmctl.bench.devices import check_device as check_runtime_device
 
-    if stage == "bench":  # NPUs are reached through ONNX Runtime providers: its own check
+    if stage in ("bench", "serve"):  # NPUs are reached through ONNX Runtime providers: its own check
         check_runtime_device(device, runtime)
     else:
         check_torch_device(device)

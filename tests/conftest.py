@@ -196,6 +196,23 @@ def world_texts():
     return SyntheticWorld(seed=0, n_people=200).texts("train", 300)
 
 
+def save_tiny_encdec(directory, texts, seed: int = 1) -> Path:
+    """A randomised tiny encoder-decoder with a BPE tokenizer trained on `texts`, saved as a model
+    directory: varied, deterministic text from a model that took no training to make."""
+    from slmctl.model.directory import save_model
+
+    tokenizer = train_bpe(texts, vocab_size=400)
+    model = build_model("tiny", seed=0, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
+    model = randomize(model, seed=seed).eval()
+    return save_model(model, directory, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, world_texts) -> Path:
+    """`save_tiny_encdec` once per session."""
+    return save_tiny_encdec(tmp_path_factory.mktemp("tiny-model") / "model", world_texts)
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, world_texts):
     return save_llama(tmp_path_factory.mktemp("llama"), train_bpe(world_texts, vocab_size=400))

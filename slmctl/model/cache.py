@@ -28,6 +28,12 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def layout(self, start: int, T: int, dtype: torch.dtype):
+        """(positions [1, T], self-attention mask, is_causal, reach) of T new tokens at `start`: all rows
+        share positions and see every cached key (slmctl.serve.batching.SlotCache: rows of different lengths)."""
+        positions = torch.arange(start, start + T, device=self.k.device)[None]
+        return positions, None, start == 0 and T > 1, start + T
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         if end > self.max_len:

@@ -85,21 +85,22 @@ class EncoderDecoderLM(LanguageModel):
         sit at positions start..start+T-1 after the cached ones. With `decoder_segment_ids`
         (packed rows, teacher forcing only) every segment is decoded as if alone."""
         B, T = decoder_input_ids.shape
+        reach = start + T
         if decoder_segment_ids is not None:
             if cache is not None:
                 raise ValueError("decoder_segment_ids are for teacher-forced packed rows, not cached decoding")
             allowed, positions = segment_layout(decoder_segment_ids, causal=True, centred=False)
             mask, is_causal = additive_mask(allowed, self.dtype), False
         else:
-            if has_padding(decoder_attention_mask):
-                positions = padding_positions(decoder_attention_mask, centred=False)
+            if cache is not None:  # the cache says where each row's new tokens sit and which keys they see
+                positions, mask, is_causal, reach = cache.layout(start, T, self.dtype)
             else:
-                positions = torch.arange(start, start + T, device=decoder_input_ids.device)[None]
-            if cache is None:
+                if has_padding(decoder_attention_mask):
+                    positions = padding_positions(decoder_attention_mask, centred=False)
+                else:
+                    positions = torch.arange(start, start + T, device=decoder_input_ids.device)[None]
                 mask, is_causal = self.self_attention_mask(decoder_attention_mask, T, causal=True)
-            else:  # cached decoding: all rows share positions, every cached key is visible
-                mask, is_causal = None, start == 0 and T > 1
-        rope = self.rope(positions, start + T, self.dtype)
+        rope = self.rope(positions, reach, self.dtype)
         if memory is None:
             memory = [layer.cross_attn.memory(encoder_out) for layer in self.decoder.layers]
         x = self.embed(decoder_input_ids)

@@ -1,0 +1,227 @@
+"""The HTTP side of `slmctl serve`: FastAPI routes in OpenAI's shapes around an `Engine`.
+
+    POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events)
+    GET  /v1/models, /health, /metrics
+
+Handlers only validate, submit and wait: the model runs on the engine's thread, so /health and
+/metrics answer while it generates. Every error is a JSON body in OpenAI's error shape and the
+server keeps serving; a client that disconnects has its request cancelled (its slot freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from slmctl.serve import protocol
+from slmctl.serve.engine import Draining, Engine, QueueFull, Request
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+@dataclass
+class Served:
+    """What the routes need to know about the served model."""
+
+    name: str
+    tokenizer: object
+    max_prompt_tokens: int
+    max_tokens_cap: int
+    default_max_tokens: int
+    default_temperature: float = 0.0
+    default_top_p: float = 1.0
+    # prompt text + image URLs -> (token ids or None, embeds or None); raises APIError on bad images
+    encode: Callable[[str, list[str]], tuple] | None = None
+    created: int = field(default_factory=protocol.now)
+
+
+def create_app(engine: Engine, served: Served, metrics, api_key: str | None = None,
+               log_request: Callable[[dict], None] | None = None, log_prompts: bool = False) -> FastAPI:
+    app = FastAPI(title="slmctl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.served = engine, served
+
+    def error(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
+        return JSONResponse(protocol.error_body(message, kind, param, code), status_code=status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: HTTPRequest, e: APIError):
+        return error(e.status, e.message, e.param, e.code, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HTTPRequest, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return error(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        if first.get("type") in ("model_attributes_type", "dict_type") and not where:
+            return error(400, "the request body must be a JSON object", code="invalid_json")
+        if first.get("type") == "extra_forbidden":
+            return error(400, f"unknown field: {where}", param=where, code="unknown_field")
+        message = first.get("msg", "invalid request")
+        return error(400, f"{where}: {message}" if where else message, param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: HTTPRequest, e: StarletteHTTPException):
+        return error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+    @app.middleware("http")
+    async def _count_and_authorize(request: HTTPRequest, call_next):
+        path = request.url.path
+        if api_key and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                response = error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error",
+                                 code="invalid_api_key")
+                metrics.request(path, 401)
+                return response
+        response = await call_next(request)
+        if path.startswith("/v1/"):
+            metrics.request(path, response.status_code)
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if engine.failure is None else "failed", "model": served.name,
+                "active": engine.active, "waiting": engine.queue_depth}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                            "owned_by": "slmctl"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: protocol.CompletionRequest, http: HTTPRequest):
+        return await _generate(body, body.prompt, [], body.max_tokens, chat=False, http=http)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: protocol.ChatRequest, http: HTTPRequest):
+        prompt, images = protocol.render_chat(body.messages, served.tokenizer)
+        return await _generate(body, prompt, images, body.limit, chat=True, http=http)
+
+    async def _generate(body: protocol.Sampling, prompt: str, images: list[str], max_tokens, chat: bool, http):
+        if body.model != served.name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served.name!r}",
+                           param="model", code="model_not_found")
+        max_tokens = served.default_max_tokens if max_tokens is None else max_tokens
+        if max_tokens > served.max_tokens_cap:
+            raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({served.max_tokens_cap}: "
+                                "slmctl serve ... max_tokens_cap=N raises it)", param="max_tokens", code="max_tokens_exceeded")
+        ids, embeds = await run_in_threadpool(served.encode, prompt, images)
+        length = len(ids) if ids is not None else int(embeds.shape[0])
+        if length > served.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {length} tokens; this model reads at most {served.max_prompt_tokens}",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_event(event: dict) -> None:  # engine thread -> event loop
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop has closed (the server stopped)
+                pass
+
+        temperature = served.default_temperature if body.temperature is None else body.temperature
+        request = Request(prompt=ids, embeds=embeds, max_tokens=max_tokens, on_event=on_event, temperature=temperature,
+                          top_p=served.default_top_p if body.top_p is None else body.top_p, seed=body.seed,
+                          stop=body.stops)
+        try:
+            engine.submit(request)
+        except QueueFull as e:
+            raise APIError(429, f"the server is at capacity ({e}); retry later", kind="rate_limit_error",
+                           code="queue_full") from None
+        except Draining as e:
+            raise APIError(503, str(e), kind="server_error", code="unavailable") from None
+        rid, created = protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now()
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+
+        def record(done: dict, status: int) -> None:
+            if log_request is None:
+                return
+            entry = {"id": rid, "time": time.time(), "endpoint": endpoint, "status": status, "stream": body.stream,
+                     "finish_reason": done.get("finish_reason"), "prompt_tokens": done.get("prompt_tokens"),
+                     "completion_tokens": done.get("completion_tokens"),
+                     "first_token_s": None if request.first_token_at is None else round(request.first_token_at - request.submitted, 6),
+                     "duration_s": round(time.perf_counter() - request.submitted, 6)}
+            if log_prompts:
+                entry["prompt"] = prompt
+            log_request(entry)
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(request, events, rid, created, chat, include_usage, record),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, done = [], None
+        while done is None:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    engine.cancel(request)
+                continue
+            if event["type"] == "text":
+                text.append(event["text"])
+            else:
+                done = event
+        if done["finish_reason"] in ("error", "cancelled"):
+            record(done, 500)
+            raise APIError(500, done.get("message", "generation did not finish"), kind="server_error")
+        record(done, 200)
+        out = protocol.completion_body(rid, served.name, "".join(text), done["finish_reason"], chat, created)
+        out["usage"] = protocol.usage(done["prompt_tokens"], done["completion_tokens"])
+        return out
+
+    async def _stream(request: Request, events: asyncio.Queue, rid: str, created: int, chat: bool, include_usage: bool,
+                      record):
+        def sse(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        done, first = None, True
+        try:
+            if chat:  # the role first, as OpenAI does
+                yield sse(protocol.completion_body(rid, served.name, "", None, chat, created, delta=True, first=True))
+                first = False
+            while done is None:
+                event = await events.get()
+                if event["type"] == "text":
+                    yield sse(protocol.completion_body(rid, served.name, event["text"], None, chat, created, delta=True,
+                                                       first=first))
+                    first = False
+                else:
+                    done = event
+            if done["finish_reason"] in ("error", "cancelled"):
+                record(done, 500)
+                yield sse(protocol.error_body(done.get("message", "generation did not finish"), "server_error"))
+                return
+            yield sse(protocol.completion_body(rid, served.name, None, done["finish_reason"], chat, created, delta=True))
+            if include_usage:
+                chunk = protocol.completion_body(rid, served.name, None, None, chat, created, delta=True)
+                chunk["choices"] = []
+                chunk["usage"] = protocol.usage(done["prompt_tokens"], done["completion_tokens"])
+                yield sse(chunk)
+            yield "data: [DONE]\n\n"
+            record(done, 200)
+        finally:
+            if done is None:  # the client went away mid-stream: free the slot
+                engine.cancel(request)
+                record({"finish_reason": "cancelled", "prompt_tokens": request.prompt_tokens,
+                        "completion_tokens": len(request.tokens)}, 499)
+
+    return app

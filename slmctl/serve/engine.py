@@ -1,0 +1,261 @@
+"""The serving loop: one thread owns the model and advances every active request each step.
+
+HTTP handlers (on the event loop) `submit` requests; the engine thread, between decoding steps,
+admits waiting requests (their prompts encoded together), feeds every active sequence one
+token in one batched call, picks each row's next token by that request's own settings
+(greedy, or temperature / top-p with its own seeded generator), and hands each request its
+new text through a thread-safe callback. A request leaves at EOS, `max_tokens`, a stop string,
+or when its client goes away (`cancel`); its row is free for the next waiting request at once.
+
+The waiting queue is bounded: `submit` raises `QueueFull` (HTTP 429) when it is, and
+`Draining` (HTTP 503) once `drain` was called (shutdown: in-flight requests finish).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from slmctl.model.generation import apply_top_p
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class Draining(Exception):
+    """The server is shutting down: no new requests."""
+
+
+@dataclass
+class Request:
+    """One generation request and what has come of it so far."""
+
+    prompt: list[int] | None  # encoder token ids (text models)
+    max_tokens: int
+    on_event: Callable[[dict], None]  # called from the engine thread with each event (see Engine)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    embeds: torch.Tensor | None = None  # vision models: the embedded encoder input [S, d_model]
+    id: int = field(default_factory=itertools.count().__next__)
+    submitted: float = field(default_factory=time.perf_counter)
+    # filled by the engine
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    shown: int = 0  # characters of `text` already sent
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt) if self.prompt is not None else int(self.embeds.shape[0])
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could still become the start of a stop string."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+class Engine:
+    """Continuous batching over a `TorchBatch` (or any object with its join/step/leave/active).
+
+    Events passed to a request's `on_event`: {"type": "text", "text": new characters},
+    then exactly one {"type": "done", "finish_reason": "stop"|"length"|"cancelled"|"error",
+    "prompt_tokens", "completion_tokens", "message" (errors)}."""
+
+    def __init__(self, batch, tokenizer, eos_ids: list[int], bos_id: int, max_queue: int = 64, metrics=None):
+        self.batch, self.tokenizer = batch, tokenizer
+        self.eos, self.bos = set(eos_ids), bos_id
+        self.max_queue, self.metrics = max_queue, metrics
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[Request] = []  # row i of the batch serves rows[i]
+        self.condition = threading.Condition()
+        self.draining = self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="slmctl-engine", daemon=True)
+        self.failure: BaseException | None = None
+
+    # -- the HTTP side ------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def submit(self, request: Request) -> None:
+        with self.condition:
+            if self.draining:
+                raise Draining("the server is shutting down")
+            if self.failure is not None:
+                raise Draining(f"the model loop failed: {self.failure}")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.rows)} requests are being served and {len(self.waiting)} are waiting")
+            self.waiting.append(request)
+            self._gauge()
+            self.condition.notify()
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: its row is freed before the next step."""
+        request.cancelled = True
+        with self.condition:
+            self.condition.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def drain(self) -> None:
+        """Refuse new requests; those waiting or active still finish."""
+        with self.condition:
+            self.draining = True
+            self.condition.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel whatever is left and end the loop."""
+        with self.condition:
+            self.draining = self.stopped = True
+            self.condition.notify()
+        self.thread.join(timeout)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self.condition:
+                    while not self.stopped and not self.waiting and not self.rows:
+                        self.condition.wait()
+                    if self.stopped:
+                        break
+                    joining = self._take_waiting()
+                if joining:
+                    self._join(joining)
+                if self.rows:
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - reported to every request, then to the server
+            self.failure = e
+            with self.condition:
+                left = [*self.rows, *self.waiting]
+                self.rows, self.waiting = [], collections.deque()
+            for request in left:
+                self._finish(request, "error", message=f"{type(e).__name__}: {e}")
+            raise
+        with self.condition:  # stopped: whatever is left ends now
+            left = [*self.rows, *self.waiting]
+            self.rows, self.waiting = [], collections.deque()
+        for request in left:
+            self._finish(request, "cancelled", message="the server stopped")
+
+    def _take_waiting(self) -> list[Request]:
+        free = self.batch.slots - len(self.rows)
+        joining = []
+        while self.waiting and len(joining) < free:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                self._finish(request, "cancelled")
+            else:
+                joining.append(request)
+        self._gauge()
+        return joining
+
+    def _join(self, requests: list[Request]) -> None:
+        for request in requests:
+            if request.temperature > 0:
+                request.generator = torch.Generator(device="cpu")
+                request.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+        text = [r for r in requests if r.embeds is None]
+        images = [r for r in requests if r.embeds is not None]
+        if text:
+            self.batch.join(prompts=[r.prompt for r in text])
+            self.rows += text
+        if images:
+            self.batch.join(embeds=[r.embeds for r in images])
+            self.rows += images
+        self._gauge()
+
+    def _step(self) -> None:
+        tokens = torch.tensor([r.tokens[-1] if r.tokens else self.bos for r in self.rows])
+        logits = self.batch.step(tokens).float()
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, request in enumerate(self.rows):
+            if request.temperature > 0:
+                scores = apply_top_p(logits[i:i + 1] / request.temperature, request.top_p)
+                chosen[i] = int(torch.multinomial(scores.softmax(-1), 1, generator=request.generator))
+        now = time.perf_counter()
+        leaving = []
+        for i, (request, token) in enumerate(zip(self.rows, chosen)):
+            if request.cancelled:
+                leaving.append((i, "cancelled"))
+                continue
+            reason = self._advance(request, token, now)
+            if reason:
+                leaving.append((i, reason))
+        for i, reason in sorted(leaving, reverse=True):  # from the end: a leaving row takes the last one's place
+            request = self.rows[i]
+            moved = self.batch.leave(i)
+            last = self.rows.pop()
+            if moved is not None:
+                self.rows[i] = last
+            self._finish(request, reason)
+        self._gauge()
+
+    def _advance(self, request: Request, token: int, now: float) -> str | None:
+        """Take one new token; returns the finish reason when the request is done."""
+        if request.first_token_at is None:
+            request.first_token_at = now
+            if self.metrics:
+                self.metrics.first_token(now - request.submitted)
+        elif self.metrics:
+            self.metrics.next_token(now - request.last_token_at)
+        request.last_token_at = now
+        reason = None
+        if token in self.eos:
+            reason = "stop"
+        else:
+            request.tokens.append(token)
+        text = self.tokenizer.decode(request.tokens)
+        cut = min((text.find(s) for s in request.stop if s in text), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        elif reason is None and len(request.tokens) >= request.max_tokens:
+            reason = "length"
+        if reason is None and text.endswith("\ufffd"):  # half a character so far: wait for the rest
+            return None
+        request.text = text
+        ready = len(text) if reason else len(text) - held_back(text, request.stop)
+        if ready > request.shown:
+            request.on_event({"type": "text", "text": text[request.shown:ready]})
+            request.shown = ready
+        return reason
+
+    def _finish(self, request: Request, reason: str, message: str | None = None) -> None:
+        if self.metrics:
+            self.metrics.finished(request, reason)
+        event = {"type": "done", "finish_reason": reason, "prompt_tokens": request.prompt_tokens,
+                 "completion_tokens": len(request.tokens)}
+        if message:
+            event["message"] = message
+        request.on_event(event)
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.depth(len(self.waiting), len(self.rows))
+

@@ -1,0 +1,165 @@
+"""Continuous batching: rows that join and leave between steps decode exactly as if alone."""
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import max_logit_error
+
+from slmctl.data.tokenizer import TextTokenizer
+from slmctl.model.directory import load_model
+from slmctl.runtime.generator import Generator, generate_text
+from slmctl.serve.batching import TorchBatch
+from slmctl.serve.engine import Engine, QueueFull, Request, held_back
+
+
+def single_logits(model, prompt: list[int], forced: list[int]) -> torch.Tensor:
+    """Logits of each step of one prompt decoded alone, the decoder fed `forced`."""
+    with torch.inference_mode():
+        session = model.start_decoding(torch.tensor([prompt]), None, len(forced) + 1)
+        steps = [session.first_logits()[0]]
+        steps += [session.step(torch.tensor([t]))[0] for t in forced[:-1]]
+    return torch.stack(steps)
+
+
+def test_rows_joining_and_leaving_decode_as_if_alone(encdec):
+    """Five prompts of different lengths through 3 slots: two join at once, others join while rows
+    are mid-answer, finished rows leave (the last row moving into their slot): every row's logits
+    equal its single-sequence decoding."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (7, 19, 3, 30, 11)]
+    lengths = [9, 4, 12, 6, 8]  # answer lengths: rows leave at different steps
+    forced = [torch.randint(5, 500, (n,), generator=g).tolist() for n in lengths]
+    expected = [single_logits(encdec, p, f) for p, f in zip(prompts, forced)]
+    batch = TorchBatch(encdec, slots=3, capacity=13)
+    rows, got, waiting, step = [], {i: [] for i in range(5)}, list(range(5)), 0
+    while waiting or rows:
+        joining = waiting[:2] if step == 0 else waiting[:min(1, batch.slots - len(rows))]
+        if joining and (step == 0 or step % 3 == 0):
+            batch.join([prompts[i] for i in joining])
+            rows += joining
+            waiting = waiting[len(joining):]
+        tokens = torch.tensor([forced[i][len(got[i]) - 1] if got[i] else encdec.config.bos_token_id for i in rows])
+        logits = batch.step(tokens)
+        for r, i in enumerate(rows):
+            got[i].append(logits[r])
+        for r in sorted((r for r, i in enumerate(rows) if len(got[i]) == lengths[i]), reverse=True):
+            moved, last = batch.leave(r), rows.pop()
+            if moved is not None:
+                rows[r] = last
+        step += 1
+    assert batch.active == 0
+    for i in range(5):
+        assert max_logit_error(torch.stack(got[i]), expected[i]) < 1e-5, f"prompt {i}"
+
+
+def test_a_batch_refuses_more_rows_than_slots(encdec):
+    batch = TorchBatch(encdec, slots=2, capacity=4)
+    batch.join([[5, 6], [7]])
+    with pytest.raises(RuntimeError, match="slots"):
+        batch.join([[8]])
+
+
+def test_stop_strings_hold_back_only_what_could_still_match():
+    assert held_back("The answer is Par", ("Paris",)) == 3
+    assert held_back("The answer is X", ("Paris",)) == 0
+    assert held_back("abc\n", ("\n\n", "c\nq")) == 2
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir):
+    model = load_model(tiny_model_dir).eval()
+    return Generator(model, TextTokenizer.load(tiny_model_dir), "encdec", tiny_model_dir)
+
+
+def collect(engine, **settings):
+    """Submit a request; returns (request, events list, done Event)."""
+    events, done = [], threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        if event["type"] == "done":
+            done.set()
+
+    request = Request(on_event=on_event, **settings)
+    engine.submit(request)
+    return request, events, done
+
+
+def text_of(events):
+    return "".join(e["text"] for e in events if e["type"] == "text")
+
+
+PROMPTS = ["Where does Ana live?", "What is the job of the person who lives in Oslo? Answer briefly.", "Who?",
+           "Name the city of the teacher and the colour of the car that Bo owns."]
+
+
+def test_concurrent_requests_get_what_each_would_get_alone(generator):
+    """Greedy answers of requests decoded together (joining at different times) equal `generate_text`
+    of each prompt alone, with finish reason and usage counts."""
+    tokenizer = generator.tokenizer
+    alone = [generate_text(generator, p, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 20, 7, 16))]
+    engine = Engine(TorchBatch(generator.model, slots=3, capacity=21), tokenizer, [tokenizer.eos_id],
+                    generator.model.config.bos_token_id).start()
+    try:
+        submitted = []
+        for prompt, n in zip(PROMPTS, (12, 20, 7, 16)):
+            submitted.append(collect(engine, prompt=tokenizer.encode(prompt), max_tokens=n))
+        for (request, events, done), expected, n in zip(submitted, alone, (12, 20, 7, 16)):
+            assert done.wait(30)
+            assert text_of(events) == expected
+            final = events[-1]
+            assert final["finish_reason"] in ("stop", "length")
+            assert final["completion_tokens"] == len(request.tokens) <= n
+            assert final["prompt_tokens"] == len(request.prompt)
+    finally:
+        engine.stop(5)
+
+
+def test_a_stop_string_ends_the_answer_before_it(generator):
+    tokenizer = generator.tokenizer
+    full = generate_text(generator, PROMPTS[1], max_new_tokens=20)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop and stop in full
+    engine = Engine(TorchBatch(generator.model, slots=2, capacity=21), tokenizer, [tokenizer.eos_id],
+                    generator.model.config.bos_token_id).start()
+    try:
+        _, events, done = collect(engine, prompt=tokenizer.encode(PROMPTS[1]), max_tokens=20, stop=(stop,))
+        assert done.wait(30)
+        assert text_of(events) == full[:full.index(stop)]
+        assert events[-1]["finish_reason"] == "stop"
+    finally:
+        engine.stop(5)
+
+
+def test_a_cancelled_request_frees_its_slot_and_a_full_queue_refuses(generator):
+    """One slot, one waiting place: a third request is refused; cancelling the running one lets the
+    waiting one through."""
+    tokenizer = generator.tokenizer
+    engine = Engine(TorchBatch(generator.model, slots=1, capacity=257), tokenizer, eos_ids=[-1],  # never stops early
+                    bos_id=generator.model.config.bos_token_id, max_queue=1)
+    gate = threading.Event()
+    step = engine.batch.step
+
+    def slow_step(tokens):  # hold the first request in its slot until the test has looked
+        gate.wait(10)
+        return step(tokens)
+
+    engine.batch.step = slow_step
+    engine.start()
+    try:
+        first, first_events, first_done = collect(engine, prompt=tokenizer.encode("a"), max_tokens=256)
+        while engine.active == 0:
+            time.sleep(0.01)
+        second, _, second_done = collect(engine, prompt=tokenizer.encode("b"), max_tokens=3)
+        with pytest.raises(QueueFull):
+            collect(engine, prompt=tokenizer.encode("c"), max_tokens=3)
+        engine.cancel(first)
+        gate.set()
+        assert first_done.wait(30) and second_done.wait(30)
+        assert first_events[-1]["finish_reason"] == "cancelled" and len(first.tokens) < 256
+        assert len(second.tokens) == 3
+    finally:
+        gate.set()
+        engine.stop(5)

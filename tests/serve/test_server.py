@@ -1,0 +1,266 @@
+"""`slmctl serve`: OpenAI's client against a server started here, bad input, disconnects, metrics,
+API keys, a full queue, the run directory and a graceful SIGTERM."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import cli, newest_run
+
+from slmctl.config import compose
+from slmctl.runs import Run
+from slmctl.serve.stage import open_server
+
+
+@contextlib.contextmanager
+def running_server(runs, model, *overrides, slow_steps: float = 0.0):
+    """A server in a thread of this process (port 0) -> the Server; stopped and its run finished after.
+    `slow_steps`: seconds added to every decoding step (to keep requests in flight)."""
+    cfg = compose("serve", [f"source={model}", "port=0", *overrides])
+    run = Run.create(runs, "serve", "serve", cfg, argv=["test"])
+    server = open_server(cfg, run)
+    if slow_steps:
+        step = server.engine.batch.step
+        server.engine.batch.step = lambda tokens: (time.sleep(slow_steps), step(tokens))[1]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert server.bound.wait(60), "the server did not start"
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(60)
+        server.finish()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    runs = tmp_path_factory.mktemp("runs")
+    with running_server(runs, tiny_model_dir, "max_tokens_cap=64", "max_prompt_tokens=48", "model_name=tiny") as s:
+        yield s
+
+
+def client(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+
+def printed_by_generate(model, prompt: str, max_new_tokens: int) -> str:
+    """What `slmctl generate` prints as the answer (the line after "> prompt")."""
+    result = cli("generate", model, f"prompt={prompt}", "--max-new-tokens", max_new_tokens)
+    assert result.exit_code == 0, result.output
+    assert f"> {prompt}\n" in result.stdout  # (a server thread of this process may have printed before it)
+    return result.stdout.split(f"> {prompt}\n", 1)[1].removesuffix("\n")
+
+
+PROMPT = "Where does the teacher from Oslo live?"
+
+
+def test_openai_client_gets_what_generate_prints(server, tiny_model_dir):
+    """Greedy completions and chat, streamed and not: exactly `slmctl generate`'s text, with usage."""
+    expected = printed_by_generate(tiny_model_dir, PROMPT, 20)
+    api = client(server)
+    plain = api.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
+    assert plain.choices[0].text == expected
+    assert plain.usage.completion_tokens <= 20 and plain.usage.prompt_tokens > 0
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    chat = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=20,
+                                       temperature=0)
+    assert chat.choices[0].message.content == expected and chat.choices[0].message.role == "assistant"
+    pieces = [c.choices[0].text for c in api.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0,
+                                                                 stream=True)]
+    assert "".join(pieces) == expected and len(pieces) > 2  # streamed as it was made, not in one piece
+    chunks = list(api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=20,
+                                              temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+
+
+def test_sampling_follows_the_seed(server):
+    api = client(server)
+    ask = lambda seed: api.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=1.0, top_p=0.9,
+                                              seed=seed).choices[0].text
+    assert ask(1) == ask(1)
+    assert len({ask(seed) for seed in range(2, 6)}) > 1
+
+
+def test_a_conversation_goes_through_the_default_chat_template(server, tiny_model_dir):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who lives in Oslo?"}]
+    api = client(server)
+    reply = api.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    expected = printed_by_generate(tiny_model_dir, "System: Be brief.\nUser: Who lives in Oslo?\nAssistant:", 12)
+    assert reply.choices[0].message.content == expected
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"model": "tiny", "prompt": ', 400, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, "invalid_json"),
+    ("unknown field", {"model": "tiny", "prompt": "hi", "temperatur": 0}, 400, "unknown_field"),
+    ("prompt too long", {"model": "tiny", "prompt": "Where does Ana live? " * 40}, 400, "context_length_exceeded"),
+    ("max_tokens beyond the cap", {"model": "tiny", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens_exceeded"),
+    ("unknown model", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found"),
+    ("n > 1", {"model": "tiny", "prompt": "hi", "n": 2}, 400, None),
+    ("a bad temperature", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400, None),
+]
+
+
+@pytest.mark.parametrize("why, body, status, code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_a_4xx_in_openais_shape_and_the_server_keeps_serving(server, why, body, status, code):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        if isinstance(body, bytes):
+            response = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        else:
+            response = http.post("/v1/completions", json=body)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["type"] and (code is None or error["code"] == code)
+        assert http.get("/health").json()["status"] == "ok"
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        assert ok.status_code == 200
+
+
+def test_metrics_count_requests_tokens_and_latencies(tmp_path, tiny_model_dir):
+    with running_server(tmp_path, tiny_model_dir, "model_name=tiny") as server:
+        api = client(server)
+        made = [api.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0) for p in ("a", "bb", "ccc")]
+        with httpx.Client(base_url=server.url) as http:
+            assert http.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+            text = http.get("/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values['slmctl_requests_total{endpoint="/v1/completions",status="200"}'] == 3
+    assert values['slmctl_requests_total{endpoint="/v1/completions",status="404"}'] == 1
+    assert values["slmctl_generation_tokens_total"] == sum(m.usage.completion_tokens for m in made)
+    assert values["slmctl_prompt_tokens_total"] == sum(m.usage.prompt_tokens for m in made)
+    assert values["slmctl_time_to_first_token_seconds_count"] == 3
+    assert values["slmctl_time_per_output_token_seconds_count"] == sum(m.usage.completion_tokens for m in made) - 3 + sum(
+        m.choices[0].finish_reason == "stop" for m in made)
+    assert values["slmctl_queue_depth"] == 0 and values["slmctl_active_sequences"] == 0
+    # the run keeps them, and one line per request without its prompt
+    saved = json.loads((server.run_dir.path / "metrics.json").read_text())
+    assert saved["slmctl_generation_tokens_total"] == values["slmctl_generation_tokens_total"]
+    logged = [json.loads(line) for line in (server.run_dir.path / "requests.jsonl").read_text().splitlines()]
+    assert [entry["completion_tokens"] for entry in logged] == [m.usage.completion_tokens for m in made]
+    assert all("prompt" not in entry for entry in logged)
+    assert Run.open(server.run_dir.path).status()["status"] == "succeeded"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path, tiny_model_dir):
+    with running_server(tmp_path, tiny_model_dir, "model_name=tiny", slow_steps=0.02) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+                assert http.get("/health").json()["active"] == 1
+            deadline = time.time() + 10
+            while http.get("/health").json()["active"] and time.time() < deadline:
+                time.sleep(0.05)
+            assert http.get("/health").json()["active"] == 0
+            assert 'slmctl_request_finish_total{reason="cancelled"} 1.0' in http.get("/metrics").text
+    [entry] = [json.loads(line) for line in (server.run_dir.path / "requests.jsonl").read_text().splitlines()]
+    assert entry["status"] == 499 and entry["completion_tokens"] < 200
+
+
+def test_a_full_queue_is_429_and_health_answers_during_generation(tmp_path, tiny_model_dir):
+    with running_server(tmp_path, tiny_model_dir, "model_name=tiny", "max_batch=1", "max_queue=1",
+                        slow_steps=0.04) as server:
+        results = []
+
+        def ask():
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                results.append(http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 60}))
+
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        with httpx.Client(base_url=server.url, timeout=5) as http:
+            started = time.perf_counter()
+            assert http.get("/health").json() == {"status": "ok", "model": "tiny", "active": 1, "waiting": 1}
+            assert time.perf_counter() - started < 1.0
+        for t in threads:
+            t.join(60)
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [200, 200, 429]
+    assert all(r.json()["usage"]["completion_tokens"] == 60 for r in results if r.status_code == 200)  # no early EOS
+    refused = next(r for r in results if r.status_code == 429).json()["error"]
+    assert refused["type"] == "rate_limit_error"
+
+
+def test_an_api_key_is_required_and_never_written(tmp_path, tiny_model_dir, monkeypatch):
+    secret = "sk-test-7f3c9e1d2b"
+    monkeypatch.setenv("SLMCTL_TEST_KEY", secret)
+    with running_server(tmp_path, tiny_model_dir, "model_name=tiny", "api_key_env=SLMCTL_TEST_KEY") as server:
+        with pytest.raises(openai.AuthenticationError):
+            client(server, api_key="wrong").completions.create(model="tiny", prompt="hi", max_tokens=2)
+        with httpx.Client(base_url=server.url) as http:
+            assert http.get("/health").status_code == 200  # health and metrics stay open
+            assert http.post("/v1/completions", json={"model": "tiny", "prompt": "hi"}).status_code == 401
+        reply = client(server, api_key=secret).completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert reply.choices[0].text is not None
+    written = "".join(p.read_text(errors="replace") for p in server.run_dir.path.rglob("*") if p.is_file())
+    assert "SLMCTL_TEST_KEY" in written and secret not in written
+
+
+def test_serve_refuses_what_it_cannot_serve(tmp_path, tiny_model_dir):
+    result = cli("serve", tmp_path / "missing", runs=tmp_path / "runs")
+    assert result.exit_code == 2 and "error" in result.output
+    result = cli("serve", tiny_model_dir, "api_key_env=SLMCTL_UNSET_VARIABLE_FOR_TEST", runs=tmp_path / "runs")
+    assert result.exit_code == 2 and "SLMCTL_UNSET_VARIABLE_FOR_TEST" in result.output
+    result = cli("serve", tiny_model_dir, "port=70000", runs=tmp_path / "runs")
+    assert result.exit_code == 2 and "port" in result.output
+
+
+def test_sigterm_finishes_in_flight_streams_then_exits_0(tmp_path, tiny_model_dir):
+    """The command in its own process: SIGTERM while eight streams are being generated; each stream
+    still ends with [DONE] and all its tokens, new connections are refused, the run succeeds."""
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, "-m", "slmctl", "serve", str(tiny_model_dir), "--port", "0",
+                                "--runs-dir", str(runs), "max_tokens_cap=256"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while not list(runs.glob("serve/*/server.json")) and time.time() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        url = json.loads(next(runs.glob("serve/*/server.json")).read_text())["url"]
+        received, finished = [0] * 8, []
+
+        def stream(i):
+            body = {"model": "model", "prompt": f"{PROMPT} {i}", "max_tokens": 256, "stream": True}
+            with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        received[i] += 1
+                    elif line == "data: [DONE]":
+                        finished.append(i)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        while not all(received) and time.time() < deadline:
+            time.sleep(0.002)
+        process.send_signal(signal.SIGTERM)
+        at_signal = list(received)
+        for t in threads:
+            t.join(60)
+        assert process.wait(60) == 0, process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert sorted(finished) == list(range(8))
+    assert min(at_signal) < 100  # the streams were in flight when the signal came
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=5)
+    run = newest_run(runs, "serve")
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "succeeded"
+    assert "SIGTERM" in (run / "log.txt").read_text()
+    assert len((run / "requests.jsonl").read_text().splitlines()) == 8
