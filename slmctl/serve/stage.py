@@ -96,7 +96,7 @@ def open_batch(generator, slots: int, max_tokens: int):
         return TorchBatch(text, slots=slots, capacity=max_tokens + 1)
     from slmctl.serve.onnx_batching import OnnxBatch
 
-    return OnnxBatch(model, slots=slots)
+    return OnnxBatch(model, slots=slots, capacity=max_tokens + 1)
 
 
 def generation_defaults(path) -> dict:

@@ -264,3 +264,45 @@ def test_sigterm_finishes_in_flight_streams_then_exits_0(tmp_path, tiny_model_di
     assert status["status"] == "succeeded"
     assert "SIGTERM" in (run / "log.txt").read_text()
     assert len((run / "requests.jsonl").read_text().splitlines()) == 8
+
+
+def test_an_onnx_export_serves_what_generate_prints(tmp_path, tiny_model_dir):
+    """--runtime onnx: greedy text through the openai client equals `slmctl generate` on the export,
+    streamed and not, with requests decoded concurrently (cohorts of the exported decoder)."""
+    runs = tmp_path / "runs"
+    result = cli("export", "onnx", tiny_model_dir, "validation.prompt_lens=[5,19]", "validation.steps=6",
+                 "validation.tolerance=1e-2", runs=runs)  # a randomised model: logits of ~15
+    assert result.exit_code == 0, result.output
+    export = newest_run(runs, "export")
+    prompts = [PROMPT, "Who lives in Oslo?", "What does Ana do?"]
+    expected = [printed_by_generate(export, p, 16) for p in prompts]
+    with running_server(runs, export, "runtime=onnx", "model_name=tiny-onnx") as server:
+        api = client(server)
+        answers = [None] * 3
+
+        def ask(i):
+            answers[i] = api.completions.create(model="tiny-onnx", prompt=prompts[i], max_tokens=16, temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [a.choices[0].text for a in answers] == expected
+        streamed = api.chat.completions.create(model="tiny-onnx", messages=[{"role": "user", "content": prompts[1]}],
+                                               max_tokens=16, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected[1]
+
+
+def test_eval_with_an_endpoint_judge_runs_against_slmctl_serve(tmp_path, tiny_model_dir):
+    """`slmctl eval ... judge=endpoint judge.endpoint=<slmctl serve>/v1`: every judge prompt is answered
+    by the server (a random model's replies carry no score: they count as missing, not as errors)."""
+    runs = tmp_path / "runs"
+    with running_server(runs, tiny_model_dir, "model_name=judge", "max_prompt_tokens=4096") as server:
+        result = cli("eval", tiny_model_dir, "task=synthetic_qa", "limit=3", "task.n_people=200", "judge=endpoint",
+                     f"judge.endpoint={server.url}/v1", "judge.model=judge", "judge.max_new_tokens=16", runs=runs)
+        assert result.exit_code == 0, result.output
+    judged = [json.loads(line) for line in (server.run_dir.path / "requests.jsonl").read_text().splitlines()]
+    assert len(judged) == 3 and all(e["status"] == 200 and e["endpoint"] == "/v1/chat/completions" for e in judged)
+    log = (newest_run(runs, "eval") / "log.txt").read_text()
+    assert "3 calls" in log and "3 unparsable (missing)" in log
