@@ -13,6 +13,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from conftest import cli, newest_run
 
 from slmctl.config import compose
@@ -306,3 +307,55 @@ def test_eval_with_an_endpoint_judge_runs_against_slmctl_serve(tmp_path, tiny_mo
     assert len(judged) == 3 and all(e["status"] == 200 and e["endpoint"] == "/v1/chat/completions" for e in judged)
     log = (newest_run(runs, "eval") / "log.txt").read_text()
     assert "3 calls" in log and "3 unparsable (missing)" in log
+
+
+@pytest.fixture(scope="module")
+def vision_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with a small random ViT attached, saved as a vision model directory."""
+    from slmctl.data.tokenizer import TextTokenizer
+    from slmctl.model.directory import load_model
+    from slmctl.model.vision import VisionConfig
+    from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
+
+    tokenizer = TextTokenizer.load(tiny_model_dir)
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2)
+    model = VisionEncoderDecoderLM(load_model(tiny_model_dir), vision, tokenizer.image_id).eval()
+    return save_vision_model(model, tmp_path_factory.mktemp("vision") / "model", tokenizer)
+
+
+def test_images_in_chat_content_reach_a_vision_model(tmp_path, vision_model_dir):
+    """An image as a data: URL or a path under --image-root: the answer `slmctl generate image=...` prints;
+    a path outside the root, a missing file and bytes that are no image: 400, and the server goes on."""
+    import base64
+
+    from PIL import Image
+
+    from slmctl.runtime.generator import generate_text, load_generator
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.new("RGB", (48, 40), (220, 40, 40)).save(pictures / "red.png")
+    question = "What color is the square?"
+    # what `slmctl generate MODEL image=red.png prompt=...` generates (its printout drops the control characters
+    # this random model emits, so the text itself is compared)
+    with Image.open(pictures / "red.png") as image:
+        expected = generate_text(load_generator(vision_model_dir), question, max_new_tokens=12, images=[image.convert("RGB")])
+    data_url = "data:image/png;base64," + base64.b64encode((pictures / "red.png").read_bytes()).decode()
+    with running_server(tmp_path / "runs", vision_model_dir, "model_name=vlm", f"image_root={pictures}") as server:
+        api = client(server)
+
+        def ask(url):
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+            return api.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}], max_tokens=12,
+                                               temperature=0)
+
+        assert ask(data_url).choices[0].message.content == expected
+        assert ask(str(pictures / "red.png")).choices[0].message.content == expected
+        assert ask("red.png").choices[0].message.content == expected  # relative to the root
+        (tmp_path / "secret.png").write_bytes((pictures / "red.png").read_bytes())
+        for bad in (str(tmp_path / "secret.png"), "../secret.png", "missing.png",
+                    "data:image/png;base64," + base64.b64encode(b"not an image").decode()):
+            with pytest.raises(openai.BadRequestError):
+                ask(bad)
+        assert ask(data_url).choices[0].message.content == expected
