@@ -44,6 +44,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens (load tests)
     embeds: torch.Tensor | None = None  # vision models: the embedded encoder input [S, d_model]
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.perf_counter)
@@ -227,7 +228,7 @@ class Engine:
             self.metrics.next_token(now - request.last_token_at)
         request.last_token_at = now
         reason = None
-        if token in self.eos:
+        if token in self.eos and not request.ignore_eos:
             reason = "stop"
         else:
             request.tokens.append(token)

@@ -43,6 +43,7 @@ class Sampling(Strict):
     frequency_penalty: float = 0.0
     logprobs: Optional[Union[bool, int]] = None
     logit_bias: Optional[dict] = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
     @field_validator("n")
     @classmethod

@@ -359,3 +359,22 @@ def test_images_in_chat_content_reach_a_vision_model(tmp_path, vision_model_dir)
             with pytest.raises(openai.BadRequestError):
                 ask(bad)
         assert ask(data_url).choices[0].message.content == expected
+
+
+def test_a_load_test_of_32_streaming_clients_completes_every_stream(tmp_path, tiny_model_dir):
+    """The bounded load test (python -m slmctl.serve.loadtest): 1 and then 32 clients streaming back to back
+    for a few seconds: no failed request, every stream whole (its [DONE], all max_tokens tokens), tokens/s
+    and first-token percentiles in the report."""
+    from slmctl.serve import loadtest
+
+    report = tmp_path / "load.json"
+    with running_server(tmp_path / "runs", tiny_model_dir, "max_batch=32", "max_queue=64") as server:
+        code = loadtest.main([server.url, "--clients", "1,32", "--duration", "3", "--max-tokens", "24",
+                              "--json", str(report)])
+    levels = json.loads(report.read_text())["levels"]
+    assert code == 0
+    for level in levels:
+        assert level["requests"] >= level["clients"] and level["failed"] == 0 and level["incomplete"] == 0
+        assert level["generated_tokens"] == 24 * level["requests"]
+        assert 0 < level["first_token_p50_ms"] <= level["first_token_p95_ms"]
+    assert levels[1]["speedup_vs_1_client"] == pytest.approx(levels[1]["tokens_per_s"] / levels[0]["tokens_per_s"], rel=0.01)
