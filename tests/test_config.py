@@ -22,7 +22,7 @@ NO_SCHEMA = {"trainer": "lightning.Trainer arguments, open-ended", "hardware": "
 # -- every value declared once ------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "distill", "eval", "bench", "export", "add-vision"])
+@pytest.mark.parametrize("stage", ["pretrain", "distill", "eval", "bench", "export", "add-vision", "serve"])
 def test_every_stage_composes_typed_by_its_schema(stage):
     assert stage in stages()
     cfg = compose(stage)
