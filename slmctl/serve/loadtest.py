@@ -2,8 +2,8 @@
 
 For each concurrency level, that many clients stream completions back to back for `--duration`
 seconds (each asks for `--max-tokens` tokens with `ignore_eos`, so every request costs the same);
-reported per level: requests, failed requests, incomplete streams (no [DONE] or fewer tokens
-than usage says), aggregate generated tokens/s, first-token latency p50/p95 and time per output
+reported per level: requests, failed requests, incomplete streams (no [DONE], or fewer tokens
+than asked for), aggregate generated tokens/s, first-token latency p50/p95 and time per output
 token p50, and the speed-up of aggregate tokens/s over one client. Requests still running when the
 time is up are finished and counted; the rate divides by the wall time until the last one ends.
 
@@ -59,7 +59,7 @@ def one_request(http: httpx.Client, model: str, prompt: str, max_tokens: int) ->
     except httpx.HTTPError as e:
         return {"ok": False, "status": None, "error": f"{type(e).__name__}: {e}"[:200]}
     seconds = time.perf_counter() - started
-    complete = done and tokens == max_tokens and first is not None
+    complete = done and tokens == max_tokens  # (a stream of tokens that decode to no text has no first-token time)
     return {"ok": True, "complete": complete, "tokens": tokens, "first_token_s": first, "seconds": seconds,
             "per_token_s": (seconds - first) / max(tokens - 1, 1) if first is not None else None}
 

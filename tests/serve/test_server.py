@@ -378,3 +378,23 @@ def test_a_load_test_of_32_streaming_clients_completes_every_stream(tmp_path, ti
         assert level["generated_tokens"] == 24 * level["requests"]
         assert 0 < level["first_token_p50_ms"] <= level["first_token_p95_ms"]
     assert levels[1]["speedup_vs_1_client"] == pytest.approx(levels[1]["tokens_per_s"] / levels[0]["tokens_per_s"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_eight_clients_get_at_least_three_times_one_clients_tokens_per_s_at_small(tmp_path, world_texts):
+    """docs/serve.md's claim, on this machine: a `small` model (random weights: the claim is about
+    batching, not answers), 8 streaming clients against 1, 15 s each."""
+    from slmctl.data.tokenizer import train_bpe
+    from slmctl.model import build_model
+    from slmctl.model.config import vocab_size_for
+    from slmctl.model.directory import save_model
+    from slmctl.serve import loadtest
+
+    tokenizer = train_bpe(world_texts, vocab_size=2048)
+    model = build_model("small", seed=0, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
+    directory = save_model(model, tmp_path / "small", tokenizer)
+    report = tmp_path / "load.json"
+    with running_server(tmp_path / "runs", directory, "max_batch=32") as server:
+        assert loadtest.main([server.url, "--clients", "1,8", "--duration", "15", "--json", str(report)]) == 0
+    one, eight = json.loads(report.read_text())["levels"]
+    assert eight["tokens_per_s"] >= 3 * one["tokens_per_s"], (one, eight)
