@@ -179,9 +179,11 @@ def caption(shapes: list[Shape]) -> str:
 
 
 def counts(shapes: list[Shape]) -> dict[str, int]:
-    """How many shapes a scene holds, and how many of each kind: what count questions ask."""
-    kinds = Counter(s.kind for s in shapes)
-    return {"shapes": len(shapes), **{f"{kind}s": kinds[kind] for kind in SHAPES}}
+    """How many shapes a scene holds, of each kind (what count questions ask), and of each colour
+    and kind ("red circles": which colour goes with which shape, what colour and shape questions ask)."""
+    kinds, named = Counter(s.kind for s in shapes), Counter(s.name for s in shapes)
+    return {"shapes": len(shapes), **{f"{kind}s": kinds[kind] for kind in SHAPES},
+            **{f"{color} {kind}s": named[f"{color} {kind}"] for color in COLORS for kind in SHAPES}}
 
 
 class LabelledScenes:
@@ -211,7 +213,7 @@ class ShapeCaptions(LabelledScenes):
 
 
 class ShapeCounts(LabelledScenes):
-    """(image, [shapes, circles, squares, triangles]): supervised pretraining data (`vision.pretrain=counts`)."""
+    """(image, the values of `counts`): supervised pretraining data (`vision.pretrain=counts`)."""
 
     @staticmethod
     def label(shapes: list[Shape]) -> list[int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from slmctl.data.shapes import ShapeCounts
-from slmctl.model.counting import COUNTED, pooled_features
+from slmctl.model.counting import COUNTED, KINDS_COUNTED, pooled_features
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def probe_towers(towers: dict, max_shapes: int = 4, n_train: int = 2000, n_test:
     for label, tower in towers.items():
         train_x, train_labels = scene_features(tower, ShapeCounts(seed, "train", n_train, max_shapes))
         test_x, test_labels = scene_features(tower, ShapeCounts(seed, "test", n_test, max_shapes))
-        for target in train_labels[0]:
+        for target in KINDS_COUNTED:  # what count questions ask
             train_y = torch.tensor([row[target] for row in train_labels])
             test_y = torch.tensor([row[target] for row in test_labels])
             table.setdefault(target, {})[label] = probe_accuracy(train_x, train_y, test_x, test_y)

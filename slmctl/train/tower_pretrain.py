@@ -6,8 +6,9 @@ pretrained on the shape scenes for `stage0.steps` at `stage0.lr`, either
   its caption ("three shapes: two red circles, a blue square"); measured before and after:
   image-to-caption retrieval accuracy on the validation scenes (is an image's own caption the
   highest-scoring of its batch?); or
-- counts: to count each kind of shape in the scene (`slmctl.model.counting`); measured before
-  and after: the fraction of validation scenes whose count of each kind it gets exactly.
+- counts: to count the scene's shapes, each kind and each colour of each kind, at every position
+  of its feature map (`slmctl.model.counting`); measured before and after: the fraction of
+  validation scenes whose count of each it gets exactly.
 The heads (and the text encoder) are discarded afterwards; the tower goes on into stages 1 and 2.
 Its weights are kept in checkpoints/stage0/, so a resumed run does not pretrain again.
 """
@@ -114,7 +115,7 @@ def pretrain_tower(cfg, run, model, tokenizer) -> dict:
     else:
         module = CountingTower(model.tower, max_count=data.max_shapes)
         scenes, make_batch, describe = ShapeCounts, partial(make_count_batch, tile=tile), "counted scenes"
-        measure, measured = count_accuracy, "validation count accuracy (shapes, circles, squares, triangles)"
+        measure, measured = count_accuracy, "validation count accuracy (shapes, each kind, each colour of each kind)"
     train = scenes(data.seed, "train", data.train_examples, data.max_shapes)
     validation = scenes(data.seed, "validation", data.validation_examples, data.max_shapes)
     datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed, describe=describe)

@@ -9,9 +9,13 @@ from slmctl.eval.tower_probe import probe_accuracy, probe_towers
 from slmctl.model.vision import VisionConfig, build_tower
 
 
-def test_targets_are_the_number_of_shapes_and_each_kinds_count():
+def test_targets_are_the_number_of_shapes_each_kinds_and_each_coloured_kinds_count():
     shapes = [Shape("circle", "red", 1, 1, 1), Shape("circle", "blue", 5, 1, 1), Shape("triangle", "red", 9, 1, 1)]
-    assert targets(shapes) == {"shapes": 3, "circles": 2, "squares": 0, "triangles": 1}
+    counted = targets(shapes)
+    assert {k: counted[k] for k in ("shapes", "circles", "squares", "triangles")} == {"shapes": 3, "circles": 2, "squares": 0,
+                                                                                     "triangles": 1}
+    assert {k: v for k, v in counted.items() if " " in k and v} == {"red circles": 1, "blue circles": 1, "red triangles": 1}
+    assert len(counted) == 4 + 6 * 3
 
 
 def test_a_linear_probe_finds_a_linear_signal_and_not_noise():

@@ -1,6 +1,7 @@
-"""Supervised tower pretraining: the counting head learns the scenes' counts from the tower."""
+"""Supervised tower pretraining: the counting head learns the scenes' counts from every position of the tower."""
 
 import numpy as np
+import pytest
 import torch
 
 from slmctl.data.shapes import SHAPES, ShapeCounts, ShapeScenes, counts
@@ -24,6 +25,11 @@ def test_on_a_tiny_batch_the_loss_falls_and_the_counts_are_learned():
                           .permute(2, 0, 1) / 255 for i in range(12)])
     targets = torch.tensor([data[i][1] for i in range(12)])
     counting = CountingTower(tower, max_count=4)
+    # the loss asks every position on its own for every count (not their average)
+    per_position = counting.position_logits(pixels)
+    asked = torch.nn.functional.cross_entropy(per_position.flatten(0, 2),
+                                              targets[:, None].expand(-1, per_position.shape[1], -1).flatten())
+    assert counting(pixels, targets).item() == pytest.approx(asked.item(), rel=1e-5)
     optimizer = torch.optim.AdamW(counting.parameters(), lr=3e-3)
     first = counting(pixels, targets).item()
     for _ in range(150):
@@ -33,3 +39,5 @@ def test_on_a_tiny_batch_the_loss_falls_and_the_counts_are_learned():
         optimizer.step()
     assert loss.item() < 0.3 * first
     assert counting.accuracy(pixels, targets).min() == 1.0  # every count of every scene, on the batch it saw
+    # and every position of the feature map on its own: the language model reads positions, not a summary
+    assert (counting.position_logits(pixels).argmax(-1) == targets[:, None]).float().mean() > 0.95
