@@ -232,6 +232,7 @@ def test_sigterm_finishes_in_flight_streams_then_exits_0(tmp_path, tiny_model_di
         while not list(runs.glob("serve/*/server.json")) and time.time() < deadline and process.poll() is None:
             time.sleep(0.1)
         url = json.loads(next(runs.glob("serve/*/server.json")).read_text())["url"]
+        assert url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
         received, finished = [0] * 8, []
 
         def stream(i):
