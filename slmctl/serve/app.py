@@ -96,8 +96,10 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if engine.failure is None else "failed", "model": served.name,
-                "active": engine.active, "waiting": engine.queue_depth}
+        """200 while the model loop runs; 503 once it has failed (or the server is stopping)."""
+        state = "failed" if engine.failure is not None else "stopping" if engine.draining else "ok"
+        return JSONResponse({"status": state, "model": served.name, "active": engine.active, "waiting": engine.queue_depth},
+                            status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():

@@ -178,18 +178,24 @@ class Engine:
         return joining
 
     def _join(self, requests: list[Request]) -> None:
+        """Admit `requests`, text prompts and embedded (vision) prompts each encoded together; a group
+        the model cannot take fails its own requests, not the server."""
         for request in requests:
             if request.temperature > 0:
                 request.generator = torch.Generator(device="cpu")
                 request.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
         text = [r for r in requests if r.embeds is None]
         images = [r for r in requests if r.embeds is not None]
-        if text:
-            self.batch.join(prompts=[r.prompt for r in text])
-            self.rows += text
-        if images:
-            self.batch.join(embeds=[r.embeds for r in images])
-            self.rows += images
+        for group, inputs in ((text, {"prompts": [r.prompt for r in text]}), (images, {"embeds": [r.embeds for r in images]})):
+            if not group:
+                continue
+            try:
+                self.batch.join(**inputs)
+            except (RuntimeError, ValueError, IndexError) as e:
+                for request in group:
+                    self._finish(request, "error", message=f"the prompt could not be encoded: {type(e).__name__}: {e}")
+                continue
+            self.rows += group
         self._gauge()
 
     def _step(self) -> None:

@@ -163,3 +163,26 @@ def test_a_cancelled_request_frees_its_slot_and_a_full_queue_refuses(generator):
     finally:
         gate.set()
         engine.stop(5)
+
+
+def test_a_prompt_the_model_cannot_take_fails_its_request_not_the_server(generator):
+    tokenizer = generator.tokenizer
+    batch = TorchBatch(generator.model, slots=2, capacity=9)
+    join = batch.join
+
+    def picky_join(prompts=None, embeds=None):
+        if prompts and any(len(p) > 30 for p in prompts):
+            raise RuntimeError("prompt too long for this test")
+        return join(prompts=prompts, embeds=embeds)
+
+    batch.join = picky_join
+    engine = Engine(batch, tokenizer, [tokenizer.eos_id], generator.model.config.bos_token_id).start()
+    try:
+        _, failed_events, failed = collect(engine, prompt=list(range(5, 45)), max_tokens=4)
+        assert failed.wait(30) and failed_events[-1]["finish_reason"] == "error"
+        assert "prompt too long" in failed_events[-1]["message"]
+        _, events, done = collect(engine, prompt=tokenizer.encode(PROMPTS[0]), max_tokens=8)
+        assert done.wait(30) and text_of(events) == generate_text(generator, PROMPTS[0], max_new_tokens=8)
+        assert engine.failure is None
+    finally:
+        engine.stop(5)
