@@ -154,7 +154,7 @@ def test_metrics_count_requests_tokens_and_latencies(tmp_path, tiny_model_dir):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path, tiny_model_dir):
-    with running_server(tmp_path, tiny_model_dir, "model_name=tiny", slow_steps=0.02) as server:
+    with running_server(tmp_path, tiny_model_dir, "model_name=tiny", "log_prompts=true", slow_steps=0.02) as server:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "stream": True}
             with http.stream("POST", "/v1/completions", json=body) as response:
@@ -168,6 +168,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path, tiny_mode
             assert 'slmctl_request_finish_total{reason="cancelled"} 1.0' in http.get("/metrics").text
     [entry] = [json.loads(line) for line in (server.run_dir.path / "requests.jsonl").read_text().splitlines()]
     assert entry["status"] == 499 and entry["completion_tokens"] < 200
+    assert entry["prompt"] == PROMPT  # log_prompts=true (--log-prompts) keeps the text
 
 
 def test_a_full_queue_is_429_and_health_answers_during_generation(tmp_path, tiny_model_dir):
