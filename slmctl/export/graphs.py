@@ -177,22 +177,29 @@ def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, stati
 
 
 class DecoderGraph(nn.Module):
-    """input_ids [B, T], encoder_attention_mask [B, S], then per layer past key, past value
-    [B, KV, P, d] (P = 0 on the first step), then per layer cross key, cross value ->
-    logits [B, vocab] of the last token, then per layer present key, value [B, KV, P + T, d]."""
+    """input_ids [B, T], positions [B] (how many of row b's cached tokens are real: its new tokens sit
+    at positions[b] .. positions[b] + T - 1 and see only past keys 0 .. positions[b] - 1, so rows of
+    different lengths can share one call: slmctl serve's continuous batching), encoder_attention_mask
+    [B, S], then per layer past key, past value [B, KV, P, d] (P = 0 on the first step), then per
+    layer cross key, cross value -> logits [B, vocab] of the last token, then per layer present key,
+    value [B, KV, P + T, d] (the new tokens' keys/values at the end). With every positions[b] = P this
+    is plain cached decoding."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor, *cache: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                *cache: torch.Tensor):
         model = self.model
         n = 2 * model.config.n_decoder_layers
         past, cross = cache[:n], cache[n:]
-        T, start = input_ids.shape[1], torch.tensor(past[0].shape[2])
-        positions = (torch.arange(T) + start).unsqueeze(0)
-        cos_sin = rope(positions, start + T, model.config)
-        self_bias = causal_bias(start, T, past[0].shape[2] + T, model.dtype)
+        T, P = input_ids.shape[1], past[0].shape[2]
+        new = torch.arange(T)
+        cos_sin = rope(positions.unsqueeze(1) + new.unsqueeze(0), torch.tensor(P) + T, model.config)
+        seen = (torch.arange(P).unsqueeze(0) < positions.unsqueeze(1)).unsqueeze(1).expand(-1, T, -1)  # [B, T, P]
+        causal = (new.unsqueeze(0) <= new.unsqueeze(1)).unsqueeze(0).expand(seen.shape[0], -1, -1)  # [B, T, T]
+        self_bias = additive_mask(torch.cat((seen, causal), dim=2).unsqueeze(1), model.dtype)
         logits, present = _decoder_layers(model, model.embed(input_ids), cos_sin, self_bias,
                                           key_bias(encoder_attention_mask, model.dtype), past, cross)
         return (logits, *present)

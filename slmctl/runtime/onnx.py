@@ -195,6 +195,9 @@ class OnnxLM:
 
     # -- running one graph ---------------------------------------------------------
 
+    def input_names(self, role: str) -> list[str]:
+        return [i.name for i in self.sessions[role].get_inputs()]
+
     def run(self, role: str, inputs: dict) -> list:
         """Run graph `role` with numpy arrays or OrtValues; outputs stay ORT values (IO binding)."""
         import onnxruntime as ort
@@ -273,6 +276,9 @@ class EncoderDecoderOnnxSession:
         self.cache = lm.empty_cache(input_ids.shape[0], 0)
         self.batch_size = input_ids.shape[0]
         self.names = lm.graphs["cache_names"]
+        self.length = 0  # tokens cached, the same for every row
+        # exports since 2026-12-02 take each row's position (slmctl serve's continuous batching); older ones do not
+        self.positions = "positions" in lm.input_names("decoder")
 
     def first_logits(self) -> torch.Tensor:
         bos = torch.full((self.batch_size,), self.lm.config.bos_token_id, dtype=torch.long)
@@ -280,10 +286,13 @@ class EncoderDecoderOnnxSession:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs = {"input_ids": _ids(tokens)[:, None], "encoder_attention_mask": self.mask}
+        if self.positions:
+            inputs["positions"] = np.full(self.batch_size, self.length, dtype=np.int64)
         inputs.update(zip(self.names["past"], self.cache))
         inputs.update(zip(self.names["cross"], self.cross))
         outputs = self.lm.run("decoder", inputs)
         self.cache = outputs[1:]
+        self.length += 1
         return _logits(outputs[0])
 
     def reorder(self, index: torch.Tensor) -> None:

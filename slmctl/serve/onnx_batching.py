@@ -1,16 +1,18 @@
-"""Batching on ONNX Runtime: the `TorchBatch` interface over an exported encoder-decoder.
+"""Continuous batching on ONNX Runtime: the `TorchBatch` interface over an exported encoder-decoder.
 
-The exported decoder graph advances rows that share one cache length (its positions and causal
-mask come from the cache's length), so rows at different lengths cannot share a call. Requests
-that join together therefore form a cohort: their prompts are encoded in one encoder call and
-the cohort decodes in one decoder call per step; a finished row leaves its cohort (its cache
-rows dropped), and every step runs one call per cohort. Rows are numbered 0..n-1 across
-cohorts, with the engine's convention that the last row takes a leaving row's number.
-(The torch runtime shares every step between all active sequences: slmctl.serve.batching.)
+The exported decoder takes each row's position (`positions` [B]: how many of its cached tokens
+are real), so rows of different lengths share one call, as on PyTorch (slmctl.serve.batching):
+every sequence owns a row of preallocated numpy buffers, its self-attention keys/values
+[slots, kv_heads, capacity, head_dim] per layer and its prompt's cross-attention keys/values,
+computed once when it joins by the exported encoder. A step passes the active rows' caches cut
+to the longest one; the graph returns them with the new token's keys/values appended, which are
+written at each row's own length. Active sequences are rows 0..n-1; a leaving row is refilled by
+the last one.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from slmctl.config import ConfigError
@@ -24,50 +26,85 @@ class OnnxBatch:
         if lm.is_vision:
             raise ConfigError(f"{lm.directory} is a vision export: serve the vision model directory (--runtime torch) "
                               "for images; ONNX serving takes text exports")
-        self.lm, self.slots, self.capacity = lm, slots, capacity
-        self.cohorts: list[dict] = []  # {"session": decoding session, "rows": [row number per session row]}
-
-    @property
-    def active(self) -> int:
-        return sum(len(c["rows"]) for c in self.cohorts)
+        if "positions" not in lm.input_names("decoder"):
+            raise ConfigError(f"{lm.directory}: this export's decoder predates per-row positions, which serving "
+                              "needs; export the model again (slmctl export onnx MODEL)")
+        cfg = lm.config
+        self.lm, self.slots, self.names = lm, slots, lm.graphs["cache_names"]
+        self.dtype = np.dtype(lm.graphs.get("cache_dtype", "float32"))
+        shape = (slots, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.cache = [np.zeros(shape, dtype=self.dtype) for _ in self.names["past"]]  # key, value of each layer
+        self.lengths = np.zeros(slots, dtype=np.int64)
+        self.cross: list[np.ndarray] = []  # per layer key, value [slots, kv_heads, source, head_dim]
+        self.source_mask = np.zeros((slots, 0), dtype=np.int64)
+        self.source_lengths = np.zeros(slots, dtype=np.int64)
+        self.active = 0
 
     def join(self, prompts: list[list[int]] | None = None, embeds=None) -> list[int]:
+        """Encode the new prompts together (one encoder call) and give each a row."""
         if embeds is not None:
             raise ValueError("an ONNX export takes token ids, not embedded inputs")
-        if self.active + len(prompts) > self.slots:
-            raise RuntimeError(f"{self.active} + {len(prompts)} sequences > {self.slots} slots")
+        count = len(prompts)
+        if self.active + count > self.slots:
+            raise RuntimeError(f"{self.active} + {count} sequences > {self.slots} slots")
         width, pad = max(len(p) for p in prompts), self.lm.config.pad_token_id
-        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts])
-        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
-        session = self.lm.start_decoding(ids, mask, self.capacity)
-        rows = list(range(self.active, self.active + len(prompts)))
-        self.cohorts.append({"session": session, "rows": rows})
-        return rows
+        ids = np.array([p + [pad] * (width - len(p)) for p in prompts], dtype=np.int64)
+        mask = np.array([[1] * len(p) + [0] * (width - len(p)) for p in prompts], dtype=np.int64)
+        cross = [v.numpy() for v in self.lm.run("encoder", {"input_ids": ids, "attention_mask": mask})[1:]]
+        self._fit_source(width, cross)
+        rows = slice(self.active, self.active + count)
+        for buffer, new in zip(self.cross, cross):
+            buffer[rows, :, :width] = new
+        self.source_mask[rows] = 0
+        self.source_mask[rows, :width] = mask
+        self.source_lengths[rows] = [len(p) for p in prompts]
+        self.lengths[rows] = 0
+        self.active += count
+        return list(range(rows.start, rows.stop))
+
+    def _fit_source(self, width: int, like: list[np.ndarray]) -> None:
+        have = self.source_mask.shape[1]
+        if width <= have and self.cross:
+            return
+        size = max(width, have)
+        grown = []
+        for i, new in enumerate(like):
+            buffer = np.zeros((self.slots, new.shape[1], size, new.shape[3]), dtype=new.dtype)
+            if self.cross:
+                buffer[:, :, :have] = self.cross[i]
+            grown.append(buffer)
+        mask = np.zeros((self.slots, size), dtype=np.int64)
+        mask[:, :have] = self.source_mask
+        self.cross, self.source_mask = grown, mask
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per active row -> logits [n, vocab]: one decoder call per cohort."""
-        logits = None
-        for cohort in self.cohorts:
-            index = torch.tensor(cohort["rows"])
-            out = cohort["session"].step(tokens.index_select(0, index))
-            if logits is None:
-                logits = out.new_empty(self.active, out.shape[-1])
-            logits[index] = out
-        return logits
+        """One token per active row -> logits [n, vocab], in one decoder call."""
+        n = self.active
+        reach, source = int(self.lengths[:n].max()), int(self.source_lengths[:n].max())
+        inputs = {"input_ids": tokens.cpu().numpy().astype(np.int64)[:, None], "positions": self.lengths[:n].copy(),
+                  "encoder_attention_mask": self.source_mask[:n, :source]}
+        inputs.update((name, cache[:n, :, :reach]) for name, cache in zip(self.names["past"], self.cache))
+        inputs.update((name, cross[:n, :, :source]) for name, cross in zip(self.names["cross"], self.cross))
+        outputs = self.lm.run("decoder", inputs)
+        rows = np.arange(n)
+        for cache, present in zip(self.cache, outputs[1:]):
+            cache[rows, :, self.lengths[:n]] = present.numpy()[:, :, reach]  # the new token's key/value, at each row's length
+        self.lengths[:n] += 1
+        return torch.from_numpy(outputs[0].numpy())
 
     def leave(self, row: int) -> int | None:
         last = self.active - 1
         if not 0 <= row <= last:
             raise IndexError(f"row {row} is not active (0..{last})")
-        for cohort in self.cohorts:
-            if row in cohort["rows"]:
-                keep = [i for i, r in enumerate(cohort["rows"]) if r != row]
-                if keep:
-                    cohort["session"].reorder(torch.tensor(keep))
-                cohort["rows"] = [cohort["rows"][i] for i in keep]
-        self.cohorts = [c for c in self.cohorts if c["rows"]]
-        if row == last:
-            return None
-        for cohort in self.cohorts:
-            cohort["rows"] = [row if r == last else r for r in cohort["rows"]]
-        return last
+        moved = None
+        if row != last:
+            length = int(self.lengths[last])
+            for cache in self.cache:
+                cache[row, :, :length] = cache[last, :, :length]
+            for cross in self.cross:
+                cross[row] = cross[last]
+            self.source_mask[row], self.source_lengths[row] = self.source_mask[last], self.source_lengths[last]
+            self.lengths[row] = length
+            moved = last
+        self.active -= 1
+        return moved

@@ -368,6 +368,8 @@ def standalone_greedy(export_dir, ids, mask, steps):
                  **dict(zip(cross_names, cross))}
         if static:
             feeds["position"] = np.array([position], np.int64)
+        else:  # every row has `position` tokens cached
+            feeds["positions"] = np.full(batch, position, np.int64)
         logits, *present = session["decoder"].run(["logits", *present_names], feeds)
         if static:  # this step's key/value, written into the buffers at `position`
             for buffer, new in zip(past, present):

@@ -32,15 +32,23 @@ def test_rows_joining_and_leaving_decode_as_if_alone(encdec):
     lengths = [9, 4, 12, 6, 8]  # answer lengths: rows leave at different steps
     forced = [torch.randint(5, 500, (n,), generator=g).tolist() for n in lengths]
     expected = [single_logits(encdec, p, f) for p, f in zip(prompts, forced)]
-    batch = TorchBatch(encdec, slots=3, capacity=13)
-    rows, got, waiting, step = [], {i: [] for i in range(5)}, list(range(5)), 0
+    got = join_and_leave(TorchBatch(encdec, slots=3, capacity=13), prompts, forced, encdec.config.bos_token_id)
+    for i in range(5):
+        assert max_logit_error(got[i], expected[i]) < 1e-5, f"prompt {i}"
+
+
+def join_and_leave(batch, prompts, forced, bos: int) -> dict:
+    """Drive `batch` through five prompts in 3 slots: two join at once, the others one at a time every
+    third step while rows are mid-answer, each leaves after its own number of steps -> logits per prompt."""
+    lengths = [len(f) for f in forced]
+    rows, got, waiting, step = [], {i: [] for i in range(len(prompts))}, list(range(len(prompts))), 0
     while waiting or rows:
         joining = waiting[:2] if step == 0 else waiting[:min(1, batch.slots - len(rows))]
         if joining and (step == 0 or step % 3 == 0):
             batch.join([prompts[i] for i in joining])
             rows += joining
             waiting = waiting[len(joining):]
-        tokens = torch.tensor([forced[i][len(got[i]) - 1] if got[i] else encdec.config.bos_token_id for i in rows])
+        tokens = torch.tensor([forced[i][len(got[i]) - 1] if got[i] else bos for i in rows])
         logits = batch.step(tokens)
         for r, i in enumerate(rows):
             got[i].append(logits[r])
@@ -50,8 +58,27 @@ def test_rows_joining_and_leaving_decode_as_if_alone(encdec):
                 rows[r] = last
         step += 1
     assert batch.active == 0
+    return {i: torch.stack(steps) for i, steps in got.items()}
+
+
+def test_on_onnx_runtime_rows_joining_and_leaving_decode_as_if_alone(tmp_path, tiny_model_dir):
+    """The same on an export: the decoder graph's per-row positions let rows of different lengths share a call."""
+    from conftest import cli, newest_run
+
+    from slmctl.runtime.generator import load_generator
+    from slmctl.serve.onnx_batching import OnnxBatch
+
+    result = cli("export", "onnx", tiny_model_dir, "validation.prompt_lens=[5,19]", "validation.steps=6",
+                 "validation.tolerance=1e-2", runs=tmp_path)
+    assert result.exit_code == 0, result.output
+    lm = load_generator(newest_run(tmp_path, "export")).model
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 19, 3, 30, 11)]
+    forced = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (9, 4, 12, 6, 8)]
+    expected = [single_logits(lm, p, f) for p, f in zip(prompts, forced)]
+    got = join_and_leave(OnnxBatch(lm, slots=3, capacity=13), prompts, forced, lm.config.bos_token_id)
     for i in range(5):
-        assert max_logit_error(torch.stack(got[i]), expected[i]) < 1e-5, f"prompt {i}"
+        assert max_logit_error(got[i], expected[i]) < 1e-5, f"prompt {i}"
 
 
 def test_a_batch_refuses_more_rows_than_slots(encdec):

@@ -271,7 +271,7 @@ def test_sigterm_finishes_in_flight_streams_then_exits_0(tmp_path, tiny_model_di
 
 def test_an_onnx_export_serves_what_generate_prints(tmp_path, tiny_model_dir):
     """--runtime onnx: greedy text through the openai client equals `slmctl generate` on the export,
-    streamed and not, with requests decoded concurrently (cohorts of the exported decoder)."""
+    streamed and not, with requests decoded concurrently."""
     runs = tmp_path / "runs"
     result = cli("export", "onnx", tiny_model_dir, "validation.prompt_lens=[5,19]", "validation.steps=6",
                  "validation.tolerance=1e-2", runs=runs)  # a randomised model: logits of ~15
