@@ -8,8 +8,9 @@ from pathlib import Path
 import slmctl
 from slmctl.errors import RunFailure, UserError, first_line
 
-# Not errors a user caused: how a stage ended (the runner's own), and a stop request (a KeyboardInterrupt).
-OUTSIDE_THE_FAMILY = {"StageEnded", "Stopped"}
+# Not errors a user caused: how a stage ended (the runner's own), a stop request (a KeyboardInterrupt), and the
+# server's engine telling its HTTP side it is full or stopping (answered 429 / 503, never raised to a user).
+OUTSIDE_THE_FAMILY = {"StageEnded", "Stopped", "QueueFull", "Draining"}
 
 
 def slmctl_exception_classes():

@@ -23,11 +23,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slmctl.errors import UserError
 from slmctl.serve import protocol
 from slmctl.serve.engine import Draining, Engine, QueueFull, Request
 
 
-class APIError(Exception):
+class APIError(UserError):
+    """A client's bad request, answered with a 4xx in OpenAI's error shape (where a command would exit 2)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
         super().__init__(message)
