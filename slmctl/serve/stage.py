@@ -81,7 +81,28 @@ def open_server(cfg, run) -> "Server":
                             timeout_graceful_shutdown=cfg.grace_s, lifespan="off")
     run.log(f"serving {cfg.source} as {name!r} on {runtime} ({cfg.max_batch} slots, queue {cfg.max_queue}, "
             f"max_tokens cap {cfg.max_tokens_cap}, prompts up to {max_prompt} tokens)")
-    return Server(config, run, engine, metrics, name, cfg)
+    try:
+        listening = bind(cfg.host, cfg.port)
+    except ConfigError:
+        engine.stop(timeout=5)
+        raise
+    return Server(config, run, engine, metrics, name, cfg, listening)
+
+
+def bind(host: str, port: int):
+    """The server's socket, bound here so that a port in use is a one-line error (uvicorn would log and exit)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or --port 0 for "
+                          "any free one)") from None
+    return sock
 
 
 def open_batch(generator, slots: int, max_tokens: int):
@@ -175,11 +196,12 @@ class Server:
     afterwards (uvicorn re-raises it once shut down, which would turn a clean stop into an
     interrupted run). Once bound it writes server.json (port 0 picks a free port)."""
 
-    def __init__(self, config, run, engine, metrics, name: str, cfg):
+    def __init__(self, config, run, engine, metrics, name: str, cfg, listening):
         import uvicorn
 
         outer = self
         self.run_dir, self.engine, self.metrics, self.name, self.cfg = run, engine, metrics, name, cfg
+        self.listening = listening  # the bound socket
         self.url, self.stopped_by, self.bound = None, None, threading.Event()
 
         class _Uvicorn(uvicorn.Server):
@@ -222,7 +244,7 @@ class Server:
     def run(self) -> None:
         """Serve until stopped (a signal, or `stop` from another thread)."""
         try:
-            self.server.run()
+            self.server.run(sockets=[self.listening])
         finally:
             self.engine.drain()
             self.engine.stop(timeout=self.cfg.grace_s)

@@ -219,6 +219,11 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "SLMCTL_UNSET_VARIABLE_FOR_TEST" in result.output
     result = cli("serve", tiny_model_dir, "port=70000", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "port" in result.output
+    with running_server(tmp_path / "runs", tiny_model_dir) as server:  # a port in use
+        port = server.url.rsplit(":", 1)[1]
+        result = cli("serve", tiny_model_dir, "--port", port, runs=tmp_path / "runs")
+        assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+        assert "\n" not in result.stderr.strip()
 
 
 def test_sigterm_finishes_in_flight_streams_then_exits_0(tmp_path, tiny_model_dir):
