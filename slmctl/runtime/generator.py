@@ -66,7 +66,7 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
     if images:
         from slmctl.model.vlm import VisionEncoderDecoderLM
 
-        if not isinstance(generator.model, VisionEncoderDecoderLM):
+        if not (isinstance(generator.model, VisionEncoderDecoderLM) or getattr(generator.model, "is_vision", False)):
             from slmctl.config import ConfigError
 
             raise ConfigError(f"{generator.path} has no vision tower: images need a model from `slmctl add-vision`")

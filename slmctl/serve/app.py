@@ -48,7 +48,7 @@ class Served:
     default_max_tokens: int
     default_temperature: float = 0.0
     default_top_p: float = 1.0
-    # prompt text + image URLs -> (token ids or None, embeds or None); raises APIError on bad images
+    # prompt text + image URLs -> (token ids or None, embeds or None, image features or None); APIError on bad images
     encode: Callable[[str, list[str]], tuple] | None = None
     created: int = field(default_factory=protocol.now)
 
@@ -130,7 +130,7 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
         if max_tokens > served.max_tokens_cap:
             raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({served.max_tokens_cap}: "
                                 "slmctl serve ... max_tokens_cap=N raises it)", param="max_tokens", code="max_tokens_exceeded")
-        ids, embeds = await run_in_threadpool(served.encode, prompt, images)
+        ids, embeds, image_features = await run_in_threadpool(served.encode, prompt, images)
         length = len(ids) if ids is not None else int(embeds.shape[0])
         if length > served.max_prompt_tokens:
             raise APIError(400, f"the prompt is {length} tokens; this model reads at most {served.max_prompt_tokens}",
@@ -144,7 +144,7 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
                 pass
 
         temperature = served.default_temperature if body.temperature is None else body.temperature
-        request = Request(prompt=ids, embeds=embeds, max_tokens=max_tokens, on_event=on_event, temperature=temperature,
+        request = Request(prompt=ids, embeds=embeds, image_features=image_features, max_tokens=max_tokens, on_event=on_event, temperature=temperature,
                           top_p=served.default_top_p if body.top_p is None else body.top_p, seed=body.seed,
                           stop=body.stops, ignore_eos=body.ignore_eos)
         try:

@@ -89,9 +89,12 @@ class TorchBatch:
         return self.cache.active
 
     @torch.inference_mode()
-    def join(self, prompts: list[list[int]] | None = None, embeds: list[torch.Tensor] | None = None) -> list[int]:
+    def join(self, prompts: list[list[int]] | None = None, embeds: list[torch.Tensor] | None = None,
+             image_features=None) -> list[int]:
         """Encode new prompts together (token ids, or embedded inputs [S_i, d_model] of a vision
         model) and give each a row; returns their rows. Their first step feeds BOS."""
+        if image_features is not None:
+            raise ValueError("a torch vision model takes embedded inputs (embeds), not image features")
         count = len(prompts if prompts is not None else embeds)
         if self.active + count > self.slots:
             raise RuntimeError(f"{self.active} + {count} sequences > {self.slots} slots")

@@ -45,7 +45,8 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_tokens (load tests)
-    embeds: torch.Tensor | None = None  # vision models: the embedded encoder input [S, d_model]
+    embeds: torch.Tensor | None = None  # vision models on torch: the embedded encoder input [S, d_model]
+    image_features: object = None  # vision exports on ONNX Runtime: the image tokens [M, d_model] of `prompt`'s placeholders
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.perf_counter)
     # filled by the engine
@@ -186,7 +187,10 @@ class Engine:
                 request.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
         text = [r for r in requests if r.embeds is None]
         images = [r for r in requests if r.embeds is not None]
-        for group, inputs in ((text, {"prompts": [r.prompt for r in text]}), (images, {"embeds": [r.embeds for r in images]})):
+        token_inputs = {"prompts": [r.prompt for r in text]}
+        if any(r.image_features is not None for r in text):
+            token_inputs["image_features"] = [r.image_features for r in text]
+        for group, inputs in ((text, token_inputs), (images, {"embeds": [r.embeds for r in images]})):
             if not group:
                 continue
             try:

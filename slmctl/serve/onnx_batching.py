@@ -23,9 +23,6 @@ class OnnxBatch:
         if lm.is_static:
             raise ConfigError(f"{lm.directory}: slmctl serve runs dynamic-shape exports; this one has fixed shapes "
                               "(export static=...) for NPUs: export again without them")
-        if lm.is_vision:
-            raise ConfigError(f"{lm.directory} is a vision export: serve the vision model directory (--runtime torch) "
-                              "for images; ONNX serving takes text exports")
         if "positions" not in lm.input_names("decoder"):
             raise ConfigError(f"{lm.directory}: this export's decoder predates per-row positions, which serving "
                               "needs; export the model again (slmctl export onnx MODEL)")
@@ -40,8 +37,10 @@ class OnnxBatch:
         self.source_lengths = np.zeros(slots, dtype=np.int64)
         self.active = 0
 
-    def join(self, prompts: list[list[int]] | None = None, embeds=None) -> list[int]:
-        """Encode the new prompts together (one encoder call) and give each a row."""
+    def join(self, prompts: list[list[int]] | None = None, embeds=None, image_features: list | None = None) -> list[int]:
+        """Encode the new prompts together (one encoder call) and give each a row. A vision export's
+        prompts carry one image-token id per image token, `image_features[i]` [M_i, d_model] (or None)
+        their values (`OnnxLM.prepare_images`)."""
         if embeds is not None:
             raise ValueError("an ONNX export takes token ids, not embedded inputs")
         count = len(prompts)
@@ -50,7 +49,11 @@ class OnnxBatch:
         width, pad = max(len(p) for p in prompts), self.lm.config.pad_token_id
         ids = np.array([p + [pad] * (width - len(p)) for p in prompts], dtype=np.int64)
         mask = np.array([[1] * len(p) + [0] * (width - len(p)) for p in prompts], dtype=np.int64)
-        cross = [v.numpy() for v in self.lm.run("encoder", {"input_ids": ids, "attention_mask": mask})[1:]]
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self.lm.is_vision:  # the image tokens of the batch, in order (never empty: the graph gathers a row)
+            given = [f for f in image_features or [] if f is not None]
+            inputs["image_features"] = (np.concatenate(given) if given else np.zeros((1, self.lm.config.d_model))).astype(np.float32)
+        cross = [v.numpy() for v in self.lm.run("encoder", inputs)[1:]]
         self._fit_source(width, cross)
         rows = slice(self.active, self.active + count)
         for buffer, new in zip(self.cross, cross):

@@ -141,22 +141,28 @@ class PromptEncoder:
         self.generator, self.image_root = generator, Path(image_root).resolve() if image_root else None
 
     def __call__(self, prompt: str, images: list[str]):
+        """(encoder token ids, embedded input, image features): ids alone for text; a torch vision model's
+        embedded input [S, d_model]; or a vision export's expanded ids with the image tokens' features."""
         from slmctl.serve.app import APIError
 
         tokenizer = self.generator.tokenizer
-        if not images:
-            return tokenizer.encode(prompt), None
         model = self.generator.model
-        if not hasattr(model, "embed_inputs"):
+        if not images:
+            return tokenizer.encode(prompt), None, None
+        vision_export = getattr(model, "is_vision", False)
+        if not hasattr(model, "embed_inputs") and not vision_export:
             raise APIError(400, "this model has no vision tower: images need a model from `slmctl add-vision`",
                            param="messages", code="images_not_supported")
         import torch
 
         pictures = [self.load(url) for url in images]
         ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
+        if vision_export:
+            expanded, _, features = model.prepare_images(ids, None, [pictures])
+            return expanded[0].tolist(), None, features
         with torch.inference_mode():
             embeds, _ = model.embed_inputs(ids, None, [pictures])
-        return None, embeds[0]
+        return None, embeds[0], None
 
     def load(self, url: str):
         from PIL import Image, UnidentifiedImageError

@@ -405,3 +405,38 @@ def test_eight_clients_get_at_least_three_times_one_clients_tokens_per_s_at_smal
         assert loadtest.main([server.url, "--clients", "1,8", "--duration", "15", "--json", str(report)]) == 0
     one, eight = json.loads(report.read_text())["levels"]
     assert eight["tokens_per_s"] >= 3 * one["tokens_per_s"], (one, eight)
+
+
+def test_a_vision_export_on_onnx_runtime_answers_images_as_generate_does(tmp_path, vision_model_dir):
+    import base64
+
+    from PIL import Image
+
+    from slmctl.runtime.generator import generate_text, load_generator
+
+    runs = tmp_path / "runs"
+    result = cli("export", "onnx", vision_model_dir, "validation.prompt_lens=[5,19]", "validation.steps=6",
+                 "validation.tolerance=1e-2", runs=runs)
+    assert result.exit_code == 0, result.output
+    export = newest_run(runs, "export")
+    Image.new("RGB", (48, 40), (40, 80, 220)).save(tmp_path / "blue.png")
+    question = "What color is the circle?"
+    with Image.open(tmp_path / "blue.png") as image:
+        expected = generate_text(load_generator(export), question, max_new_tokens=12, images=[image.convert("RGB")])
+    data_url = "data:image/png;base64," + base64.b64encode((tmp_path / "blue.png").read_bytes()).decode()
+    with running_server(runs, export, "model_name=vlm-onnx") as server:
+        api = client(server)
+        content = [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question}]
+        answers = [None, None]
+
+        def ask(i):  # an image request and a text request decoded together
+            messages = [{"role": "user", "content": content if i == 0 else question}]
+            answers[i] = api.chat.completions.create(model="vlm-onnx", messages=messages, max_tokens=12, temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert answers[0].choices[0].message.content == expected
+        assert answers[1].choices[0].message.content == generate_text(load_generator(export), question, max_new_tokens=12)
