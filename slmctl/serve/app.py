@@ -144,9 +144,9 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
                 pass
 
         temperature = served.default_temperature if body.temperature is None else body.temperature
-        request = Request(prompt=ids, embeds=embeds, image_features=image_features, max_tokens=max_tokens, on_event=on_event, temperature=temperature,
-                          top_p=served.default_top_p if body.top_p is None else body.top_p, seed=body.seed,
-                          stop=body.stops, ignore_eos=body.ignore_eos)
+        request = Request(prompt=ids, embeds=embeds, image_features=image_features, max_tokens=max_tokens, on_event=on_event,
+                          temperature=temperature, top_p=served.default_top_p if body.top_p is None else body.top_p,
+                          seed=body.seed, stop=body.stops, ignore_eos=body.ignore_eos)
         try:
             engine.submit(request)
         except QueueFull as e:
