@@ -148,7 +148,7 @@ class TorchBatch:
         reach = int(self.source_lengths[:n].max())
         memory = [(k[:n, :, :reach], v[:n, :, :reach]) for k, v in self.memory]
         memory_mask = additive_mask(self.source_allowed[:n, None, None, :reach], self.model.dtype)
-        hidden = self.model.decode(tokens[:, None], None, memory_mask, memory=memory, cache=self.cache)
+        hidden = self.model.decode(tokens.to(self.model.device)[:, None], None, memory_mask, memory=memory, cache=self.cache)
         return self.model.lm_head(hidden[:, -1])
 
     @torch.inference_mode()

@@ -204,7 +204,7 @@ class Engine:
 
     def _step(self) -> None:
         tokens = torch.tensor([r.tokens[-1] if r.tokens else self.bos for r in self.rows])
-        logits = self.batch.step(tokens).float()
+        logits = self.batch.step(tokens).float().cpu()  # (each request's sampling generator lives on the CPU)
         chosen = logits.argmax(dim=-1).tolist()
         for i, request in enumerate(self.rows):
             if request.temperature > 0:
