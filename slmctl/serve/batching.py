@@ -25,6 +25,18 @@ import torch
 from slmctl.model.layers import additive_mask
 
 
+def swap_remove(row: int, active: int, move) -> int | None:
+    """Free `row` of the active rows 0..active-1, keeping them contiguous: the last row moves into it
+    (`move(last, row)` copies its state). Returns the row that moved (now `row`), or None."""
+    last = active - 1
+    if not 0 <= row <= last:
+        raise IndexError(f"row {row} is not active (0..{last})")
+    if row == last:
+        return None
+    move(last, row)
+    return last
+
+
 class SlotCache:
     """Self-attention keys/values of up to `slots` sequences, each at its own length. Implements
     the cache interface of `EncoderDecoderLM.decode` (`layout`, `update`, `advance`)."""
@@ -154,16 +166,13 @@ class TorchBatch:
     @torch.inference_mode()
     def leave(self, row: int) -> int | None:
         """Free `row`; the last active row moves into it. Returns the row that moved (now `row`), or None."""
-        last = self.active - 1
-        if not 0 <= row <= last:
-            raise IndexError(f"row {row} is not active (0..{last})")
-        moved = None
-        if row != last:
-            self.cache.move(last, row)
-            for k, v in self.memory:
-                k[row], v[row] = k[last], v[last]
-            self.source_allowed[row] = self.source_allowed[last]
-            self.source_lengths[row] = self.source_lengths[last]
-            moved = last
+        moved = swap_remove(row, self.active, self._move)
         self.cache.active -= 1
         return moved
+
+    def _move(self, source: int, target: int) -> None:
+        self.cache.move(source, target)
+        for k, v in self.memory:
+            k[target], v[target] = k[source], v[source]
+        self.source_allowed[target] = self.source_allowed[source]
+        self.source_lengths[target] = self.source_lengths[source]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from slmctl.config import ConfigError
+from slmctl.serve.batching import swap_remove
 
 
 class OnnxBatch:
@@ -96,18 +97,16 @@ class OnnxBatch:
         return torch.from_numpy(outputs[0].numpy())
 
     def leave(self, row: int) -> int | None:
-        last = self.active - 1
-        if not 0 <= row <= last:
-            raise IndexError(f"row {row} is not active (0..{last})")
-        moved = None
-        if row != last:
-            length = int(self.lengths[last])
-            for cache in self.cache:
-                cache[row, :, :length] = cache[last, :, :length]
-            for cross in self.cross:
-                cross[row] = cross[last]
-            self.source_mask[row], self.source_lengths[row] = self.source_mask[last], self.source_lengths[last]
-            self.lengths[row] = length
-            moved = last
+        """Free `row`; the last active row moves into it. Returns the row that moved (now `row`), or None."""
+        moved = swap_remove(row, self.active, self._move)
         self.active -= 1
         return moved
+
+    def _move(self, source: int, target: int) -> None:
+        length = int(self.lengths[source])
+        for cache in self.cache:
+            cache[target, :, :length] = cache[source, :, :length]
+        for cross in self.cross:
+            cross[target] = cross[source]
+        self.source_mask[target], self.source_lengths[target] = self.source_mask[source], self.source_lengths[source]
+        self.lengths[target] = length
