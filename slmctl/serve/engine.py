@@ -184,7 +184,10 @@ class Engine:
         for request in requests:
             if request.temperature > 0:
                 request.generator = torch.Generator(device="cpu")
-                request.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+                if request.seed is not None:
+                    request.generator.manual_seed(request.seed)
+                else:  # a fresh seed for this request only (torch.seed() would reseed the process's global RNG)
+                    request.generator.seed()
         text = [r for r in requests if r.embeds is None]
         images = [r for r in requests if r.embeds is not None]
         token_inputs = {"prompts": [r.prompt for r in text]}
