@@ -81,7 +81,7 @@ Optimization = choices("Optimization", "none", "ort")
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
 WeightType = choices("WeightType", "uint8", "int8")
 Tower = choices("Tower", "vit", "clip", "siglip")
-TowerPretrain = choices("TowerPretrain", "none", "contrastive", "counts")
+TowerPretrain = choices("TowerPretrain", "none", "contrastive", "counts", "layout")
 Compressor = choices("Compressor", "none", "avgpool", "ldpv2")
 Projector = choices("Projector", "linear", "mlp2x_gelu")
 
@@ -313,7 +313,8 @@ class VisionSchema:
     pixel_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     train_tower: bool = False  # pretrained towers stay frozen unless asked
     # before stages 1-2, pretrain our own ViT (stage0.*): contrastive = on image-caption pairs (SigLIP loss),
-    # counts = to count each kind of shape in the scene (a classification head on its pooled features)
+    # counts = to count each kind (and colour of each kind) of shape at every position of its features,
+    # layout = counts + what covers each position (slmctl/model/counting.py)
     pretrain: TowerPretrain = TowerPretrain.none
 
 

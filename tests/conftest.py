@@ -129,6 +129,26 @@ def max_logit_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
 
 
+def scene_pixels(images, size: int = 32) -> torch.Tensor:
+    """[N, 3, size, size] in [0, 1]: PIL scenes as a tiny tower's input (tower pretraining tests)."""
+    import numpy as np
+
+    return torch.stack([torch.from_numpy(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32))
+                        .permute(2, 0, 1) / 255 for image in images])
+
+
+def fit(module: torch.nn.Module, *inputs, steps: int = 150, lr: float = 3e-3) -> tuple[float, float]:
+    """Train `module(*inputs)` (a loss) on one batch with AdamW: (first loss, last loss)."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    first = module(*inputs).item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = module(*inputs)
+        loss.backward()
+        optimizer.step()
+    return first, loss.item()
+
+
 class Crash(Callback):
     """Dies after `step` optimizer steps of the `fit`-th fit it is passed to (a stage that trains
     two models, or in two stages, fits more than once), like a killed process (no cleanup)."""

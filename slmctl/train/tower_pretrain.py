@@ -8,7 +8,9 @@ pretrained on the shape scenes for `stage0.steps` at `stage0.lr`, either
   highest-scoring of its batch?); or
 - counts: to count the scene's shapes, each kind and each colour of each kind, at every position
   of its feature map (`slmctl.model.counting`); measured before and after: the fraction of
-  validation scenes whose count of each it gets exactly.
+  validation scenes whose count of each it gets exactly; or
+- layout: counts, and at every position also what covers it (background or a coloured shape);
+  measured: the counts' accuracies and the fraction of covered positions whose shape it names.
 The heads (and the text encoder) are discarded afterwards; the tower goes on into stages 1 and 2.
 Its weights are kept in checkpoints/stage0/, so a resumed run does not pretrain again.
 """
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slmctl.config import ConfigError
-from slmctl.data.shapes import ShapeCaptions, ShapeCounts
+from slmctl.data.shapes import ShapeCaptions, ShapeCounts, ShapeLayouts
 from slmctl.model.anyres import tile_image
 from slmctl.model.contrastive import ContrastiveTowers
 from slmctl.model.counting import COUNTED, CountingTower
@@ -80,14 +82,25 @@ def make_count_batch(rows: list[tuple], rngs, tile: int) -> dict:
             "counts": torch.tensor([c for _, c in rows])}
 
 
+def make_layout_batch(rows: list[tuple], rngs, tile: int) -> dict:
+    """make_count_batch's, and each scene's layout [N, g, g]."""
+    return {"pixels": torch.cat([tile_image(image, (1, 1), tile)[1] for image, _ in rows]),
+            "counts": torch.tensor([c for _, (c, _) in rows]), "layout": torch.tensor([m for _, (_, m) in rows])}
+
+
 @torch.no_grad()
 def count_accuracy(counting: CountingTower, batches: list[dict]) -> dict[str, float]:
-    """Per counted kind, the fraction of scenes whose count the head gets exactly."""
+    """Per counted kind, the fraction of scenes whose count the head gets exactly (and with a layout
+    head, "named": the fraction of shape-covered positions whose coloured shape it names)."""
     counting.eval()
     right = sum(counting.accuracy(b["pixels"], b["counts"]) * len(b["pixels"]) for b in batches)
-    counting.train()
     total = sum(len(b["pixels"]) for b in batches)
-    return {kind: round(float(value) / max(total, 1), 4) for kind, value in zip(COUNTED, right)}
+    accuracy = {kind: round(float(value) / max(total, 1), 4) for kind, value in zip(COUNTED, right)}
+    if counting.here is not None:
+        named = [counting.layout_accuracy(b["pixels"], b["layout"]) for b in batches]
+        accuracy["named"] = round(sum(r for r, _ in named) / max(sum(t for _, t in named), 1), 4)
+    counting.train()
+    return accuracy
 
 
 def pretrain_tower(cfg, run, model, tokenizer) -> dict:
@@ -101,7 +114,8 @@ def pretrain_tower(cfg, run, model, tokenizer) -> dict:
                           f"it takes data=shapes (each scene's {'caption' if kind == 'contrastive' else 'contents'})")
     settings, data = cfg.stage0, cfg.data
     saved = run.checkpoint_dir / "stage0" / TOWER_FILE
-    objective = "contrastive (SigLIP sigmoid loss)" if kind == "contrastive" else "counts (cross-entropy per kind)"
+    objective = {"contrastive": "contrastive (SigLIP sigmoid loss)", "counts": "counts (cross-entropy per kind)",
+                 "layout": "layout (counts, and what covers each position: cross-entropy)"}[kind]
     record = {"stage": 0, "steps": settings.steps, "trained": ["tower"], "objective": objective, "lr": settings.lr}
     if cfg.resume and saved.is_file():
         model.tower.load_state_dict(load_file(str(saved)))
@@ -112,10 +126,16 @@ def pretrain_tower(cfg, run, model, tokenizer) -> dict:
         module = ContrastiveTowers(model.tower, vocab_size=len(tokenizer), pad_id=tokenizer.pad_id)
         scenes, make_batch, describe = ShapeCaptions, partial(make_caption_batch, tokenizer=tokenizer, tile=tile), "captioned scenes"
         measure, measured = retrieval_accuracy, "validation retrieval accuracy"
-    else:
+    elif kind == "counts":
         module = CountingTower(model.tower, max_count=data.max_shapes)
         scenes, make_batch, describe = ShapeCounts, partial(make_count_batch, tile=tile), "counted scenes"
         measure, measured = count_accuracy, "validation count accuracy (shapes, each kind, each colour of each kind)"
+    else:
+        module = CountingTower(model.tower, max_count=data.max_shapes, layout=True)
+        grid = model.vision_config.grid_side
+        scenes, make_batch, describe = partial(ShapeLayouts, grid=grid), partial(make_layout_batch, tile=tile), "mapped scenes"
+        measure = count_accuracy
+        measured = "validation count accuracy (shapes, each kind, each colour of each kind; named: covered positions)"
     train = scenes(data.seed, "train", data.train_examples, data.max_shapes)
     validation = scenes(data.seed, "validation", data.validation_examples, data.max_shapes)
     datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed, describe=describe)

@@ -2,8 +2,8 @@
 
 import math
 
-import numpy as np
 import torch
+from conftest import fit, scene_pixels
 
 from slmctl.data.shapes import Shape, ShapeCaptions, caption
 from slmctl.model.contrastive import ContrastiveTowers, sigmoid_loss
@@ -36,17 +36,10 @@ def test_on_a_tiny_batch_the_loss_falls_and_matching_pairs_score_highest():
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor([vocab[w] for w in data[i][1].replace(",", "").replace(":", "").split()])
                                            for i in range(8)], batch_first=True)
     mask = (ids != 0).long()
-    pixels = torch.stack([torch.from_numpy(np.asarray(data[i][0].convert("RGB").resize((32, 32)), dtype=np.float32))
-                          .permute(2, 0, 1) / 255 for i in range(8)])
+    pixels = scene_pixels([data[i][0] for i in range(8)])
     towers = ContrastiveTowers(tower, vocab_size=len(vocab) + 1, dim=32)
-    optimizer = torch.optim.AdamW(towers.parameters(), lr=3e-3)
-    first = towers(pixels, ids, mask).item()
-    for _ in range(150):
-        optimizer.zero_grad()
-        loss = towers(pixels, ids, mask)
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.5 * first
+    first, last = fit(towers, pixels, ids, mask)
+    assert last < 0.5 * first
     with torch.no_grad():
         logits = towers.similarity(pixels, ids, mask)
     distinct = [i for i in range(8) if sum(data[j][1] == data[i][1] for j in range(8)) == 1]

@@ -223,22 +223,24 @@ def test_contrastive_pretraining_trains_the_tower_on_captions_before_the_two_sta
     assert failed.exit_code == 2 and "needs captions" in " ".join(failed.output.split())
 
 
-def test_counting_pretraining_trains_the_tower_to_count_shapes_before_the_two_stages(text_runs):
+@pytest.mark.parametrize("kind, measured", [("counts", COUNTED), ("layout", (*COUNTED, "named"))])
+def test_counting_pretraining_trains_the_tower_to_count_shapes_before_the_two_stages(text_runs, kind, measured):
     from safetensors.torch import load_file
 
     runs, made = text_runs
-    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, "vision.pretrain=counts", "stage0.steps=6",
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, f"vision.pretrain={kind}", "stage0.steps=6",
                  "stage0.lr=3e-3", "stage2.steps=0", runs=runs)
     assert result.exit_code == 0, result.output
     run = newest_run(runs, "add-vision")
     [stage0, *_] = json.loads((run / "stages.json").read_text())
-    assert stage0["stage"] == 0 and stage0["objective"].startswith("counts") and stage0["trained"] == ["tower"]
-    assert list(stage0["count_accuracy_after"]) == list(COUNTED)  # shapes, each kind, each colour of each kind
+    assert stage0["stage"] == 0 and stage0["objective"].startswith(kind) and stage0["trained"] == ["tower"]
+    # shapes, each kind, each colour of each kind (layout: and the covered positions whose shape it names)
+    assert list(stage0["count_accuracy_after"]) == list(measured)
     assert stage0["count_accuracy_after"] != stage0["count_accuracy_before"] and stage0["final_loss"] > 0
     pretrained = load_file(str(run / "checkpoints" / "stage0" / "tower.safetensors"))
     kept = load_model(run / "model").tower.state_dict()
     assert all(torch.equal(kept[name], pretrained[name]) for name in pretrained)  # stage 1 froze the counted tower
-    assert "stage 0: counts pretraining of the tower" in (run / "log.txt").read_text()
+    assert f"stage 0: {kind} pretraining of the tower" in (run / "log.txt").read_text()
 
 
 def test_a_resumed_run_reloads_the_pretrained_tower_instead_of_pretraining_again(text_runs):
