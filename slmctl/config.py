@@ -295,7 +295,7 @@ class JudgeSchema:
 @dataclass
 class VisionSchema:
     tower: Tower = Tower.vit  # vit: our own, trained from scratch | clip | siglip (pretrained: path)
-    path: Optional[str] = None
+    path: Optional[str] = None  # clip / siglip: the model; vit: an add-vision run whose stage-0 tower to start from
     image_size: int = 64
     patch_size: int = 8
     width: int = 128  # vit only

@@ -78,6 +78,10 @@ def run(cfg, run, callbacks: list | None = None):
     model = VisionEncoderDecoderLM(text, VisionConfig.from_dict(vision_settings), tokenizer.image_id)
     if model.vision_config.tower != "vit" and model.vision_config.path:
         record_source(run, model.vision_config.path, role="vision tower")
+    elif model.vision_config.path:
+        from slmctl.train.tower_pretrain import load_pretrained_tower
+
+        load_pretrained_tower(run, model, model.vision_config.path)
     counts = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in PARTS}
     run.log("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in counts.items()))
 

@@ -12,19 +12,24 @@ pretrained on the shape scenes for `stage0.steps` at `stage0.lr`, either
 - layout: counts, and at every position also what covers it (background or a coloured shape);
   measured: the counts' accuracies and the fraction of covered positions whose shape it names.
 The heads (and the text encoder) are discarded afterwards; the tower goes on into stages 1 and 2.
-Its weights are kept in checkpoints/stage0/, so a resumed run does not pretrain again.
+Its weights are kept in checkpoints/stage0/, so a resumed run does not pretrain again, and a later
+add-vision run starts from them with `vision.path=RUN` (`load_pretrained_tower`): stage 0 once,
+stages 1-2 as often as wanted.
 """
 
 from __future__ import annotations
 
 import os
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slmctl.config import ConfigError
+from slmctl.refs import record_source
 from slmctl.data.shapes import ShapeCaptions, ShapeCounts, ShapeLayouts
 from slmctl.model.anyres import tile_image
 from slmctl.model.contrastive import ContrastiveTowers
@@ -155,3 +160,26 @@ def pretrain_tower(cfg, run, model, tokenizer) -> dict:
     names = ("retrieval_before", "retrieval_after") if kind == "contrastive" else ("count_accuracy_before", "count_accuracy_after")
     return record | {names[0]: before, names[1]: after,
                      "final_loss": float(trainer.callback_metrics.get("stage0_loss", float("nan")))}
+
+
+def load_pretrained_tower(run, model, path: str) -> None:
+    """Start our ViT from the tower an earlier run pretrained (`vision.path`: an add-vision run, or
+    its checkpoints/stage0/tower.safetensors); a tower of other dimensions is a one-line error."""
+    given = Path(path).expanduser()
+    saved = given / "checkpoints" / "stage0" / TOWER_FILE if given.is_dir() else given
+    if not saved.is_file():
+        raise ConfigError(f"vision.path={path}: no pretrained tower there (an add-vision run with vision.pretrain=... "
+                          f"keeps it in checkpoints/stage0/{TOWER_FILE})")
+    try:
+        weights = load_file(str(saved))
+    except (SafetensorError, OSError) as error:
+        raise ConfigError(f"vision.path={path}: {saved.name} is not a readable safetensors file ({error})") from None
+    expected = {name: tuple(value.shape) for name, value in model.tower.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in weights.items()}
+    if found != expected:
+        differ = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+        raise ConfigError(f"vision.path={path}: that tower does not fit this vision config ({differ[0]}: "
+                          f"{found.get(differ[0])} there, {expected.get(differ[0])} here); give the same vision.* sizes")
+    model.tower.load_state_dict(weights)
+    record_source(run, path, role="vision tower", path=saved)
+    run.log(f"vision tower: the pretrained weights of {saved}")

@@ -243,6 +243,31 @@ def test_counting_pretraining_trains_the_tower_to_count_shapes_before_the_two_st
     assert f"stage 0: {kind} pretraining of the tower" in (run / "log.txt").read_text()
 
 
+def test_a_later_run_starts_from_an_earlier_runs_pretrained_tower(text_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    runs, made = text_runs
+    assert cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, "vision.pretrain=counts", "stage0.steps=4",
+               "stage2.steps=0", runs=runs).exit_code == 0
+    pretrained = newest_run(runs, "add-vision")
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *SHAPES, f"vision.path={pretrained}", "stage2.steps=0", runs=runs)
+    assert result.exit_code == 0, result.output
+    run = newest_run(runs, "add-vision")
+    assert [s["stage"] for s in json.loads((run / "stages.json").read_text())] == [1, 2]  # no stage 0 of its own
+    tower = load_file(str(pretrained / "checkpoints" / "stage0" / "tower.safetensors"))
+    kept = load_model(run / "model").tower.state_dict()
+    assert all(torch.equal(kept[name], tower[name]) for name in tower)  # stage 1 froze the reused tower
+    [tower_input] = [i for i in json.loads((run / "inputs.json").read_text()) if i["role"] == "vision tower"]
+    assert tower_input["kind"] == "run" and tower_input["ref"] == str(pretrained)  # the lineage names the run
+    # refused in one line: no tower there, a tower of other sizes, a file that is not safetensors
+    (tmp_path / "junk.safetensors").write_text("not weights")
+    for path, message in ((made["encdec"], "no pretrained tower there"), (pretrained, "does not fit"),
+                          (tmp_path / "junk.safetensors", "not a readable safetensors file")):
+        width = ["vision.width=16"] if message == "does not fit" else []
+        failed = cli("add-vision", str(made["encdec"]), *TINY_VISION, *width, *SHAPES, f"vision.path={path}", runs=runs)
+        assert failed.exit_code == 2 and message in " ".join(failed.output.split()), failed.output
+
+
 def test_a_resumed_run_reloads_the_pretrained_tower_instead_of_pretraining_again(text_runs):
     from safetensors.torch import load_file
 
