@@ -3,8 +3,9 @@
 `run(cfg, run)` attaches the tower, compressor and projector of `cfg.vision` to the
 encoder-decoder `cfg.source` and trains in two Lightning stages, as LLaVA-style models are:
 
-    stage 0 (vision.pretrain=contrastive|counts)  the tower alone, on image-caption pairs (SigLIP
-                     loss) or to count each kind of shape (slmctl/train/tower_pretrain.py)
+    stage 0 (vision.pretrain=contrastive|counts|layout)  the tower alone, on image-caption pairs
+                     (SigLIP loss), to count each kind of shape, or to count and name what is where
+                     (slmctl/train/tower_pretrain.py); or vision.path=RUN: that run's pretrained tower
     stage 1 (align)  projector + compressor trained; tower and language model frozen
     stage 2 (tune)   projector + compressor + language model; the tower too when
                      vision.train_tower (our own ViTs, trained from scratch), at stage2.tower_lr
