@@ -183,7 +183,8 @@ def export(spec: dict) -> Section:
 
 
 def vision(spec: dict) -> Section:
-    """Exact match per question kind beside the chance of always giving the kind's most frequent answer."""
+    """Exact match per question kind (with its bootstrap interval) beside the chance of always giving
+    the kind's most frequent answer."""
     metrics = read_json(spec["eval"], "metrics.json")
     task_name, task = one_task(metrics, spec["eval"], spec.get("task"))
     if "per_kind" not in task:
@@ -193,8 +194,10 @@ def vision(spec: dict) -> Section:
     overall = model_results(task, spec["eval"], label)["exact_match"]
     section = Section(f"Vision: {task_name}, {task['n']} held-out scenes ({label})",
                       ["question kind", "exact match", "chance", "above chance"])
+    intervals = task.get("per_kind_interval", {}).get(label, {})  # evals before 2026-12-02 have none
     for kind, value in per_kind.items():
-        section.rows.append([kind, f"{value:.3f}", f"{chance[kind]:.3f}", f"{value - chance[kind]:+.3f}"])
+        shown = f"{value:.3f} [{intervals[kind][0]:.3f}, {intervals[kind][1]:.3f}]" if kind in intervals else f"{value:.3f}"
+        section.rows.append([kind, shown, f"{chance[kind]:.3f}", f"{value - chance[kind]:+.3f}"])
     section.rows.append(["all [95% CI]", interval(overall), f"{chance['overall']:.3f}",
                          f"{overall['value'] - chance['overall']:+.3f}"])
     return section

@@ -58,7 +58,8 @@ def test_every_number_of_the_summary_comes_from_the_runs(tmp_path):
                               "task": result(0.74, 0.62, 0.84, 50)}}}})
     shapes = finished_run(runs, "eval", "eval-vision", {"metrics.json": {"tasks": {"shapes_vqa": {
         "n": 200, "models": {"vision": {"exact_match": result(0.655, 0.59, 0.72)}},
-        "chance": {"overall": 0.375, "colour": 0.21, "shape": 0.4}, "per_kind": {"vision": {"colour": 1.0, "shape": 0.44}}}}}})
+        "chance": {"overall": 0.375, "colour": 0.21, "shape": 0.4}, "per_kind": {"vision": {"colour": 1.0, "shape": 0.44}},
+        "per_kind_interval": {"vision": {"colour": [1.0, 1.0], "shape": [0.32, 0.56]}}}}}})
     spec = {"architecture": {"eval": evaluated, "bench": benched, "models": ["encdec", "deconly"]},
             "distillation": {"eval": evaluated, "models": ["deconly", "student", "control"]},
             "export": {"export": exported}, "vision": {"eval": shapes}}
@@ -73,7 +74,7 @@ def test_every_number_of_the_summary_comes_from_the_runs(tmp_path):
                                                        ["control", "0.310 [0.250, 0.380]"]]
     assert distillation.notes == ["exact match student - control on the same questions: +0.110 [+0.055, +0.170]"]
     assert export.rows[1] == ["int8", "8.8", "5.1", "2667", "0.969", "0.740 [0.620, 0.840]"]
-    assert vision.rows == [["colour", "1.000", "0.210", "+0.790"], ["shape", "0.440", "0.400", "+0.040"],
+    assert vision.rows == [["colour", "1.000 [1.000, 1.000]", "0.210", "+0.790"], ["shape", "0.440 [0.320, 0.560]", "0.400", "+0.040"],
                            ["all [95% CI]", "0.655 [0.590, 0.720]", "0.375", "+0.280"]]
 
     recipe = tmp_path / "recipe.yaml"

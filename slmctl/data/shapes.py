@@ -270,11 +270,3 @@ def chance(examples: list[dict]) -> dict[str, float]:
     result = {kind: counter.most_common(1)[0][1] / sum(counter.values()) for kind, counter in by_kind.items()}
     result["overall"] = sum(c.most_common(1)[0][1] for c in by_kind.values()) / max(len(examples), 1)
     return result
-
-
-def exact_match_by_kind(questions: list[dict], scores: list[float]) -> dict[str, float]:
-    """Mean exact match per question kind (questions as `ShapeScenes.questions` gives them)."""
-    by_kind: dict[str, list[float]] = {}
-    for question, value in zip(questions, scores, strict=True):
-        by_kind.setdefault(question["kind"], []).append(value)
-    return {kind: sum(values) / len(values) for kind, values in sorted(by_kind.items())}

@@ -89,7 +89,7 @@ def run(cfg, run):
             report[task.name]["paired"] = paired_comparisons(cfg, list(results), scored, task)
             console.print(paired_table(report[task.name]["paired"], task.name))
         if task.kind == "shapes":  # the accuracy of guessing each question kind's most frequent answer
-            from slmctl.data.shapes import ShapeScenes, chance, exact_match_by_kind
+            from slmctl.data.shapes import ShapeScenes, chance
 
             scenes = ShapeScenes(seed=task.seed, max_shapes=task.max_shapes)
             questions = scenes.questions("test", len(examples))
@@ -97,12 +97,16 @@ def run(cfg, run):
             run.log(f"{task.name}: chance (most frequent answer per question kind) {report[task.name]['chance']['overall']:.3f}")
             exact_matches = {label: s["exact_match"] for label, s in scored.items() if "exact_match" in s}
             if exact_matches:  # which kinds of question each model answers, against their chance
-                report[task.name]["per_kind"] = {}
+                report[task.name]["per_kind"], report[task.name]["per_kind_interval"] = {}, {}
                 for label, matched in exact_matches.items():
-                    per_kind = exact_match_by_kind(questions, matched)
+                    by_kind = M.bootstrap_by_group(matched, [q["kind"] for q in questions], cfg.bootstrap, seed=cfg.seed)
+                    per_kind = {kind: mean for kind, (mean, _, _) in by_kind.items()}
+                    intervals = {kind: [low, high] for kind, (_, low, high) in by_kind.items()}
                     report[task.name]["per_kind"][label] = per_kind
+                    report[task.name]["per_kind_interval"][label] = intervals
                     run.log(f"{task.name} {label}: exact match by kind " + ", ".join(
-                        f"{kind} {value:.3f} (chance {report[task.name]['chance'][kind]:.3f})" for kind, value in per_kind.items()))
+                        f"{kind} {value:.3f} [{intervals[kind][0]:.3f}, {intervals[kind][1]:.3f}] "
+                        f"(chance {report[task.name]['chance'][kind]:.3f})" for kind, value in per_kind.items()))
     run.write_text("predictions.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     run.write_json("metrics.json", {"tasks": report})
     summary = {}

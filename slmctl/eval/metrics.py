@@ -166,6 +166,16 @@ def bootstrap_ci(
     return float(values.mean()), low, high
 
 
+def bootstrap_by_group(per_example, groups, n_resamples: int = 1000, confidence: float = 0.95,
+                       seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """{group: (mean, low, high)}: `bootstrap_ci` of each group's examples alone (e.g. each question
+    kind of shapes_vqa), groups in sorted order."""
+    values: dict[str, list[float]] = {}
+    for value, group in zip(per_example, groups, strict=True):
+        values.setdefault(group, []).append(value)
+    return {group: bootstrap_ci(values[group], n_resamples, confidence, seed) for group in sorted(values)}
+
+
 def paired_bootstrap_ci(
     scores: list[float] | np.ndarray, baseline: list[float] | np.ndarray, n_resamples: int = 1000, confidence: float = 0.95,
     seed: int = 0,

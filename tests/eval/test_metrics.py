@@ -7,6 +7,7 @@ import pytest
 import sacrebleu
 
 from slmctl.eval.metrics import (
+    bootstrap_by_group,
     VALID_METRICS,
     MetricResult,
     bootstrap_ci,
@@ -165,6 +166,19 @@ def test_bootstrap_constant_data():
         mean, low, high = bootstrap_ci(data, n_resamples=100)
         assert mean == pytest.approx(data[0])  # not bit-exact: ten 0.3s sum to 2.9999999999999996
         assert low == high == mean
+
+
+def test_bootstrap_by_group_gives_each_group_its_own_interval():
+    # shapes_vqa's per-kind report: a kind answered perfectly is [1, 1] whatever the other kinds score
+    scores = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    kinds = ["colour", "shape", "colour", "shape", "shape", "colour", "colour", "count"]
+    by_kind = bootstrap_by_group(scores, kinds, n_resamples=200, seed=3)
+    assert list(by_kind) == ["colour", "count", "shape"]
+    assert by_kind["colour"] == (1.0, 1.0, 1.0) and by_kind["count"] == (0.0, 0.0, 0.0)
+    mean, low, high = by_kind["shape"]
+    assert mean == pytest.approx(1 / 3) and (low, high) == bootstrap_ci([0.0, 1.0, 0.0], n_resamples=200, seed=3)[1:]
+    with pytest.raises(ValueError):
+        bootstrap_by_group(scores, kinds[:-1])  # every score needs its group
 
 
 def test_bootstrap_rejects_bad_input():

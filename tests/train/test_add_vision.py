@@ -9,6 +9,7 @@ from PIL import Image
 
 from slmctl.config import compose
 from slmctl.data.shapes import ShapeScenes
+from slmctl.eval.metrics import bootstrap_ci
 from slmctl.model import CheckpointError, load_model
 from slmctl.model.counting import COUNTED
 from slmctl.model.vlm import VisionEncoderDecoderLM
@@ -106,6 +107,11 @@ def test_eval_scores_a_vision_model_on_held_out_shape_scenes(text_runs):
     kinds = [q["kind"] for q in ShapeScenes(seed=0).questions("test", 6)]
     assert set(per_kind) == set(kinds) and set(per_kind) < set(scores["chance"])
     assert abs(sum(per_kind[k] * kinds.count(k) for k in per_kind) / 6 - overall["exact_match"]["value"]) < 1e-9
+    # each kind's interval is the bootstrap of that kind's questions alone (seed 0, as the eval's)
+    rows = [json.loads(line) for line in (eval_run / "predictions.jsonl").read_text().splitlines()]
+    for kind, (low, high) in scores["per_kind_interval"][label].items():
+        alone = [r["scores"]["exact_match"] for r, k in zip(rows, kinds) if k == kind]
+        assert (low, high) == bootstrap_ci(alone, 20, seed=0)[1:] and low <= per_kind[kind] <= high
     text_only = cli("eval", str(made["encdec"]), "task=shapes_vqa", "limit=2", runs=runs)
     assert text_only.exit_code == 2 and "has no vision tower" in " ".join(text_only.output.split())
 
