@@ -29,11 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slmctl.config import ConfigError
-from slmctl.refs import record_source
 from slmctl.data.shapes import ShapeCaptions, ShapeCounts, ShapeLayouts
 from slmctl.model.anyres import tile_image
 from slmctl.model.contrastive import ContrastiveTowers
 from slmctl.model.counting import COUNTED, CountingTower
+from slmctl.refs import record_source
 from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.optim import adamw_with_schedule
 
@@ -89,8 +89,8 @@ def make_count_batch(rows: list[tuple], rngs, tile: int) -> dict:
 
 def make_layout_batch(rows: list[tuple], rngs, tile: int) -> dict:
     """make_count_batch's, and each scene's layout [N, g, g]."""
-    return {"pixels": torch.cat([tile_image(image, (1, 1), tile)[1] for image, _ in rows]),
-            "counts": torch.tensor([c for _, (c, _) in rows]), "layout": torch.tensor([m for _, (_, m) in rows])}
+    batch = make_count_batch([(image, scene_counts) for image, (scene_counts, _) in rows], rngs, tile)
+    return batch | {"layout": torch.tensor([cells for _, (_, cells) in rows])}
 
 
 @torch.no_grad()
