@@ -1,4 +1,6 @@
-"""The `slmctl` command: parse, compose the config, open the run directory, dispatch.
+"""The `slmctl` command: the command table and its options, turned into config overrides and handed to
+the runner (slmctl.runner), which composes the config, opens the run directory and maps how it ended
+to an exit code.
 
     slmctl pretrain model=tiny trainer.max_steps=50      # key=value words are Hydra overrides
     slmctl generate runs/pretrain/latest prompt="..."    # or --file prompts.jsonl
@@ -11,7 +13,6 @@ Errors a user can fix (bad override, missing file, bad checkpoint) print one lin
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -54,7 +55,8 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, cls=OneLineErrors,
                   help="Pretrain, distill, add vision to, evaluate, export and benchmark small encoder-decoder LMs.")
 runs_app = typer.Typer(add_completion=False, help="List runs, or show one with its lineage.", invoke_without_command=True)
-export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model for other runtimes (onnx) or for transformers (hf).")
+export_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Export a model for other runtimes (onnx) or for transformers (hf).")
 recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-stage pipelines (recipes/*.yaml).")
 app.add_typer(runs_app, name="runs")
 app.add_typer(export_app, name="export")
@@ -273,43 +275,19 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
-    from slmctl.runner import check_torch_device, user_errors
-    from slmctl.runtime.generator import generate_text, load_generator
+    from slmctl.runner import StageEnded, run_generate
 
+    words = prompts or []
+    image_paths = [Path(w.split("=", 1)[1]) for w in words if w.startswith("image=")] + list(image or [])
+    texts = [p.split("=", 1)[1] if p.startswith("prompt=") else p for p in words if not p.startswith("image=")]
+    if runtime not in ("auto", "torch", "onnx"):
+        fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
     try:
-        words = prompts or []
-        image_paths = [Path(w.split("=", 1)[1]) for w in words if w.startswith("image=")] + list(image or [])
-        texts = [p.split("=", 1)[1] if p.startswith("prompt=") else p for p in words if not p.startswith("image=")]
-        images = [_read_image(p) for p in image_paths]
-        if file is not None:
-            texts += _read_prompt_file(file)
-        if not texts:
-            fail('give prompt="..." or --file prompts.jsonl')
-        if runtime not in ("auto", "torch", "onnx"):
-            fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
-        if runtime == "torch":
-            check_torch_device(device)
-        else:
-            from slmctl.bench.devices import check_device
-
-            check_device(device, runtime)
-        generator = load_generator(model, runs_dir, device, runtime, threads, ep, allow_fallback)
-    except user_errors() as e:
-        if verbose:
-            raise
-        fail(first_line(e))
-        return
-    for text in texts:
-        console.print(f"[bold]> {text}[/bold]", highlight=False)
-        try:
-            generate_text(generator, text, on_piece=lambda piece: console.print(piece, end="", highlight=False, soft_wrap=True),
-                          max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed,
-                          images=images)
-        except (user_errors() + (ValueError,)) as e:
-            if verbose:
-                raise
-            fail(first_line(e))
-        console.print()
+        run_generate(model, texts, image_paths, file, runs_dir=runs_dir, device=device, runtime=runtime, threads=threads,
+                     ep=ep, allow_fallback=allow_fallback, verbose=verbose, max_new_tokens=max_new_tokens,
+                     num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed)
+    except StageEnded as e:
+        fail(e.message, e.exit_code)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -341,41 +319,13 @@ def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a r
     run_stage("serve", overrides, name, runs_dir, device, verbose, dry_run, extra={"source": models[0], "runtime": runtime})
 
 
-def _read_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        fail(f"image {path} cannot be read ({first_line(e)})")
-
-
-def _read_prompt_file(path: Path) -> list[str]:
-    if not path.is_file():
-        fail(f"no such prompt file: {path}")
-    texts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path}:{number}: not valid JSON ({e.msg})")
-        text = record.get("prompt", record.get("source")) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            fail(f"{path}:{number}: expected an object with a 'prompt' (or 'source') string")
-        texts.append(text)
-    return texts
-
-
 # -- configs and runs -------------------------------------------------------------
 
 
 @app.command("ls")
 def list_configs(group: Optional[str] = typer.Argument(None, help="A config group (model, data, ...).")) -> None:
     """List config groups and their options (or one group's options)."""
-    from slmctl.config import groups, stages
+    from slmctl.config.registry import groups, stages
 
     available = groups()
     if group is not None:
@@ -398,7 +348,8 @@ def validate(stage: str = typer.Argument(..., help="pretrain, ..."),
              overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides"),
              show: bool = typer.Option(False, "--show", help="Also print the resolved config.")) -> None:
     """Check that a composition is valid (exit 2 with the reason if not)."""
-    from slmctl.config import ConfigError, compose, to_yaml
+    from slmctl.config.compose import compose, to_yaml
+    from slmctl.errors import ConfigError
 
     try:
         cfg = compose(stage, overrides or [])
@@ -416,59 +367,27 @@ def runs(ctx: typer.Context, stage: Optional[str] = typer.Option(None, "--stage"
     """List runs: stage, name, status, age, key metric."""
     if ctx.invoked_subcommand is not None:
         return
-    from datetime import datetime, timezone
-
-    from slmctl.runs import list_runs
+    from slmctl.runs.listing import runs_table
+    from slmctl.runs.lookup import list_runs
 
     found = list_runs(runs_dir, stage)
-    if not found:
-        console.print(f"no runs under {runs_dir}", highlight=False)
-        return
-    table = Table(title=f"runs under {runs_dir}")
-    for column in ("stage", "run", "status", "age", "key metric"):
-        table.add_column(column)
-    now = datetime.now(timezone.utc)
-    for info in found:
-        has_metric = info.key_metric and isinstance(info.key_metric[1], (int, float))
-        metric = f"{info.key_metric[0]}={info.key_metric[1]:.4g}" if has_metric else ""
-        table.add_row(info.stage, info.path.name, info.status, _age(now - info.started) if info.started else "", metric)
-    console.print(table)
+    console.print(runs_table(found, runs_dir) if found else f"no runs under {runs_dir}", highlight=False)
 
 
 @runs_app.command("show")
 def runs_show(run: str = typer.Argument(..., help="A run directory or runs/<stage>/latest."),
               runs_dir: Path = RUNS_DIR) -> None:
     """Show one run: status, summary, inputs (lineage) and artifacts."""
-    from slmctl.runs import Run, RunError, resolve_run
+    from slmctl.runs.listing import describe_run
+    from slmctl.runs.lookup import RunError, resolve_run
 
     try:
-        opened = Run.open(resolve_run(run, runs_dir))
+        path = resolve_run(run, runs_dir)
     except RunError as e:
         fail(str(e))
         return
-    status = opened.status()
-    console.print(f"[bold]{opened.path}[/bold]  stage={opened.stage}  status={status.get('status')}", highlight=False)
-    if status.get("error"):
-        console.print(f"error: {status['error']}", highlight=False)
-    for key, value in (status.get("summary") or {}).items():
-        console.print(f"  {key}: {value}", highlight=False)
-    inputs = opened.inputs()
-    console.print("inputs:" if inputs else "inputs: none", highlight=False)
-    for item in inputs:
-        role = f"{item['role']} " if item.get("role") else ""
-        console.print(f"  {role}{item.get('kind')}: {item.get('ref')} -> {item.get('path')}", highlight=False)
-    manifest = opened.path / "MANIFEST.json"
-    if manifest.is_file():
-        files = json.loads(manifest.read_text())
-        console.print(f"artifacts: {len(files)} files, {sum(v['size'] for v in files.values()) / 1e6:.1f} MB", highlight=False)
-
-
-def _age(delta) -> str:
-    seconds = int(delta.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    for line in describe_run(path):
+        console.print(line, highlight=False)
 
 
 # -- recipes -----------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 `UserError`: bad input the user can fix (a bad override, a missing file, a model that does
 not verify, an unreachable judge). The stage runner prints its message as one line and exits
-with status 2; no traceback unless --verbose. Every such error class derives from it.
+with status 2; no traceback unless --verbose. Every such error class derives from it; the two
+that many layers raise live here (`ConfigError`: a bad value; `CheckpointError`: a model or
+checkpoint that does not load).
 
 `RunFailure`: the input was fine but the run could not end well (validation of an export
 failed, a checkpoint could not be saved, the loss diverged). One line, exit status 1, and
@@ -18,6 +20,14 @@ class UserError(Exception):
     """Bad input: one line naming the problem and the fix, exit status 2."""
 
     exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A bad composition or value; the message is one line naming the problem and the fix."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or model directory that cannot be loaded; the message is one line naming the problem."""
 
 
 class RunFailure(Exception):

@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from slmctl.runs import plain, read_metrics
+from slmctl.runs.lookup import read_metrics
+from slmctl.runs.run import plain
 
 PROGRESS_DIR = "progress"  # inside the run directory
 

@@ -29,8 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from slmctl.config import ConfigError
-from slmctl.errors import first_line
+from slmctl.errors import ConfigError, first_line
 
 STEP_KINDS = ("stage", "generate", "summary")
 STEP_REFERENCE = re.compile(r"\$\{runs\.([A-Za-z0-9_-]+)\}")

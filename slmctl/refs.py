@@ -25,7 +25,7 @@ from pathlib import Path
 
 from slmctl.errors import UserError, first_line
 from slmctl.files import EXPORT_DIR, EXPORT_SPEC_FILE, HF_CONFIG_FILE, MODEL_CONFIG_FILE, MODEL_DIR, is_slmctl_transformers_dir
-from slmctl.runs import LATEST, RunError, model_label, owning_run, resolve_run, verify_artifact
+from slmctl.runs.lookup import LATEST, RunError, model_label, owning_run, resolve_run, verify_artifact
 
 KINDS = ("preset", "model_dir", "hf_dir", "export", "reference_pt", "hub")
 TORCH_KINDS = ("preset", "model_dir", "reference_pt")  # what `load_torch` loads
@@ -40,6 +40,20 @@ DESCRIPTIONS = {
 }
 REFERENCE_SUFFIXES = (".pt", ".pth")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+# the ONNX Runtime execution providers an export reference may name (`export:int8@openvino`), by their short names
+EXECUTION_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "vitisai": "VitisAIExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+}
 
 
 class RefError(UserError, ValueError):
@@ -90,16 +104,6 @@ class ModelRef:
             model = build_model(self.text, seed=seed, **config_overrides)
             return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         return load_model(self.path, device=device, dtype=dtype, **config_overrides)
-
-    def open_onnx(self, device: str = "cpu", threads: int | None = None, ep: str | None = None, allow_fallback: bool = False,
-                  prepacking: bool = True):
-        """The export's `variant` graphs on ONNX Runtime (`OnnxLM`, generate() as in PyTorch), on
-        execution provider `ep` (None: the one the reference names, else the device's)."""
-        from slmctl.runtime.onnx import OnnxLM
-
-        self.require(("export",), "ONNX Runtime")
-        return OnnxLM(self.path, device=device, threads=threads, variant=self.variant, ep=ep or self.ep,
-                      allow_fallback=allow_fallback, prepacking=prepacking)
 
     def load_transformers(self, dtype="auto", trust_remote_code: bool = False, what: str = "model"):
         """A Hugging Face `AutoModelForCausalLM` from a save_pretrained directory or the hub
@@ -166,8 +170,6 @@ def _parse(text: str, runs_dir: Path, hub: bool) -> ModelRef:
         return ModelRef("preset", text)
     base, _, ep = text.rpartition("@")
     if base and ep and "/" not in ep and not Path(text).exists():
-        from slmctl.runtime.providers import EXECUTION_PROVIDERS
-
         ref = _parse(base, runs_dir, hub=False)
         if ref.kind != "export" or ep not in EXECUTION_PROVIDERS:
             raise RefError(f"{text!r}: '@{ep}' names the execution provider of an ONNX export "

@@ -15,7 +15,7 @@ maps how it ended to the run's status and an exit code:
 
 The CLI and recipes both call it, so a stage behaves the same however it was started.
 `resume=unfinished` names the newest interrupted (or killed) run of the stage; `latest`
-as a model reference names the newest succeeded one (slmctl.runs.latest_run).
+as a model reference names the newest succeeded one (slmctl.runs.lookup.latest_run).
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
     """(config, Run) for this invocation; (config, None) for a dry run, after printing the config."""
     from omegaconf import OmegaConf
 
-    from slmctl.config import STAGE_SCHEMAS, ConfigError, compose, saved_config, to_yaml
-    from slmctl.runs import Run
+    from slmctl.config.compose import compose, saved_config, to_yaml
+    from slmctl.config.registry import STAGE_SCHEMAS
+    from slmctl.errors import ConfigError
+    from slmctl.runs.run import Run
     from slmctl.train.ranks import follow_rank0
 
     check_device(stage, device, (extra or {}).get("runtime", "torch"))
@@ -129,7 +131,7 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
 
 def _execute(stage: str, cfg, run, verbose: bool) -> None:
     """Call the stage inside the rank handling; map how it ended (see the module docstring)."""
-    from slmctl.config import stage_module
+    from slmctl.config.registry import stage_module
     from slmctl.train.module import TrainingDiverged
     from slmctl.train.ranks import shared_with_other_ranks
 
@@ -166,9 +168,45 @@ def _execute(stage: str, cfg, run, verbose: bool) -> None:
         raise
 
 
+def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_file: Path | None, *, runs_dir: Path,
+                 device: str, runtime: str, threads: int | None, ep: str | None, allow_fallback: bool, verbose: bool,
+                 out: Console = console, **decoding) -> None:
+    """`slmctl generate`: print (streaming) what `model` generates for each prompt (and the
+    prompts of `prompt_file`), with the images of `image_paths`. Bad input ends it with
+    StageEnded(exit 2) before or during generation; no run directory is written."""
+    from slmctl.runtime.devices import check_device as check_runtime_device
+    from slmctl.runtime.generator import generate_text, load_generator, read_image, read_prompt_file
+
+    def ended(e: BaseException):
+        if verbose:
+            raise e
+        return StageEnded(first_line(e), 2)
+
+    try:
+        images = [read_image(path) for path in image_paths]
+        texts = [*texts, *(read_prompt_file(prompt_file) if prompt_file is not None else [])]
+        if not texts:
+            raise UserError('give prompt="..." or --file prompts.jsonl')
+        if runtime == "torch":
+            check_torch_device(device)
+        else:
+            check_runtime_device(device, runtime)
+        generator = load_generator(model, runs_dir, device, runtime, threads, ep, allow_fallback)
+    except user_errors() as e:
+        raise ended(e) from None
+    for text in texts:
+        out.print(f"[bold]> {text}[/bold]", highlight=False)
+        try:
+            generate_text(generator, text, on_piece=lambda piece: out.print(piece, end="", highlight=False, soft_wrap=True),
+                          images=images, **decoding)
+        except (user_errors() + (ValueError,)) as e:
+            raise ended(e) from None
+        out.print()
+
+
 def check_device(stage: str, device: str, runtime: str = "torch") -> None:
     """Fail before any run directory exists when the requested device is not there."""
-    from slmctl.bench.devices import check_device as check_runtime_device
+    from slmctl.runtime.devices import check_device as check_runtime_device
 
     if stage in ("bench", "serve"):  # NPUs are reached through ONNX Runtime providers: its own check
         check_runtime_device(device, runtime)
@@ -177,8 +215,8 @@ def check_device(stage: str, device: str, runtime: str = "torch") -> None:
 
 
 def check_torch_device(device: str) -> None:
-    from slmctl.bench.devices import check_torch_device as check
-    from slmctl.config import ConfigError
+    from slmctl.errors import ConfigError
+    from slmctl.runtime.devices import check_torch_device as check
 
     if device == "npu":
         raise ConfigError("--device npu: NPUs run exported ONNX graphs (slmctl export, then bench --runtime onnx), "
@@ -189,8 +227,8 @@ def check_torch_device(device: str) -> None:
 def resumable_run(ref: str, runs_dir: Path, stage: str) -> Path:
     """The run `resume=` names: `unfinished` (the newest interrupted or killed run of the stage)
     or any run reference. `latest` is refused: it names the newest *succeeded* run, which is sealed."""
-    from slmctl.config import ConfigError
-    from slmctl.runs import LATEST, RunError, list_runs, resolve_run
+    from slmctl.errors import ConfigError
+    from slmctl.runs.lookup import LATEST, RunError, list_runs, resolve_run
 
     if ref == RESUME_UNFINISHED:
         candidates = [r for r in list_runs(runs_dir, stage) if r.status in ("interrupted", "running")]

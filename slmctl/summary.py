@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from slmctl.config import ConfigError
+from slmctl.errors import ConfigError
 from slmctl.eval.report import cell as interval  # 0.755 [0.695, 0.815], as eval's tables show it
 from slmctl.eval.report import difference_cell
 
@@ -57,7 +57,7 @@ class Section:
 
 def read_json(run: str | Path, name: str) -> dict:
     """`name` of a succeeded run whose files still match its MANIFEST."""
-    from slmctl.runs import read_status, verify_manifest
+    from slmctl.runs.lookup import read_status, verify_manifest
 
     status = read_status(run) or {}
     if status.get("status") != "succeeded":
@@ -265,7 +265,7 @@ def plot_architecture(points: dict, path: Path) -> None:
 
 def run_summary(name: str, spec: dict, runs_dir: Path, console, argv: list[str]) -> Path:
     """Build the tables, print them, and write them into a new summary run; returns its directory."""
-    from slmctl.runs import Run
+    from slmctl.runs.run import Run
 
     check_spec(spec, f"step {name!r}")
     sections, points = build(spec)

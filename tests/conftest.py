@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from typer.testing import CliRunner
 
 from slmctl.cli import app
-from slmctl.config import compose, stage_module
+from slmctl.config.compose import compose
+from slmctl.config.registry import stage_module
 from slmctl.data.synthetic import SyntheticWorld
 from slmctl.data.tokenizer import train_bpe
 from slmctl.model import build_model
@@ -71,7 +72,7 @@ def newest_run(runs, stage, name=None) -> Path:
 def train_run(runs, stage, overrides, name=None, callbacks=None):
     """A training stage (pretrain, distill, add-vision) run in this process: compose `overrides`,
     create the run under `runs` (called `name`, else after the stage) and run it -> the Run."""
-    from slmctl.runs import Run
+    from slmctl.runs.run import Run
 
     cfg = compose(stage, list(overrides))
     run = Run.create(runs, stage, name or stage, cfg, argv=["test"])
@@ -219,7 +220,7 @@ def world_texts():
 def save_tiny_encdec(directory, texts, seed: int = 1) -> Path:
     """A randomised tiny encoder-decoder with a BPE tokenizer trained on `texts`, saved as a model
     directory: varied, deterministic text from a model that took no training to make."""
-    from slmctl.model.directory import save_model
+    from slmctl.model.store import save_model
 
     tokenizer = train_bpe(texts, vocab_size=400)
     model = build_model("tiny", seed=0, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)

@@ -11,11 +11,14 @@ import pytest
 import yaml
 from omegaconf import MISSING, OmegaConf
 
-from slmctl import config
-from slmctl.config import GROUP_SCHEMAS, STAGE_SCHEMAS, ConfigError, compose, groups, stages
+import slmctl
+import slmctl.config.choices
+from slmctl.config.compose import compose, to_yaml
+from slmctl.config.registry import CONF_DIR, GROUP_SCHEMAS, NOT_GROUPS, STAGE_SCHEMAS, groups, schema_entries, stages
+from slmctl.errors import ConfigError
 from slmctl.model.config import PRESETS, get_preset, matched_decoder_only, model_config_from
 
-CONF = config.CONF_DIR
+CONF = CONF_DIR
 NO_SCHEMA = {"trainer": "lightning.Trainer arguments, open-ended", "hardware": "bench --estimate profiles"}
 
 
@@ -76,7 +79,7 @@ def test_each_yaml_names_its_schema_as_its_base(path):
         assert "defaults" not in raw
         return
     name = path.stem if path.parent == CONF else f"{path.parent.name}/{_base_kind(path, raw)}"
-    entries = config.schema_entries()
+    entries = schema_entries()
     base = [d for d in raw["defaults"] if isinstance(d, str) and d.startswith("/schema/")]
     assert base and base[0].split("@")[0].removeprefix("/") in entries
     assert entries[base[0].split("@")[0].removeprefix("/")] is _schema_of(path, raw), name
@@ -110,7 +113,7 @@ CHOICE_FIELDS = sorted({(stage, key, kind) for stage, schema in STAGE_SCHEMAS.it
 
 
 def test_the_choices_are_enum_fields_not_a_table():
-    assert not hasattr(config, "KD_CHOICES")
+    assert not hasattr(slmctl.config.choices, "KD_CHOICES")
     keys = {key for _, key, _ in CHOICE_FIELDS}
     assert {"kd.loss", "kd.targets", "teacher.dtype", "task.kind", "dtype", "quantize", "vision.tower",
             "model.arch", "student.arch"} <= keys
@@ -127,7 +130,7 @@ def test_a_bad_choice_is_refused_with_the_choices_named(stage, key, kind):
 def test_a_choice_reads_as_its_string():
     cfg = compose("distill", ["kd.loss=jsd"])
     assert cfg.kd.loss == "jsd" and f"{cfg.kd.loss}" == "jsd" and {"jsd": 1}[cfg.kd.loss] == 1
-    assert "loss: jsd" in config.to_yaml(cfg)
+    assert "loss: jsd" in to_yaml(cfg)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -150,7 +153,7 @@ def test_composition_errors_are_one_line(override, message):
 
 
 def test_no_code_reads_an_architecture_from_a_preset_name():
-    package = Path(config.__file__).parent
+    package = Path(slmctl.__file__).parent
     for path in package.rglob("*.py"):
         text = path.read_text()
         assert 'startswith("deconly' not in text and "removeprefix(\"deconly" not in text, path
@@ -198,7 +201,7 @@ def test_student_is_the_model_group_at_student():
 
 def test_ls_lists_only_groups_a_command_line_can_choose():
     found = groups()
-    assert "hardware" not in found and "hardware" in config.NOT_GROUPS and (CONF / "hardware").is_dir()
+    assert "hardware" not in found and "hardware" in NOT_GROUPS and (CONF / "hardware").is_dir()
     stage_of = {"model": "pretrain", "data": "pretrain", "tokenizer": "pretrain", "objective": "pretrain",
                 "trainer": "pretrain", "teacher": "distill", "student": "distill", "task": "eval", "judge": "eval",
                 "vision": "add-vision", "peft": "pretrain"}

@@ -9,7 +9,7 @@ from conftest import TINY_PRETRAIN, cli, newest_run, stage_runs, train_run
 
 from slmctl.eval.predict import predict_batches
 from slmctl.progress import append_progress, read_progress
-from slmctl.runs import Run
+from slmctl.runs.run import Run
 
 # 1,024 held-out questions, 16 batches of 64, a few new tokens each: a long eval that runs in seconds.
 EVAL = ["task.n_people=200", "task.n=1024", "batch_size=64", "generation.max_new_tokens=4", "bootstrap=100"]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_SYNTHETIC_DATA, TINY_TRAINING, cli
 
-from slmctl.config import ConfigError
+from slmctl.errors import ConfigError
 from slmctl.recipes import load_recipe, run_recipe
 
 SMALL = ["tokenizer.vocab_size=400", "objective=seq2seq", *TINY_SYNTHETIC_DATA, "max_source_len=48", *TINY_TRAINING,
@@ -85,7 +85,7 @@ def test_bad_recipes(tmp_path, recipe, message):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_shipped_recipes_are_valid(name):
-    from slmctl.config import compose
+    from slmctl.config.compose import compose
 
     recipe = load_recipe(REPO / "recipes" / name)
     for step in recipe["steps"]:
@@ -97,7 +97,7 @@ def test_shipped_recipes_are_valid(name):
 def test_a_recipe_step_stopped_by_sigterm_is_marked_interrupted_like_a_stage_alone(tmp_path, monkeypatch):
     """A Stopped (SIGTERM, Ctrl-C) inside a recipe step goes through the same runner as a stage
     run alone: the step's run says `interrupted`, the recipe exits 130 naming how to resume."""
-    from slmctl.runs import list_runs
+    from slmctl.runs.lookup import list_runs
     from slmctl.train import pretrain
     from slmctl.train.stopping import Stopped
 

@@ -11,7 +11,9 @@ import torch
 from slmctl.files import EXPORT_SPEC_FILE
 from slmctl.model import build_model, save_model
 from slmctl.refs import KINDS, ModelRef, RefError, parse, resolve
-from slmctl.runs import Run, RunError
+from slmctl.runs.lookup import RunError
+from slmctl.runs.run import Run
+from slmctl.runtime.onnx import open_export
 
 CONFIG = {"model": {"preset": "tiny"}}
 NO_HUB = tuple(kind for kind in KINDS if kind != "hub")  # with a hub id allowed, "nonesuch" would be one
@@ -140,9 +142,9 @@ def test_records_itself_as_a_run_input(runs, tmp_path):
 
 
 def test_loads_presets_model_dirs_exports_and_hugging_face_models(tmp_path, llama_dir):
+    from slmctl.config.compose import compose
     from slmctl.export.onnx_export import export_graphs
     from slmctl.export.stage import _spec
-    from slmctl.config import compose
 
     runs_dir = tmp_path / "runs"
     preset = resolve("tiny", runs_dir).load_torch(dtype=torch.bfloat16, seed=3)
@@ -158,7 +160,7 @@ def test_loads_presets_model_dirs_exports_and_hugging_face_models(tmp_path, llam
     run.succeed()
     loaded = resolve(run.model_dir, runs_dir).load_torch()
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    onnx = resolve(f"{run.path / 'export'}:fp32", runs_dir).open_onnx()
+    onnx = open_export(resolve(f"{run.path / 'export'}:fp32", runs_dir))
     prompt = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(onnx.generate(prompt, max_new_tokens=4), model.generate(prompt, max_new_tokens=4))
     with pytest.raises(RefError, match="is an ONNX export .*PyTorch loading takes"):

@@ -3,8 +3,9 @@
 import json
 
 from conftest import Crash, cli
-from slmctl.config import compose
-from slmctl.runs import Run
+
+from slmctl.config.compose import compose
+from slmctl.runs.run import Run
 from slmctl.train import pretrain
 
 
@@ -34,7 +35,7 @@ def test_a_sigterm_while_the_run_is_being_opened_leaves_it_interrupted_not_runni
     """The SIGTERM handler is in place before the run directory exists: a stop that lands after
     the run is created but before the stage starts marks the run interrupted and exits 130."""
     from slmctl import runner
-    from slmctl.runs import list_runs
+    from slmctl.runs.lookup import list_runs
     from slmctl.train.stopping import Stopped
 
     def stopped_while_announcing(*args, **kwargs):  # the "pretrain -> RUN" line, printed before the stage runs

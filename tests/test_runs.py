@@ -13,8 +13,9 @@ import torch
 from conftest import TINY_PRETRAIN, cli
 from omegaconf import OmegaConf
 
-from slmctl import runs
-from slmctl.runs import Run, RunError, RunInfo, latest_run, list_runs, resolve_run, verify_manifest
+from slmctl.runs import run as run_module
+from slmctl.runs.lookup import RunError, RunInfo, latest_run, list_runs, resolve_run, verify_manifest
+from slmctl.runs.run import Run
 
 CONFIG = {"model": {"preset": "tiny", "d_model": 64}, "lr": 3e-4, "name": "${model.preset}-run"}
 ARGV = ["slmctl", "pretrain", "model=tiny", "--name", "my run"]
@@ -29,7 +30,7 @@ def clock(monkeypatch):
         state["now"] += timedelta(seconds=1)
         return state["now"]
 
-    monkeypatch.setattr(runs, "utc_now", tick)
+    monkeypatch.setattr(run_module, "utc_now", tick)
     return state
 
 
@@ -80,7 +81,7 @@ def test_create_writes_the_run_files(tmp_path, monkeypatch):
 
 def test_env_records_the_git_commit_of_the_working_directory(tmp_path):
     env = json.loads((new_run(tmp_path).path / "env.json").read_text())
-    commit = runs.git_commit()  # the tests run inside the slmctl checkout, if it is one
+    commit = run_module.git_commit()  # the tests run inside the slmctl checkout, if it is one
     assert env["git_commit"] == commit
     if commit is not None:
         assert re.fullmatch(r"[0-9a-f]{40}", commit)
@@ -88,7 +89,7 @@ def test_env_records_the_git_commit_of_the_working_directory(tmp_path):
 
 def test_runs_created_in_the_same_second_get_different_directories(tmp_path, monkeypatch):
     moment = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
-    monkeypatch.setattr(runs, "utc_now", lambda: moment)
+    monkeypatch.setattr(run_module, "utc_now", lambda: moment)
     paths = [new_run(tmp_path).path for _ in range(3)]
     assert [p.name for p in paths] == ["20250301-120000-tiny", "20250301-120000-tiny-2", "20250301-120000-tiny-3"]
 

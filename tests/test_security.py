@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import DISTILL_DATA, TINY_PRETRAIN, cli, save_llama, stage_runs
 from PIL import Image
-from slmctl.config import compose
+
+from slmctl.config.compose import compose
 from slmctl.data.images import load_jsonl
 from slmctl.data.sources import DataError
-from slmctl.model.directory import CheckpointError
+from slmctl.errors import CheckpointError
 from slmctl.train.checkpoints import VerifiedCheckpointIO
 
 
@@ -37,9 +38,10 @@ def test_remote_code_is_off_by_default_everywhere():
 
 
 def test_remote_code_when_asked_for_is_passed_on_and_logged(tmp_path, monkeypatch):
-    from slmctl.data.tokenizer import train_bpe
-    from slmctl.data.synthetic import SyntheticWorld
     from transformers import AutoModelForCausalLM
+
+    from slmctl.data.synthetic import SyntheticWorld
+    from slmctl.data.tokenizer import train_bpe
 
     llama = save_llama(tmp_path / "llama", train_bpe(SyntheticWorld(seed=0, n_people=200).texts("train", 200), 400))
     asked = []

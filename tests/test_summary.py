@@ -7,8 +7,9 @@ import pytest
 import yaml
 from conftest import cli
 
-from slmctl.config import ConfigError
-from slmctl.runs import Run, verify_manifest
+from slmctl.errors import ConfigError
+from slmctl.runs.lookup import verify_manifest
+from slmctl.runs.run import Run
 from slmctl.summary import build, check_spec
 
 

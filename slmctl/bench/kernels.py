@@ -80,7 +80,7 @@ def time_call(path: Path, k: int, threads: int, calls: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from slmctl.bench.bandwidth import measure_read_bandwidth
+    from slmctl.runtime.hardware import measure_read_bandwidth
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", default=None, help="KxN weight (input x output), repeatable")

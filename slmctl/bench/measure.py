@@ -8,8 +8,6 @@ device (synchronize) at every timestamp.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass
 
@@ -38,7 +36,7 @@ def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtim
                    prepacking: bool = True) -> LoadedModel:
     """A preset name (random weights, so no checkpoint is needed), a model directory / run, or an
     ONNX export (`slmctl export onnx`; `EXPORT:int8` picks a variant), run by ONNX Runtime."""
-    from slmctl.config import ConfigError
+    from slmctl.errors import ConfigError
     from slmctl.refs import resolve
 
     model_ref = resolve(ref, runs_dir, allow=BENCH_KINDS, purpose="bench")
@@ -53,7 +51,9 @@ def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtim
 
 def _load_export(model_ref, device: str, threads: int | None, ep: str | None, allow_fallback: bool,
                  prepacking: bool = True) -> LoadedModel:
-    model = model_ref.open_onnx(device=device, threads=threads, ep=ep, allow_fallback=allow_fallback, prepacking=prepacking)
+    from slmctl.runtime.onnx import open_export
+
+    model = open_export(model_ref, device=device, threads=threads, ep=ep, allow_fallback=allow_fallback, prepacking=prepacking)
     arch = "encdec" if model.config.is_encoder_decoder else "deconly"
     return LoadedModel(model_ref.label, model, arch, model.load_s, "onnx", weights_dtype(model.graphs))
 
@@ -136,31 +136,6 @@ def time_vision(model, image, repeat: int) -> tuple[float, int]:
     return statistics.median(times[1:]) * 1e3, count
 
 
-def reset_peak_memory(device: str) -> None:
-    """Start a new peak: CUDA's allocator statistics, or on Linux the process's high-water mark
-    of resident memory (writing 5 to /proc/self/clear_refs), so each model gets its own peak."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # elsewhere the peak is the process's since it started
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak allocated memory on CUDA; otherwise the peak resident set size since the last reset."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in open("/proc/self/status", encoding="utf-8"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _sync(device: str) -> None:

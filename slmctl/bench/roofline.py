@@ -1,97 +1,13 @@
 """Roofline estimates: first-token latency and decode speed from FLOP and byte counts.
 
-A step takes at least max(FLOPs / peak FLOP/s, bytes / bandwidth). Profiles in
-`conf/hardware/` give peaks for devices we cannot run (with their public source); the
-`this-cpu` profile is measured on the spot (fp32: the faster of torch's and ONNX Runtime's
-GEMM, which differ by 2x on AMD CPUs, where torch's MKL leaves AVX-512 unused), so on the CPU
+A step takes at least max(FLOPs / peak FLOP/s, bytes / bandwidth), with the peaks of a hardware
+profile (slmctl.runtime.hardware: measured for this CPU, published for the rest), so on the CPU
 the bench reports measured / predicted and the cost model is itself checked.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import torch
-from omegaconf import OmegaConf
-
-from slmctl.bench.flops import Cost
-from slmctl.config import CONF_DIR, ConfigError
-
-HARDWARE_DIR = CONF_DIR / "hardware"
-
-
-def profiles() -> list[str]:
-    return sorted(p.stem for p in Path(HARDWARE_DIR).glob("*.yaml"))
-
-
-def load_profile(name: str, dtype: str) -> dict:
-    """{name, peak_flops (FLOP/s at `dtype`), bandwidth (bytes/s), source}; measured for this-cpu."""
-    path = Path(HARDWARE_DIR) / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--estimate {name}: unknown hardware profile (choose from: {', '.join(profiles())})")
-    profile = OmegaConf.to_container(OmegaConf.load(path))
-    if profile.get("measured"):
-        from slmctl.bench.bandwidth import measure_read_bandwidth
-
-        peaks = {"torch": measure_matmul_flops(dtype)}
-        if dtype == "float32":  # the faster of the two runtimes' GEMMs is the machine's roof
-            peaks["onnxruntime"] = measure_onnxruntime_matmul_flops()
-        best = max(peaks, key=peaks.get)
-        return {"name": name, "peak_flops": peaks[best], "bandwidth": measure_read_bandwidth(256),
-                "source": f"{profile['source']}; {dtype} matmul peak of {best} ("
-                          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + ")",
-                "matmul_peaks": peaks}
-    peaks = profile["peak_tflops"]
-    if dtype not in peaks:
-        raise ConfigError(f"--estimate {name}: no {dtype} peak in {path.name} (it has: {', '.join(peaks)})")
-    return {"name": name, "peak_flops": peaks[dtype] * 1e12, "bandwidth": profile["bandwidth_gb_s"] * 1e9,
-            "source": profile["source"]}
-
-
-def measure_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a square matmul with torch's current threads. Its inputs come
-    from a generator of its own: measured inside a training run, it must not move the global RNG
-    (dropout after a resume would differ from the uninterrupted run's)."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, dtype=getattr(torch, dtype), generator=generator)
-    b = torch.randn(size, size, dtype=getattr(torch, dtype), generator=generator)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def gpu_profile(device_name: str) -> str | None:
-    """The conf/hardware profile whose name appears in a CUDA device's name ("NVIDIA H100 80GB
-    HBM3" -> h100), or None when none does."""
-    name = device_name.lower().replace(" ", "").replace("-", "")
-    gpus = [p for p in profiles() if p != "this-cpu" and not p.endswith("-npu")]
-    found = [p for p in gpus if p.replace("-", "") in name]
-    return max(found, key=len) if found else None
-
-
-def device_peak_flops(device: str, dtype: str = "float32") -> tuple[float | None, str]:
-    """(peak FLOP/s at `dtype`, where it comes from) for MFU. CPU (and MPS, measured on the CPU):
-    `measure_matmul_flops` now, with torch's current threads (the ones training uses). CUDA:
-    the conf/hardware profile of the GPU (fp32 counts as tf32 when torch lets matmuls use it);
-    (None, why) when no profile matches."""
-    if device != "cuda":
-        # best of 20 (~0.2 s): a moment when no other process shares the cores
-        return measure_matmul_flops(dtype, repeats=20), f"measured: {dtype} 1024x1024 matmul, {torch.get_num_threads()} threads"
-    gpu = torch.cuda.get_device_name()
-    name = gpu_profile(gpu)
-    if name is None:
-        return None, f"no conf/hardware profile matches {gpu!r}"
-    if dtype == "float32" and torch.get_float32_matmul_precision() != "highest":
-        dtype = "tf32"
-    peaks = OmegaConf.to_container(OmegaConf.load(Path(HARDWARE_DIR) / f"{name}.yaml"))["peak_tflops"]
-    if dtype not in peaks:
-        return None, f"conf/hardware/{name}.yaml has no {dtype} peak"
-    return peaks[dtype] * 1e12, f"conf/hardware/{name}.yaml: {dtype}"
+from slmctl.model.flops import Cost
 
 
 def step_seconds(cost: Cost, profile: dict) -> float:
@@ -107,31 +23,3 @@ def predict(prefill: Cost, decode: Cost | None, batch: int, profile: dict) -> di
         batched = Cost(decode.flops * batch, decode.weight_bytes, decode.kv_bytes * batch)
         result["predicted_decode_tok_s"] = batch / step_seconds(batched, profile)
     return result
-
-
-def measure_onnxruntime_matmul_flops(size: int = 1024, repeats: int = 20, threads: int | None = None) -> float:
-    """Best-of-`repeats` FLOP/s of ONNX Runtime's fp32 MatMul ([size, size] by a constant
-    [size, size] weight, prepacked as a model's weights are), with `threads` intra-op threads
-    (None: torch's current count). On CPUs where torch's BLAS leaves performance behind (MKL on
-    AMD), this is the machine's real fp32 roof for an export."""
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
-                              [numpy_helper.from_array(weight, "w")])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # any ONNX Runtime >= 1.14
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {"x": np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)}
-    session.run(None, feed)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best

@@ -16,21 +16,21 @@ instead: slmctl.bench.training.
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import contextlib
 import json
 import platform
 import sys
+from fractions import Fraction
 
 import torch
 from rich.console import Console
 
-from slmctl.bench import flops
-from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure, peak_memory_mb, reset_peak_memory, time_vision
+from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure, time_vision
 from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, plot_batch, table
+from slmctl.model import flops
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.refs import parse
+from slmctl.runtime.hardware import peak_memory_mb, reset_peak_memory
 from slmctl.runtime.providers import placement_line
 
 console = Console()
@@ -50,7 +50,7 @@ def run(cfg, run):
 
 
 def _run(cfg, run, records_out):
-    from slmctl.bench.devices import check_device
+    from slmctl.runtime.devices import check_device
 
     check_device(cfg.device, cfg.runtime)
     if cfg.threads:
@@ -63,7 +63,7 @@ def _run(cfg, run, records_out):
         console.print("peak memory = the process's resident high-water mark while each model loads and runs", highlight=False)
     profile = None
     if cfg.estimate:
-        from slmctl.bench.roofline import load_profile
+        from slmctl.runtime.hardware import load_profile
 
         profile = load_profile(cfg.estimate, cfg.dtype)
         environment["estimate"] = {k: v for k, v in profile.items()}
@@ -192,7 +192,7 @@ def measure_in_child(cfg, ref: str, runs_dir, environment: dict, profile: dict |
         key, record = json.loads(line)
         yield tuple(key), record
     if child.wait() != 0:
-        from slmctl.config import ConfigError
+        from slmctl.errors import ConfigError
 
         raise ConfigError(f"measuring {ref} in a child process failed (exit {child.returncode}; its error is above)")
 
@@ -262,7 +262,7 @@ def _add_prediction(record: dict, config, cfg, profile: dict) -> dict:
 
 def _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile) -> dict:
     if profile is None:
-        from slmctl.config import ConfigError
+        from slmctl.errors import ConfigError
 
         raise ConfigError("--repeat 0 measures nothing: use it with --estimate PROFILE for a prediction only")
     record = {key: None for key in RECORD_FIELDS} | {
@@ -276,7 +276,7 @@ def _add_bandwidth_bound(cfg, records: list[dict], environment: dict) -> None:
     is B tokens per (weights + B caches) bytes at the measured read bandwidth (CPU only)."""
     if cfg.device != "cpu" or cfg.repeat == 0:
         return
-    from slmctl.bench.bandwidth import measure_read_bandwidth
+    from slmctl.runtime.hardware import measure_read_bandwidth
 
     environment["read_bandwidth_gb_s"] = round(measure_read_bandwidth(256) / 1e9, 2)
     for r in records:
@@ -289,7 +289,7 @@ def _add_bandwidth_bound(cfg, records: list[dict], environment: dict) -> None:
 
 
 def _environment(cfg) -> dict:
-    from slmctl.bench.devices import onnxruntime_providers
+    from slmctl.runtime.devices import onnxruntime_providers
 
     environment = {"cpu": _cpu_name(), "machine": platform.machine(), "python": platform.python_version(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": cfg.device,

@@ -26,11 +26,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from slmctl.bench.bandwidth import measure_read_bandwidth
 from slmctl.bench.timing import summarize, time_generation
 from slmctl.model import build_model
 from slmctl.model.base import LanguageModel
 from slmctl.model.config import ModelConfig
+from slmctl.runtime.hardware import measure_read_bandwidth
 
 
 def decoder_weight_bytes(model: LanguageModel) -> int:
@@ -59,7 +59,7 @@ def build_t5(model: LanguageModel | ModelConfig):
 
 
 def t5_flop_config(cfg: ModelConfig) -> ModelConfig:
-    """The ModelConfig whose FLOP count (slmctl.bench.flops) is `build_t5(cfg)`'s: T5 has full-width
+    """The ModelConfig whose FLOP count (slmctl.model.flops) is `build_t5(cfg)`'s: T5 has full-width
     keys and values (one key/value head per query head, no grouped-query attention); its missing
     biases and its relative position bias are not counted by those conventions anyway."""
     return cfg.replace(n_kv_heads=cfg.n_heads)

@@ -6,8 +6,8 @@ the gradients; no gradient clipping, no data loading (one seeded random batch of
 encoder + T decoder tokens, no padding; decoder-only: B rows of S tokens). `warmup` untimed
 steps, then `repeat` timed steps; the record holds their median (and every sample).
 
-MFU (model FLOPs utilisation) = `slmctl.bench.flops.training_step_flops` / median step time /
-the device's peak FLOP/s (`slmctl.bench.roofline.device_peak_flops`: on the CPU a matmul
+MFU (model FLOPs utilisation) = `slmctl.model.flops.training_step_flops` / median step time /
+the device's peak FLOP/s (`slmctl.runtime.hardware.device_peak_flops`: on the CPU a matmul
 measured just before the model's timed steps, with the same threads; on CUDA the GPU's
 conf/hardware profile). Peak memory: the process's resident high-water mark (CPU) or
 torch.cuda.max_memory_allocated (CUDA), from just before the optimiser is built to the last
@@ -30,10 +30,12 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from slmctl.bench import flops
-from slmctl.bench.measure import BENCH_KINDS, DTYPES, load_for_bench, peak_memory_mb, reset_peak_memory
-from slmctl.config import ConfigError, OptimSchema
+from slmctl.bench.measure import BENCH_KINDS, DTYPES, load_for_bench
+from slmctl.config.training import OptimSchema
+from slmctl.errors import ConfigError
+from slmctl.model import flops
 from slmctl.refs import parse
+from slmctl.runtime.hardware import peak_memory_mb, reset_peak_memory
 
 T5_NAME = "transformers T5"
 
@@ -89,9 +91,8 @@ def training_batch(config, batch: int, source_len: int, target_len: int, seed: i
 
 def time_training(cfg, name: str, arch: str, runtime: str, model: torch.nn.Module, flop_config, batch: int) -> dict:
     """One record: `cfg.warmup` untimed then `cfg.repeat` timed training steps of `model`."""
-    from slmctl.bench.roofline import device_peak_flops
+    from slmctl.runtime.hardware import device_peak_flops
     from slmctl.train.optim import adamw_with_schedule, decay_groups
-
     from slmctl.train.trainer_options import apply_trainer_options
 
     device, S, T = cfg.device, cfg.source_len, cfg.target_len

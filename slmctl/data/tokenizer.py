@@ -111,7 +111,7 @@ class TextTokenizer:
     def load(cls, directory: str | Path) -> "TextTokenizer":
         """A tokenizer saved by `save` (or any Hugging Face tokenizer directory). In a model
         directory, its files are first checked against the directory's checksums.json."""
-        from slmctl.model.directory import verify_checksums
+        from slmctl.integrity import verify_checksums
 
         directory = Path(directory)
         verify_checksums(directory, skip_weights=True)

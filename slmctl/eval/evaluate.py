@@ -28,8 +28,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from slmctl.config import ConfigError
 from slmctl.data.sources import DataError
+from slmctl.errors import ConfigError
 from slmctl.eval import metrics as M
 from slmctl.eval.report import bar_chart, difference_cell, model_table, paired_table, side_by_side
 from slmctl.eval.tasks import EvalExample, load_task
@@ -146,7 +146,7 @@ def paired_comparisons(cfg, labels: list[str], scored: dict[str, dict[str, list]
 
 def _tasks(cfg) -> list:
     """The `task` group's choice, or every task named in `tasks=[...]` (each with its defaults)."""
-    from slmctl.config import compose
+    from slmctl.config.compose import compose
 
     tasks = [cfg.task] if not cfg.tasks else [compose("eval", [f"task={name}"]).task for name in cfg.tasks]
     for task in tasks:

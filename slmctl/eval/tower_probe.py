@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from slmctl.config import ConfigError
+    from slmctl.errors import ConfigError
     from slmctl.model.vision import build_tower
     from slmctl.model.vlm import VisionEncoderDecoderLM
     from slmctl.refs import resolve

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from slmctl.config import ConfigError
+from slmctl.errors import ConfigError
 from slmctl.export.validate import ValidationFailed, compare_decoding, random_batch
 from slmctl.files import EXPORT_DIR
 
@@ -37,7 +37,7 @@ TOKENIZER_SAMPLES = ("Where does Tobrin live?", "  two leading spaces, and unico
 
 
 def run(cfg, run):
-    from slmctl.export.stage import load_source
+    from slmctl.export.source import load_source
 
     if cfg.quantize or cfg.static.enabled:
         raise ConfigError("quantize and static shapes are for `slmctl export onnx`; `slmctl export hf` writes fp32 weights")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from slmctl import __version__
 from slmctl.model.config import count_parameters
-from slmctl.runs import Run, model_label, owning_run, read_status, run_directories
+from slmctl.runs.lookup import model_label, owning_run, read_status, run_directories
+from slmctl.runs.run import Run
 
 ARCH_NAMES = {"encdec": "encoder-decoder", "deconly": "decoder-only"}
 

@@ -55,7 +55,7 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
     vlm = model if isinstance(model, VisionEncoderDecoderLM) else None
     if vlm is not None:
         if static:
-            from slmctl.config import ConfigError
+            from slmctl.errors import ConfigError
 
             raise ConfigError("--static is not available for vision models yet (their prompt length depends on the image)")
         model = vlm.text
@@ -106,7 +106,7 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
                                         inputs, outputs, True, external_data)
     else:
         if static:
-            from slmctl.config import ConfigError
+            from slmctl.errors import ConfigError
 
             raise ConfigError("--static exports the encoder-decoder; the decoder-only baseline exports dynamic graphs only")
         ids = torch.randint(4, cfg.vocab_size, (2, 2))

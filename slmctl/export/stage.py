@@ -26,8 +26,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from slmctl.config import ConfigError
 from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
+from slmctl.export.source import load_source
 from slmctl.export.validate import ValidationFailed, validate
 from slmctl.files import EXPORT_DIR
 from slmctl.runtime.onnx import SPEC_FILE, OnnxLM
@@ -121,29 +121,6 @@ def _optimized(cfg, run, out: Path, model, spec: dict, fp32_model, fp32: dict, s
         raise ValidationFailed(f"the --optimize ort graphs differ from the fp32 graphs: max |logit diff| "
                                f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:g})")
     return variant
-
-
-def load_source(cfg, run):
-    """(model in eval mode, fp32, cpu; the model directory or None for a preset)."""
-    from slmctl.refs import resolve
-
-    source = resolve(cfg.source or _newest_model_run(run.runs_dir, cfg.to), run.runs_dir, allow=("preset", "model_dir"),
-                     purpose="export")
-    source.record_input(run, role="model")
-    if source.kind == "preset":
-        run.log(f"model: preset {source.text} with random weights (seed {cfg.seed})")
-        return source.load_torch(seed=cfg.seed).eval(), None
-    return source.load_torch().float().eval(), source.path
-
-
-def _newest_model_run(runs_dir: Path, to: str) -> str:
-    from slmctl.runs import latest_run
-
-    found = [p for p in (latest_run(runs_dir, stage) for stage in ("distill", "pretrain")) if p is not None]
-    if not found:
-        raise ConfigError(f"no model given and no succeeded distill or pretrain run under {runs_dir}: "
-                          f"slmctl export {to} MODEL (a model dir, a run, or a preset like 330m)")
-    return str(max(found, key=lambda p: p.name))
 
 
 def _spec(model, source: Path | None, cfg, variants: dict) -> dict:

@@ -199,7 +199,7 @@ def model_config_from(node, **fallbacks) -> ModelConfig:
     unless the node sets `n_decoder_layers` itself."""
     from omegaconf import OmegaConf
 
-    from slmctl.config import ConfigError
+    from slmctl.errors import ConfigError
 
     node = OmegaConf.to_container(node, resolve=True)
     arch = str(node["arch"])

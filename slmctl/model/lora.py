@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slmctl.config import ConfigError
+from slmctl.errors import CheckpointError, ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,7 +67,7 @@ def parameter_counts(model) -> tuple[int, int]:
 def save_trained(model, lora, directory: Path, tokenizer, base: Path | None, merge: bool):
     """Write `model/`: full weights (merged when LoRA trained them), or the adapter over `base`.
     Returns the model as saved (merged LoRA: the plain model again)."""
-    from slmctl.model import save_model
+    from slmctl.model.store import save_model
 
     if lora is not None and merge:
         model = lora.merge_and_unload()
@@ -82,7 +82,8 @@ def save_adapter(lora, directory: Path, tokenizer, base: Path) -> None:
     """PEFT's adapter files + model.json, generation.json and the tokenizer, sealed with checksums.json.
     The adapter names its base by path (`base_model_name_or_path`), as PEFT does."""
     from slmctl.atomic import set_new_file_mode
-    from slmctl.model.directory import save_tokenizer, seal, write_description
+    from slmctl.integrity import seal
+    from slmctl.model.store import save_tokenizer, write_description
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,14 +106,8 @@ def is_adapter_dir(directory: Path) -> bool:
     return (Path(directory) / ADAPTER_CONFIG).is_file() and not (Path(directory) / "model.safetensors").is_file()
 
 
-def load_adapter_model(directory: Path, merge: bool = True):
-    """The base model the adapter names, with the adapter applied: merged into the weights (for
-    inference, export and more training) or as the PeftModel (merge=False)."""
-    from peft import PeftModel
-
-    from slmctl.model.directory import CheckpointError, load_model, read_model_config
-
-    directory = Path(directory)
+def adapter_base(directory: Path) -> Path:
+    """The model directory an adapter was trained over (PEFT's `base_model_name_or_path`)."""
     try:
         adapter = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -121,11 +116,19 @@ def load_adapter_model(directory: Path, merge: bool = True):
     if not base or not Path(base).is_dir():
         raise CheckpointError(f"{directory} is a LoRA adapter over {base!r}, which is gone: restore that model "
                               f"(the adapter holds only the low-rank updates)")
-    model = load_model(base)
-    expected = read_model_config(directory)
-    if model.config != expected:
-        raise CheckpointError(f"{directory}: the adapter's base {base} is not the model it was trained on "
-                              f"(model.json differs)")
+    return Path(base)
+
+
+def apply_adapter(model, directory: Path, merge: bool = True):
+    """`model` (the adapter's base, loaded) with the adapter of `directory` applied: merged into the
+    weights or as the PeftModel (merge=False)."""
+    from peft import PeftModel
+
+    from slmctl.model.store import read_model_config
+
+    if model.config != read_model_config(directory):
+        raise CheckpointError(f"{directory}: the adapter's base {adapter_base(directory)} is not the model it was "
+                              f"trained on (model.json differs)")
     lora = PeftModel.from_pretrained(model, str(directory))
     return lora.merge_and_unload() if merge else lora
 

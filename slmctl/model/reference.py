@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from slmctl.errors import first_line
+from slmctl.errors import CheckpointError, first_line
 from slmctl.model.base import LanguageModel
+from slmctl.model.build import build_model
 from slmctl.model.config import ModelConfig
-from slmctl.model.directory import CheckpointError, build_model, load_state
+from slmctl.model.store import load_state
 
 REFERENCE_HEAD_DIM = 64
 REFERENCE_MAX_SEQ_LEN = 1024  # the reference's block_size

@@ -198,7 +198,8 @@ def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, toke
     from safetensors.torch import save_file
 
     from slmctl.atomic import atomic_write_text, set_new_file_mode
-    from slmctl.model.directory import save_model, seal
+    from slmctl.integrity import seal
+    from slmctl.model.store import save_model
 
     directory = save_model(model.text, directory, tokenizer)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("text.")}
@@ -216,12 +217,17 @@ def save_vision_model(model: VisionEncoderDecoderLM, directory: str | Path, toke
     return directory
 
 
+def is_vision_dir(directory: Path) -> bool:
+    """Does a model directory hold a vision-language model (slmctl add-vision)?"""
+    return (Path(directory) / VISION_CONFIG).is_file()
+
+
 def attach_saved_vision(text, directory: Path) -> VisionEncoderDecoderLM:
     """The vision model saved in `directory` around its already loaded text model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from slmctl.model.directory import CheckpointError
+    from slmctl.errors import CheckpointError
 
     try:
         record = json.loads((directory / VISION_CONFIG).read_text())

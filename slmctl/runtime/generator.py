@@ -3,6 +3,8 @@ tokenizer and stream generated text. Used by `slmctl generate` and the recipes."
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -10,6 +12,7 @@ from typing import Callable
 import torch
 
 from slmctl.data.tokenizer import TextTokenizer
+from slmctl.errors import first_line
 from slmctl.refs import ModelRef, resolve
 
 
@@ -29,7 +32,7 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
                    threads: int | None = None, ep: str | None = None, allow_fallback: bool = False) -> Generator:
     """`runtime` auto: ONNX Runtime for an export (`slmctl export onnx`, `EXPORT:int8` for a
     variant), PyTorch for the rest."""
-    from slmctl.config import ConfigError
+    from slmctl.errors import ConfigError
 
     model_ref = resolve(ref, runs_dir, allow=GENERATE_KINDS, purpose="generation")
     if runtime == "onnx" and model_ref.kind != "export":
@@ -41,7 +44,9 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
                           f"make one with `slmctl export onnx {ref}`")
     tokenizer = TextTokenizer.load(model_ref.path)
     if model_ref.kind == "export":
-        model = model_ref.open_onnx(device=device, threads=threads, ep=ep, allow_fallback=allow_fallback)
+        from slmctl.runtime.onnx import open_export
+
+        model = open_export(model_ref, device=device, threads=threads, ep=ep, allow_fallback=allow_fallback)
     elif model_ref.kind == "hf_dir":  # a Hugging Face causal LM (e.g. a pretrain run of model=hf-causal)
         model = model_ref.load_transformers(dtype=torch.float32).to(device).eval()
         return Generator(model, tokenizer, "hf-causal", model_ref.path, model_ref)
@@ -67,7 +72,7 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
         from slmctl.model.vlm import VisionEncoderDecoderLM
 
         if not (isinstance(generator.model, VisionEncoderDecoderLM) or getattr(generator.model, "is_vision", False)):
-            from slmctl.config import ConfigError
+            from slmctl.errors import ConfigError
 
             raise ConfigError(f"{generator.path} has no vision tower: images need a model from `slmctl add-vision`")
         if "<image>" not in text:
@@ -105,3 +110,37 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
     if on_piece and result.startswith(shown) and len(result) > len(shown):
         on_piece(result[len(shown):])
     return result
+
+
+def read_image(path: Path):
+    """An image file as RGB (PIL), or a one-line error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from slmctl.errors import ConfigError
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ConfigError(f"image {path} cannot be read ({first_line(e)})") from None
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """The prompts of a jsonl file: each line an object with a 'prompt' (or 'source') string."""
+    from slmctl.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"no such prompt file: {path}")
+    texts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        text = record.get("prompt", record.get("source")) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ConfigError(f"{path}:{number}: expected an object with a 'prompt' (or 'source') string")
+        texts.append(text)
+    return texts

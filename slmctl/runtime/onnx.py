@@ -63,7 +63,7 @@ def check_graph(path: Path, session, graph: dict) -> None:
 
 class OnnxLM:
     """An exported model on ONNX Runtime; `generate()` as `LanguageModel.generate`. Stages open
-    one through slmctl.refs (`ModelRef.open_onnx`), which first checks the files against their
+    one through slmctl.refs and `open_export` below, which first checks the files against their
     run's manifest."""
 
     training = False
@@ -377,3 +377,13 @@ class DecoderOnlyOnnxSession:
         rows = index.cpu().numpy()
         self.cache = [c[rows] for c in _numpy(self.cache)]
         self.mask = self.mask[rows]
+
+
+def open_export(ref, device: str = "cpu", threads: int | None = None, ep: str | None = None, allow_fallback: bool = False,
+                prepacking: bool = True) -> OnnxLM:
+    """The export's `variant` graphs on ONNX Runtime (`OnnxLM`, generate() as in PyTorch), on
+    execution provider `ep` (None: the one the reference names, else the device's). `ref` is an
+    export's ModelRef (slmctl.refs.resolve), already checked against its run's manifest."""
+    ref.require(("export",), "ONNX Runtime")
+    return OnnxLM(ref.path, device=device, threads=threads, variant=ref.variant, ep=ep or ref.ep,
+                  allow_fallback=allow_fallback, prepacking=prepacking)

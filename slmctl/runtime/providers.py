@@ -18,18 +18,8 @@ import sys
 from collections import Counter
 
 from slmctl.errors import UserError
+from slmctl.refs import EXECUTION_PROVIDERS
 
-EXECUTION_PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "vitisai": "VitisAIExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-}
 CPU = EXECUTION_PROVIDERS["cpu"]
 GPU_ONLY = ("cuda", "tensorrt", "migraphx")  # providers that need --device cuda
 ASSIGNMENT_ENTRY = "session.record_ep_graph_assignment_info"
@@ -58,7 +48,7 @@ def providers_for(device: str, ep: str | None = None) -> list:
             raise ProviderError(f"--device cuda: this onnxruntime has no CUDAExecutionProvider (available: {', '.join(have)})")
         return [EXECUTION_PROVIDERS["cuda"], CPU]
     if device == "npu":
-        from slmctl.bench.devices import NPU_PROVIDERS
+        from slmctl.runtime.devices import NPU_PROVIDERS
 
         for name in NPU_PROVIDERS:
             if name in have:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slmctl.config import ConfigError
+from slmctl.errors import ConfigError
 from slmctl.serve.batching import swap_remove
 
 

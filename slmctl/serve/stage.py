@@ -22,7 +22,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from slmctl.config import ConfigError
+from slmctl.errors import ConfigError
 
 
 def run(cfg, run):
@@ -243,9 +243,9 @@ class Server:
                                                 "max_batch": self.cfg.max_batch})
         self.run_dir.log(f"listening on {url}/v1 (model {self.name!r})")
         self.bound.set()
-        from slmctl.runner import console
+        from rich.console import Console
 
-        console.print(f"serving [bold]{self.name}[/bold] on {url}/v1  (Ctrl-C or SIGTERM to stop)", highlight=False)
+        Console().print(f"serving [bold]{self.name}[/bold] on {url}/v1  (Ctrl-C or SIGTERM to stop)", highlight=False)
 
     def run(self) -> None:
         """Serve until stopped (a signal, or `stop` from another thread)."""

@@ -25,18 +25,18 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from slmctl.config import ConfigError
 from slmctl.data import objectives as obj
 from slmctl.data.images import ImageExample, ShapeExamples, load_jsonl
 from slmctl.data.tokenizer import TextTokenizer
+from slmctl.errors import ConfigError
 from slmctl.model.vision import VisionConfig
 from slmctl.model.vlm import VisionEncoderDecoderLM, save_vision_model
 from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
+from slmctl.train.loggers import training_loggers
 from slmctl.train.module import LMTrainingModule
 from slmctl.train.optim import adamw_with_schedule, fused_adamw
-from slmctl.train.loggers import training_loggers
 from slmctl.train.throughput import throughput
 
 PARTS = ("tower", "compressor", "projector", "text")

@@ -19,9 +19,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from slmctl.atomic import atomic_write_text, atomic_writer
-from slmctl.errors import RunFailure, first_line
-from slmctl.model.directory import CheckpointError
-from slmctl.runs import sha256_file
+from slmctl.errors import CheckpointError, RunFailure, first_line
+from slmctl.integrity import sha256_file
 
 MANIFEST = "MANIFEST.json"
 PATTERN = "step-*.ckpt"

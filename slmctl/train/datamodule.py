@@ -26,8 +26,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from slmctl.config import ConfigError
 from slmctl.data.streaming import PositionOrder
+from slmctl.errors import ConfigError
 
 PADDING = "padding"  # marks a validation batch a rank runs only to keep step with the others
 Example = object  # a token-id list, a (source ids, target ids) pair, or a window's document pieces

@@ -19,24 +19,25 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from slmctl.config import ConfigError
 from slmctl.data.sources import load_pairs
+from slmctl.data.streaming import Pairs
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer
+from slmctl.errors import ConfigError
 from slmctl.model import build_model
-from slmctl.model.lora import add_lora, check_lora_init, parameter_counts, save_trained
 from slmctl.model.config import model_config_from, model_name
+from slmctl.model.lora import add_lora, check_lora_init, parameter_counts, save_trained
 from slmctl.refs import ModelRef, resolve
 from slmctl.train.datamodule import TrainingDataModule
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.distill_module import DistillModule
 from slmctl.train.fit import fit, quiet_lightning
-from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
-from slmctl.data.streaming import Pairs
-from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer, open_prepared, prepared_tokenizer
-from slmctl.train.ranks import rank0_first
 from slmctl.train.loggers import training_loggers
-from slmctl.train.throughput import throughput
+from slmctl.train.logit_cache import ShardWriter, TopKCache, write_index
+from slmctl.train.prepare import open_prepared, prepared_tokenizer
+from slmctl.train.pretrain import TOKENIZER_DIR, build_tokenizer
+from slmctl.train.ranks import rank0_first
 from slmctl.train.teacher import Teacher, load_teacher, same_tokenizer
+from slmctl.train.throughput import throughput
 
 CACHE_DIR = "teacher_cache"
 CONTROL_DIR = "control"

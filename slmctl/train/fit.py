@@ -11,7 +11,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from slmctl.config import ConfigError
+from slmctl.errors import ConfigError
 from slmctl.train.checkpoints import VerifiedCheckpointIO, last_good_checkpoint
 from slmctl.train.stopping import GracefulStop, Stopped
 from slmctl.train.throughput import Throughput

@@ -28,7 +28,7 @@ def training_loggers(run, kinds, prefix: str = "") -> list:
         try:
             loggers.append(_tracker(kind, run, prefix))
         except ModuleNotFoundError as e:
-            from slmctl.config import ConfigError
+            from slmctl.errors import ConfigError
 
             raise ConfigError(f"logger={kind} needs the {PACKAGES.get(kind, kind)} package ({e}): "
                               f"pip install 'slmctl[trackers]'") from None

@@ -15,21 +15,21 @@ import torch
 from omegaconf import OmegaConf
 
 from slmctl.atomic import set_new_file_mode
-from slmctl.config import ConfigError
 from slmctl.data import objectives as obj
 from slmctl.data.sources import load_pairs, load_texts
-from slmctl.data.prepare import open_prepared, prepared_tokenizer
 from slmctl.data.store import TokenSplit, TokenStore
 from slmctl.data.streaming import Documents, Pairs, Windows
 from slmctl.data.tokenizer import TextTokenizer, load_hf_tokenizer, train_bpe
+from slmctl.errors import ConfigError
 from slmctl.model import build_model
-from slmctl.model.lora import add_lora, check_lora_init, parameter_counts, save_trained
 from slmctl.model.config import model_config_from, model_name
+from slmctl.model.lora import add_lora, check_lora_init, parameter_counts, save_trained
 from slmctl.refs import record_source, resolve
 from slmctl.train.datamodule import StepStream, TrainingDataModule
 from slmctl.train.fit import fit, quiet_lightning
-from slmctl.train.module import LMTrainingModule
 from slmctl.train.loggers import training_loggers
+from slmctl.train.module import LMTrainingModule
+from slmctl.train.prepare import open_prepared, prepared_tokenizer
 from slmctl.train.throughput import throughput
 
 ENCDEC_OBJECTIVES = ("prefix_lm", "span_corruption", "seq2seq")

@@ -74,8 +74,8 @@ def rank0_first(run):
 def follow_rank0(stage: str, cfg):
     """(run, config) for a training process that is not global rank 0, else None: it follows the
     run rank 0 opened and trains with that run's saved config (resuming when rank 0 does)."""
-    from slmctl.config import saved_config
-    from slmctl.runs import Run
+    from slmctl.config.compose import saved_config
+    from slmctl.runs.run import Run
 
     rank = spawned_rank()
     if rank is not None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from slmctl.config import ConfigError
 from slmctl.data.tokenizer import TextTokenizer, TokenizerError, load_hf_tokenizer
+from slmctl.errors import ConfigError
 from slmctl.refs import ModelRef, RefError, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,10 +13,10 @@ accumulation, the optimizer step are done):
   decoder-only: B x L; padding included, as it is computed) over compute + wait, times the
   number of processes (DDP ranks step together); `target_tokens_per_s`: the tokens the loss is
   taken over (labels != -100), likewise;
-* `mfu`: `slmctl.bench.flops.training_step_flops` of the batch's shape (3 x forward; the
+* `mfu`: `slmctl.model.flops.training_step_flops` of the batch's shape (3 x forward; the
   student only in distillation, not the teacher; image tokens and the vision tower not
   counted; a Hugging Face model: 6 x parameters per token) over compute + wait, over the
-  device's peak (`slmctl.bench.roofline.device_peak_flops`: on CPU an fp32 (or the precision's
+  device's peak (`slmctl.runtime.hardware.device_peak_flops`: on CPU an fp32 (or the precision's
   dtype) matmul timed once per run with the training threads; on CUDA the GPU's
   conf/hardware profile);
 * `data_wait_fraction`: wait / (compute + wait).
@@ -75,8 +75,8 @@ def precision_dtype(precision) -> str:
 
 def step_flops_function(model: torch.nn.Module):
     """(B, S, T) -> FLOPs of one training step of `model` (T = 0 for a decoder-only model)."""
-    from slmctl.bench.flops import training_step_flops
     from slmctl.model.config import ModelConfig
+    from slmctl.model.flops import training_step_flops
 
     config = getattr(model, "config", None)
     if isinstance(config, ModelConfig):
@@ -106,7 +106,7 @@ class Throughput(Callback):
     # -- the fit -----------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module):
-        from slmctl.bench.measure import reset_peak_memory
+        from slmctl.runtime.hardware import reset_peak_memory
 
         model = pl_module.model
         config = getattr(model, "config", None)
@@ -116,7 +116,7 @@ class Throughput(Callback):
         self.world_size = trainer.world_size
         state = _of(self.run)
         if not state.fits:  # the first fit of this run in this process: measure the device's peak once
-            from slmctl.bench.roofline import device_peak_flops
+            from slmctl.runtime.hardware import device_peak_flops
 
             state.peak_flops, state.peak_source = device_peak_flops(self.device, self.dtype)
             self.run.log(f"throughput: peak {state.peak_flops / 1e9:.1f} GFLOP/s ({state.peak_source})"
@@ -127,7 +127,7 @@ class Throughput(Callback):
         self._end, self._excluded = None, 0.0
 
     def on_train_end(self, trainer, pl_module):
-        from slmctl.bench.measure import peak_memory_mb
+        from slmctl.runtime.hardware import peak_memory_mb
 
         state = _of(self.run)
         state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(self.device))

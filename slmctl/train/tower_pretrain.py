@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slmctl.config import ConfigError
 from slmctl.data.shapes import ShapeCaptions, ShapeCounts, ShapeLayouts
+from slmctl.errors import ConfigError
 from slmctl.model.anyres import tile_image
 from slmctl.model.contrastive import ContrastiveTowers
 from slmctl.model.counting import COUNTED, CountingTower

@@ -1,4 +1,4 @@
-"""slmctl's own trainer options (slmctl.config.TrainerOptionsSchema), applied by `fit` to the
+"""slmctl's own trainer options (slmctl.config.training.TrainerOptionsSchema), applied by `fit` to the
 module it trains; Lightning never sees them.
 
 * `activation_checkpointing`: every transformer block (encoder, decoder, decoder-only; the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from slmctl.config import trainer_options
+from slmctl.config.compose import trainer_options
 
 
 def split_trainer_args(trainer_args: dict) -> tuple[dict, dict]:

@@ -93,7 +93,7 @@ def test_roofline_estimate_only_and_measured_over_predicted(tmp_path):
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)  # `--format json > out.json` is valid JSON: everything else went to stderr
     assert "roofline estimate: h100" in result.stderr and "predicted ft ms" in result.stderr
-    from slmctl.bench import flops
+    from slmctl.model import flops
     from slmctl.model.config import get_preset
 
     r = records[0]

@@ -7,11 +7,11 @@ import torch
 from conftest import cli, newest_run
 from torch.utils.flop_counter import FlopCounterMode
 
-from slmctl.bench.flops import forward_flops, training_step_flops
 from slmctl.bench.report import TRAIN_RECORD_FIELDS
 from slmctl.bench.training import training_batch
 from slmctl.model import build_model
 from slmctl.model.config import get_preset
+from slmctl.model.flops import forward_flops, training_step_flops
 
 # The tiny presets (tests/bench/test_flops.py checks these are theirs): per-token FLOPs of each piece.
 V, D, H, KVH, HD, FF = 512, 64, 4, 2, 16, 256
@@ -114,7 +114,7 @@ def test_train_bad_options_are_one_line_errors(tmp_path, args, fragment):
 
 
 def test_gpu_profiles_by_device_name():
-    from slmctl.bench.roofline import gpu_profile
+    from slmctl.runtime.hardware import gpu_profile
 
     assert gpu_profile("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_profile("NVIDIA A100-SXM4-80GB") == "a100"

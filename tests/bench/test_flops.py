@@ -1,4 +1,4 @@
-"""Analytic FLOP / byte counts of slmctl.bench.flops, checked by hand and against real modules."""
+"""Analytic FLOP / byte counts of slmctl.model.flops, checked by hand and against real modules."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from slmctl.bench.flops import Cost, bandwidth_bound_tokens_per_s, decode_cost, generation_cost, prefill_cost
 from slmctl.model import build_model
 from slmctl.model.config import get_preset
+from slmctl.model.flops import Cost, bandwidth_bound_tokens_per_s, decode_cost, generation_cost, prefill_cost
 
 # The tiny presets' numbers, written out so the hand computations below read plainly.
 V, D, H, KVH, HD, FF = 512, 64, 4, 2, 16, 256

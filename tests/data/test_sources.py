@@ -5,7 +5,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from slmctl.config import compose
+from slmctl.config.compose import compose
 from slmctl.data.sources import DataError, load_pairs, load_texts
 
 

@@ -7,11 +7,12 @@ import time
 import pytest
 from conftest import TINY_PRETRAIN, TINY_SYNTHETIC_DATA, TINY_TRAINING, ChatServer, cli, train_run
 
-from slmctl.config import ConfigError, compose
+from slmctl.config.compose import compose
 from slmctl.data.sources import DataError
+from slmctl.errors import ConfigError
 from slmctl.eval import evaluate
 from slmctl.eval.tasks import load_task
-from slmctl.runs import Run
+from slmctl.runs.run import Run
 
 SQUAD_ROWS = [
     {"id": "q1", "question": "Where does Ana live?", "context": "Ana lives in Porto.",

@@ -10,8 +10,17 @@ import torch
 from conftest import ChatServer, cli
 
 from slmctl.eval import judge as judge_module
-from slmctl.eval.judge import (MAX_FIELD_CHARS, EndpointJudge, JudgeCache, JudgeError, JudgeResult, LocalJudge, judge_examples,
-                               judge_prompt, parse_score)
+from slmctl.eval.judge import (
+    MAX_FIELD_CHARS,
+    EndpointJudge,
+    JudgeCache,
+    JudgeError,
+    JudgeResult,
+    LocalJudge,
+    judge_examples,
+    judge_prompt,
+    parse_score,
+)
 
 EXAMPLES = [
     {"source": "Where was Ada Lovelace born?", "reference": "London", "prediction": "She was born in London."},
@@ -256,7 +265,7 @@ def test_an_unreachable_judge_endpoint_is_one_line_and_exit_2_from_the_command(t
     """`slmctl eval ... judge=endpoint` against a port nothing listens on: one line on stderr naming
     the endpoint, exit 2, no traceback, and the eval run marked failed (JudgeError is a UserError)."""
     from slmctl.eval.judge import EndpointJudge
-    from slmctl.runs import list_runs
+    from slmctl.runs.lookup import list_runs
 
     monkeypatch.setattr(EndpointJudge, "backoff", 0.01)
     with ChatServer() as server:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import REPO, TINY_PRETRAIN, cli, newest_run, train_run
 
-from slmctl.config import compose
-from slmctl.runtime.onnx import SPEC_FILE, OnnxExportError, OnnxLM
+from slmctl.config.compose import compose
 from slmctl.model import build_model
+from slmctl.runtime.onnx import SPEC_FILE, OnnxExportError, OnnxLM
 
 FAST = ["validation.prompt_lens=[5,19]", "validation.steps=12"]
 SMALL_REPORT = ["report.prompts=6", "report.steps=8", "report.eval_limit=8", "report.input_len=16", "report.output_len=4",
@@ -218,7 +218,7 @@ def test_ort_outputs_stay_bound_between_steps(tmp_path):
     from slmctl.runtime.onnx import EncoderDecoderOnnxSession
 
     model = build_model("tiny", seed=0).eval()
-    from slmctl.export.stage import export_graphs, _spec
+    from slmctl.export.stage import _spec, export_graphs
 
     spec = _spec(model, None, compose("export", ["source=tiny"]), {})
     spec["variants"]["fp32"] = export_graphs(model, tmp_path)

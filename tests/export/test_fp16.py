@@ -9,7 +9,7 @@ import torch
 from conftest import cli, newest_run
 
 from slmctl.model import build_model
-from slmctl.model.directory import save_model
+from slmctl.model.store import save_model
 from slmctl.runtime.onnx import SPEC_FILE, OnnxLM
 
 FAST = ["validation.prompt_lens=[5]", "validation.steps=4", "fp16.calibration_prompts=4", "fp16.calibration_steps=8"]
@@ -76,6 +76,7 @@ def test_keep_policy_keeps_the_overflowing_nodes_in_fp32_where_plain_fp16_breaks
     # computed in true fp16 (the ONNX reference evaluator; ONNX Runtime's CPU provider runs most fp16
     # nodes in fp32), the same graph converted without the kept nodes overflows, ours does not
     from onnx.reference import ReferenceEvaluator
+
     from slmctl.export.quantize import record_feeds
 
     plain = convert_float_to_float16(onnx.load(str(out / "decoder.onnx")), keep_io_types=["logits"])

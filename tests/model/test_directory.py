@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_PRETRAIN, cli, random_prompts
 from reference_numerics import random_reference_state, reference_greedy, reference_logits
 
-from slmctl.model import CheckpointError, load_model, save_model
+from slmctl.errors import CheckpointError
+from slmctl.model import load_model, save_model
 from slmctl.model.reference import export_reference_checkpoint
 
 REF = dict(vocab=256, d=64, H=4, KV=2, hd=16, d_ff=128, n_enc=3, n_dec=2)

@@ -12,7 +12,7 @@ from conftest import DISTILL_DATA, TINY_PRETRAIN, TINY_SYNTHETIC_DATA, TINY_TRAI
 from slmctl.data.tokenizer import TextTokenizer
 from slmctl.model import build_model, load_model, save_model
 from slmctl.model.config import vocab_size_for
-from slmctl.model.lora import load_adapter_model
+from slmctl.model.directory import load_adapter_model
 
 FINE_TUNE = ["objective=seq2seq", *TINY_SYNTHETIC_DATA, *TINY_TRAINING]
 

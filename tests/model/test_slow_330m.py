@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from reference_numerics import random_reference_state, reference_greedy, reference_logits
+
 from slmctl.model import build_model, count_parameters, load_model
 
 pytestmark = pytest.mark.slow
@@ -41,11 +41,11 @@ def test_330m_cached_generation_matches_uncached():
 
 
 def test_330m_onnx_export_validates_and_int8_keeps_most_greedy_tokens(tmp_path):
-    from slmctl.config import compose
+    from slmctl.config.compose import compose
     from slmctl.export.quantize import quantize_int8
-    from slmctl.runtime.onnx import OnnxLM
     from slmctl.export.stage import _spec, export_graphs
     from slmctl.export.validate import token_agreement, validate
+    from slmctl.runtime.onnx import OnnxLM
 
     model = build_model("330m", seed=0).eval()
     spec = _spec(model, None, compose("export", ["source=330m"]), {})

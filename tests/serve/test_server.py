@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import cli, newest_run
 
-from slmctl.config import compose
-from slmctl.runs import Run
+from slmctl.config.compose import compose
+from slmctl.runs.run import Run
 from slmctl.serve.stage import open_server
 
 
@@ -394,7 +394,7 @@ def test_eight_clients_get_at_least_three_times_one_clients_tokens_per_s_at_smal
     from slmctl.data.tokenizer import train_bpe
     from slmctl.model import build_model
     from slmctl.model.config import vocab_size_for
-    from slmctl.model.directory import save_model
+    from slmctl.model.store import save_model
     from slmctl.serve import loadtest
 
     tokenizer = train_bpe(world_texts, vocab_size=2048)

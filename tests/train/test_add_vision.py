@@ -7,13 +7,14 @@ import torch
 from conftest import TINY_PRETRAIN, CountSteps, Crash, cli, newest_run, resumed_from, train_run
 from PIL import Image
 
-from slmctl.config import compose
+from slmctl.config.compose import compose
 from slmctl.data.shapes import ShapeScenes
+from slmctl.errors import CheckpointError
 from slmctl.eval.metrics import bootstrap_ci
-from slmctl.model import CheckpointError, load_model
+from slmctl.model import load_model
 from slmctl.model.counting import COUNTED
 from slmctl.model.vlm import VisionEncoderDecoderLM
-from slmctl.runs import Run
+from slmctl.runs.run import Run
 
 TINY_VISION = ["vision.image_size=32", "vision.patch_size=8", "vision.width=32", "vision.layers=2", "vision.heads=2",
                "vision.max_tokens_per_image=16", "batch_size=4", "validation_every=2", "stage1.steps=3", "stage2.steps=3",

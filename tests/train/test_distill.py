@@ -7,14 +7,16 @@ import pytest
 import torch
 from conftest import DISTILL_DATA, CountSteps, Crash, cli, resumed_from, train_run
 
-from slmctl.config import ConfigError, compose
+from slmctl.config.compose import compose
 from slmctl.data.synthetic import SyntheticWorld
 from slmctl.data.tokenizer import load_hf_tokenizer, train_bpe
+from slmctl.errors import ConfigError
 from slmctl.model.config import vocab_size_for
-from slmctl.runs import Run
+from slmctl.runs.run import Run
 from slmctl.train import distill, kd_losses
 from slmctl.train.distill_data import DistillBatcher
 from slmctl.train.teacher import load_teacher, same_tokenizer
+
 
 def teacher_cfg(path, kind="hf"):
     return compose("distill", [f"teacher.path={path}"] if kind == "hf" else ["teacher=run", f"teacher.path={path}"]).teacher

@@ -16,9 +16,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from slmctl.config import compose
-from slmctl.model.directory import CheckpointError
-from slmctl.runs import Run
+from slmctl.config.compose import compose
+from slmctl.errors import CheckpointError
+from slmctl.runs.run import Run
 from slmctl.train import pretrain
 from slmctl.train.checkpoints import MANIFEST, VerifiedCheckpointIO, last_good_checkpoint, problem_with
 from slmctl.train.stopping import Stopped

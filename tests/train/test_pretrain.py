@@ -8,8 +8,8 @@ from conftest import LEARNING_DATA, Crash, cli, newest_run, train_run
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from slmctl.config import compose
-from slmctl.runs import Run
+from slmctl.config.compose import compose
+from slmctl.runs.run import Run
 from slmctl.train import pretrain
 from slmctl.train.checkpoints import last_good_checkpoint
 

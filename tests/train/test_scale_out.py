@@ -14,7 +14,9 @@ import pytest
 import torch
 from conftest import DISTILL_DATA, LEARNING_DATA, InitialWeights, cli, stage_runs, train_run, wait_for_steps
 from safetensors.torch import load_file
-from slmctl.runs import Run, verify_manifest
+
+from slmctl.runs.lookup import verify_manifest
+from slmctl.runs.run import Run
 
 # twelve steps at a high learning rate: the weights move far beyond the tolerance
 TWELVE_FAST_STEPS = ["model=tiny", *LEARNING_DATA, "trainer.log_every_n_steps=1", "trainer.val_check_interval=6", "trainer.max_steps=12",

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import TINY_PRETRAIN, train_run
 
-from slmctl.config import ConfigError, compose, saved_config
+from slmctl.config.compose import compose, saved_config
+from slmctl.errors import ConfigError
 from slmctl.model import build_model
 from slmctl.train.throughput import Throughput, batch_shape, precision_dtype, throughput
 from slmctl.train.trainer_options import checkpoint_blocks, split_trainer_args

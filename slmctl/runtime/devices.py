@@ -8,7 +8,7 @@ and the package that would add an NPU.
 
 from __future__ import annotations
 
-from slmctl.config import ConfigError
+from slmctl.errors import ConfigError
 
 NPU_PROVIDERS = {
     "QNNExecutionProvider": "Qualcomm Hexagon (pip install onnxruntime-qnn)",

@@ -1,0 +1,29 @@
+"""`slmctl serve`: the OpenAI-compatible server's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from slmctl.config.choices import Runtime
+
+
+@dataclass
+class ServeSchema:
+    source: Optional[str] = None  # the model: a run, model directory, export[:variant] or vision model (the command line's MODEL)
+    runtime: Runtime = Runtime.auto  # auto: ONNX Runtime for exports, torch for the rest
+    device: str = "cpu"  # set by --device
+    ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep)
+    allow_fallback: bool = False
+    threads: Optional[int] = None  # torch / ONNX Runtime threads (null: their default)
+    host: str = "127.0.0.1"  # loopback by default; 0.0.0.0 to listen on every interface
+    port: int = 8000  # 0: any free port (server.json in the run says which)
+    model_name: Optional[str] = None  # the id clients send as "model" (null: the model's run or directory name)
+    max_batch: int = 16  # sequences decoded together (continuous batching slots)
+    max_queue: int = 64  # requests waiting for a slot before new ones get HTTP 429
+    max_tokens_cap: int = 256  # the largest max_tokens a request may ask for
+    max_prompt_tokens: Optional[int] = None  # the longest prompt accepted (null: the model's max_seq_len)
+    api_key_env: Optional[str] = None  # the environment variable holding the API key (the key itself is never stored)
+    log_prompts: bool = False  # requests.jsonl records prompt text too
+    image_root: Optional[str] = None  # vision models: local image paths must lie under it (data: URLs always work)
+    grace_s: float = 30.0  # on SIGTERM / Ctrl-C: how long in-flight requests may take to finish
