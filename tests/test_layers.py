@@ -129,16 +129,21 @@ def layers():
     return read_layers(ARCHITECTURE.read_text(encoding="utf-8"))
 
 
-def test_no_import_circles():
-    assert circles(import_graph()) == []
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
 
 
-def test_no_module_imports_one_above_it(layers):
-    assert upward_imports(import_graph(), layers) == []
+def test_no_import_circles(graph):
+    assert circles(graph) == []
 
 
-def test_every_module_has_a_layer(layers):
-    for module in import_graph():
+def test_no_module_imports_one_above_it(graph, layers):
+    assert upward_imports(graph, layers) == []
+
+
+def test_every_module_has_a_layer(graph, layers):
+    for module in graph:
         layer_of(module, layers)
 
 
