@@ -38,6 +38,9 @@ class ValidationSchema:
 @dataclass
 class Int8Schema:
     per_channel: bool = True
+    # 7-bit weights: CPUs without VNNI (AVX2 only) add u8 x s8 pairs in 16 bits, which 8-bit weights overflow
+    # (logits off by a third of their scale on an AVX2 AMD EPYC); an export runs on CPUs other than the one that made it
+    reduce_range: bool = True
 
 
 @dataclass

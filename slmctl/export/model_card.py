@@ -127,7 +127,8 @@ inputs = tokenizer(["your prompt"], return_tensors="pt", padding=True)
 new = model.generate(**inputs, max_new_tokens=32)[:, inputs["input_ids"].shape[1]:]
 print(tokenizer.batch_decode(new, skip_special_tokens=True))"""
     return (f"## Use\n\nThe model code is `modeling_slmctl.py` in this directory (torch and transformers only), "
-            f"hence `trust_remote_code=True` (the tokenizer too: transformers reads the model's config to load it). PATH is this directory.\n\n```python\n{code}\n```\n\n"
+            f"hence `trust_remote_code=True` (the tokenizer too: transformers reads the model's config to load it). "
+            f"PATH is this directory.\n\n```python\n{code}\n```\n\n"
             f"slmctl reads the directory back as it is: `slmctl generate PATH prompt=\"...\"`, `slmctl eval PATH`, "
             f"`slmctl export onnx PATH`.")
 

@@ -31,7 +31,7 @@ def quantize_and_report(cfg, run, out: Path, model, source: Path | None, fp32_mo
     rows["fp32"] = {"mb": variant_mb(fp32), **baseline, **({"task": task} if task else {})}
     for method in cfg.quantize:
         if method == "int8":
-            variant = quantize_int8(out, fp32, per_channel=cfg.int8.per_channel)
+            variant = quantize_int8(out, fp32, per_channel=cfg.int8.per_channel, reduce_range=cfg.int8.reduce_range)
         elif method == "int4":
             variant = quantize_int4(out, fp32, cfg.int4.block_size, cfg.int4.symmetric, cfg.int4.accuracy_level,
                                     cfg.int4.embeddings)

@@ -68,17 +68,21 @@ def _finish(source: dict, graphs: dict, method: dict, check: bool = True) -> dic
             "static": source["static"], "quantization": method}
 
 
-def quantize_int8(directory: Path, source: dict, per_channel: bool = True, prefix: str = "int8/") -> dict:
-    """Dynamic int8 copies of the variant `source` (a slmctl_onnx.json variant) under `prefix`."""
+def quantize_int8(directory: Path, source: dict, per_channel: bool = True, reduce_range: bool = True,
+                  prefix: str = "int8/") -> dict:
+    """Dynamic int8 copies of the variant `source` (a slmctl_onnx.json variant) under `prefix`.
+    `reduce_range`: 7-bit weights, which the u8 x s8 kernels of CPUs without VNNI cannot overflow."""
     from onnxruntime.quantization import quantize_dynamic
 
     graphs = _targets(directory, source, prefix)
     for src, dst, graph in graphs.values():
         with _quiet_root_logger():
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+                             reduce_range=reduce_range,
                              weight_type=_quant_type("int8"), use_external_data_format=bool(graph.get("external_data")),
                              extra_options={"MatMulConstBOnly": True})
-    return _finish(source, graphs, {"method": "dynamic", "weights": "int8", "per_channel": per_channel})
+    return _finish(source, graphs, {"method": "dynamic", "weights": "int8", "per_channel": per_channel,
+                                    "reduce_range": reduce_range})
 
 
 def gemm_as_matmul(model):

@@ -160,7 +160,7 @@ def test_gradient_checkpointing_recomputes_each_block_and_gives_the_same_gradien
             enable()
         block = model.decoder.layers[0]
         count = [0]
-        block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        block.register_forward_pre_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         model(**batch, labels=labels).loss.backward()
         grads.append(model.decoder.layers[0].mlp.fc1.weight.grad.clone())
         calls.append(count[0])
