@@ -2,6 +2,7 @@
 the slmctl command in-process, run lookups, tiny override lists and tiny training runs."""
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +21,8 @@ from slmctl.data.tokenizer import train_bpe
 from slmctl.model import build_model
 from slmctl.model.config import vocab_size_for
 
-torch.set_num_threads(2)
+# Two cores: one test process uses both; under `pytest -n 2` (make test) each of the two workers takes one.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 REPO = Path(__file__).resolve().parent.parent  # docs/ and recipes/ live here
 
