@@ -50,10 +50,12 @@ DRY = Sizes(corpus_rows=400, model="tiny", steps=2, batch=4, source_len=64, targ
             teacher_layers=2, teacher_intermediate=128, device="cpu", trainer=["trainer=cpu"])
 
 
-def slmctl(*args: str, runs: Path, timeout: float = 480) -> dict:
-    """`slmctl ARGS` in a child process -> {"ok", "seconds", "summary" of the newest run, "error"}."""
+def slmctl(*args: str, timeout: float = 480) -> dict:
+    """`slmctl ARGS` (ending in --runs-dir RUNS) in a child process -> {"ok", "seconds", "summary" of
+    the newest run, "error"}."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "slmctl", *args, "--runs-dir", str(runs)]
+    runs = Path(args[-1])
+    command = [sys.executable, "-m", "slmctl", *args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -104,39 +106,46 @@ def save_teacher(path: Path, sizes: Sizes, tokenizer_dir: Path) -> None:
                             eos_token=special["eos"], pad_token=special["pad"]).save_pretrained(path)
 
 
+def steps(out: Path, sizes: Sizes) -> list[tuple[str, list[str]]]:
+    """(report key, `slmctl` arguments) of every step, in order; the teacher's steps read the
+    teacher that `check` saves into `out/teacher` after the first prepare."""
+    runs, data, teacher = out / "runs", out / "data", out / "teacher"
+    lengths = [f"batch_size={sizes.batch}", f"max_source_len={sizes.source_len}", f"max_target_len={sizes.target_len}"]
+    quiet = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", f"checkpoint_every={sizes.steps}"]
+    found = [
+        ("prepare", ["prepare", "data=files", f"data.train={data / 'text.jsonl'}", "--name", "text"]),
+        ("pretrain", ["pretrain", f"model={sizes.model}", "data=prepared", "data.path=prepare/latest",
+                      "objective=span_corruption", *lengths, *quiet, *sizes.trainer, f"trainer.max_steps={sizes.steps}",
+                      f"trainer.val_check_interval={sizes.steps}", "data.validation_rows=64"]),
+        ("prepare_pairs", ["prepare", "data=files", f"data.train={data / 'pairs.jsonl'}", "tokenizer=teacher", "teacher=llama",
+                           f"teacher.path={teacher}", "--name", "pairs"]),
+        ("distill", ["distill", f"teacher.path={teacher}", f"student={sizes.model}", "data=prepared", "data.path=prepare/latest",
+                     *lengths, *quiet, *sizes.trainer, "trainer.max_steps=1", "trainer.val_check_interval=1", "control=false"]),
+        ("bench", ["bench", sizes.model, "--device", sizes.device, "--input-lens", str(sizes.source_len),
+                   "--output-lens", str(sizes.target_len)]),
+        ("export", ["export", "onnx", sizes.model]),
+        ("bench_onnx", ["bench", "export/latest", "--runtime", "onnx", "--device", sizes.device,
+                        "--input-lens", str(sizes.source_len), "--output-lens", str(sizes.target_len)]),
+    ]
+    return [(name, [*args, "--runs-dir", str(runs)]) for name, args in found]
+
+
 def check(out: Path, sizes: Sizes) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs, data = out / "runs", out / "data"
     data.mkdir(exist_ok=True)
     report: dict = {"device": sizes.device, "model": sizes.model, "environment": environment()}
     write_corpus(data, sizes.corpus_rows)
-    lengths = [f"batch_size={sizes.batch}", f"max_source_len={sizes.source_len}", f"max_target_len={sizes.target_len}"]
-    quiet = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", f"checkpoint_every={sizes.steps}"]
-
-    report["prepare"] = slmctl("prepare", "data=files", f"data.train={data / 'text.jsonl'}", "--name", "text", runs=runs)
-    report["pretrain"] = slmctl("pretrain", f"model={sizes.model}", "data=prepared", "data.path=prepare/latest",
-                                "objective=span_corruption", *lengths, *quiet, *sizes.trainer,
-                                f"trainer.max_steps={sizes.steps}", f"trainer.val_check_interval={sizes.steps}",
-                                "data.validation_rows=64", runs=runs)
-    tokenizer_dir = runs / "prepare" / "latest" / "data" / "tokenizer"
-    if tokenizer_dir.is_dir():
-        teacher = out / "teacher"
-        save_teacher(teacher, sizes, tokenizer_dir)
-        report["prepare_pairs"] = slmctl("prepare", "data=files", f"data.train={data / 'pairs.jsonl'}",
-                                         "tokenizer=teacher", "teacher=llama", f"teacher.path={teacher}", "--name", "pairs",
-                                         runs=runs)
-        report["distill"] = slmctl("distill", f"teacher.path={teacher}", f"student={sizes.model}", "data=prepared",
-                                   "data.path=prepare/latest", *lengths, *quiet, *sizes.trainer, "trainer.max_steps=1",
-                                   "trainer.val_check_interval=1", "control=false", runs=runs)
-    report["bench"] = slmctl("bench", sizes.model, "--device", sizes.device, "--input-lens", str(sizes.source_len),
-                             "--output-lens", str(sizes.target_len), runs=runs)
-    report["export"] = slmctl("export", "onnx", sizes.model, runs=runs)
-    if ort_cuda() or sizes.device == "cpu":
-        report["bench_onnx"] = slmctl("bench", "export/latest", "--runtime", "onnx", "--device", sizes.device,
-                                      "--input-lens", str(sizes.source_len), "--output-lens", str(sizes.target_len),
-                                      runs=runs)
-    else:
-        report["bench_onnx"] = {"ok": False, "error": "onnxruntime has no CUDAExecutionProvider here"}
+    tokenizer_dir = runs / "prepare" / "latest" / "data" / "tokenizer"  # what the first prepare trained
+    for name, args in steps(out, sizes):
+        if name in ("prepare_pairs", "distill") and not tokenizer_dir.is_dir():
+            continue  # no teacher without the tokenizer (the prepare step failed)
+        if name == "prepare_pairs":
+            save_teacher(out / "teacher", sizes, tokenizer_dir)
+        if name == "bench_onnx" and not (ort_cuda() or sizes.device == "cpu"):
+            report[name] = {"ok": False, "error": "onnxruntime has no CUDAExecutionProvider here"}
+            continue
+        report[name] = slmctl(*args)
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "gpu-check.md").write_text(markdown(report))
     return report

@@ -164,7 +164,7 @@ def test_sigkill_while_checkpointing_every_step_leaves_a_run_that_resumes_to_the
     """kill -9 lands wherever it lands (here: while checkpoints are written every step); the
     killed run still says "running", its lock names a dead process, and resume=unfinished finishes it."""
     runs = tmp_path / "runs"
-    overrides = ["trainer.max_steps=40", "checkpoint_every=1"]
+    overrides = ["trainer.max_steps=16", "checkpoint_every=1"]
     process = subprocess.Popen([sys.executable, "-m", "slmctl", "pretrain", *WITH_DROPOUT, *overrides, "--runs-dir", str(runs)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -65,7 +65,8 @@ def assert_same_steps(ddp_dir, single_dir, weights, rtol=1e-3):
     assert movement ** 0.5 > 0.01 * start_norm ** 0.5  # trained, not nudged: 10x rtol of the weights themselves
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
+# torchrun is slow-only: Lightning's own launch (kept in make test) sets the same rank environment
+@pytest.mark.parametrize("launch", ["lightning", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_two_process_ddp_equals_one_process_and_writes_one_artifact(tmp_path, one_process, launch):
     runs = tmp_path / "runs"
     result = subprocess.run([*LAUNCHES[launch], *TWELVE_FAST_STEPS, *DDP, "--runs-dir", str(runs)], capture_output=True, text=True,
@@ -89,6 +90,7 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_a_one_line_err
     assert "batch_size=8 is the global batch and does not split over 3 processes" in " ".join(result.output.split())
 
 
+@pytest.mark.slow  # three two-process launches (90 s); make test keeps pretrain's DDP equality and rank 0's SIGTERM
 def test_distill_with_a_replicated_or_sharded_teacher_and_add_vision_under_ddp_equal_one_process(tmp_path, llama_dir):
     """The other two training stages: two processes take one process's steps in distill (student
     and control=true's control, which starts from the same weights), also when the teacher's
