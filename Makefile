@@ -14,8 +14,10 @@ install:
 demo: install
 	$(PYTHON) -m slmctl recipe run recipes/quickstart.yaml --runs-dir runs/quickstart
 
+# One worker per core (pytest-xdist), each test file on one worker so its module fixtures are built once;
+# each worker's torch takes one thread (tests/conftest.py).
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile
 
 # The OpenVINO execution provider (docs/export.md): onnxruntime-openvino ships its own `onnxruntime`
 # module, so it lives in its own environment, where it replaces the plain onnxruntime slmctl depends on.
