@@ -1,44 +1,61 @@
-"""How fast ONNX Runtime's own weight kernels read a weight matrix at decode (one token, M = 1).
+"""How fast each route's weight kernels read a weight matrix at decode (one token, M = 1, or a few).
 
-A decode step of an export is a chain of weight products at M = 1; its speed limit is the
+A decode step of an export is a chain of weight products at small M; its speed limit is the
 memory bandwidth only if the kernels stream their weights at that bandwidth. This measures
-each variant's kernel in a graph of nothing else: a chain of `2 x pairs` products through
-distinct [K, N] and [N, K] weights (an MLP's shapes; enough of them that even the int4 weights
-do not fit in the CPU's caches), made by the same tools the export uses (fp32 MatMul; int8:
-`quantize_dynamic` -> DynamicQuantizeMatMul; int4: `MatMulNBitsQuantizer`, block 32, accuracy
-level 4). It reports microseconds per product and the weight bytes read per second, beside the
-machine's read bandwidth. A kernel that reads well below the bandwidth caps the variant's
-decode whatever the rest of the graph does.
+each route's kernel for fp32, int8 and int4 weights with nothing else around it: a chain of
+`2 x pairs` products through distinct [K, N] and [N, K] weights (an MLP's shapes; enough of
+them that even the int4 weights do not fit in the CPU's caches). Routes:
 
-    python -m slmctl.bench.kernels --shape 1024x4096 --pairs 20 --threads 2
+- `ort`: ONNX Runtime, the weights made by the same tools the export uses (fp32 MatMul; int8:
+  `quantize_dynamic` -> DynamicQuantizeMatMul; int4: `MatMulNBitsQuantizer`, block 32,
+  accuracy level 4);
+- `torch`, `torch-bf16`, `compile`, `compile-mm`, `torchao`: PyTorch's routes
+  (`slmctl.bench.weight_routes`: its packed int8 / int4 CPU kernels on fp32 or bf16
+  activations, inductor's codegen of x @ dequant(W), torchao's weight-only quantization);
+  `torch` fp32 is `F.linear`, the baseline.
+
+It reports microseconds per product and the weight bytes (data + scales / zeros, as each route
+stores them) read per second, beside the machine's read bandwidth. A kernel that reads well
+below the bandwidth caps the variant's decode whatever the rest of the graph does. A route that
+cannot run here (torchao not installed, no C++ compiler for inductor) gets rows with its error.
+
+    python -m slmctl.bench.kernels --shape 1024x4096 --pairs 20 --threads 2 --routes ort,torch,torch-bf16,compile,torchao --m 1,8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 32}  # int4: 4 bits + an fp32 scale per 32
+DTYPES = ("fp32", "int8", "int4")
+ROUTES = ("ort", "torch", "torch-bf16", "compile", "compile-mm", "torchao")
+DEFAULT_ROUTES = "ort,torch,torch-bf16,compile,torchao"
+
+
+def chain_weights(k: int, n: int, pairs: int, seed: int = 0) -> list[np.ndarray]:
+    """The chain's 2 x pairs distinct weights, x @ W layout: [K, N], [N, K], ... (every route gets the same)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((k, n) if i % 2 == 0 else (n, k)) * 0.02).astype(np.float32) for i in range(2 * pairs)]
 
 
 def _chain_model(k: int, n: int, pairs: int, seed: int = 0):
-    """x [1, K] -> (x W_2i [K, N]) W_2i+1 [N, K] ... : 2 x pairs distinct weights."""
+    """x [M, K] -> (x W_2i [K, N]) W_2i+1 [N, K] ... : 2 x pairs distinct weights."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(seed)
     nodes, weights, current = [], [], "x"
-    for i in range(2 * pairs):
-        shape = (k, n) if i % 2 == 0 else (n, k)
-        weights.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.02).astype(np.float32), f"w{i}"))
+    for i, w in enumerate(chain_weights(k, n, pairs, seed)):
+        weights.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"], name=f"matmul{i}"))
         current = f"h{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, [1, k])], weights)
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["m", k])], weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -48,7 +65,7 @@ def variant_models(k: int, n: int, pairs: int, work: Path) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    paths = {name: work / f"{name}_{k}x{n}.onnx" for name in ("fp32", "int8", "int4")}
+    paths = {name: work / f"{name}_{k}x{n}.onnx" for name in DTYPES}
     onnx.save(_chain_model(k, n, pairs), str(paths["fp32"]))
     quantize_dynamic(str(paths["fp32"]), str(paths["int8"]), op_types_to_quantize=["MatMul"], per_channel=True,
                      weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
@@ -58,54 +75,148 @@ def variant_models(k: int, n: int, pairs: int, work: Path) -> dict[str, Path]:
     return paths
 
 
-def time_call(path: Path, k: int, threads: int, calls: int) -> float:
-    """Median seconds of one M = 1 pass through the chain (after warm-up), full optimisation."""
+def initializer_bytes(path: Path) -> int:
+    """Bytes of a chain's weights as the graph stores them (data, scales, zero points)."""
+    import onnx
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+
+
+def median_seconds(call: Callable[[], object], calls: int, warmup: int = 5) -> tuple[float, float]:
+    """(median seconds of `calls` calls after `warmup` untimed ones, seconds of the first call:
+    for the compile route, the compilation)."""
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        call()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first
+
+
+def ort_chain(path: Path, threads: int):
+    """An ONNX Runtime session of the chain, full optimisation: x [M, K] -> session.run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"x": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)}
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return lambda x: session.run(None, {"x": x})[0]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _timers(route: str, dtype: str, k: int, weights: list[np.ndarray], models: dict, threads: int):
+    """(run(x numpy [M, K]), weight bytes of the chain) for one route and dtype."""
+    if route == "ort":
+        return ort_chain(models[dtype], threads), initializer_bytes(models[dtype])
+    import torch
+
+    from slmctl.bench.weight_routes import build
+
+    chain, weight_bytes = build(route, dtype, [torch.from_numpy(np.ascontiguousarray(w.T)) for w in weights])
+
+    def run(x):
+        with torch.inference_mode():
+            return chain(torch.from_numpy(x))
+
+    return run, weight_bytes
+
+
+def probe(shapes: list[tuple[int, int]], routes: list[str], ms: list[int], pairs: int = 20, threads: int = 2,
+          calls: int = 30, dtypes: tuple[str, ...] = DTYPES) -> dict:
+    """Rows of {shape, route, dtype, m, us_per_product, weight_bytes (per product), weight_gb_s,
+    fraction_of_bandwidth, first_call_s}, or {..., error} where a route failed, for every
+    shape x route x dtype x M."""
     import torch
 
     from slmctl.runtime.hardware import measure_read_bandwidth
 
+    torch.set_num_threads(threads)
+    bandwidth = measure_read_bandwidth(256)
+    products = 2 * pairs
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for k, n in shapes:
+            weights = chain_weights(k, n, pairs)
+            models = variant_models(k, n, pairs, Path(work)) if "ort" in routes else {}
+            for route in routes:
+                for dtype in dtypes:
+                    base = {"shape": f"{k}x{n}", "route": route, "dtype": dtype}
+                    try:
+                        run, weight_bytes = _timers(route, dtype, k, weights, models, threads)
+                    except Exception as error:  # a route that cannot run here: say why, go on with the others
+                        rows += [{**base, "m": m, "error": _why(error)} for m in ms]
+                        continue
+                    rows += [{**base, **row} for row in _measure(run, weight_bytes, k, ms, products, calls, bandwidth)]
+    # which of PyTorch's kernels ran: ATen's int8 weight kernel (int8mm_kernel.cpp) is vectorised for AVX-512 only
+    return {"read_bandwidth_gb_s": bandwidth / 1e9, "threads": threads, "pairs": pairs,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}
+
+
+def _measure(run, weight_bytes: int, k: int, ms: list[int], products: int, calls: int, bandwidth: float) -> list[dict]:
+    """One row per M of a chain's timing, per product; an M whose run fails gets its error."""
+    rows = []
+    for m in ms:
+        x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+        try:
+            seconds, first = median_seconds(lambda x=x: run(x), calls)
+        except Exception as error:
+            rows.append({"m": m, "error": _why(error)})
+            continue
+        seconds /= products
+        read = weight_bytes / products
+        rows.append({"m": m, "us_per_product": seconds * 1e6, "weight_bytes": read, "weight_gb_s": read / seconds / 1e9,
+                     "fraction_of_bandwidth": read / seconds / bandwidth, "first_call_s": first})
+    return rows
+
+
+def _why(error: Exception) -> str:
+    """One line: the exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def print_table(result: dict) -> None:
+    print(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['threads']} threads, "
+          f"torch CPU capability {result['torch_cpu_capability']}")
+    print(f"{'shape':>10} {'route':>10} {'dtype':>5} {'M':>3} {'us/product':>11} {'bytes/weight':>12} {'weight GB/s':>12} "
+          f"{'of bandwidth':>13}")
+    for r in result["rows"]:
+        head = f"{r['shape']:>10} {r['route']:>10} {r['dtype']:>5} {r['m']:>3}"
+        if "error" in r:
+            print(f"{head} failed: {r['error']}")
+            continue
+        k, n = (int(v) for v in r["shape"].split("x"))
+        print(f"{head} {r['us_per_product']:11.1f} {r['weight_bytes'] / (k * n):12.3f} {r['weight_gb_s']:12.1f} "
+              f"{r['fraction_of_bandwidth']:13.2f}")
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", default=None, help="KxN weight (input x output), repeatable")
     parser.add_argument("--pairs", type=int, default=20, help="[K,N] + [N,K] weight pairs in the chain")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--routes", default=DEFAULT_ROUTES, help=f"comma-separated, from: {', '.join(ROUTES)}")
+    parser.add_argument("--m", default="1,8", help="comma-separated rows per product (1: one decode token)")
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in (args.shape or ["1024x4096"])]
-    torch.set_num_threads(args.threads)
-    bandwidth = measure_read_bandwidth(256)
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for k, n in shapes:
-            for name, path in variant_models(k, n, args.pairs, Path(work)).items():
-                seconds = time_call(path, k, args.threads, args.calls) / (2 * args.pairs)  # per product
-                read = k * n * BYTES_PER_WEIGHT[name]
-                rows.append({"shape": f"{k}x{n}", "variant": name, "us_per_product": seconds * 1e6,
-                             "weight_gb_s": read / seconds / 1e9, "fraction_of_bandwidth": read / seconds / bandwidth})
-    result = {"read_bandwidth_gb_s": bandwidth / 1e9, "threads": args.threads, "rows": rows}
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads")
-    print(f"{'shape':>10} {'variant':>7} {'us/product':>11} {'weight GB/s':>12} {'of bandwidth':>13}")
-    for r in rows:
-        print(f"{r['shape']:>10} {r['variant']:>7} {r['us_per_product']:11.1f} {r['weight_gb_s']:12.1f} "
-              f"{r['fraction_of_bandwidth']:13.2f}")
+    routes = _csv(args.routes)
+    unknown = [r for r in routes if r not in ROUTES]
+    if unknown:
+        parser.error(f"unknown route(s) {', '.join(unknown)} (choose from: {', '.join(ROUTES)})")
+    result = probe(shapes, routes, [int(m) for m in _csv(args.m)], args.pairs, args.threads, args.calls)
+    print_table(result)
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     return result

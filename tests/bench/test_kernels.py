@@ -1,10 +1,17 @@
-"""The weight-kernel probe: each variant's M = 1 products, made by the export's own tools."""
+"""The weight-kernel probe (each route's products at small M: ONNX Runtime's kernels, made by the
+export's own tools, and PyTorch's) and the op profile of an export's prefill and decode step."""
 
+import importlib.util
 from pathlib import Path
 
+import numpy as np
 import onnx
+import pytest
+import torch
 
-from slmctl.bench import kernels
+from slmctl.bench import kernels, weight_routes
+
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
 
 def test_the_probe_times_fp32_int8_and_int4_chains_of_the_exports_kernels(tmp_path):
@@ -12,20 +19,109 @@ def test_the_probe_times_fp32_int8_and_int4_chains_of_the_exports_kernels(tmp_pa
     ops = {name: [n.op_type for n in onnx.load(str(path)).graph.node] for name, path in paths.items()}
     assert ops["fp32"] == ["MatMul"] * 4 and ops["int4"] == ["MatMulNBits"] * 4
     assert ops["int8"].count("MatMulInteger") == 4  # fused into DynamicQuantizeMatMul when the session loads
-    result = kernels.main(["--shape", "64x128", "--pairs", "2", "--calls", "3", "--output", str(tmp_path / "k.json")])
-    assert [r["variant"] for r in result["rows"]] == ["fp32", "int8", "int4"]
+    result = kernels.main(["--shape", "64x128", "--pairs", "2", "--calls", "3", "--routes", "ort", "--m", "1,3",
+                           "--output", str(tmp_path / "k.json")])
+    assert [(r["dtype"], r["m"]) for r in result["rows"]] == [(d, m) for d in ("fp32", "int8", "int4") for m in (1, 3)]
     assert all(r["us_per_product"] > 0 and r["weight_gb_s"] > 0 for r in result["rows"])
+    per_weight = {r["dtype"]: r["weight_bytes"] / (64 * 128) for r in result["rows"]}
+    assert per_weight["fp32"] == 4 and 1 <= per_weight["int8"] < 1.1 and per_weight["int4"] == 0.5 + 4 / 32
     assert (tmp_path / "k.json").is_file()
 
 
-def test_the_op_profile_sums_the_encoders_kernel_time_by_op_type(tmp_path):
+@pytest.mark.parametrize("route, dtype", [("torch", "fp32"), ("torch", "int8"), ("torch", "int4"), ("torch-bf16", "int8"),
+                                          ("torch-bf16", "int4"), ("compile", "fp32"), ("compile", "int8"), ("compile", "int4"),
+                                          ("compile-mm", "int8"), ("compile-mm", "int4"), ("torchao", "int8"), ("torchao", "int4")])
+def test_each_torch_route_computes_x_times_w_within_the_quantization_error(route, dtype):
+    """The probe must time a kernel that computes the product, not a wrong one: each route's
+    chain over one weight against x @ W (loosely: the quantization error) and, for the routes
+    quantized here, against x @ dequant(quant(W)) (tightly: the kernel's own error)."""
+    if route == "torchao" and not HAS_TORCHAO:
+        pytest.skip("torchao is not installed")
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * 0.02  # [out, in]: int4 packing needs out % 16 == 0 and in % 32 == 0
+    chain, weight_bytes = weight_routes.build(route, dtype, [w])
+    loose = {"fp32": 1e-5, "int8": 0.02, "int4": 0.15}[dtype]  # int4: ~0.08 expected for Gaussian weights in groups of 32
+    bf16 = route == "torch-bf16"  # bf16 activations and scales: ~0.4% more error
+    loose += 0.01 if bf16 else 0
+    quantized = {"fp32": (w,), "int8": weight_routes.quantize_int8(w), "int4": weight_routes.quantize_int4(w)}[dtype]
+    for m in (1, 8):
+        x = torch.randn(m, 128)
+        with torch.inference_mode():
+            y = chain(x)
+        exact = x @ w.T
+        assert y.shape == (m, 96)
+        assert (y - exact).norm() / exact.norm() < loose, (route, dtype, m)
+        if route != "torchao":  # torchao quantizes with its own rounding
+            reference = x @ weight_routes.dequantize(dtype, quantized).T
+            if bf16:
+                assert y.dtype == torch.float32 and (y - reference).norm() / reference.norm() < 0.01
+            else:
+                torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-5)
+    per_weight = weight_bytes / w.numel()
+    scale_bytes = 2 if bf16 else 4
+    assert per_weight == {"fp32": 4, "int8": 1 + scale_bytes / 128, "int4": 0.5 + 2 * scale_bytes / 32}[dtype]
+
+
+def test_the_probe_returns_a_row_for_every_route_dtype_and_m_asked(monkeypatch):
+    monkeypatch.setattr("slmctl.runtime.hardware.measure_read_bandwidth", lambda megabytes: 20e9)
+    inputs = {}  # (route, dtype) -> the input shapes its chain ran on
+    timers = kernels._timers
+
+    def recording(route, dtype, *args):
+        run, weight_bytes = timers(route, dtype, *args)
+        return (lambda x: inputs.setdefault((route, dtype), set()).add(x.shape) or run(x)), weight_bytes
+
+    monkeypatch.setattr(kernels, "_timers", recording)
+    result = kernels.probe([(64, 128)], ["ort", "torch", "torchao", "nosuch"], [1, 2], pairs=1, threads=1, calls=2)
+    seen = [(r["route"], r["dtype"], r["m"]) for r in result["rows"]]
+    assert seen == [(route, d, m) for route in ("ort", "torch", "torchao", "nosuch") for d in ("fp32", "int8", "int4") for m in (1, 2)]
+    for r in result["rows"]:
+        if r["route"] == "nosuch" or (r["route"] == "torchao" and not HAS_TORCHAO):
+            assert "error" in r and "us_per_product" not in r
+        else:
+            assert "error" not in r and r["us_per_product"] > 0
+            assert r["fraction_of_bandwidth"] == pytest.approx(r["weight_gb_s"] * 1e9 / 20e9)
+    assert inputs[("ort", "int8")] == inputs[("torch", "int4")] == {(1, 64), (2, 64)}  # each M timed at its own M
+    torch_int4 = next(r for r in result["rows"] if r["route"] == "torch" and r["dtype"] == "int4")
+    assert torch_int4["weight_bytes"] == 64 * 128 * (0.5 + 8 / 32)  # 4 bits + fp32 scale and zero per 32
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
     from conftest import cli, newest_run
+
+    runs = tmp_path_factory.mktemp("op_profile") / "runs"
+    assert cli("export", "onnx", "tiny", "validation.prompt_lens=[5]", "validation.steps=4", runs=runs).exit_code == 0
+    return str(newest_run(runs, "export")), str(runs)
+
+
+def test_the_op_profile_sums_the_encoders_kernel_time_by_op_type(tiny_export):
+    from slmctl.bench import op_profile
+
+    export, runs = tiny_export
+    result = op_profile.profile(export, prompt_len=16, threads=1, runs=2, runs_dir=runs)
+    assert result["role"] == "encoder" and result["variant"] == "fp32"
+    assert result["ops"]["Gemm"] > 0 and abs(sum(result["ops"].values()) - result["total_ms"]) < 1e-6
+    assert not list(Path.cwd().glob("slmctl_op_profile*"))  # the trace is removed once read
+
+
+def test_the_op_profile_times_one_decode_step_over_a_cache(tiny_export):
+    import onnxruntime as ort
 
     from slmctl.bench import op_profile
 
-    runs = tmp_path / "runs"
-    assert cli("export", "onnx", "tiny", "validation.prompt_lens=[5]", "validation.steps=4", runs=runs).exit_code == 0
-    result = op_profile.profile(str(newest_run(runs, "export")), prompt_len=16, threads=1, runs=2, runs_dir=str(runs))
-    assert result["graph"] == "encoder" and result["variant"] == "fp32"
-    assert result["ops"]["Gemm"] > 0 and abs(sum(result["ops"].values()) - result["total_ms"]) < 1e-6
-    assert not list(Path.cwd().glob("slmctl_op_profile*"))  # the trace is removed once read
+    export, runs = tiny_export
+    result = op_profile.profile(export, prompt_len=16, threads=1, runs=2, runs_dir=runs, graph="decoder", cache_len=24)
+    assert result["role"] == "decoder" and result["cache_len"] == 24
+    assert set(result["counts"]) == set(result["ops"]) and all(c > 0 for c in result["counts"].values())
+    assert abs(sum(result["ops"].values()) - result["total_ms"]) < 1e-6 and result["run_ms"] > 0
+    assert result["counts"]["Gemm"] > 0  # the tiny decoder's weight products
+    again = op_profile.profile(export, prompt_len=16, threads=1, runs=3, runs_dir=runs, graph="decoder", cache_len=24)
+    assert again["counts"] == result["counts"]  # nodes per run, however many runs
+    # the step it profiles: one new token after 24 cached ones, cross-attention over the 16-token prompt
+    session = ort.InferenceSession(str(Path(export) / "export" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    feed = op_profile._feed(session, 512, "decoder", 16, 24, np.random.default_rng(0))
+    assert feed["input_ids"].shape == (1, 1) and feed["positions"].tolist() == [24]
+    assert feed["past_key_values.0.key"].shape[2] == 24 and feed["cross.0.key"].shape[2] == 16
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    assert outputs["present.0.key"].shape[2] == 25
