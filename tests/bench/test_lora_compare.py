@@ -1,14 +1,29 @@
 """`make lora-compare` at toy size: the table's numbers are the runs' own."""
 
 import json
+import subprocess
+import sys
+from types import SimpleNamespace
 
-from slmctl.bench.lora_compare import main
+from conftest import cli
+
+from slmctl.bench import lora_compare
 
 
-def test_the_comparison_reports_what_its_runs_measured(tmp_path, capsys):
+def in_this_process(command, **kwargs):
+    """`python -m slmctl ARGS` as lora_compare runs it, run by conftest's `cli` in this process: the
+    four runs' own work takes seconds, a fresh interpreter's imports ~7 s each. (The fresh processes
+    keep each run's peak memory its own; tests/model/test_lora.py measures peaks that way.)"""
+    assert command[:3] == [sys.executable, "-m", "slmctl"], command
+    result = cli(*command[3:])
+    return subprocess.CompletedProcess(command, result.exit_code, result.stdout, result.stderr)
+
+
+def test_the_comparison_reports_what_its_runs_measured(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lora_compare, "subprocess", SimpleNamespace(run=in_this_process))
     world = ["data.n_people=200", "data.train_examples=160", "data.validation_examples=16"]
-    report = main(["--workdir", str(tmp_path), "--model", "tiny", "--base-steps", "2", "--steps", "3", "--rank", "2",
-                   "--eval-limit", "4", "--data", *world])
+    report = lora_compare.main(["--workdir", str(tmp_path), "--model", "tiny", "--base-steps", "2", "--steps", "3",
+                                "--rank", "2", "--eval-limit", "4", "--data", *world])
     assert json.loads((tmp_path / "lora-compare.json").read_text()) == report
     for name in ("full", "lora"):
         row = report["rows"][name]

@@ -18,19 +18,25 @@ FINE_TUNE = ["objective=seq2seq", *TINY_SYNTHETIC_DATA, *TINY_TRAINING]
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """runs/ with a tiny trained encoder-decoder run, and `mini` / `small` model directories with
-    fresh weights and its tokenizer (init models wide enough for r=8 to be a small fraction)."""
-    runs = tmp_path_factory.mktemp("runs")
-    run = train_run(runs, "pretrain", TINY_PRETRAIN, name="base").path
-    tokenizer = TextTokenizer.load(run / "model")
-    made = {"runs": runs, "tiny": run / "model"}
+def inits(tmp_path_factory, tiny_model_dir):
+    """`mini` and `small` model directories with fresh weights and the tokenizer of conftest's tiny
+    model (init models wide enough for r=8 to be a small fraction); no training run needed."""
+    tokenizer = TextTokenizer.load(tiny_model_dir)
+    made = {}
     for preset in ("mini", "small"):
         directory = tmp_path_factory.mktemp(preset)
         model = build_model(preset, seed=0, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
         save_model(model, directory, tokenizer)
         made[preset] = directory
     return made
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, inits):
+    """runs/ with a tiny trained encoder-decoder run, and the `mini` / `small` init model directories."""
+    runs = tmp_path_factory.mktemp("runs")
+    run = train_run(runs, "pretrain", TINY_PRETRAIN, name="base").path
+    return {"runs": runs, "tiny": run / "model", **inits}
 
 
 def fine_tune(runs, init, name, *extra):
@@ -132,20 +138,36 @@ def test_cross_attention_targets_on_a_decoder_only_model_are_refused(tmp_path):
     assert "a decoder-only model has no cross-attention" in result.output
 
 
-def peak_memory_mb(runs, init, *extra) -> float:
-    """Fine-tune in a fresh process (so one run's memory does not hide the other's) -> the run's
-    measured peak resident memory during training."""
-    argv = [sys.executable, "-m", "slmctl", "pretrain", f"init={init}", *FINE_TUNE, "batch_size=4",
-            "max_source_len=32", *extra, "--runs-dir", str(runs)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    run = newest_run(runs, "pretrain")
-    return json.loads((run / "status.json").read_text())["summary"]["throughput"]["peak_memory_mb"]
+def peak_memory_mb(runs, init, fine_tunes: dict[str, list[str]]) -> dict[str, float]:
+    """Fine-tune `init` once per entry of `fine_tunes` (name -> extra overrides), each in a fresh process
+    (so one run's memory does not hide the other's), the processes side by side (their imports take
+    most of their time), one torch thread each (two processes of two threads on two cores wait on each
+    other) -> each run's measured peak resident memory during training."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = {}
+    try:
+        for name, extra in fine_tunes.items():
+            argv = [sys.executable, "-m", "slmctl", "pretrain", f"init={init}", *FINE_TUNE, "batch_size=4",
+                    "max_source_len=32", *extra, "--runs-dir", str(runs / name)]
+            log = open(runs / f"{name}.log", "w+")  # not a pipe: the process waited on last must not block on it
+            processes[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env=env), log
+        peaks = {}
+        for name, (process, log) in processes.items():
+            process.wait(timeout=300)
+            log.seek(0)
+            assert process.returncode == 0, log.read()
+            run = newest_run(runs / name, "pretrain")
+            peaks[name] = json.loads((run / "status.json").read_text())["summary"]["throughput"]["peak_memory_mb"]
+        return peaks
+    finally:
+        for process, log in processes.values():
+            process.kill()
+            log.close()
 
 
-def test_lora_fine_tuning_needs_less_peak_memory_than_full_fine_tuning(bases, tmp_path):
-    full = peak_memory_mb(tmp_path / "full", bases["small"])
-    lora = peak_memory_mb(tmp_path / "lora", bases["small"], "peft=lora")
-    parameters = load_model(bases["small"]).num_parameters()
+def test_lora_fine_tuning_needs_less_peak_memory_than_full_fine_tuning(inits, tmp_path):
+    peaks = peak_memory_mb(tmp_path, inits["small"], {"full": [], "lora": ["peft=lora"]})
+    full, lora = peaks["full"], peaks["lora"]
+    parameters = load_model(inits["small"]).num_parameters()
     # full fine-tuning adds a gradient and two AdamW moments per weight (12 bytes); LoRA adds almost none
     assert full - lora > 0.5 * 12 * parameters / 2**20, (full, lora)
