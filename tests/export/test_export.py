@@ -18,15 +18,24 @@ SMALL_REPORT = ["report.prompts=6", "report.steps=8", "report.eval_limit=8", "re
 
 
 # The tiny preset with one encoder and two decoder layers: ONNX Runtime's quantizers, calibrator and
-# optimizer take time that grows faster than a graph's node count, and no test of a trained model
-# here needs the preset's depth (a second decoder layer keeps a layer-to-layer residual in the graphs).
-SHALLOW = ["model.n_encoder_layers=1", "model.n_decoder_layers=2"]
+# optimizer take time that grows faster than a graph's node count, and the tests of the `trained` and
+# `shallow` models do not need the preset's depth (a second decoder layer keeps a layer-to-layer residual).
+SHALLOW = {"n_encoder_layers": 1, "n_decoder_layers": 2}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A shallow tiny trained encoder-decoder with its tokenizer (a pretrain run)."""
-    return train_run(tmp_path_factory.mktemp("runs"), "pretrain", [*TINY_PRETRAIN, *SHALLOW], name="tiny").path
+    shallow = [f"model.{key}={value}" for key, value in SHALLOW.items()]
+    return train_run(tmp_path_factory.mktemp("runs"), "pretrain", [*TINY_PRETRAIN, *shallow], name="tiny").path
+
+
+@pytest.fixture(scope="module")
+def shallow(tmp_path_factory):
+    """The shallow tiny model with its initial weights, saved as a model directory."""
+    from slmctl.model.store import save_model
+
+    return save_model(build_model("tiny", seed=0, **SHALLOW), tmp_path_factory.mktemp("shallow") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -445,8 +454,8 @@ def test_a_weight_gemm_rewritten_as_matmul_computes_the_same(trans_b, bias):
     np.testing.assert_allclose(run(model), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_optimize_ort_fuses_norms_and_gelu_and_decodes_as_the_plain_graphs(tmp_path, trained):
-    result = cli("export", "onnx", str(trained), "--optimize", "ort", *FAST, runs=tmp_path / "runs")
+def test_optimize_ort_fuses_norms_and_gelu_and_decodes_as_the_plain_graphs(tmp_path, shallow):
+    result = cli("export", "onnx", shallow, "--optimize", "ort", *FAST, runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     run = newest_run(tmp_path / "runs", "export")
     spec = json.loads((run / "export" / SPEC_FILE).read_text())
