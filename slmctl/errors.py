@@ -36,6 +36,11 @@ class RunFailure(Exception):
     exit_code = 1
 
 
+class TrainingDiverged(RunFailure, RuntimeError):
+    """The training loss stopped being finite: the run fails (exit 1) at that step; the
+    checkpoints written before it are kept (the runner names the last one)."""
+
+
 def first_line(error: BaseException | str, default: str | None = None) -> str:
     """The first non-blank line of an error's message (or of a text); `default`, else the
     exception's type name, when there is none."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from slmctl.errors import RunFailure, UserError, first_line
+from slmctl.errors import RunFailure, TrainingDiverged, UserError, first_line
 
 TRAINING_STAGES = ("pretrain", "distill", "add-vision")  # take --device as a Lightning accelerator
 RESUME_UNFINISHED = "unfinished"  # resume=unfinished: the newest run of the stage that did not end
@@ -58,7 +58,7 @@ def run_stage(stage: str, overrides: list[str], *, runs_dir: Path, name: str | N
     `extra` holds values from options and arguments (e.g. eval's models), merged after composing;
     `inputs` are (reference, run directory) pairs recorded in the run's lineage (a recipe's
     earlier steps). Returns the Run (None for a dry run); raises StageEnded when it did not succeed."""
-    from slmctl.train.stopping import sigterm_as_interrupt
+    from slmctl.interrupts import sigterm_as_interrupt
 
     argv = argv or ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
                     *(["--device", device] if device != "cpu" else [])]
@@ -132,7 +132,6 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
 def _execute(stage: str, cfg, run, verbose: bool) -> None:
     """Call the stage inside the rank handling; map how it ended (see the module docstring)."""
     from slmctl.config.registry import stage_module
-    from slmctl.train.module import TrainingDiverged
     from slmctl.train.ranks import shared_with_other_ranks
 
     module = stage_module(stage)

@@ -99,7 +99,7 @@ def test_a_recipe_step_stopped_by_sigterm_is_marked_interrupted_like_a_stage_alo
     run alone: the step's run says `interrupted`, the recipe exits 130 naming how to resume."""
     from slmctl.runs.lookup import list_runs
     from slmctl.train import pretrain
-    from slmctl.train.stopping import Stopped
+    from slmctl.interrupts import Stopped
 
     def stopped(cfg, run):
         raise Stopped("stopped by SIGTERM")

@@ -36,7 +36,7 @@ def test_a_sigterm_while_the_run_is_being_opened_leaves_it_interrupted_not_runni
     the run is created but before the stage starts marks the run interrupted and exits 130."""
     from slmctl import runner
     from slmctl.runs.lookup import list_runs
-    from slmctl.train.stopping import Stopped
+    from slmctl.interrupts import Stopped
 
     def stopped_while_announcing(*args, **kwargs):  # the "pretrain -> RUN" line, printed before the stage runs
         raise Stopped("stopped by SIGTERM")

@@ -12,8 +12,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from slmctl.errors import ConfigError
+from slmctl.interrupts import Stopped
 from slmctl.train.checkpoints import VerifiedCheckpointIO, last_good_checkpoint
-from slmctl.train.stopping import GracefulStop, Stopped
+from slmctl.train.stopping import GracefulStop
 from slmctl.train.throughput import Throughput
 from slmctl.train.trainer_options import apply_trainer_options, split_trainer_args
 

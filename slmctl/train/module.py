@@ -14,14 +14,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from slmctl.errors import RunFailure
+from slmctl.errors import TrainingDiverged
 from slmctl.train.datamodule import PADDING
 from slmctl.train.optim import adamw_with_schedule, decay_groups, fused_adamw
-
-
-class TrainingDiverged(RunFailure, RuntimeError):
-    """The training loss stopped being finite: the run fails (exit 1) at that step; the
-    checkpoints written before it are kept."""
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -1,40 +1,17 @@
 """Stopping a training run on SIGINT (Ctrl-C) or SIGTERM (kill, a scheduler's preemption)
 without losing work: the step in flight finishes, a resumable checkpoint is saved, and the
-run is marked interrupted. A second Ctrl-C stops at once (the last checkpoint stays)."""
+run is marked interrupted. A second Ctrl-C stops at once (the last checkpoint stays).
+Outside training, slmctl.interrupts turns SIGTERM into an interrupt."""
 
 from __future__ import annotations
 
 import signal
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Stopped(KeyboardInterrupt):
-    """A run stopped on request; the message says how far it got and what was saved."""
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM ends any stage like Ctrl-C: the run is marked interrupted instead of being left
-    "running". During training `GracefulStop` takes over and first saves a checkpoint."""
-
-    def stop(signum, frame):
-        raise Stopped("stopped by SIGTERM")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+from slmctl.interrupts import SIGNALS
 
 
 class GracefulStop(Callback):

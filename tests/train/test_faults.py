@@ -21,7 +21,7 @@ from slmctl.errors import CheckpointError
 from slmctl.runs.run import Run
 from slmctl.train import pretrain
 from slmctl.train.checkpoints import MANIFEST, VerifiedCheckpointIO, last_good_checkpoint, problem_with
-from slmctl.train.stopping import Stopped
+from slmctl.interrupts import Stopped
 
 # dropout on: a resumed run ends with the uninterrupted run's weights only if its random state was restored too
 WITH_DROPOUT = ["model=tiny", "model.dropout=0.1", *LEARNING_DATA, "trainer.log_every_n_steps=1",
