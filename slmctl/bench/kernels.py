@@ -12,14 +12,17 @@ them that even the int4 weights do not fit in the CPU's caches). Routes:
 - `torch`, `torch-bf16`, `compile`, `compile-mm`, `torchao`: PyTorch's routes
   (`slmctl.bench.weight_routes`: its packed int8 / int4 CPU kernels on fp32 or bf16
   activations, inductor's codegen of x @ dequant(W), torchao's weight-only quantization);
-  `torch` fp32 is `F.linear`, the baseline.
+  `torch` fp32 is `F.linear`, the baseline;
+- `openvino`: OpenVINO's CPU plugin (the `openvino` package) on weights stored as NNCF's weight
+  compression stores them (`slmctl.bench.openvino_chain`: i8 per channel, i4 in groups of 32,
+  symmetric), which it runs as one FullyConnected reading the compressed weight.
 
 It reports microseconds per product and the weight bytes (data + scales / zeros, as each route
 stores them) read per second, beside the machine's read bandwidth. A kernel that reads well
 below the bandwidth caps the variant's decode whatever the rest of the graph does. A route that
 cannot run here (torchao not installed, no C++ compiler for inductor) gets rows with its error.
 
-    python -m slmctl.bench.kernels --shape 1024x4096 --pairs 20 --threads 2 --routes ort,torch,torch-bf16,compile,torchao --m 1,8
+    python -m slmctl.bench.kernels --shape 1024x4096 --pairs 20 --threads 2 --routes ort,openvino,torch,torch-bf16,compile,torchao --m 1,8
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from typing import Callable
 import numpy as np
 
 DTYPES = ("fp32", "int8", "int4")
-ROUTES = ("ort", "torch", "torch-bf16", "compile", "compile-mm", "torchao")
-DEFAULT_ROUTES = "ort,torch,torch-bf16,compile,torchao"
+ROUTES = ("ort", "openvino", "torch", "torch-bf16", "compile", "compile-mm", "torchao")
+DEFAULT_ROUTES = "ort,openvino,torch,torch-bf16,compile,torchao"
 
 
 def chain_weights(k: int, n: int, pairs: int, seed: int = 0) -> list[np.ndarray]:
@@ -114,6 +117,10 @@ def _timers(route: str, dtype: str, k: int, weights: list[np.ndarray], models: d
     """(run(x numpy [M, K]), weight bytes of the chain) for one route and dtype."""
     if route == "ort":
         return ort_chain(models[dtype], threads), initializer_bytes(models[dtype])
+    if route == "openvino":
+        from slmctl.bench.openvino_chain import openvino_chain
+
+        return openvino_chain(dtype, weights, threads)
     import torch
 
     from slmctl.bench.weight_routes import build

@@ -12,6 +12,7 @@ import torch
 from slmctl.bench import kernels, weight_routes
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 def test_the_probe_times_fp32_int8_and_int4_chains_of_the_exports_kernels(tmp_path):
@@ -60,6 +61,28 @@ def test_each_torch_route_computes_x_times_w_within_the_quantization_error(route
     per_weight = weight_bytes / w.numel()
     scale_bytes = 2 if bf16 else 4
     assert per_weight == {"fp32": 4, "int8": 1 + scale_bytes / 128, "int4": 0.5 + 2 * scale_bytes / 32}[dtype]
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+def test_the_openvino_route_runs_the_compressed_weights_in_one_fused_product(dtype):
+    """OpenVINO must fuse the compressed weight into FullyConnected (else the probe times a
+    decompression plus an fp32 product) and compute x @ dequant(W) with it."""
+    from slmctl.bench.openvino_chain import compress, dequantize, openvino_chain
+
+    weights = kernels.chain_weights(128, 96, 1)  # x @ W layout: [128, 96], [96, 128]
+    run, weight_bytes = openvino_chain(dtype, weights, threads=1)
+    assert run.layer_precisions == [("FullyConnected", {"fp32": "f32", "int8": "i8", "int4": "i4"}[dtype])]
+    x = np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32)
+    reference, exact = x, x
+    for w in weights:
+        reference = reference @ (w if dtype == "fp32" else dequantize(*compress(np.ascontiguousarray(w.T), dtype)).T)
+        exact = exact @ w
+    y = run(x)
+    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < {"fp32": 1e-5, "int8": 0.02, "int4": 0.2}[dtype]
+    per_weight = weight_bytes / sum(w.size for w in weights)
+    assert per_weight == {"fp32": 4, "int8": 1 + 4 / 128 / 2 + 4 / 96 / 2, "int4": 0.5 + 4 / 32}[dtype]
 
 
 def test_the_probe_returns_a_row_for_every_route_dtype_and_m_asked(monkeypatch):
