@@ -272,6 +272,9 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
              threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
              image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
+             draft: str = typer.Option("none", "--draft", help="prompt: draft tokens by n-gram lookup in the source and "
+                                       "check several per decoder pass (same output, faster where the answer copies)."),
+             draft_tokens: int = typer.Option(10, "--draft-tokens", help="Most tokens drafted per pass (adapts below it)."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
@@ -285,7 +288,8 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
     try:
         run_generate(model, texts, image_paths, file, runs_dir=runs_dir, device=device, runtime=runtime, threads=threads,
                      ep=ep, allow_fallback=allow_fallback, verbose=verbose, max_new_tokens=max_new_tokens,
-                     num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed)
+                     num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed, draft=draft,
+                     draft_tokens=draft_tokens)
     except StageEnded as e:
         fail(e.message, e.exit_code)
 

@@ -169,12 +169,13 @@ def _execute(stage: str, cfg, run, verbose: bool) -> None:
 
 def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_file: Path | None, *, runs_dir: Path,
                  device: str, runtime: str, threads: int | None, ep: str | None, allow_fallback: bool, verbose: bool,
-                 out: Console = console, **decoding) -> None:
+                 out: Console = console, draft: str = "none", draft_tokens: int = 10, **decoding) -> None:
     """`slmctl generate`: print (streaming) what `model` generates for each prompt (and the
     prompts of `prompt_file`), with the images of `image_paths`. Bad input ends it with
     StageEnded(exit 2) before or during generation; no run directory is written."""
     from slmctl.runtime.devices import check_device as check_runtime_device
-    from slmctl.runtime.generator import generate_text, load_generator, read_image, read_prompt_file
+    from slmctl.model.drafting import make_drafter
+    from slmctl.runtime.generator import check_drafting, generate_text, load_generator, read_image, read_prompt_file
 
     def ended(e: BaseException):
         if verbose:
@@ -190,17 +191,24 @@ def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_f
             check_torch_device(device)
         else:
             check_runtime_device(device, runtime)
+        drafter = make_drafter(draft, draft_tokens)
         generator = load_generator(model, runs_dir, device, runtime, threads, ep, allow_fallback)
+        if drafter is not None:
+            check_drafting(generator, decoding.get("num_beams", 1))
     except user_errors() as e:
         raise ended(e) from None
     for text in texts:
         out.print(f"[bold]> {text}[/bold]", highlight=False)
         try:
             generate_text(generator, text, on_piece=lambda piece: out.print(piece, end="", highlight=False, soft_wrap=True),
-                          images=images, **decoding)
+                          images=images, drafter=drafter, **decoding)
         except (user_errors() + (ValueError,)) as e:
             raise ended(e) from None
         out.print()
+        if drafter is not None:  # stderr: stdout stays what plain decoding prints
+            stats = drafter.stats
+            err_console.print(f"draft {drafter.name}: {stats.passes} passes, {stats.drafted} tokens drafted, {stats.accepted} "
+                              f"accepted ({stats.accepted_per_pass:.2f} per pass)", highlight=False)
 
 
 def check_device(stage: str, device: str, runtime: str = "torch") -> None:

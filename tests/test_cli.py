@@ -110,3 +110,19 @@ def test_missing_device_is_a_one_line_error(tmp_path, device, message):
     result = cli("pretrain", "model=tiny", "--device", device, runs=tmp_path / "runs")
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_generate_with_drafts_prints_what_plain_generate_prints_and_the_draft_counts_on_stderr(tiny_model_dir, llama_dir):
+    plain = cli("generate", tiny_model_dir, "prompt=Where does Ana live? Ana lives in Rome.", "--max-new-tokens", "12")
+    drafted = cli("generate", tiny_model_dir, "prompt=Where does Ana live? Ana lives in Rome.", "--max-new-tokens", "12",
+                  "--draft", "prompt", "--draft-tokens", "4")
+    assert plain.exit_code == drafted.exit_code == 0, drafted.output
+    assert drafted.stdout == plain.stdout
+    assert "draft prompt:" in drafted.stderr and "per pass" in drafted.stderr
+    for args, message in ((["--draft", "model.onnx"], "--draft takes none or prompt"),
+                          (["--draft", "prompt", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
+                          (["--draft", "prompt", "--num-beams", "2"], "drop --num-beams or --draft")):
+        refused = cli("generate", tiny_model_dir, "prompt=hi", *args)
+        assert refused.exit_code == 2 and message in refused.output and len(refused.output.strip().splitlines()) == 1
+    decoder_only = cli("generate", llama_dir, "prompt=hi", "--draft", "prompt")
+    assert decoder_only.exit_code == 2 and "--draft works on encoder-decoders" in decoder_only.output

@@ -2,12 +2,15 @@
 
 One tensor per layer stack, allocated for the whole generation up front, so a
 decode step writes one position in place instead of concatenating (and copying)
-the growing history.
+the growing history. A verification pass of drafted tokens (slmctl.model.speculative)
+writes several positions at once and `cut`s the cache back past the first rejected one.
 """
 
 from __future__ import annotations
 
 import torch
+
+from slmctl.model.layers import additive_mask
 
 
 class KVCache:
@@ -30,9 +33,15 @@ class KVCache:
 
     def layout(self, start: int, T: int, dtype: torch.dtype):
         """(positions [1, T], self-attention mask, is_causal, reach) of T new tokens at `start`: all rows
-        share positions and see every cached key (slmctl.serve.batching.SlotCache: rows of different lengths)."""
-        positions = torch.arange(start, start + T, device=self.k.device)[None]
-        return positions, None, start == 0 and T > 1, start + T
+        share positions (slmctl.serve.batching.SlotCache: rows of different lengths); new token t sees
+        every cached key and the new ones up to itself (SDPA's is_causal only aligns a causal mask
+        to the top left, right for a pass that starts at 0: later passes get an explicit mask)."""
+        device = self.k.device
+        positions = torch.arange(start, start + T, device=device)[None]
+        if T == 1 or start == 0:
+            return positions, None, T > 1, start + T
+        allowed = torch.arange(start + T, device=device)[None] <= positions[0, :, None]  # [T, start + T]
+        return positions, additive_mask(allowed[None, None], dtype), False, start + T
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -44,6 +53,13 @@ class KVCache:
 
     def advance(self, steps: int) -> None:
         self.length += steps
+
+    def cut(self, length: int) -> None:
+        """Forget every position from `length` on (drafted tokens past the first rejected one); the
+        next pass overwrites them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot cut a cache of {self.length} positions to {length}")
+        self.length = length
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reordering, or expanding rows into beams)."""

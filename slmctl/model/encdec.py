@@ -174,6 +174,23 @@ class EncoderDecoderSession:
                                    cache=self.cache, start=self.cache.length)
         return self.model.lm_head(hidden[:, -1])
 
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed T tokens per row [B, T] in one decoder pass (the last chosen token, then drafted
+        ones; each sees the cache and the new tokens before it); logits [B, T, vocab], position t's
+        for the token after tokens[:, t]."""
+        hidden = self.model.decode(tokens, None, self.memory_mask, memory=self.memory, cache=self.cache,
+                                   start=self.cache.length)
+        return self.model.lm_head(hidden)
+
+    @property
+    def cached(self) -> int:
+        """Positions in the self-attention cache (the same for every row)."""
+        return self.cache.length
+
+    def cut(self, length: int) -> None:
+        """Keep the first `length` cached positions (drop drafted tokens the model did not keep)."""
+        self.cache.cut(length)
+
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
         self.memory = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory]

@@ -3,6 +3,8 @@
 A model provides `start_decoding(input_ids, attention_mask, max_new_tokens)`, a
 session with `first_logits()`, `step(tokens)` and `reorder(index)`; everything
 here (greedy, sampling, beam search, stopping) works on that interface only.
+Speculative decoding (`drafter=`, slmctl.model.drafting) also needs `verify(tokens)`
+(logits of every position of a multi-token pass), `cached` and `cut(length)`.
 """
 
 from __future__ import annotations
@@ -102,12 +104,13 @@ def _process(logits: torch.Tensor, generated: torch.Tensor, step: int, cfg: Gene
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              streamer: Streamer | None = None, generator: torch.Generator | None = None,
-             generation_config: GenerationConfig | None = None, **kwargs) -> torch.Tensor:
+             generation_config: GenerationConfig | None = None, drafter=None, **kwargs) -> torch.Tensor:
     """Generate up to `max_new_tokens` for each prompt row; returns the new ids [B, T_new].
 
     Rows that finished (emitted EOS) are filled with the pad id; generation stops
     early when every row has finished. Prompts may be padded on either side
     (pass `attention_mask`). `streamer` receives each step's tokens (not with beams).
+    With a `drafter`, drafted tokens are checked several per decoder pass (`_speculative`).
     """
     cfg = GenerationConfig.from_kwargs(generation_config, **kwargs)
     if input_ids.dim() != 2:
@@ -119,15 +122,27 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     was_training = model.training
     model.eval()
     try:
+        if drafter is not None and cfg.num_beams > 1:
+            raise ValueError("drafted decoding takes num_beams=1 (beam search keeps several hypotheses per row)")
         session = model.start_decoding(input_ids, attention_mask, cfg.max_new_tokens)
+        if drafter is not None and not hasattr(session, "verify"):
+            raise ValueError(f"{type(model).__name__} cannot check drafted tokens (no multi-token verification pass)")
         logits = session.first_logits()
         if cfg.num_beams > 1:
             if streamer is not None:
                 raise ValueError("streaming is not available with beam search (num_beams > 1)")
             return _beam_search(session, logits, cfg, eos, pad)
+        if drafter is not None:
+            drafter.start(input_ids, attention_mask)
+            return _speculative(session, logits, cfg, eos, pad, streamer, generator, drafter)
         return _sample(session, logits, cfg, eos, pad, streamer, generator)
     finally:
         model.train(was_training)
+
+
+def _distribution(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """The sampling distribution [B, vocab] of processed scores: temperature, then top-k, then top-p."""
+    return apply_top_p(apply_top_k(scores / cfg.temperature, cfg.top_k), cfg.top_p).softmax(dim=-1)
 
 
 def _sample(session, logits, cfg: GenerationConfig, eos, pad, streamer, generator) -> torch.Tensor:
@@ -137,8 +152,7 @@ def _sample(session, logits, cfg: GenerationConfig, eos, pad, streamer, generato
     for step in range(cfg.max_new_tokens):
         scores = _process(logits, generated, step, cfg, eos)
         if cfg.do_sample:
-            scores = apply_top_p(apply_top_k(scores / cfg.temperature, cfg.top_k), cfg.top_p)
-            tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+            tokens = torch.multinomial(_distribution(scores, cfg), 1, generator=generator).squeeze(1)
         else:
             tokens = scores.argmax(dim=-1)
         tokens = tokens.masked_fill(finished, pad)
@@ -149,6 +163,73 @@ def _sample(session, logits, cfg: GenerationConfig, eos, pad, streamer, generato
         if bool(finished.all()) or step == cfg.max_new_tokens - 1:
             break
         logits = session.step(tokens)
+    return generated
+
+
+def _choose(logits, generated, step: int, cfg: GenerationConfig, eos, generator, draft=None):
+    """(each row's token at `step` [B], whether it is the row's `draft` token [B]). Greedy: the
+    argmax, which accepts the draft when they agree. Sampling (speculative sampling's rule for a
+    drafter that proposes one token with certainty): the draft is kept with its probability p(d),
+    otherwise a token is drawn from p with d removed; either way the token follows p exactly."""
+    scores = _process(logits, generated, step, cfg, eos)
+    no_draft = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    if not cfg.do_sample:
+        tokens = scores.argmax(dim=-1)
+        return tokens, (tokens == draft) if draft is not None else no_draft
+    probs = _distribution(scores, cfg)
+    if draft is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1), no_draft
+    kept = torch.rand(probs.shape[0], generator=generator, device=probs.device) < probs.gather(1, draft[:, None]).squeeze(1)
+    residual = probs.scatter(1, draft[:, None], 0.0)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, probs)  # p(d) = 1: always kept
+    other = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+    return torch.where(kept, draft, other), kept
+
+
+def _speculative(session, logits, cfg: GenerationConfig, eos, pad, streamer, generator, drafter) -> torch.Tensor:
+    """`_sample` with drafts: each pass feeds the last token and the drafted ones [B, 1 + k] through
+    the decoder at once, then walks the positions: the token at each is chosen from that
+    position's logits as `_sample` would (`_choose`), and the walk goes on while every row still
+    generating got its drafted token. The cache is cut back past the last position used. Rows
+    share one length, so a batch keeps the drafts every row agreed with (exact for each row)."""
+    B = logits.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    generated = torch.empty(B, 0, dtype=torch.long, device=logits.device)
+
+    def emit(tokens: torch.Tensor) -> None:
+        nonlocal generated
+        tokens = tokens.masked_fill(finished, pad)
+        generated = torch.cat([generated, tokens[:, None]], dim=1)
+        if streamer is not None:
+            streamer(tokens)
+        finished.logical_or_(torch.isin(tokens, eos))
+
+    def done() -> bool:
+        return bool(finished.all()) or generated.shape[1] >= cfg.max_new_tokens
+
+    emit(_choose(logits, generated, 0, cfg, eos, generator)[0])
+    while not done():
+        step = generated.shape[1]
+        room = cfg.max_new_tokens - step - 1  # the pass adds a token of its own after the drafted ones
+        drafts = drafter.propose(generated, finished, room)[:, :room]
+        k = drafts.shape[1]
+        if k == 0:
+            emit(_choose(session.step(generated[:, -1]), generated, step, cfg, eos, generator)[0])
+            continue
+        cached = session.cached
+        logits = session.verify(torch.cat([generated[:, -1:], drafts], dim=1))  # [B, 1 + k, vocab]
+        accepted = 0
+        for i in range(k + 1):
+            tokens, kept = _choose(logits[:, i], generated, step + i, cfg, eos, generator, drafts[:, i] if i < k else None)
+            live = ~finished
+            emit(tokens)
+            if i == k or not bool((kept | ~live).all()):
+                break
+            accepted += 1
+            if done():
+                break
+        drafter.update(k, accepted)
+        session.cut(cached + 1 + i)  # the positions fed up to the one whose logits chose the last token
     return generated
 
 

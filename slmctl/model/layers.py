@@ -8,12 +8,16 @@ grouping); the reference checkpoint's tiled grouping is mapped onto it on import
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slmctl.model.cache import KVCache
 from slmctl.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from slmctl.model.cache import KVCache
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin), each [B or 1, 1, T, head_dim]
 

@@ -63,10 +63,13 @@ def prompt_ids(generator: Generator, text: str) -> list[int]:
 
 def generate_text(generator: Generator, text: str, on_piece: Callable[[str], None] | None = None,
                   max_new_tokens: int = 64, num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int = 0, images: list | None = None) -> str:
+                  seed: int = 0, images: list | None = None, drafter=None) -> str:
     """The generated text; `on_piece` receives it as it is produced (whole, for beam search).
-    `images` (PIL) go to a vision model, one per <image> placeholder (prepended when the prompt has none)."""
+    `images` (PIL) go to a vision model, one per <image> placeholder (prepended when the prompt has none).
+    `drafter` (slmctl.model.drafting): drafted tokens checked several per decoder pass, same text."""
     tokenizer = generator.tokenizer
+    if drafter is not None:
+        check_drafting(generator, num_beams)
     sampling = {"do_sample": temperature > 0, **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {})}
     if images:
         from slmctl.model.vlm import VisionEncoderDecoderLM
@@ -104,12 +107,27 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
             shown = so_far
 
     torch_generator = torch.Generator(device=ids.device).manual_seed(seed) if temperature > 0 else None
+    drafting = {"drafter": drafter} if drafter is not None else {}
     generator.model.generate(ids, max_new_tokens=max_new_tokens, streamer=on_token, generator=torch_generator,
-                             **sampling, **vision)
+                             **sampling, **vision, **drafting)
     result = tokenizer.decode(new)
     if on_piece and result.startswith(shown) and len(result) > len(shown):
         on_piece(result[len(shown):])
     return result
+
+
+def check_drafting(generator: Generator, num_beams: int) -> None:
+    """Drafted decoding needs one row per prompt and a multi-token verification pass: PyTorch
+    encoder-decoders (vision ones included) have it; anything else is a one-line error."""
+    from slmctl.errors import ConfigError
+
+    if num_beams > 1:
+        raise ConfigError("--draft decodes one hypothesis per prompt: drop --num-beams or --draft")
+    if generator.ref is not None and generator.ref.kind == "export":
+        raise ConfigError(f"{generator.path} is an ONNX export: its decoder returns only the last token's logits, so "
+                          f"it cannot check drafts yet; use --runtime torch on the model directory")
+    if generator.kind != "encdec":
+        raise ConfigError(f"{generator.path} is a {generator.kind} model: --draft works on encoder-decoders")
 
 
 def read_image(path: Path):

@@ -1,0 +1,113 @@
+"""Drafters: cheap guesses of the next few tokens, which one decoder pass then checks.
+
+At batch 1 a decode step reads every decoder weight to produce one token; a pass over
+1 + K tokens reads them once too (slmctl.model.generation's speculative loop). A drafter
+proposes the K tokens; the model keeps the longest prefix it agrees with, plus its own
+next token, so the output is what plain decoding gives.
+
+`PromptLookup` drafts by n-gram lookup (transformers' `prompt_lookup_num_tokens`,
+llama.cpp's lookup decoding): the last n generated tokens are searched for in the source
+and in what was generated before, and the tokens that followed their most recent earlier
+occurrence are the draft. Encoder-decoders often copy from their source (extractive
+answers, summaries, rewrites), which is where such drafts are accepted. K adapts to the
+acceptance: +2 after a pass that accepted every drafted token, -1 after one that did not
+(transformers' heuristic for assisted generation), within 1..max_tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftStats:
+    """What the drafter proposed and the model kept, over every pass of a generation."""
+
+    passes: int = 0  # verification passes (decoder calls with drafted tokens)
+    drafted: int = 0  # tokens drafted in them
+    accepted: int = 0  # drafted tokens the model agreed with
+
+    @property
+    def accepted_per_pass(self) -> float:
+        return self.accepted / self.passes if self.passes else 0.0
+
+    def as_dict(self) -> dict:
+        return {"passes": self.passes, "drafted": self.drafted, "accepted": self.accepted,
+                "accepted_per_pass": round(self.accepted_per_pass, 3)}
+
+
+class PromptLookup:
+    """Drafts up to `max_tokens` tokens per pass from n-gram matches (n = `ngram` down to 1)."""
+
+    name = "prompt"
+
+    def __init__(self, max_tokens: int = 10, ngram: int = 3, adaptive: bool = True):
+        if max_tokens < 1 or ngram < 1:
+            raise ValueError(f"draft tokens and n-gram size must be >= 1, got {max_tokens} and {ngram}")
+        self.max_tokens, self.ngram, self.adaptive = max_tokens, ngram, adaptive
+        self.tokens = max_tokens  # this pass's K
+        self.sources: list[list[int]] = []
+        self.stats = DraftStats()
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """A new generation over prompts `input_ids` [B, S] (padding left out of the lookup)."""
+        rows = input_ids.tolist()
+        keep = attention_mask.bool().tolist() if attention_mask is not None else [[True] * len(r) for r in rows]
+        self.sources = [[t for t, k in zip(row, kept) if k] for row, kept in zip(rows, keep)]
+        self.tokens, self.stats = self.max_tokens, DraftStats()
+
+    def row_draft(self, source: list[int], generated: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that followed an earlier occurrence of generated's last n tokens (the
+        longest n <= ngram that occurs), in what was generated or else in the source: the most recent
+        occurrence with `limit` tokens after it, else the one with the most. A match never straddles
+        the end of the source: the decoder's text does not continue the source's."""
+        for n in range(min(self.ngram, len(generated)), 0, -1):
+            suffix, best = generated[-n:], []
+            for text, last in ((generated, len(generated) - n - 1), (source, len(source) - n - 1)):
+                for start in range(last, -1, -1):  # most recent first; the suffix itself is excluded
+                    if text[start:start + n] == suffix:
+                        follows = text[start + n:start + n + limit]
+                        if len(follows) == limit:
+                            return follows
+                        best = max(best, follows, key=len)
+            if best:
+                return best
+        return []
+
+    def propose(self, generated: torch.Tensor, finished: torch.Tensor, limit: int) -> torch.Tensor:
+        """Drafts [B, k] for the rows' next tokens, k <= min(K, limit): one length for the batch (the
+        shortest draft of a row still generating; 0 when one has none). Finished rows get theirs too
+        (ignored: they only emit padding)."""
+        limit = min(self.tokens, limit)
+        if limit <= 0:
+            return generated.new_zeros(generated.shape[0], 0)
+        drafts = [self.row_draft(source, row, limit) for source, row in zip(self.sources, generated.tolist())]
+        live = [d for d, done in zip(drafts, finished.tolist()) if not done]
+        k = min((len(d) for d in live), default=0)
+        return torch.tensor([(d + [0] * k)[:k] for d in drafts], dtype=torch.long, device=generated.device).view(len(drafts), k)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Record a pass; adapt K to it."""
+        self.stats.passes += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        if self.adaptive:
+            self.tokens = min(self.max_tokens, self.tokens + 2) if accepted == drafted else max(1, self.tokens - 1)
+
+
+DRAFTERS = ("none", "prompt")
+
+
+def make_drafter(name: str, tokens: int = 10):
+    """The drafter `--draft NAME` asks for (None for "none"), or a one-line error."""
+    from slmctl.errors import ConfigError
+
+    if name == "none":
+        return None
+    if name == "prompt":
+        if tokens < 1:
+            raise ConfigError(f"--draft-tokens must be >= 1, got {tokens}")
+        return PromptLookup(max_tokens=tokens)
+    raise ConfigError(f"--draft takes {' or '.join(DRAFTERS)} (prompt: n-gram lookup in the source), got {name!r}")

@@ -1,0 +1,137 @@
+"""Drafted decoding (slmctl.model.drafting, generation's speculative loop): the same tokens as plain
+decoding, the cache cut back past a rejected draft, drafts clipped to the room left, EOS inside an
+accepted draft, and sampling that keeps plain sampling's distribution."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import randomize, random_prompts
+from slmctl.model import build_model
+from slmctl.model.drafting import DraftStats, PromptLookup
+
+
+class Scripted:
+    """A drafter that proposes each row's `script` from the current position on (its next `limit`
+    tokens), with every `wrong`-th drafted token replaced by a token the model does not choose."""
+
+    name = "scripted"
+
+    def __init__(self, script: torch.Tensor, wrong: int = 0, ignore_limit: bool = False):
+        self.script, self.wrong, self.ignore_limit = script, wrong, ignore_limit
+        self.stats, self.kept = DraftStats(), []  # kept: drafted tokens accepted, per pass, over every generation
+
+    def start(self, input_ids, attention_mask):
+        self.stats = DraftStats()
+
+    def propose(self, generated, finished, limit):
+        at = generated.shape[1]
+        k = len(self.script[0]) if self.ignore_limit else min(limit, self.script.shape[1] - at)
+        drafts = self.script[:, at:at + k].clone()
+        if self.wrong:
+            drafts[:, self.wrong - 1::self.wrong] = (drafts[:, self.wrong - 1::self.wrong] + 1) % 50 + 3
+        return drafts
+
+    def update(self, drafted, accepted):
+        self.stats.passes += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        self.kept.append(accepted)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(build_model("tiny", seed=0), seed=1).eval()
+
+
+def test_drafted_greedy_gives_plain_greedys_tokens_alone_and_in_a_padded_batch(model):
+    ids, mask, rows = random_prompts([9, 4, 7], vocab=model.config.vocab_size, seed=2, side="left")
+    settings = {"max_new_tokens": 24, "min_new_tokens": 20, "repetition_penalty": 1.3}
+    plain = model.generate(ids, attention_mask=mask, **settings)
+    drafter = Scripted(plain, wrong=3)  # two right, one wrong: accepting, rejecting mid-draft, cutting back
+    assert torch.equal(model.generate(ids, attention_mask=mask, drafter=drafter, **settings), plain)
+    assert 0 < drafter.stats.accepted < drafter.stats.drafted
+    for b, row in enumerate(rows):
+        alone = model.generate(row[None], **settings)
+        assert torch.equal(model.generate(row[None], drafter=Scripted(alone, wrong=4), **settings), alone)
+        assert torch.equal(alone[0], plain[b, :alone.shape[1]])
+
+
+def test_prompt_lookup_is_accepted_where_the_output_copies_and_changes_nothing():
+    echo = build_model("tiny", seed=0).eval()  # the training init echoes its input: output that copies
+    ids, mask, _ = random_prompts([12, 8], vocab=echo.config.vocab_size, seed=4)
+    settings = {"max_new_tokens": 30, "min_new_tokens": 30}
+    drafter = PromptLookup(max_tokens=6)
+    assert torch.equal(echo.generate(ids, attention_mask=mask, drafter=drafter, **settings),
+                       echo.generate(ids, attention_mask=mask, **settings))
+    assert drafter.stats.accepted_per_pass > 2
+
+
+def test_a_rejection_mid_draft_cuts_the_cache_back_to_the_last_kept_token(model):
+    prompt = random_prompts([6], vocab=model.config.vocab_size, seed=5)[0]
+    plain = model.start_decoding(prompt, None, 8)
+    tokens = [int(plain.first_logits().argmax())]
+    expected = []
+    for _ in range(3):
+        logits = plain.step(torch.tensor(tokens[-1:]))
+        expected.append(logits)
+        tokens.append(int(logits.argmax()))
+    drafted = model.start_decoding(prompt, None, 8)
+    drafted.first_logits()
+    wrong = (tokens[2] + 1) % model.config.vocab_size
+    verified = drafted.verify(torch.tensor([[tokens[0], tokens[1], wrong, 7]]))  # 4 positions fed, the 3rd drafted token wrong
+    torch.testing.assert_close(verified[0, :2], torch.cat(expected[:2]))  # the right drafts' logits are the steps'
+    assert drafted.cached == 5
+    drafted.cut(3)  # keep BOS, tokens[0], tokens[1]: drop the wrong draft and what followed it
+    torch.testing.assert_close(drafted.step(torch.tensor([tokens[2]])), expected[2])
+
+
+def test_a_draft_longer_than_the_room_left_is_clipped(model):
+    prompt = random_prompts([5], vocab=model.config.vocab_size, seed=6)[0]
+    settings = {"max_new_tokens": 7, "min_new_tokens": 7}
+    plain = model.generate(prompt, max_new_tokens=40, min_new_tokens=40)
+    drafter = Scripted(plain, ignore_limit=True)  # 40 tokens every pass: more than the cache holds
+    out = model.generate(prompt, drafter=drafter, **settings)
+    assert torch.equal(out, plain[:, :7])
+    assert drafter.kept == [5]  # the prompt's pass gives the 1st token; one pass: 5 drafted kept, the 7th its own
+
+
+def test_eos_inside_an_accepted_draft_ends_the_row_there(model):
+    ids, mask, _ = random_prompts([6, 9], vocab=model.config.vocab_size, seed=7)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12)
+    at = next(i for i in range(3, 12) if int(free[0, i]) not in free[0, :i].tolist())
+    eos = int(free[0, at])  # row 0 says it first at `at` (row 1 maybe elsewhere, maybe never)
+    settings = {"max_new_tokens": 12, "eos_token_id": eos}
+    plain = model.generate(ids, attention_mask=mask, **settings)
+    assert int(plain[0, at]) == eos and (plain[0, at + 1:] == model.config.pad_token_id).all()
+    drafter = Scripted(torch.cat([free, free], dim=1))  # the whole continuation, EOS inside and tokens after it
+    assert torch.equal(model.generate(ids, attention_mask=mask, drafter=drafter, **settings), plain)
+
+
+def chi_square_quantile(df: int, z: float = 3.72) -> float:
+    """The chi-square distribution's (1 - 1e-4) quantile (Wilson-Hilferty; z is the normal's)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_drafted_sampling_keeps_plain_samplings_distribution(model):
+    """Speculative sampling's rule keeps a draft with its probability and otherwise samples the rest:
+    the joint distribution of three sampled tokens must not tell the two apart (two-sample
+    chi-square at p = 1e-4 over the 27 cells of {182, 308, any other}^3, 1000 samples each)."""
+    prompt = random_prompts([6], vocab=model.config.vocab_size, seed=3)[0]
+    settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": True, "temperature": 1.0}
+    plain = model.generate(prompt.repeat(1000, 1), generator=torch.Generator().manual_seed(0), **settings)
+    generator, drafter = torch.Generator().manual_seed(1), Scripted(torch.full((2, 4), 182))
+    # 2 rows a call: both keep a draft often enough that passes keep one, two or three drafted tokens
+    drafted = torch.cat([model.generate(prompt.repeat(2, 1), generator=generator, drafter=drafter, **settings)
+                         for _ in range(500)])
+    assert {0, 1, 2} <= set(drafter.kept)
+
+    def cells(out):
+        coarse = torch.where(out[:, 1:] == 182, 0, torch.where(out[:, 1:] == 308, 1, 2))
+        return torch.bincount(coarse[:, 0] * 9 + coarse[:, 1] * 3 + coarse[:, 2], minlength=27).double()
+
+    a, b = cells(plain), cells(drafted)
+    seen = (a + b) > 0
+    statistic = float(((a - b) ** 2 / (a + b))[seen].sum())
+    assert statistic < chi_square_quantile(int(seen.sum()) - 1), statistic
