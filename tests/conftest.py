@@ -20,6 +20,7 @@ from slmctl.data.synthetic import SyntheticWorld
 from slmctl.data.tokenizer import train_bpe
 from slmctl.model import build_model
 from slmctl.model.config import vocab_size_for
+from slmctl.model.drafting import DraftStats
 
 # Two cores: one test process uses both; under `pytest -n 2` (make test) each of the two workers takes one.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -124,6 +125,34 @@ def random_prompts(lengths, vocab=512, low=3, seed=0, side="right", pad_id=0):
         ids[i, sl] = row
         mask[i, sl] = 1
     return ids, mask, rows
+
+
+class Scripted:  # a drafter for the drafted-decoding tests (tests/model, tests/export)
+    """A drafter that proposes each row's `script` from the current position on (its next `limit`
+    tokens), with every `wrong`-th drafted token replaced by a token the model does not choose."""
+
+    name = "scripted"
+
+    def __init__(self, script: torch.Tensor, wrong: int = 0, ignore_limit: bool = False):
+        self.script, self.wrong, self.ignore_limit = script, wrong, ignore_limit
+        self.stats, self.kept = DraftStats(), []  # kept: drafted tokens accepted, per pass, over every generation
+
+    def start(self, input_ids, attention_mask):
+        self.stats = DraftStats()
+
+    def propose(self, generated, finished, limit):
+        at = generated.shape[1]
+        k = len(self.script[0]) if self.ignore_limit else min(limit, self.script.shape[1] - at)
+        drafts = self.script[:, at:at + k].clone()
+        if self.wrong:
+            drafts[:, self.wrong - 1::self.wrong] = (drafts[:, self.wrong - 1::self.wrong] + 1) % 50 + 3
+        return drafts
+
+    def update(self, drafted, accepted):
+        self.stats.passes += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        self.kept.append(accepted)
 
 
 def max_logit_error(a: torch.Tensor, b: torch.Tensor) -> float:

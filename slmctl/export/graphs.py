@@ -8,8 +8,9 @@ tensor ops only, so one traced graph serves every prompt length and cache length
 
     VisionGraph         image crops -> projected image-token maps (tower, compression, projector)
     EncoderGraph        input_ids, attention_mask (+ image_features) -> encoder states, cross K/V per layer
-    DecoderGraph        one or more decoder tokens + self-attention cache + cross K/V -> last logits,
-                        the grown cache (empty cache on the first step)
+    DecoderGraph        one or more decoder tokens + self-attention cache + cross K/V -> every new
+                        token's logits (drafts are checked in one pass), the grown cache (empty cache
+                        on the first step)
     StaticDecoderGraph  one token + a fixed-size cache + its position -> last logits, this step's K/V
     DecoderOnlyGraph    the baseline: tokens + total attention mask + cache -> last logits, grown cache
 
@@ -163,7 +164,8 @@ class EncoderGraph(nn.Module):
         return (hidden, *memory)
 
 
-def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, static_slot=None):
+def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, static_slot=None, every_position=False):
+    """(logits of the last new token [B, vocab], or of every one [B, T, vocab], the new cache)."""
     present = []
     for i, layer in enumerate(model.decoder.layers):
         y, k, v = self_attention(layer.self_attn, rms_norm(layer.self_attn_norm, x), cos_sin, self_bias,
@@ -173,7 +175,7 @@ def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, stati
                                 cross_bias)
         x = x + mlp(layer.mlp, rms_norm(layer.mlp_norm, x))
         present.extend((k, v))
-    return model.lm_head(rms_norm(model.decoder.norm, x[:, -1])), present
+    return model.lm_head(rms_norm(model.decoder.norm, x if every_position else x[:, -1])), present
 
 
 class DecoderGraph(nn.Module):
@@ -181,9 +183,10 @@ class DecoderGraph(nn.Module):
     at positions[b] .. positions[b] + T - 1 and see only past keys 0 .. positions[b] - 1, so rows of
     different lengths can share one call: slmctl serve's continuous batching), encoder_attention_mask
     [B, S], then per layer past key, past value [B, KV, P, d] (P = 0 on the first step), then per
-    layer cross key, cross value -> logits [B, vocab] of the last token, then per layer present key,
-    value [B, KV, P + T, d] (the new tokens' keys/values at the end). With every positions[b] = P this
-    is plain cached decoding."""
+    layer cross key, cross value -> logits [B, T, vocab] of every new token (token t's predict the
+    token after it: a pass over the last chosen token and drafted ones checks the drafts), then per
+    layer present key, value [B, KV, P + T, d] (the new tokens' keys/values at the end). With every
+    positions[b] = P this is plain cached decoding."""
 
     def __init__(self, model):
         super().__init__()
@@ -201,7 +204,7 @@ class DecoderGraph(nn.Module):
         causal = (new.unsqueeze(0) <= new.unsqueeze(1)).unsqueeze(0).expand(seen.shape[0], -1, -1)  # [B, T, T]
         self_bias = additive_mask(torch.cat((seen, causal), dim=2).unsqueeze(1), model.dtype)
         logits, present = _decoder_layers(model, model.embed(input_ids), cos_sin, self_bias,
-                                          key_bias(encoder_attention_mask, model.dtype), past, cross)
+                                          key_bias(encoder_attention_mask, model.dtype), past, cross, every_position=True)
         return (logits, *present)
 
 

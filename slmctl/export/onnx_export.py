@@ -99,7 +99,7 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
             inputs = [_io("input_ids", [B, "decoder_sequence"], "int64"), _io("positions", [B], "int64"),
                       _io("encoder_attention_mask", [B, S], "int64"),
                       *[_io(n, [B, kv[0], "past_sequence", kv[1]]) for n in names["past"]], *cross_io]
-            outputs = [_io("logits", [B, cfg.vocab_size]),
+            outputs = [_io("logits", [B, "decoder_sequence", cfg.vocab_size]),
                        *[_io(n, [B, kv[0], "past_sequence + decoder_sequence", kv[1]]) for n in names["present"]]]
             args = (ids[:, :2], torch.tensor([3, 1]), mask, *past, *cross)
             graphs["decoder"] = _export(DecoderGraph(model), args, directory / "decoder.onnx",

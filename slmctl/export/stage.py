@@ -30,7 +30,7 @@ from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
 from slmctl.export.source import load_source
 from slmctl.export.validate import ValidationFailed, validate
 from slmctl.files import EXPORT_DIR
-from slmctl.runtime.onnx import SPEC_FILE, OnnxLM
+from slmctl.runtime.onnx import CONTRACT_VERSION, SPEC_FILE, OnnxLM
 from slmctl.runtime.providers import placement_line
 
 console = Console()
@@ -129,7 +129,7 @@ def _spec(model, source: Path | None, cfg, variants: dict) -> dict:
 
     c = model.config
     return {
-        "format": "slmctl-onnx", "version": 1, "opset": OPSET,
+        "format": "slmctl-onnx", "version": CONTRACT_VERSION, "opset": OPSET,
         "architecture": "encoder-decoder" if c.is_encoder_decoder else "decoder-only",
         "model": c.to_dict(), "parameters": model.num_parameters(),
         "special_tokens": {"pad": c.pad_token_id, "bos": c.bos_token_id, "eos": c.eos_token_id,

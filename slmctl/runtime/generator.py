@@ -118,16 +118,23 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
 
 def check_drafting(generator: Generator, num_beams: int) -> None:
     """Drafted decoding needs one row per prompt and a multi-token verification pass: PyTorch
-    encoder-decoders (vision ones included) have it; anything else is a one-line error."""
+    encoder-decoders (vision ones included) and dynamic ONNX exports of contract 2 have it;
+    anything else is a one-line error."""
     from slmctl.errors import ConfigError
 
     if num_beams > 1:
         raise ConfigError("--draft decodes one hypothesis per prompt: drop --num-beams or --draft")
-    if generator.ref is not None and generator.ref.kind == "export":
-        raise ConfigError(f"{generator.path} is an ONNX export: its decoder returns only the last token's logits, so "
-                          f"it cannot check drafts yet; use --runtime torch on the model directory")
     if generator.kind != "encdec":
         raise ConfigError(f"{generator.path} is a {generator.kind} model: --draft works on encoder-decoders")
+    graphs = getattr(generator.model, "graphs", None)  # an ONNX export
+    if graphs is not None:
+        from slmctl.runtime.onnx import every_position_logits
+
+        if graphs.get("static"):
+            raise ConfigError(f"{generator.path} is a --static export (one token a step): --draft needs the dynamic export")
+        if not every_position_logits(graphs["graphs"]["decoder"]):
+            raise ConfigError(f"{generator.path}: this export's decoder returns only the last token's logits (export "
+                              f"contract 1); export the model again (`slmctl export onnx MODEL`) to use --draft")
 
 
 def read_image(path: Path):

@@ -26,6 +26,11 @@ from slmctl.files import EXPORT_SPEC_FILE
 from slmctl.model.config import ModelConfig
 
 SPEC_FILE = EXPORT_SPEC_FILE  # slmctl_onnx.json
+# The export contract's version (slmctl_onnx.json "version"; docs/export.md lists them): it changes whenever
+# a graph's inputs or outputs change, and this reader runs every version written before it.
+#   1  the first graphs; exports since 2026-12-02 also give the decoder a `positions` input (told apart by name)
+#   2  the dynamic encoder-decoder's decoder returns every new token's logits [B, T, vocab] (drafts checked in one pass)
+CONTRACT_VERSION = 2
 
 
 class OnnxExportError(UserError, ValueError):
@@ -37,9 +42,21 @@ def read_spec(directory: str | Path) -> dict:
     if not path.is_file():
         raise OnnxExportError(f"{directory} is not an ONNX export (no {SPEC_FILE}); make one with `slmctl export onnx MODEL`")
     try:
-        return json.loads(path.read_text())
+        spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise OnnxExportError(f"{path}: not valid JSON ({e.msg})") from None
+    version = spec.get("version", 1) if isinstance(spec, dict) else None
+    if not isinstance(version, int) or version > CONTRACT_VERSION:
+        raise OnnxExportError(f"{path}: export contract version {version!r}, this slmctl reads 1 to {CONTRACT_VERSION}: "
+                              f"upgrade slmctl, or export the model again with this one")
+    return spec
+
+
+def every_position_logits(graph: dict) -> bool:
+    """Whether a decoder graph (its slmctl_onnx.json entry) returns logits for every new token
+    (contract 2: [B, T, vocab]) rather than the last one's ([B, vocab])."""
+    logits = next((o for o in graph["outputs"] if o["name"] == "logits"), None)
+    return logits is not None and len(logits["shape"]) == 3
 
 
 def check_graph(path: Path, session, graph: dict) -> None:
@@ -279,20 +296,45 @@ class EncoderDecoderOnnxSession:
         self.length = 0  # tokens cached, the same for every row
         # exports since 2026-12-02 take each row's position (slmctl serve's continuous batching); older ones do not
         self.positions = "positions" in lm.input_names("decoder")
+        self.every_position = every_position_logits(lm.graphs["graphs"]["decoder"])  # contract 2
 
     def first_logits(self) -> torch.Tensor:
         bos = torch.full((self.batch_size,), self.lm.config.bos_token_id, dtype=torch.long)
         return self.step(bos)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        inputs = {"input_ids": _ids(tokens)[:, None], "encoder_attention_mask": self.mask}
+        logits = self._run(_ids(tokens)[:, None])
+        return logits[:, -1] if self.every_position else logits
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """T tokens per row [B, T] in one decoder call (the last chosen token, then drafted ones);
+        logits [B, T, vocab]. Needs a contract-2 decoder (every new token's logits)."""
+        if not self.every_position:
+            raise OnnxExportError(f"{self.lm.directory}: this export's decoder returns only the last token's logits; "
+                                  f"export the model again to check drafts")
+        return self._run(_ids(tokens))
+
+    @property
+    def cached(self) -> int:
+        return self.length
+
+    def cut(self, length: int) -> None:
+        """Keep the first `length` cached positions (drop drafted tokens the model did not keep)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot cut a cache of {self.length} positions to {length}")
+        if length < self.length:
+            self.cache = [np.ascontiguousarray(c[:, :, :length]) for c in _numpy(self.cache)]
+        self.length = length
+
+    def _run(self, ids: np.ndarray) -> torch.Tensor:
+        inputs = {"input_ids": ids, "encoder_attention_mask": self.mask}
         if self.positions:
             inputs["positions"] = np.full(self.batch_size, self.length, dtype=np.int64)
         inputs.update(zip(self.names["past"], self.cache))
         inputs.update(zip(self.names["cross"], self.cross))
         outputs = self.lm.run("decoder", inputs)
         self.cache = outputs[1:]
-        self.length += 1
+        self.length += ids.shape[1]
         return _logits(outputs[0])
 
     def reorder(self, index: torch.Tensor) -> None:

@@ -94,7 +94,8 @@ class OnnxBatch:
         for cache, present in zip(self.cache, outputs[1:]):
             cache[rows, :, self.lengths[:n]] = present.numpy()[:, :, reach]  # the new token's key/value, at each row's length
         self.lengths[:n] += 1
-        return torch.from_numpy(outputs[0].numpy())
+        logits = torch.from_numpy(outputs[0].numpy())
+        return logits[:, -1] if logits.dim() == 3 else logits  # contract 2 gives every new token's: [n, 1, vocab]
 
     def leave(self, row: int) -> int | None:
         """Free `row`; the last active row moves into it. Returns the row that moved (now `row`), or None."""

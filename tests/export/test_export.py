@@ -9,6 +9,7 @@ import torch
 from conftest import REPO, TINY_PRETRAIN, cli, newest_run, train_run
 
 from slmctl.config.compose import compose
+from slmctl.errors import ConfigError
 from slmctl.model import build_model
 from slmctl.runtime.onnx import SPEC_FILE, OnnxExportError, OnnxLM
 
@@ -387,6 +388,7 @@ def standalone_greedy(export_dir, ids, mask, steps):
         else:  # every row has `position` tokens cached
             feeds["positions"] = np.full(batch, position, np.int64)
         logits, *present = session["decoder"].run(["logits", *present_names], feeds)
+        logits = logits[:, -1] if logits.ndim == 3 else logits  # contract 2: every new token's logits
         if static:  # this step's key/value, written into the buffers at `position`
             for buffer, new in zip(past, present):
                 buffer[:, :, position] = new[:, :, 0]
@@ -475,3 +477,44 @@ def test_optimize_ort_fuses_norms_and_gelu_and_decodes_as_the_plain_graphs(tmp_p
     assert bench.exit_code == 0, bench.output
     record = json.loads((newest_run(tmp_path / "runs", "bench") / "bench.json").read_text())["records"][0]
     assert record["dtype"] == "float32" and record["placement"]["decoder"]["ops"]["SkipSimplifiedLayerNormalization"] > 0
+
+
+def test_drafted_decoding_on_onnx_runtime_gives_plain_decodings_tokens(randomized_export):
+    """Contract 2: the decoder returns every new token's logits, so one call checks drafted tokens."""
+    from conftest import Scripted
+
+    model, directory, spec = randomized_export("tiny")
+    assert spec["version"] == 2 and spec["variants"]["fp32"]["graphs"]["decoder"]["outputs"][0]["shape"][1] == "decoder_sequence"
+    onnx_model = OnnxLM(directory)
+    ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 3:] = 0, 0
+    settings = {"max_new_tokens": 20, "min_new_tokens": 20, "repetition_penalty": 1.2}
+    plain = model.generate(ids, mask, **settings)
+    drafter = Scripted(plain, wrong=3)
+    assert torch.equal(onnx_model.generate(ids, mask, drafter=drafter, **settings), plain)
+    assert 0 < drafter.stats.accepted < drafter.stats.drafted
+
+
+def test_a_contract_1_export_still_decodes_and_refuses_drafts_in_one_line(randomized_export, tmp_path, monkeypatch):
+    """An export written before contract 2 (its decoder returns the last token's logits) runs as before."""
+    from slmctl.export import graphs
+    from slmctl.export.stage import _spec, export_graphs
+    from slmctl.runtime.generator import Generator, check_drafting
+
+    model, _, _ = randomized_export("tiny")
+    every = graphs.DecoderGraph.forward
+    monkeypatch.setattr(graphs.DecoderGraph, "forward", lambda self, *a: (lambda out: (out[0][:, -1], *out[1:]))(every(self, *a)))
+    variant = export_graphs(model, tmp_path)
+    logits = variant["graphs"]["decoder"]["outputs"][0]
+    logits["shape"] = [logits["shape"][0], logits["shape"][2]]  # as contract 1 described it: [batch, vocab]
+    spec = {**_spec(model, None, compose("export", ["source=tiny"]), {"fp32": variant}), "version": 1}
+    (tmp_path / SPEC_FILE).write_text(json.dumps(spec))
+    old = OnnxLM(tmp_path)
+    ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(old.generate(ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12))
+    with pytest.raises(ConfigError, match=r"export contract 1\); export the model again"):
+        check_drafting(Generator(old, None, "encdec", tmp_path), num_beams=1)
+    (tmp_path / SPEC_FILE).write_text(json.dumps({**spec, "version": 3}))
+    with pytest.raises(OnnxExportError, match="contract version 3, this slmctl reads 1 to 2"):
+        OnnxLM(tmp_path)

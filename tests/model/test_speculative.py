@@ -7,37 +7,9 @@ import math
 import pytest
 import torch
 
-from conftest import randomize, random_prompts
+from conftest import Scripted, randomize, random_prompts
 from slmctl.model import build_model
-from slmctl.model.drafting import DraftStats, PromptLookup
-
-
-class Scripted:
-    """A drafter that proposes each row's `script` from the current position on (its next `limit`
-    tokens), with every `wrong`-th drafted token replaced by a token the model does not choose."""
-
-    name = "scripted"
-
-    def __init__(self, script: torch.Tensor, wrong: int = 0, ignore_limit: bool = False):
-        self.script, self.wrong, self.ignore_limit = script, wrong, ignore_limit
-        self.stats, self.kept = DraftStats(), []  # kept: drafted tokens accepted, per pass, over every generation
-
-    def start(self, input_ids, attention_mask):
-        self.stats = DraftStats()
-
-    def propose(self, generated, finished, limit):
-        at = generated.shape[1]
-        k = len(self.script[0]) if self.ignore_limit else min(limit, self.script.shape[1] - at)
-        drafts = self.script[:, at:at + k].clone()
-        if self.wrong:
-            drafts[:, self.wrong - 1::self.wrong] = (drafts[:, self.wrong - 1::self.wrong] + 1) % 50 + 3
-        return drafts
-
-    def update(self, drafted, accepted):
-        self.stats.passes += 1
-        self.stats.drafted += drafted
-        self.stats.accepted += accepted
-        self.kept.append(accepted)
+from slmctl.model.drafting import PromptLookup
 
 
 @pytest.fixture(scope="module")
