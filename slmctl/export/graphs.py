@@ -58,9 +58,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return torch.matmul(probs.reshape(B, n_kv, (H // n_kv) * T, -1), v).reshape(B, H, T, d)
 
 
-def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A Linear over [B, T, D] as one 2-D Gemm, so ONNX Runtime adds the bias inside the GEMM
-    instead of in a separate pass over the output."""
+def linear(module: nn.Linear, x: torch.Tensor, gemm: bool = True) -> torch.Tensor:
+    """A Linear over [B, T, D]: with `gemm`, one 2-D Gemm, so ONNX Runtime adds the bias inside the
+    GEMM instead of in a separate pass over the output (prompts: many rows); without, a 3-D MatMul
+    and an Add, which need no reshapes (decode steps: the bias pass is one row, a reshape back to
+    [B, T, N] is ~6 nodes of shape arithmetic that no folding removes)."""
+    if not gemm:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
     out = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
     return out.reshape(*x.shape[:-1], module.out_features)
 
@@ -71,17 +75,18 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.eps) * norm.weight
 
 
-def mlp(module, x: torch.Tensor) -> torch.Tensor:
+def mlp(module, x: torch.Tensor, gemm: bool = True) -> torch.Tensor:
     """fc2(gelu_tanh(fc1(x))); at opset 20 the tanh GELU is one Gelu node."""
-    return linear(module.fc2, torch.nn.functional.gelu(linear(module.fc1, x), approximate="tanh"))
+    return linear(module.fc2, torch.nn.functional.gelu(linear(module.fc1, x, gemm), approximate="tanh"), gemm)
 
 
-def self_attention(attn, x: torch.Tensor, cos_sin, bias: torch.Tensor, past_k=None, past_v=None, static_slot=None):
+def self_attention(attn, x: torch.Tensor, cos_sin, bias: torch.Tensor, past_k=None, past_v=None, static_slot=None,
+                   gemm: bool = True):
     """(output, keys, values) of a `SelfAttention` module. With a past cache the new keys are
     appended (dynamic) or written where `static_slot` [1, 1, C, 1] is true (static; then the
     returned keys/values are only the new ones)."""
     B, T, _ = x.shape
-    qk, v = linear(attn.qkv, x).split((attn.split[0] + attn.split[1], attn.split[2]), dim=-1)
+    qk, v = linear(attn.qkv, x, gemm).split((attn.split[0] + attn.split[1], attn.split[2]), dim=-1)
     qk = apply_rope(qk.reshape(B, T, attn.n_heads + attn.n_kv_heads, attn.head_dim).transpose(1, 2), cos_sin)
     q, k = qk.split((attn.n_heads, attn.n_kv_heads), dim=1)
     v = v.reshape(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
@@ -91,13 +96,14 @@ def self_attention(attn, x: torch.Tensor, cos_sin, bias: torch.Tensor, past_k=No
         if past_k is not None:
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
         y = attend(q, k, v, bias)
-    return linear(attn.out, y.transpose(1, 2).reshape(B, T, -1)), k, v
+    return linear(attn.out, y.transpose(1, 2).reshape(B, T, -1), gemm), k, v
 
 
-def cross_attention(cross, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def cross_attention(cross, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                    gemm: bool = True) -> torch.Tensor:
     B, T, _ = x.shape
-    q = linear(cross.q, x).reshape(B, T, cross.n_heads, cross.head_dim).transpose(1, 2)
-    return linear(cross.out, attend(q, k, v, bias).transpose(1, 2).reshape(B, T, -1))
+    q = linear(cross.q, x, gemm).reshape(B, T, cross.n_heads, cross.head_dim).transpose(1, 2)
+    return linear(cross.out, attend(q, k, v, bias).transpose(1, 2).reshape(B, T, -1), gemm)
 
 
 def cross_memory(cross, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,15 +171,16 @@ class EncoderGraph(nn.Module):
 
 
 def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, static_slot=None, every_position=False):
-    """(logits of the last new token [B, vocab], or of every one [B, T, vocab], the new cache)."""
+    """(logits of the last new token [B, vocab], or of every one [B, T, vocab], the new cache).
+    Decode steps feed a few tokens: 3-D linears (no reshapes around them)."""
     present = []
     for i, layer in enumerate(model.decoder.layers):
         y, k, v = self_attention(layer.self_attn, rms_norm(layer.self_attn_norm, x), cos_sin, self_bias,
-                                 past[2 * i], past[2 * i + 1], static_slot)
+                                 past[2 * i], past[2 * i + 1], static_slot, gemm=False)
         x = x + y
         x = x + cross_attention(layer.cross_attn, rms_norm(layer.cross_attn_norm, x), cross[2 * i], cross[2 * i + 1],
-                                cross_bias)
-        x = x + mlp(layer.mlp, rms_norm(layer.mlp_norm, x))
+                                cross_bias, gemm=False)
+        x = x + mlp(layer.mlp, rms_norm(layer.mlp_norm, x), gemm=False)
         present.extend((k, v))
     return model.lm_head(rms_norm(model.decoder.norm, x if every_position else x[:, -1])), present
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from slmctl.atomic import set_new_file_mode
+from slmctl.export.fold import fold_reshapes
 from slmctl.export.graphs import DecoderGraph, DecoderOnlyGraph, EncoderGraph, StaticDecoderGraph, VisionGraph
 from slmctl.model.config import ModelConfig
 
@@ -142,6 +143,33 @@ def _dynamic_axes(entries: list[dict]) -> dict:
     return axes
 
 
+def _name_transposed_weights(proto, graph: torch.nn.Module) -> None:
+    """A 3-D linear is traced as MatMul(x, W^T), its W^T folded into an unnamed initializer
+    (`onnx::MatMul_123`); give each the name of the weight it transposes plus `.T`, so whatever reads
+    names (fp16's per-layer report, quantization exclusions) finds its layer."""
+    import hashlib
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    def digest(array: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+    unnamed = [t for t in proto.graph.initializer if t.name.startswith("onnx::MatMul") and len(t.dims) == 2]
+    if not unnamed:
+        return
+    wanted = {(tuple(t.dims), digest(numpy_helper.to_array(t))): t for t in unnamed}
+    renamed = {}
+    for name, parameter in graph.named_parameters():
+        if parameter.dim() == 2:
+            key = (tuple(parameter.shape[::-1]), digest(parameter.detach().T.numpy()))
+            tensor = wanted.pop(key, None)
+            if tensor is not None:
+                renamed[tensor.name] = tensor.name = f"{name}.T"
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+
+
 def _export(graph: torch.nn.Module, args: tuple, path: Path, inputs: list[dict], outputs: list[dict], dynamic: bool,
             external_data: str) -> dict:
     import onnx
@@ -158,6 +186,9 @@ def _export(graph: torch.nn.Module, args: tuple, path: Path, inputs: list[dict],
                               dynamic_axes=_dynamic_axes(inputs + outputs) if dynamic else None,
                               do_constant_folding=True)
         proto = onnx.load(str(work / "graph.onnx"), load_external_data=True)
+        _name_transposed_weights(proto, graph)
+        if dynamic:
+            fold_reshapes(proto)  # static graphs' targets are constants already
         size = sum(t.ByteSize() for t in proto.graph.initializer)
         external = external_data == "always" or (external_data == "auto" and size >= EXTERNAL_FROM)
         data_file = f"{path.name}.data"

@@ -86,6 +86,9 @@ def optimize_ort(directory: Path, source: dict, prefix: str = "ort/") -> dict:
         options = FusionOptions("bert")
         options.enable_attention = False  # see the module docstring
         options.enable_embed_layer_norm = False
+        # its BiasGelu fusion takes MatMul + Add + Gelu(approximate=tanh) and computes the erf GELU (logits off by
+        # ~5e-4 on the tiny model); fast_gelu_with_bias below fuses the bias into FastGelu, the tanh GELU
+        options.enable_bias_gelu = False
         with tempfile.TemporaryDirectory() as work, _quiet_root_logger():
             rewritten = Path(work) / "matmul.onnx"
             onnx.save(model, str(rewritten), save_as_external_data=True, location="matmul.onnx.data")
