@@ -84,9 +84,10 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: 
 
 
 def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output_len: int, repeat: int, warmup: int,
-            seed: int = 0, image=None) -> tuple[dict, list[GenerationTiming]]:
+            seed: int = 0, image=None, drafter=None) -> tuple[dict, list[GenerationTiming]]:
     """(median / p90 / stdev summary, the timed samples) of generating `output_len` tokens. With
-    `image` (a vision model), every prompt starts with an <image> placeholder for it."""
+    `image` (a vision model), every prompt starts with an <image> placeholder for it; with a
+    `drafter`, drafted tokens are checked several per pass (its stats: the timed runs')."""
     model = loaded.model
     prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, model.device)
     vision = {}
@@ -103,14 +104,53 @@ def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output
             count += 1
             on_token()
 
-        model.generate(prompts, max_new_tokens=output_len, min_new_tokens=output_len, streamer=streamer, **vision)
+        drafting = {"drafter": drafter} if drafter is not None else {}
+        model.generate(prompts, max_new_tokens=output_len, min_new_tokens=output_len, streamer=streamer, **vision, **drafting)
         _sync(device)
+        if drafter is not None:
+            passes.append(drafter.stats)
         return count
 
+    passes = []
     for _ in range(warmup):
         generate(lambda: None)
+    passes.clear()
     samples = [time_generation(generate) for _ in range(repeat)]
-    return summarize(samples), samples
+    summary = summarize(samples)
+    if drafter is not None:
+        summary["accepted_per_pass"] = sum(s.accepted for s in passes) / max(1, sum(s.passes for s in passes))
+    return summary, samples
+
+
+def pass_cost_ratio(loaded: LoadedModel, device: str, batch: int, input_len: int, tokens: int, seed: int = 0,
+                    repeat: int = 9) -> float:
+    """Median time of one decoder call over 1 + `tokens` tokens (a pass checking `tokens` drafts) over
+    that of a 1-token step, after `input_len` prompt tokens: what a pass costs whatever the drafter finds."""
+    import statistics
+    import time
+
+    model = loaded.model
+    prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, model.device)
+    with torch.inference_mode():
+        session = model.start_decoding(prompts, None, tokens + 8)
+        session.first_logits()
+        one = torch.full((batch,), 5, dtype=torch.long, device=model.device)
+        many = torch.full((batch, tokens + 1), 5, dtype=torch.long, device=model.device)
+
+        def timed(call) -> float:
+            seconds = []
+            for _ in range(repeat):
+                cached = session.cached
+                start = time.perf_counter()
+                call()
+                _sync(device)
+                seconds.append(time.perf_counter() - start)
+                session.cut(cached)
+            return statistics.median(seconds)
+
+        timed(lambda: session.step(one))  # warm up both shapes
+        timed(lambda: session.verify(many))
+        return timed(lambda: session.verify(many)) / timed(lambda: session.step(one))
 
 
 def is_vision(model) -> bool:

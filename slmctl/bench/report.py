@@ -15,7 +15,8 @@ from slmctl.atomic import atomic_save_figure
 
 RECORD_FIELDS = ("model", "arch", "device", "runtime", "ep", "dtype", "batch", "input_len", "output_len", "first_token_ms",
                  "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
-                 "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction")
+                 "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction", "draft", "draft_tokens",
+                 "accepted_per_pass", "pass_cost_ratio")
 
 
 # `bench --train` records (slmctl.bench.training)
@@ -32,8 +33,10 @@ def table(records: list[dict]) -> Table:
     estimated = any("estimate" in r for r in records)
     measured = any(r["first_token_ms"] is not None for r in records)
     result = Table(title="bench (medians)" if measured else f"roofline estimate: {records[0]['device']}")
-    columns = ["model", "batch", "in", "out"]
+    drafted = any(r.get("draft") not in (None, "none") for r in records)
+    columns = ["model", "batch", "in", "out"] + (["draft"] if drafted else [])
     columns += ["first token ms", "decode tok/s", "e2e ms", "peak MB", "bound frac"] if measured else []
+    columns += ["accepted/pass", "pass cost"] if drafted else []
     for column in columns + (["predicted ft ms", "predicted tok/s"] if estimated else []):
         result.add_column(column)
 
@@ -41,10 +44,12 @@ def table(records: list[dict]) -> Table:
         return "-" if value is None else format(value, spec)
 
     for r in records:
-        row = [r["model"], str(r["batch"]), str(r["input_len"]), str(r["output_len"])]
+        row = [r["model"], str(r["batch"]), str(r["input_len"]), str(r["output_len"])] + ([r.get("draft") or "none"] if drafted else [])
         if measured:
             row += [show(r["first_token_ms"], ".1f"), show(r["decode_tok_s"], ".1f"), show(r["e2e_ms"], ".0f"),
                     show(r["peak_mem_mb"], ".0f"), show(r["bound_fraction"], ".2f")]
+        if drafted:
+            row += [show(r.get("accepted_per_pass"), ".2f"), show(r.get("pass_cost_ratio"), ".2f")]
         if estimated:
             row += [show(r.get("predicted_first_token_ms"), ".1f"), show(r.get("predicted_decode_tok_s"), ".1f")]
         result.add_row(*row)
@@ -54,13 +59,13 @@ def table(records: list[dict]) -> Table:
 def comparisons(records: list[dict], models: list[str]) -> list[dict]:
     """For each model but the last, at each (batch, input, output): ratios against the last model."""
     baseline = models[-1]
-    by_key = {(r["model"], r["batch"], r["input_len"], r["output_len"]): r for r in records}
+    by_key = {(r["model"], r["batch"], r["input_len"], r["output_len"], r.get("draft") or "none"): r for r in records}
     rows = []
     for model in models[:-1]:
-        for (name, batch, input_len, output_len), r in by_key.items():
-            if name != model:
+        for (name, batch, input_len, output_len, draft), r in by_key.items():
+            if name != model or (baseline, batch, input_len, output_len, draft) not in by_key:
                 continue
-            b = by_key[(baseline, batch, input_len, output_len)]
+            b = by_key[(baseline, batch, input_len, output_len, draft)]
             measured = r["first_token_ms"] is not None  # else compare the roofline predictions
             first, rate = ("first_token_ms", "decode_tok_s") if measured else ("predicted_first_token_ms", "predicted_decode_tok_s")
             rows.append({"model": model, "baseline": baseline, "batch": batch, "input_len": input_len, "output_len": output_len,
@@ -183,7 +188,7 @@ def format_records(records: list[dict], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(records, indent=2) + "\n"
     fields = TRAIN_RECORD_FIELDS if is_training(records) else RECORD_FIELDS
-    flat = [{k: r[k] for k in fields} for r in records]
+    flat = [{k: r.get(k) for k in fields} for r in records]
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=fields)

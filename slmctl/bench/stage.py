@@ -21,16 +21,19 @@ import json
 import platform
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure, time_vision
+from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure, pass_cost_ratio, time_vision
 from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, plot_batch, table
 from slmctl.model import flops
+from slmctl.model.drafting import make_drafter
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.refs import parse
 from slmctl.runtime.hardware import peak_memory_mb, reset_peak_memory
+from slmctl.runtime.generator import Generator, check_drafting
 from slmctl.runtime.providers import placement_line
 
 console = Console()
@@ -76,9 +79,11 @@ def _run(cfg, run, records_out):
     measured = {tuple(p["key"]): p["record"] for p in read_progress(saved)}  # what a resumed run has already
     if measured:
         run.log(f"{len(measured)} configurations reused from {saved.relative_to(run.path)}")
+    bandwidth_before = _read_bandwidth(cfg)  # a shared host's bandwidth moves: measured before and after the models
     for ref in cfg.models:
-        keys = [(ref, batch, input_len, output_len) for batch in cfg.batch for input_len in cfg.input_lens
-                for output_len in cfg.output_lens]  # one measurement each: (model as given, batch, in, out)
+        keys = [(ref, batch, input_len, output_len) + ((draft,) if draft != "none" else ()) for batch in cfg.batch
+                for input_len in cfg.input_lens for output_len in cfg.output_lens
+                for draft in cfg.draft]  # one measurement each: (model as given, batch, in, out[, draft])
         if cfg.repeat and all(key in measured for key in keys):  # nothing left to measure: not even loaded
             records += [measured[key] for key in keys]
             continue
@@ -92,7 +97,7 @@ def _run(cfg, run, records_out):
                 append_progress(saved, [{"key": key, "record": record}])
             fresh[key] = record
         records += [measured.get(key) or fresh[key] for key in keys] if cfg.repeat else list(fresh.values())
-    _add_bandwidth_bound(cfg, records, environment)  # measured after the models: its buffer must not count in their peaks
+    _add_bandwidth_bound(cfg, records, environment, bandwidth_before)
     placement = _hoist_placement(records)
     run.write_json("bench.json", {"environment": environment, "records": records} | ({"placement": placement} if placement else {}))
     for model, roles in placement.items():
@@ -157,20 +162,37 @@ def measure_model(cfg, ref: str, runs_dir, environment: dict, profile: dict | No
     for batch in cfg.batch:
         for input_len in cfg.input_lens:
             for output_len in cfg.output_lens:
-                key = (ref, batch, input_len, output_len)
-                if cfg.repeat == 0:  # an estimate only
-                    yield key, _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile)
-                    continue
-                if key in skip:
-                    continue
-                summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed,
-                                           image)
-                record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment) | vision
-                if profile:
-                    _add_prediction(record, loaded.model.config, cfg, profile)
-                shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
-                            f"decode {record['decode_tok_s']:.1f} tok/s", highlight=False)
-                yield key, record
+                for draft in cfg.draft:
+                    key = (ref, batch, input_len, output_len) + ((draft,) if draft != "none" else ())
+                    if cfg.repeat == 0:  # an estimate only
+                        if draft == "none":
+                            yield key, _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile)
+                        continue
+                    if key in skip:
+                        continue
+                    yield key, _measured(cfg, loaded, params, batch, input_len, output_len, draft, image, environment, profile,
+                                         shown) | vision
+
+
+def _measured(cfg, loaded, params, batch, input_len, output_len, draft, image, environment, profile, shown) -> dict:
+    """One configuration's record; with a drafter, its acceptance and the cost of a pass checking K drafts."""
+    drafter = make_drafter(draft, cfg.draft_tokens)
+    if drafter is not None:
+        check_drafting(Generator(loaded.model, None, loaded.arch, Path(loaded.name)), 1)
+    summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed, image,
+                               drafter)
+    record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment)
+    record |= {"draft": draft, "draft_tokens": cfg.draft_tokens if drafter else None,
+               "accepted_per_pass": summary.get("accepted_per_pass"),
+               "pass_cost_ratio": pass_cost_ratio(loaded, cfg.device, batch, input_len, cfg.draft_tokens, cfg.seed)
+               if drafter else None}
+    if profile:
+        _add_prediction(record, loaded.model.config, cfg, profile)
+    drafted = (f", draft {draft}: {record['accepted_per_pass']:.2f} accepted per pass, a {cfg.draft_tokens}-draft pass "
+               f"{record['pass_cost_ratio']:.2f}x a step") if drafter else ""
+    shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
+                f"decode {record['decode_tok_s']:.1f} tok/s{drafted}", highlight=False)
+    return record
 
 
 def measure_in_child(cfg, ref: str, runs_dir, environment: dict, profile: dict | None, skip: list):
@@ -271,14 +293,26 @@ def _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile) -
     return _add_prediction(record, loaded.model.config, cfg, profile)
 
 
-def _add_bandwidth_bound(cfg, records: list[dict], environment: dict) -> None:
-    """Batch-B decoding reads the weights once and every sequence's cache per step: the bound
-    is B tokens per (weights + B caches) bytes at the measured read bandwidth (CPU only)."""
+def _read_bandwidth(cfg) -> float | None:
+    """The read bandwidth in GB/s now (CPU runs that time something; None otherwise). Its 256 MB buffer
+    is freed before any model loads, and each model's peak is reset when it starts."""
     if cfg.device != "cpu" or cfg.repeat == 0:
-        return
+        return None
     from slmctl.runtime.hardware import measure_read_bandwidth
 
-    environment["read_bandwidth_gb_s"] = round(measure_read_bandwidth(256) / 1e9, 2)
+    return round(measure_read_bandwidth(256) / 1e9, 2)
+
+
+def _add_bandwidth_bound(cfg, records: list[dict], environment: dict, before: float | None) -> None:
+    """Batch-B decoding reads the weights once and every sequence's cache per step: the bound
+    is B tokens per (weights + B caches) bytes at the read bandwidth, the higher of the two
+    measured before and after the models (a bound no kernel may beat: on a shared host a
+    neighbour's load during one measurement would otherwise flatter every fraction)."""
+    after = _read_bandwidth(cfg)
+    if after is None:
+        return
+    environment["read_bandwidth_gb_s_before_after"] = [before, after]
+    environment["read_bandwidth_gb_s"] = max(before or 0.0, after)
     for r in records:
         rate = r["decode_tok_s"]
         if r.get("decode_weight_bytes") is None or rate is None or rate != rate:  # nan: one new token, no decode

@@ -227,3 +227,21 @@ def test_batched_decode_counts_every_sequence_on_both_runtimes_and_plots_against
         assert four["decode_tok_s"] > 1.5 * one["decode_tok_s"]  # a tiny model's step costs about the same for 4 rows
         assert four["bandwidth_bound_tok_s"] > one["bandwidth_bound_tok_s"]
     assert (run / "bench_batch.png").stat().st_size > 1000
+
+
+def test_drafted_decoding_is_a_configuration_with_its_acceptance_and_pass_cost(tmp_path):
+    """`--draft none,prompt`: one record each; the drafted one says how many drafts a pass kept and
+    what a pass over K drafts costs against a 1-token step. The training init echoes its input, so
+    its output copies and prompt lookup is accepted."""
+    result = cli("bench", "tiny", "--draft", "none,prompt", "--draft-tokens", "4", "--input-lens", "16", "--output-lens", "24",
+                 "--repeat", "1", "--format", "json", runs=tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    plain, drafted = json.loads(result.stdout)
+    assert plain["draft"] == "none" and plain["accepted_per_pass"] is None and plain["pass_cost_ratio"] is None
+    assert drafted["draft"] == "prompt" and drafted["draft_tokens"] == 4
+    assert 1 < drafted["accepted_per_pass"] <= 4 and drafted["pass_cost_ratio"] > 0
+    assert "draft prompt:" in result.stderr and "accepted per pass" in result.stderr
+    for args, message in ((["--draft", "model"], "--draft takes none and/or prompt"),
+                          (["--draft", "prompt", "--draft-tokens", "0"], "--draft takes none and/or prompt")):
+        refused = cli("bench", "tiny", *args, runs=tmp_path / "refused")
+        assert refused.exit_code == 2 and message in refused.output and not (tmp_path / "refused").exists()
