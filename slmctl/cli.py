@@ -141,6 +141,9 @@ def add_vision(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (model dirs or runs) and key=value overrides"),
              predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a jsonl of {id, prediction} instead."),
+             draft: Optional[str] = typer.Option(None, "--draft", help="prompt: drafted decoding (the same predictions, "
+                                                 "faster where answers copy the source); generation.draft=."),
+             draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="Most tokens drafted per pass."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
              verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
@@ -148,6 +151,8 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
     get a side-by-side table and a bar chart."""
     arguments = arguments or []
     overrides = [a for a in arguments if "=" in a] + provider_overrides(ep, allow_fallback)
+    overrides += [*([f"generation.draft={draft}"] if draft else []),
+                  *([f"generation.draft_tokens={draft_tokens}"] if draft_tokens is not None else [])]
     models = [a for a in arguments if "=" not in a]
     extra = ({"models": models} if models else {}) | ({"predictions": str(predictions)} if predictions else {})
     run_stage("eval", overrides, name, runs_dir, device, verbose, dry_run, extra=extra)

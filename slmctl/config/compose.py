@@ -184,7 +184,8 @@ def _check_values(cfg: DictConfig) -> None:
                 "max_target_len", "checkpoint_every", "optim.lr", "kd.temperature",
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
                 "generation.num_beams", "task.max_new_tokens", "threads", "source_len", "target_len",
-                "max_batch", "max_queue", "max_tokens_cap", "max_prompt_tokens", "grace_s"]
+                "max_batch", "max_queue", "max_tokens_cap", "max_prompt_tokens", "grace_s", "draft_tokens",
+                "generation.draft_tokens"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from slmctl.config.choices import JudgeKind, TaskKind
+from slmctl.config.choices import Drafter, JudgeKind, TaskKind
 
 
 @dataclass
@@ -38,6 +38,8 @@ class GenerationSchema:
     max_new_tokens: Optional[int] = None  # null: the task's
     num_beams: int = 1  # greedy by default
     length_penalty: float = 1.0
+    draft: Drafter = Drafter.none  # prompt: drafted tokens checked several per pass (the same predictions; docs/speed.md)
+    draft_tokens: int = 10  # most tokens drafted per pass
 
 
 @dataclass

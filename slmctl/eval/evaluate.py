@@ -167,7 +167,8 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     moved on starts over) and the cost still covers every answer. cost = {cpu_s, wall_s, examples}:
     process CPU seconds (all threads) and wall seconds spent generating (not scoring) the answers."""
     from slmctl.eval.predict import predict_batches, reference_nll
-    from slmctl.runtime.generator import load_generator
+    from slmctl.model.drafting import DraftStats, make_drafter
+    from slmctl.runtime.generator import check_drafting, load_generator
 
     if ref not in generators:
         generators[ref] = load_generator(ref, runs_dir, cfg.device, ep=cfg.ep, allow_fallback=cfg.allow_fallback)
@@ -185,6 +186,10 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     with_nll = "perplexity" in task.metrics and not exported and not with_images
     if exported and "perplexity" in task.metrics:
         run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
+    drafter = make_drafter(str(cfg.generation.draft), cfg.generation.draft_tokens)
+    if drafter is not None:
+        check_drafting(generator, cfg.generation.num_beams)
+    drafted = DraftStats()
     sources = [e.source for e in examples]
     references = [e.references[0] if e.references else "" for e in examples]
     model = str(generator.path)
@@ -198,8 +203,13 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
         started = time.process_time(), time.perf_counter()
         for batch, texts in predict_batches(generator, sources, cfg.batch_size, max_new, cfg.generation.num_beams,
                                             cfg.generation.length_penalty, cfg.max_source_len,
-                                            images=[e.images for e in examples] if with_images else None, skip=finished):
+                                            images=[e.images for e in examples] if with_images else None, skip=finished,
+                                            drafter=drafter):
             cpu_s, wall_s = time.process_time() - started[0], time.perf_counter() - started[1]
+            if drafter is not None:
+                drafted.passes += drafter.stats.passes
+                drafted.drafted += drafter.stats.drafted
+                drafted.accepted += drafter.stats.accepted
             nll = reference_nll(generator, [sources[i] for i in batch], [references[i] for i in batch], len(batch),
                                 cfg.max_source_len) if with_nll else [None] * len(batch)
             records = [{"id": examples[i].id, "model": model, "prediction": text, "nll": pair,
@@ -209,6 +219,9 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
             done.update((r["id"], r) for r in records)
             progress.advance(bar, len(batch))
             started = time.process_time(), time.perf_counter()
+    if drafter is not None and drafted.passes:
+        run.log(f"{task.name} {label}: draft {drafter.name}: {drafted.passes} passes, {drafted.drafted} tokens drafted, "
+                f"{drafted.accepted} accepted ({drafted.accepted_per_pass:.2f} per pass)")
     predictions = [done[e.id]["prediction"] for e in examples]
     nll = [tuple(done[e.id]["nll"]) for e in examples] if with_nll else None
     timed = [done[e.id] for e in examples if "cpu_s" in done[e.id]]

@@ -59,10 +59,11 @@ def predict(generator: Generator, sources: list[str], batch_size: int = 16, max_
 @torch.inference_mode()
 def predict_batches(generator: Generator, sources: list[str], batch_size: int = 16, max_new_tokens: int = 64,
                     num_beams: int = 1, length_penalty: float = 1.0, max_source_len: int = 1024,
-                    images: list | None = None, skip: Collection[int] = ()) -> Iterator[tuple[list[int], list[str]]]:
+                    images: list | None = None, skip: Collection[int] = (), drafter=None) -> Iterator[tuple[list[int], list[str]]]:
     """(source indices, generated texts) of each batch as it finishes, so a caller can save them as
     it goes. A batch whose sources are all in `skip` (finished before a resume) is not generated;
-    the batches do not depend on `skip`, so every text is the one an uninterrupted run generates."""
+    the batches do not depend on `skip`, so every text is the one an uninterrupted run generates.
+    `drafter` (slmctl.model.drafting): drafted decoding, the same texts."""
     tokenizer, model = generator.tokenizer, generator.model
     device = model.device
     prompts = [_prompt(generator, s, max_source_len) for s in sources]
@@ -81,8 +82,9 @@ def predict_batches(generator: Generator, sources: list[str], batch_size: int = 
         else:
             ids, mask = _right_pad(rows, tokenizer.pad_id, device)
             vision = {"images": [list(images[i]) for i in batch]} if images is not None else {}
+            drafting = {"drafter": drafter} if drafter is not None else {}
             new = model.generate(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                 length_penalty=length_penalty, **vision)
+                                 length_penalty=length_penalty, **vision, **drafting)
         texts = []
         for tokens in new.tolist():
             if tokenizer.eos_id in tokens:

@@ -233,3 +233,17 @@ def test_beam_search_predictions(models):
                        models=[str(encdec), str(deconly)])
     lines = [json.loads(x) for x in (run.path / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and all(len(x["prediction"].split()) <= 4 for x in lines)
+
+
+def test_eval_with_drafts_gives_the_plain_predictions_and_logs_the_acceptance(tmp_path, models):
+    runs, (encdec, deconly) = models
+    plain = evaluate_run(runs, ["limit=6"], models=[str(encdec)])
+    drafted = evaluate_run(runs, ["limit=6", "generation.draft=prompt", "generation.draft_tokens=4"], models=[str(encdec)])
+    predictions = [(run.path / "predictions.jsonl").read_text() for run in (plain, drafted)]
+    assert predictions[0] == predictions[1]
+    assert "draft prompt:" in (drafted.path / "log.txt").read_text()
+    for overrides, message in ((["generation.draft=model"], "generation.draft"), (["generation.draft_tokens=0"], "must be > 0")):
+        result = cli("eval", encdec, "limit=2", *overrides, runs=tmp_path / "refused")
+        assert result.exit_code == 2 and message in result.output and not (tmp_path / "refused").exists()
+    refused = cli("eval", deconly, "limit=2", "--draft", "prompt", runs=tmp_path / "runs")
+    assert refused.exit_code == 2 and "--draft works on encoder-decoders" in refused.output
