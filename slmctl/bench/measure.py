@@ -117,9 +117,20 @@ def measure(loaded: LoadedModel, device: str, batch: int, input_len: int, output
     passes.clear()
     samples = [time_generation(generate) for _ in range(repeat)]
     summary = summarize(samples)
-    if drafter is not None:
-        summary["accepted_per_pass"] = sum(s.accepted for s in passes) / max(1, sum(s.passes for s in passes))
+    if drafter is not None:  # per timed generation: passes, and the drafts they checked and kept
+        total = {key: sum(getattr(s, key) for s in passes) for key in ("passes", "drafted", "accepted")}
+        summary["draft_passes"] = total["passes"] / len(passes)
+        summary["drafted_per_pass"] = total["drafted"] / max(1, total["passes"])
+        summary["accepted_per_pass"] = total["accepted"] / max(1, total["passes"])
     return summary, samples
+
+
+def implied_speedup(output_len: int, passes: float, accepted_per_pass: float, pass_cost: float) -> float:
+    """The decode speed-up a drafter's passes imply at a pass cost of `pass_cost` steps: the `output_len - 1`
+    tokens after the first take `passes` passes (each its own token plus the kept drafts) and a plain step
+    for each token left, against a step per token without drafts."""
+    plain_steps = max(0.0, output_len - 1 - passes * (1 + accepted_per_pass))
+    return (output_len - 1) / (passes * pass_cost + plain_steps)
 
 
 def pass_cost_ratio(loaded: LoadedModel, device: str, batch: int, input_len: int, tokens: int, seed: int = 0,

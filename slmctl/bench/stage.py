@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from slmctl.bench.measure import BENCH_KINDS, is_vision, load_for_bench, measure, pass_cost_ratio, time_vision
+from slmctl.bench.measure import BENCH_KINDS, implied_speedup, is_vision, load_for_bench, measure, pass_cost_ratio, time_vision
 from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, plot_batch, table
 from slmctl.model import flops
 from slmctl.model.drafting import make_drafter
@@ -98,6 +98,7 @@ def _run(cfg, run, records_out):
             fresh[key] = record
         records += [measured.get(key) or fresh[key] for key in keys] if cfg.repeat else list(fresh.values())
     _add_bandwidth_bound(cfg, records, environment, bandwidth_before)
+    _add_measured_speedups(records, shown)
     placement = _hoist_placement(records)
     run.write_json("bench.json", {"environment": environment, "records": records} | ({"placement": placement} if placement else {}))
     for model, roles in placement.items():
@@ -182,14 +183,21 @@ def _measured(cfg, loaded, params, batch, input_len, output_len, draft, image, e
     summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed, image,
                                drafter)
     record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment)
-    record |= {"draft": draft, "draft_tokens": cfg.draft_tokens if drafter else None,
-               "accepted_per_pass": summary.get("accepted_per_pass"),
-               "pass_cost_ratio": pass_cost_ratio(loaded, cfg.device, batch, input_len, cfg.draft_tokens, cfg.seed)
-               if drafter else None}
+    record |= {"draft": draft, "draft_tokens": None, "accepted_per_pass": None, "pass_cost_ratio": None, "implied_speedup": None}
+    if drafter is not None:
+        typical = max(1, round(summary["drafted_per_pass"]))  # K adapts: the pass the drafter mostly made
+        typical_cost = pass_cost_ratio(loaded, cfg.device, batch, input_len, typical, cfg.seed)
+        record |= {"draft_tokens": cfg.draft_tokens, "accepted_per_pass": summary["accepted_per_pass"],
+                   "drafted_per_pass": summary["drafted_per_pass"], "draft_passes": summary["draft_passes"],
+                   "pass_cost_ratio": pass_cost_ratio(loaded, cfg.device, batch, input_len, cfg.draft_tokens, cfg.seed),
+                   "typical_pass_cost_ratio": typical_cost,
+                   "implied_speedup": implied_speedup(output_len, summary["draft_passes"], summary["accepted_per_pass"],
+                                                      typical_cost)}
     if profile:
         _add_prediction(record, loaded.model.config, cfg, profile)
-    drafted = (f", draft {draft}: {record['accepted_per_pass']:.2f} accepted per pass, a {cfg.draft_tokens}-draft pass "
-               f"{record['pass_cost_ratio']:.2f}x a step") if drafter else ""
+    drafted = (f", draft {draft}: {record['accepted_per_pass']:.2f} of {record['drafted_per_pass']:.2f} drafts kept per pass, "
+               f"a {cfg.draft_tokens}-draft pass {record['pass_cost_ratio']:.2f}x a step; implied speed-up "
+               f"{record['implied_speedup']:.2f}x") if drafter else ""
     shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
                 f"decode {record['decode_tok_s']:.1f} tok/s{drafted}", highlight=False)
     return record
@@ -291,6 +299,19 @@ def _estimate_only(cfg, loaded, params, batch, input_len, output_len, profile) -
         "model": loaded.name, "arch": loaded.arch, "device": profile["name"], "runtime": "roofline", "dtype": loaded.dtype,
         "batch": batch, "input_len": input_len, "output_len": output_len, "params": params, "samples": []}
     return _add_prediction(record, loaded.model.config, cfg, profile)
+
+
+def _add_measured_speedups(records: list[dict], shown) -> None:
+    """Each drafted record's decode rate over its plain twin's (same model, batch, lengths; when the run
+    measured one), printed beside the speed-up its pass cost and acceptance imply."""
+    plain = {(r["model"], r["batch"], r["input_len"], r["output_len"]): r for r in records if r.get("draft") in (None, "none")}
+    for r in records:
+        twin = plain.get((r["model"], r["batch"], r["input_len"], r["output_len"]))
+        if r.get("draft") in (None, "none") or twin is None or not twin["decode_tok_s"] or r["decode_tok_s"] is None:
+            continue
+        r["measured_speedup"] = r["decode_tok_s"] / twin["decode_tok_s"]
+        shown.print(f"{r['model']} b{r['batch']} in{r['input_len']} out{r['output_len']} draft {r['draft']}: decode "
+                    f"{r['measured_speedup']:.2f}x plain (its passes imply {r['implied_speedup']:.2f}x)", highlight=False)
 
 
 def _read_bandwidth(cfg) -> float | None:

@@ -239,8 +239,13 @@ def test_drafted_decoding_is_a_configuration_with_its_acceptance_and_pass_cost(t
     plain, drafted = json.loads(result.stdout)
     assert plain["draft"] == "none" and plain["accepted_per_pass"] is None and plain["pass_cost_ratio"] is None
     assert drafted["draft"] == "prompt" and drafted["draft_tokens"] == 4
-    assert 1 < drafted["accepted_per_pass"] <= 4 and drafted["pass_cost_ratio"] > 0
-    assert "draft prompt:" in result.stderr and "accepted per pass" in result.stderr
+    assert 1 < drafted["accepted_per_pass"] <= drafted["drafted_per_pass"] <= 4 and drafted["pass_cost_ratio"] > 0
+    # the model: 23 tokens after the first, in passes of 1 + kept drafts and plain steps, at the typical pass's cost
+    tokens, passes = 23, drafted["draft_passes"]
+    steps = passes * drafted["typical_pass_cost_ratio"] + tokens - passes * (1 + drafted["accepted_per_pass"])
+    assert drafted["implied_speedup"] == pytest.approx(tokens / steps)
+    assert drafted["measured_speedup"] == pytest.approx(drafted["decode_tok_s"] / plain["decode_tok_s"])
+    assert "drafts kept per pass" in result.stderr and "x plain (its passes imply" in result.stderr
     for args, message in ((["--draft", "model"], "--draft takes none and/or prompt"),
                           (["--draft", "prompt", "--draft-tokens", "0"], "--draft takes none and/or prompt")):
         refused = cli("bench", "tiny", *args, runs=tmp_path / "refused")
