@@ -317,6 +317,8 @@ def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a r
           log_prompts: bool = typer.Option(False, "--log-prompts", help="Record prompt text in the run's requests.jsonl."),
           image_root: Optional[Path] = typer.Option(None, "--image-root", help="Vision models: local image paths must lie here."),
           threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads."),
+          draft: Optional[str] = typer.Option(None, "--draft", help="prompt: each request's next tokens drafted from its "
+                                              "prompt and checked several per pass (the same tokens; draft_tokens=K)."),
           ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
@@ -330,7 +332,8 @@ def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a r
         fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
     overrides = [f"runtime={runtime}", f"host={host}", f"port={port}", *([f"api_key_env={api_key_env}"] if api_key_env else []),
                  *(["log_prompts=true"] if log_prompts else []), *([f"image_root={image_root}"] if image_root else []),
-                 *([f"threads={threads}"] if threads else []), *provider_overrides(ep, allow_fallback),
+                 *([f"threads={threads}"] if threads else []), *([f"draft={draft}"] if draft else []),
+                 *provider_overrides(ep, allow_fallback),
                  *(a for a in arguments if "=" in a)]
     run_stage("serve", overrides, name, runs_dir, device, verbose, dry_run, extra={"source": models[0], "runtime": runtime})
 

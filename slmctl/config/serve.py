@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from slmctl.config.choices import Runtime
+from slmctl.config.choices import Drafter, Runtime
 
 
 @dataclass
@@ -27,3 +27,5 @@ class ServeSchema:
     log_prompts: bool = False  # requests.jsonl records prompt text too
     image_root: Optional[str] = None  # vision models: local image paths must lie under it (data: URLs always work)
     grace_s: float = 30.0  # on SIGTERM / Ctrl-C: how long in-flight requests may take to finish
+    draft: Drafter = Drafter.none  # prompt: each request's next tokens drafted from its prompt, checked several per pass
+    draft_tokens: int = 10  # most tokens drafted per pass (each request's K adapts below it)

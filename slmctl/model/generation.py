@@ -166,7 +166,7 @@ def _sample(session, logits, cfg: GenerationConfig, eos, pad, streamer, generato
     return generated
 
 
-def _choose(logits, generated, step: int, cfg: GenerationConfig, eos, generator, draft=None):
+def choose_token(logits, generated, step: int, cfg: GenerationConfig, eos, generator, draft=None):
     """(each row's token at `step` [B], whether it is the row's `draft` token [B]). Greedy: the
     argmax, which accepts the draft when they agree. Sampling (speculative sampling's rule for a
     drafter that proposes one token with certainty): the draft is kept with its probability p(d),
@@ -189,7 +189,7 @@ def _choose(logits, generated, step: int, cfg: GenerationConfig, eos, generator,
 def _speculative(session, logits, cfg: GenerationConfig, eos, pad, streamer, generator, drafter) -> torch.Tensor:
     """`_sample` with drafts: each pass feeds the last token and the drafted ones [B, 1 + k] through
     the decoder at once, then walks the positions: the token at each is chosen from that
-    position's logits as `_sample` would (`_choose`), and the walk goes on while every row still
+    position's logits as `_sample` would (`choose_token`), and the walk goes on while every row still
     generating got its drafted token. The cache is cut back past the last position used. Rows
     share one length, so a batch keeps the drafts every row agreed with (exact for each row)."""
     B = logits.shape[0]
@@ -207,20 +207,20 @@ def _speculative(session, logits, cfg: GenerationConfig, eos, pad, streamer, gen
     def done() -> bool:
         return bool(finished.all()) or generated.shape[1] >= cfg.max_new_tokens
 
-    emit(_choose(logits, generated, 0, cfg, eos, generator)[0])
+    emit(choose_token(logits, generated, 0, cfg, eos, generator)[0])
     while not done():
         step = generated.shape[1]
         room = cfg.max_new_tokens - step - 1  # the pass adds a token of its own after the drafted ones
         drafts = drafter.propose(generated, finished, room)[:, :room]
         k = drafts.shape[1]
         if k == 0:
-            emit(_choose(session.step(generated[:, -1]), generated, step, cfg, eos, generator)[0])
+            emit(choose_token(session.step(generated[:, -1]), generated, step, cfg, eos, generator)[0])
             continue
         cached = session.cached
         logits = session.verify(torch.cat([generated[:, -1:], drafts], dim=1))  # [B, 1 + k, vocab]
         accepted = 0
         for i in range(k + 1):
-            tokens, kept = _choose(logits[:, i], generated, step + i, cfg, eos, generator, drafts[:, i] if i < k else None)
+            tokens, kept = choose_token(logits[:, i], generated, step + i, cfg, eos, generator, drafts[:, i] if i < k else None)
             live = ~finished
             emit(tokens)
             if i == k or not bool((kept | ~live).all()):

@@ -163,6 +163,7 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
             entry = {"id": rid, "time": time.time(), "endpoint": endpoint, "status": status, "stream": body.stream,
                      "finish_reason": done.get("finish_reason"), "prompt_tokens": done.get("prompt_tokens"),
                      "completion_tokens": done.get("completion_tokens"),
+                     **{k: done[k] for k in ("drafted_tokens", "accepted_tokens") if k in done},
                      "first_token_s": None if request.first_token_at is None else round(request.first_token_at - request.submitted, 6),
                      "duration_s": round(time.perf_counter() - request.submitted, 6)}
             if log_prompts:

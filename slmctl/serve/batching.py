@@ -55,26 +55,34 @@ class SlotCache:
         return self.k.shape[3]
 
     def layout(self, start: int, T: int, dtype: torch.dtype):
-        """(positions [n, 1], additive self-attention mask [n, 1, 1, reach], is_causal, reach) for one
-        new token per active row: each row's token sits at its own length and sees its own keys only."""
-        if T != 1:
-            raise ValueError("a SlotCache advances one token per row and step")
+        """(positions [n, T], additive self-attention mask [n, 1, T, reach], is_causal, reach) for T new
+        tokens per active row (one a step; more in a pass checking drafts): each row's tokens sit at
+        its own length on and see its own keys and its new tokens up to themselves."""
         lengths = self.lengths[:self.active]
-        self._reach = int(lengths.max()) + 1
+        self._reach = int(lengths.max()) + T
         if self._reach > self.capacity:
             raise RuntimeError(f"KV cache overflow: {self._reach} positions > capacity {self.capacity}")
-        allowed = torch.arange(self._reach, device=lengths.device)[None] <= lengths[:, None]
-        return lengths[:, None], additive_mask(allowed[:, None, None, :], dtype), False, self._reach
+        positions = lengths[:, None] + torch.arange(T, device=lengths.device)  # [n, T]
+        allowed = torch.arange(self._reach, device=lengths.device)[None, None] <= positions[:, :, None]  # [n, T, reach]
+        return positions, additive_mask(allowed[:, None], dtype), False, self._reach
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.active
-        rows, at = torch.arange(n, device=k.device), self.lengths[:n]
-        self.k[layer, rows, :, at] = k[:, :, 0]
-        self.v[layer, rows, :, at] = v[:, :, 0]
+        n, T = self.active, k.shape[2]
+        rows = torch.arange(n, device=k.device)[:, None]
+        at = self.lengths[:n, None] + torch.arange(T, device=k.device)  # [n, T]: each row's new positions
+        self.k[layer, rows, :, at] = k.transpose(1, 2)
+        self.v[layer, rows, :, at] = v.transpose(1, 2)
         return self.k[layer, :n, :, :self._reach], self.v[layer, :n, :, :self._reach]
 
     def advance(self, steps: int) -> None:
         self.lengths[:self.active] += steps
+
+    def cut(self, lengths: torch.Tensor) -> None:
+        """Each active row keeps its first `lengths[row]` positions (drafts it did not keep are dropped)."""
+        n = self.active
+        if lengths.shape != (n,) or bool((lengths > self.lengths[:n]).any()) or bool((lengths < 0).any()):
+            raise ValueError(f"cannot cut rows of lengths {self.lengths[:n].tolist()} to {lengths.tolist()}")
+        self.lengths[:n] = lengths.to(self.lengths.device)
 
     def move(self, source: int, target: int) -> None:
         """Row `source`'s sequence now lives in row `target` (whose sequence has left)."""
@@ -157,11 +165,32 @@ class TorchBatch:
         n = self.active
         if tokens.shape != (n,):
             raise ValueError(f"step takes one token per active row ({n}), got shape {tuple(tokens.shape)}")
+        return self.verify(tokens[:, None])[:, -1]
+
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed T tokens to every active row [n, T] in one decoder call (the last chosen token, then
+        drafted ones); logits [n, T, vocab]. Every row's length grows by T: `cut` drops what it did not keep."""
+        n = self.active
+        if tokens.dim() != 2 or tokens.shape[0] != n:
+            raise ValueError(f"verify takes [{n}, T] tokens, got shape {tuple(tokens.shape)}")
         reach = int(self.source_lengths[:n].max())
         memory = [(k[:n, :, :reach], v[:n, :, :reach]) for k, v in self.memory]
         memory_mask = additive_mask(self.source_allowed[:n, None, None, :reach], self.model.dtype)
-        hidden = self.model.decode(tokens.to(self.model.device)[:, None], None, memory_mask, memory=memory, cache=self.cache)
-        return self.model.lm_head(hidden[:, -1])
+        hidden = self.model.decode(tokens.to(self.model.device), None, memory_mask, memory=memory, cache=self.cache)
+        return self.model.lm_head(hidden)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Positions cached per slot (rows 0..active-1 are the active ones)."""
+        return self.cache.lengths
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def cut(self, lengths: torch.Tensor) -> None:
+        self.cache.cut(lengths)
 
     @torch.inference_mode()
     def leave(self, row: int) -> int | None:

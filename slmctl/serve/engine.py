@@ -9,6 +9,13 @@ or when its client goes away (`cancel`); its row is free for the next waiting re
 
 The waiting queue is bounded: `submit` raises `QueueFull` (HTTP 429) when it is, and
 `Draining` (HTTP 503) once `drain` was called (shutdown: in-flight requests finish).
+
+With a drafter (`slmctl serve MODEL --draft prompt`), each row drafts its own next tokens from its
+prompt and output (slmctl.model.drafting), one decoder call checks every row's drafts, and each
+row keeps what its own settings accept (so each request accepts at its own rate and gets the
+tokens it would get without drafts; a seeded sampling request draws differently) and has its
+cache cut back past the rest. A pass's tokens are spread over the pass's time in the per-token
+latency metric.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from slmctl.model.generation import apply_top_p
+from slmctl.model.generation import GenerationConfig, choose_token
 
 
 class QueueFull(Exception):
@@ -57,6 +64,9 @@ class Request:
     last_token_at: float | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    drafted: int = 0  # tokens drafted for this request, and kept (--draft)
+    accepted: int = 0
+    draft_k: int = 0  # this request's drafts per pass now (adapts to its own acceptance)
 
     @property
     def prompt_tokens(self) -> int:
@@ -81,8 +91,8 @@ class Engine:
     then exactly one {"type": "done", "finish_reason": "stop"|"length"|"cancelled"|"error",
     "prompt_tokens", "completion_tokens", "message" (errors)}."""
 
-    def __init__(self, batch, tokenizer, eos_ids: list[int], bos_id: int, max_queue: int = 64, metrics=None):
-        self.batch, self.tokenizer = batch, tokenizer
+    def __init__(self, batch, tokenizer, eos_ids: list[int], bos_id: int, max_queue: int = 64, metrics=None, drafter=None):
+        self.batch, self.tokenizer, self.drafter = batch, tokenizer, drafter
         self.eos, self.bos = set(eos_ids), bos_id
         self.max_queue, self.metrics = max_queue, metrics
         self.waiting: collections.deque[Request] = collections.deque()
@@ -206,30 +216,74 @@ class Engine:
         self._gauge()
 
     def _step(self) -> None:
-        tokens = torch.tensor([r.tokens[-1] if r.tokens else self.bos for r in self.rows])
-        logits = self.batch.step(tokens).float().cpu()  # (each request's sampling generator lives on the CPU)
-        chosen = logits.argmax(dim=-1).tolist()
-        for i, request in enumerate(self.rows):
-            if request.temperature > 0:
-                scores = apply_top_p(logits[i:i + 1] / request.temperature, request.top_p)
-                chosen[i] = int(torch.multinomial(scores.softmax(-1), 1, generator=request.generator))
+        last = [r.tokens[-1] if r.tokens else self.bos for r in self.rows]
+        drafts = self._drafts() if self.drafter is not None else [[] for _ in self.rows]
+        width = max(map(len, drafts))
+        if width == 0:
+            logits = self.batch.step(torch.tensor(last)).float().cpu()[:, None]  # (sampling generators live on the CPU)
+        else:
+            before = torch.as_tensor(self.batch.lengths[:len(self.rows)]).clone()
+            fed = torch.tensor([[t, *d, *[0] * (width - len(d))] for t, d in zip(last, drafts)])
+            logits = self.batch.verify(fed).float().cpu()  # [n, 1 + width, vocab]
         now = time.perf_counter()
-        leaving = []
-        for i, (request, token) in enumerate(zip(self.rows, chosen)):
+        leaving, kept = [], []
+        for i, request in enumerate(self.rows):
             if request.cancelled:
                 leaving.append((i, "cancelled"))
+                kept.append(0)
                 continue
-            reason = self._advance(request, token, now)
-            if reason:
-                leaving.append((i, reason))
+            tokens = self._walk(request, logits[i], drafts[i])
+            kept.append(len(tokens) - 1)
+            since = request.last_token_at if request.last_token_at is not None else now
+            for m, token in enumerate(tokens):  # a pass's tokens share its time: no near-zero gaps between them
+                reason = self._advance(request, token, since + (now - since) * (m + 1) / len(tokens))
+                if reason:
+                    leaving.append((i, reason))
+                    break
+        if width:
+            self.batch.cut(before + 1 + torch.tensor(kept))
         for i, reason in sorted(leaving, reverse=True):  # from the end: a leaving row takes the last one's place
             request = self.rows[i]
             moved = self.batch.leave(i)
-            last = self.rows.pop()
+            last_row = self.rows.pop()
             if moved is not None:
-                self.rows[i] = last
+                self.rows[i] = last_row
             self._finish(request, reason)
         self._gauge()
+
+    def _drafts(self) -> list[list[int]]:
+        """Each row's drafted tokens: up to its own K, within its max_tokens and the cache's capacity."""
+        drafts = []
+        for request, length in zip(self.rows, self.batch.lengths[:len(self.rows)].tolist()):
+            if not request.draft_k:
+                request.draft_k = self.drafter.max_tokens
+            room = min(request.max_tokens - len(request.tokens), self.batch.capacity - length) - 1
+            prompt = request.prompt or []
+            drafts.append(self.drafter.row_draft(prompt, request.tokens, min(request.draft_k, room)) if request.tokens else [])
+        return drafts
+
+    def _walk(self, request: Request, logits: torch.Tensor, draft: list[int]) -> list[int]:
+        """The tokens a row takes from one pass: at each position the request's own choice (greedy, or its
+        sampling settings and generator, keeping a drafted token by speculative sampling's rule), on while
+        the drafts are kept; its K adapts to what it kept."""
+        settings = GenerationConfig(max_new_tokens=max(1, request.max_tokens), do_sample=request.temperature > 0,
+                                    temperature=request.temperature if request.temperature > 0 else 1.0, top_p=request.top_p)
+        eos, empty = torch.tensor(sorted(self.eos)), torch.empty(1, 0, dtype=torch.long)
+        tokens = []
+        for j in range(len(draft) + 1):
+            drafted = torch.tensor([draft[j]]) if j < len(draft) else None
+            token, kept = choose_token(logits[j:j + 1], empty, len(request.tokens), settings, eos, request.generator, drafted)
+            tokens.append(int(token))
+            if drafted is None or not bool(kept):
+                break
+        if draft:
+            request.drafted += len(draft)
+            request.accepted += len(tokens) - 1
+            request.draft_k = min(self.drafter.max_tokens, request.draft_k + 2) if len(tokens) > len(draft) else \
+                max(1, request.draft_k - 1)
+            if self.metrics:
+                self.metrics.drafts(len(draft), len(tokens) - 1)
+        return tokens
 
     def _advance(self, request: Request, token: int, now: float) -> str | None:
         """Take one new token; returns the finish reason when the request is done."""
@@ -265,6 +319,8 @@ class Engine:
             self.metrics.finished(request, reason)
         event = {"type": "done", "finish_reason": reason, "prompt_tokens": request.prompt_tokens,
                  "completion_tokens": len(request.tokens)}
+        if self.drafter is not None:
+            event |= {"drafted_tokens": request.drafted, "accepted_tokens": request.accepted}
         if message:
             event["message"] = message
         request.on_event(event)

@@ -7,6 +7,7 @@
     slmctl_time_to_first_token_seconds               submit -> first token (queueing included)
     slmctl_time_per_output_token_seconds             between consecutive tokens of a request
     slmctl_request_finish_total{reason}              stop | length | cancelled | error
+    slmctl_draft_tokens_total, slmctl_draft_accepted_total   drafted tokens checked, and kept (--draft)
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class ServerMetrics:
         self.tpot = Histogram("slmctl_time_per_output_token_seconds", "Time between consecutive tokens of a request",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.finishes = Counter("slmctl_request_finish", "Generations by how they ended", ["reason"], registry=r)
+        self.drafted = Counter("slmctl_draft_tokens", "Drafted tokens checked by the model (--draft)", registry=r)
+        self.accepted = Counter("slmctl_draft_accepted", "Drafted tokens the model kept (--draft)", registry=r)
 
     # called from the engine thread (prometheus_client is thread-safe)
     def first_token(self, seconds: float) -> None:
@@ -42,6 +45,10 @@ class ServerMetrics:
 
     def next_token(self, seconds: float) -> None:
         self.tpot.observe(seconds)
+
+    def drafts(self, drafted: int, accepted: int) -> None:
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
 
     def depth(self, waiting: int, active: int) -> None:
         self.queue_depth.set(waiting)

@@ -81,21 +81,45 @@ class OnnxBatch:
         mask[:, :have] = self.source_mask
         self.cross, self.source_mask = grown, mask
 
+    @property
+    def capacity(self) -> int:
+        return self.cache[0].shape[2]
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per active row -> logits [n, vocab], in one decoder call."""
-        n = self.active
+        return self.verify(tokens.reshape(-1, 1))[:, -1]
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """T tokens per active row [n, T] (the last chosen token, then drafted ones) -> logits [n, T, vocab]
+        in one decoder call (an export of contract 2 for T > 1); every row's length grows by T."""
+        n, T = self.active, tokens.shape[1]
         reach, source = int(self.lengths[:n].max()), int(self.source_lengths[:n].max())
-        inputs = {"input_ids": tokens.cpu().numpy().astype(np.int64)[:, None], "positions": self.lengths[:n].copy(),
+        if reach + T > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {reach + T} positions > capacity {self.capacity}")
+        inputs = {"input_ids": tokens.cpu().numpy().astype(np.int64), "positions": self.lengths[:n].copy(),
                   "encoder_attention_mask": self.source_mask[:n, :source]}
         inputs.update((name, cache[:n, :, :reach]) for name, cache in zip(self.names["past"], self.cache))
         inputs.update((name, cross[:n, :, :source]) for name, cross in zip(self.names["cross"], self.cross))
         outputs = self.lm.run("decoder", inputs)
         rows = np.arange(n)
         for cache, present in zip(self.cache, outputs[1:]):
-            cache[rows, :, self.lengths[:n]] = present.numpy()[:, :, reach]  # the new token's key/value, at each row's length
-        self.lengths[:n] += 1
+            new = present.numpy()[:, :, reach:reach + T]  # the new tokens' keys/values, written at each row's length on
+            for t in range(T):
+                cache[rows, :, self.lengths[:n] + t] = new[:, :, t]
+        self.lengths[:n] += T
         logits = torch.from_numpy(outputs[0].numpy())
-        return logits[:, -1] if logits.dim() == 3 else logits  # contract 2 gives every new token's: [n, 1, vocab]
+        if logits.dim() == 2:  # contract 1: the last token's only
+            if T > 1:
+                raise ValueError(f"{self.lm.directory}: this export's decoder returns only the last token's logits")
+            logits = logits[:, None]
+        return logits
+
+    def cut(self, lengths: torch.Tensor) -> None:
+        """Each active row keeps its first `lengths[row]` positions (drafts it did not keep are dropped)."""
+        n, keep = self.active, np.asarray(lengths, dtype=np.int64)
+        if keep.shape != (n,) or (keep > self.lengths[:n]).any() or (keep < 0).any():
+            raise ValueError(f"cannot cut rows of lengths {self.lengths[:n].tolist()} to {keep.tolist()}")
+        self.lengths[:n] = keep
 
     def leave(self, row: int) -> int | None:
         """Free `row`; the last active row moves into it. Returns the row that moved (now `row`), or None."""

@@ -36,7 +36,8 @@ def open_server(cfg, run) -> "Server":
     import torch
     import uvicorn
 
-    from slmctl.runtime.generator import load_generator
+    from slmctl.model.drafting import make_drafter
+    from slmctl.runtime.generator import check_drafting, load_generator
     from slmctl.serve.app import Served, create_app
     from slmctl.serve.engine import Engine
     from slmctl.serve.metrics import ServerMetrics
@@ -57,11 +58,14 @@ def open_server(cfg, run) -> "Server":
                           "(for decoder-only ones, llama.cpp's or vLLM's servers are the tools)")
     generator.ref.record_input(run, role="served model")
     runtime = "torch" if isinstance(generator.model, torch.nn.Module) else "onnx"
+    drafter = make_drafter(str(cfg.draft), cfg.draft_tokens)
+    if drafter is not None:
+        check_drafting(generator, num_beams=1)
     batch = open_batch(generator, cfg.max_batch, cfg.max_tokens_cap)
     metrics = ServerMetrics()
     tokenizer = generator.tokenizer
     engine = Engine(batch, tokenizer, eos_ids=[tokenizer.eos_id], bos_id=generator.model.config.bos_token_id,
-                    max_queue=cfg.max_queue, metrics=metrics).start()
+                    max_queue=cfg.max_queue, metrics=metrics, drafter=drafter).start()
     defaults = generation_defaults(generator.path)
     name = cfg.model_name or generator.ref.label
     max_prompt = cfg.max_prompt_tokens or generator.model.config.max_seq_len
@@ -80,7 +84,8 @@ def open_server(cfg, run) -> "Server":
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=cfg.grace_s, lifespan="off")
     run.log(f"serving {cfg.source} as {name!r} on {runtime} ({cfg.max_batch} slots, queue {cfg.max_queue}, "
-            f"max_tokens cap {cfg.max_tokens_cap}, prompts up to {max_prompt} tokens)")
+            f"max_tokens cap {cfg.max_tokens_cap}, prompts up to {max_prompt} tokens"
+            f"{f', drafts: {drafter.name} up to {cfg.draft_tokens} a pass' if drafter else ''})")
     try:
         listening = bind(cfg.host, cfg.port)
     except ConfigError:

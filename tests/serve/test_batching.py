@@ -213,3 +213,57 @@ def test_a_prompt_the_model_cannot_take_fails_its_request_not_the_server(generat
         assert engine.failure is None
     finally:
         engine.stop(5)
+
+
+@pytest.fixture(scope="module")
+def echo_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny preset's initial weights with the tiny model's tokenizer: an untrained model that echoes its
+    input, so its answers copy the prompt and drafts from the prompt are kept (at rates that differ by prompt)."""
+    from slmctl.model import build_model
+    from slmctl.model.config import vocab_size_for
+    from slmctl.model.store import save_model
+
+    tokenizer = TextTokenizer.load(tiny_model_dir)
+    model = build_model("tiny", seed=0, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
+    return save_model(model, tmp_path_factory.mktemp("echo") / "model", tokenizer)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_drafted_serving_gives_each_request_its_plain_tokens_at_its_own_rate(echo_dir, tmp_path, runtime):
+    """Requests decoded together with drafts from their own prompts: each gets the tokens it gets without
+    drafts, each keeps drafts at its own rate, the cache of each row cut back to what it kept; the metrics
+    count drafted and kept tokens."""
+    from conftest import cli, newest_run
+
+    from slmctl.model.drafting import PromptLookup
+    from slmctl.runtime.generator import load_generator
+    from slmctl.serve.metrics import ServerMetrics
+    from slmctl.serve.stage import open_batch
+
+    source = echo_dir
+    if runtime == "onnx":
+        assert cli("export", "onnx", echo_dir, "validation.prompt_lens=[5]", "validation.steps=4", runs=tmp_path).exit_code == 0
+        source = newest_run(tmp_path, "export")
+    generator = load_generator(source, runs_dir=tmp_path)
+    tokenizer, bos = generator.tokenizer, generator.model.config.bos_token_id
+    answers = {}
+    for name, drafter in (("plain", None), ("drafted", PromptLookup(max_tokens=4))):
+        metrics = ServerMetrics()
+        engine = Engine(open_batch(generator, 3, 32), tokenizer, [tokenizer.eos_id], bos, metrics=metrics,
+                        drafter=drafter).start()
+        try:
+            submitted = [collect(engine, prompt=tokenizer.encode(p), max_tokens=n, ignore_eos=True)
+                         for p, n in zip(PROMPTS, (12, 20, 7, 16))]
+            for _, _, done in submitted:
+                assert done.wait(60)
+        finally:
+            engine.stop(5)
+        answers[name] = [request.tokens for request, _, _ in submitted]
+        finals = [events[-1] for _, events, _ in submitted]
+        if drafter is not None:
+            kept = [f["accepted_tokens"] for f in finals]
+            assert all(f["drafted_tokens"] > 0 for f in finals) and sum(kept) > 0 and len(set(kept)) > 1
+            snapshot = metrics.snapshot()
+            assert snapshot["slmctl_draft_accepted_total"] == sum(kept)
+            assert snapshot["slmctl_draft_tokens_total"] == sum(f["drafted_tokens"] for f in finals)
+    assert answers["drafted"] == answers["plain"]
