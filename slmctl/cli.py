@@ -284,8 +284,9 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
              threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
              image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
-             draft: str = typer.Option("none", "--draft", help="prompt: draft tokens by n-gram lookup in the source and "
-                                       "check several per decoder pass (same output, faster where the answer copies)."),
+             draft: str = typer.Option("none", "--draft", help="prompt: draft tokens by n-gram lookup in the source; or "
+                                       "a smaller model (directory or run) with the same tokenizer; drafts are checked "
+                                       "several per decoder pass (the same output, faster when they are kept)."),
              draft_tokens: int = typer.Option(10, "--draft-tokens", help="Most tokens drafted per pass (adapts below it)."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:

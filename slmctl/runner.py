@@ -174,8 +174,7 @@ def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_f
     prompts of `prompt_file`), with the images of `image_paths`. Bad input ends it with
     StageEnded(exit 2) before or during generation; no run directory is written."""
     from slmctl.runtime.devices import check_device as check_runtime_device
-    from slmctl.model.drafting import make_drafter
-    from slmctl.runtime.generator import check_drafting, generate_text, load_generator, read_image, read_prompt_file
+    from slmctl.runtime.generator import check_drafting, generate_text, load_generator, open_drafter, read_image, read_prompt_file
 
     def ended(e: BaseException):
         if verbose:
@@ -191,8 +190,8 @@ def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_f
             check_torch_device(device)
         else:
             check_runtime_device(device, runtime)
-        drafter = make_drafter(draft, draft_tokens)
         generator = load_generator(model, runs_dir, device, runtime, threads, ep, allow_fallback)
+        drafter = open_drafter(draft, draft_tokens, generator, runs_dir, device)
         if drafter is not None:
             check_drafting(generator, decoding.get("num_beams", 1))
     except user_errors() as e:

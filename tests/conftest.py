@@ -137,7 +137,7 @@ class Scripted:  # a drafter for the drafted-decoding tests (tests/model, tests/
         self.script, self.wrong, self.ignore_limit = script, wrong, ignore_limit
         self.stats, self.kept = DraftStats(), []  # kept: drafted tokens accepted, per pass, over every generation
 
-    def start(self, input_ids, attention_mask):
+    def start(self, input_ids, attention_mask, max_new_tokens=64):
         self.stats = DraftStats()
 
     def propose(self, generated, finished, limit):

@@ -119,7 +119,11 @@ def test_generate_with_drafts_prints_what_plain_generate_prints_and_the_draft_co
     assert plain.exit_code == drafted.exit_code == 0, drafted.output
     assert drafted.stdout == plain.stdout
     assert "draft prompt:" in drafted.stderr and "per pass" in drafted.stderr
-    for args, message in ((["--draft", "model.onnx"], "--draft takes none or prompt"),
+    itself = cli("generate", tiny_model_dir, "prompt=Where does Ana live? Ana lives in Rome.", "--max-new-tokens", "12",
+                 "--draft", tiny_model_dir, "--draft-tokens", "4")  # a draft model: here the model itself
+    assert itself.exit_code == 0 and itself.stdout == plain.stdout and f"draft model {tiny_model_dir}:" in itself.stderr
+    for args, message in ((["--draft", "no-such-model"], "no model at 'no-such-model'"),
+                          (["--draft", str(llama_dir)], "a draft model must be an encoder-decoder"),
                           (["--draft", "prompt", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
                           (["--draft", "prompt", "--num-beams", "2"], "drop --num-beams or --draft")):
         refused = cli("generate", tiny_model_dir, "prompt=hi", *args)

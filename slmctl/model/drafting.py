@@ -51,7 +51,7 @@ class PromptLookup:
         self.sources: list[list[int]] = []
         self.stats = DraftStats()
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int = 64) -> None:
         """A new generation over prompts `input_ids` [B, S] (padding left out of the lookup)."""
         rows = input_ids.tolist()
         keep = attention_mask.bool().tolist() if attention_mask is not None else [[True] * len(r) for r in rows]
@@ -98,6 +98,50 @@ class PromptLookup:
 
 
 DRAFTERS = ("none", "prompt")
+
+
+class DraftModel:
+    """Drafts with a smaller model of the same tokenizer: its own decoding session (encoder once,
+    its own self-attention cache) proposes up to K tokens greedily; after each pass its cache is cut
+    back to the longest prefix the model kept and it reads the tokens it has not seen. Greedy
+    drafts are proposals with certainty, so the loop's accept rule keeps sampling exact."""
+
+    name = "model"
+
+    def __init__(self, model, max_tokens: int = 4, adaptive: bool = True, label: str = "model"):
+        if max_tokens < 1:
+            raise ValueError(f"draft tokens must be >= 1, got {max_tokens}")
+        self.model, self.max_tokens, self.adaptive, self.name = model, max_tokens, adaptive, label
+        self.tokens = max_tokens
+        self.stats = DraftStats()
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int = 64) -> None:
+        with torch.inference_mode():
+            self.session = self.model.start_decoding(input_ids.to(self.model.device), attention_mask, max_new_tokens + 1)
+            self.logits = self.session.first_logits()  # after BOS: the first new token's
+        self.seen = input_ids.new_zeros(input_ids.shape[0], 0)  # tokens fed after BOS (every row the same count)
+        self.tokens, self.stats = self.max_tokens, DraftStats()
+
+    @torch.inference_mode()
+    def propose(self, generated: torch.Tensor, finished: torch.Tensor, limit: int) -> torch.Tensor:
+        """Greedy drafts [B, k], k = min(K, limit), after `generated`: the cache first cut back to what
+        `generated` shares with what it saw, then fed the rest."""
+        k = min(self.tokens, limit)
+        if k <= 0:
+            return generated.new_zeros(generated.shape[0], 0)
+        width = min(self.seen.shape[1], generated.shape[1] - 1)  # the last generated token is never seen yet
+        agree = (self.seen[:, :width] == generated[:, :width].to(self.seen.device)) | finished[:, None].to(self.seen.device)
+        shared = int(agree.all(dim=0).long().cumprod(0).sum())
+        self.session.cut(1 + shared)
+        unseen = generated[:, shared:].to(self.model.device)
+        logits = self.session.verify(unseen)[:, -1]  # generated is never empty here: the pass's own token at least
+        drafts = [logits.argmax(dim=-1)]
+        for _ in range(k - 1):
+            drafts.append(self.session.step(drafts[-1]).argmax(dim=-1))
+        self.seen = torch.cat([generated[:, :shared].to(self.model.device), unseen, *(d[:, None] for d in drafts[:-1])], dim=1)
+        return torch.stack(drafts, dim=1).to(generated.device)
+
+    update = PromptLookup.update
 
 
 def make_drafter(name: str, tokens: int = 10):

@@ -133,7 +133,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 raise ValueError("streaming is not available with beam search (num_beams > 1)")
             return _beam_search(session, logits, cfg, eos, pad)
         if drafter is not None:
-            drafter.start(input_ids, attention_mask)
+            drafter.start(input_ids, attention_mask, cfg.max_new_tokens)
             return _speculative(session, logits, cfg, eos, pad, streamer, generator, drafter)
         return _sample(session, logits, cfg, eos, pad, streamer, generator)
     finally:

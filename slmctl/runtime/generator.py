@@ -116,6 +116,28 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
     return result
 
 
+def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path = "runs", device: str = "cpu"):
+    """The drafter `--draft NAME` names for `target`: None (none), prompt lookup (prompt), or a draft
+    model (a model directory or run, on PyTorch) that shares the target's tokenizer; else a one-line error."""
+    from slmctl.errors import ConfigError
+    from slmctl.model.drafting import DraftModel, make_drafter
+
+    if name in ("none", "prompt"):
+        return make_drafter(name, tokens)
+    if tokens < 1:
+        raise ConfigError(f"--draft-tokens must be >= 1, got {tokens}")
+    draft = load_generator(name, runs_dir, device, runtime="torch")
+    if draft.kind != "encdec":
+        raise ConfigError(f"draft model {name} is a {draft.kind} model: a draft model must be an encoder-decoder")
+    if not _same_tokenizer(draft.tokenizer, target.tokenizer):
+        raise ConfigError(f"draft model {name} has another tokenizer than {target.path}: drafts must use the same token ids")
+    return DraftModel(draft.model, max_tokens=tokens, label=f"model {name}")
+
+
+def _same_tokenizer(a: TextTokenizer, b: TextTokenizer) -> bool:
+    return a.kind == b.kind and a.special_tokens == b.special_tokens and a.backend.to_str() == b.backend.to_str()
+
+
 def check_drafting(generator: Generator, num_beams: int) -> None:
     """Drafted decoding needs one row per prompt and a multi-token verification pass: PyTorch
     encoder-decoders (vision ones included) and dynamic ONNX exports of contract 2 have it;

@@ -107,3 +107,19 @@ def test_drafted_sampling_keeps_plain_samplings_distribution(model):
     seen = (a + b) > 0
     statistic = float(((a - b) ** 2 / (a + b))[seen].sum())
     assert statistic < chi_square_quantile(int(seen.sum()) - 1), statistic
+
+
+def test_a_model_drafting_for_itself_keeps_its_drafts_and_another_model_changes_nothing(model):
+    """The machinery check: a model drafting for itself keeps >= 0.9 of its drafts; a draft model that
+    disagrees costs passes but never changes a token (padded batch, its own cache cut back each pass)."""
+    from slmctl.model.drafting import DraftModel
+
+    ids, mask, _ = random_prompts([9, 4, 7], vocab=model.config.vocab_size, seed=2, side="left")
+    settings = {"max_new_tokens": 24, "min_new_tokens": 20}
+    plain = model.generate(ids, attention_mask=mask, **settings)
+    itself = DraftModel(model, max_tokens=4)
+    assert torch.equal(model.generate(ids, attention_mask=mask, drafter=itself, **settings), plain)
+    assert itself.stats.accepted >= 0.9 * itself.stats.drafted > 0
+    other = DraftModel(randomize(build_model("tiny", seed=0), seed=5).eval(), max_tokens=4)
+    assert torch.equal(model.generate(ids, attention_mask=mask, drafter=other, **settings), plain)
+    assert other.stats.passes > 0
