@@ -2,7 +2,7 @@
 
 One tensor per layer stack, allocated for the whole generation up front, so a
 decode step writes one position in place instead of concatenating (and copying)
-the growing history. A verification pass of drafted tokens (slmctl.model.speculative)
+the growing history. A verification pass of drafted tokens (slmctl.model.generation)
 writes several positions at once and `cut`s the cache back past the first rejected one.
 """
 

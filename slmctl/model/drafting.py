@@ -118,7 +118,7 @@ class DraftModel:
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int = 64) -> None:
         with torch.inference_mode():
             self.session = self.model.start_decoding(input_ids.to(self.model.device), attention_mask, max_new_tokens + 1)
-            self.logits = self.session.first_logits()  # after BOS: the first new token's
+            self.session.first_logits()  # the draft session reads BOS, as the model's does
         self.seen = input_ids.new_zeros(input_ids.shape[0], 0)  # tokens fed after BOS (every row the same count)
         self.tokens, self.stats = self.max_tokens, DraftStats()
 

@@ -67,6 +67,7 @@ class Request:
     drafted: int = 0  # tokens drafted for this request, and kept (--draft)
     accepted: int = 0
     draft_k: int = 0  # this request's drafts per pass now (adapts to its own acceptance)
+    settings: GenerationConfig | None = None  # its decoding settings, made once (`Engine._walk`)
 
     @property
     def prompt_tokens(self) -> int:
@@ -94,6 +95,7 @@ class Engine:
     def __init__(self, batch, tokenizer, eos_ids: list[int], bos_id: int, max_queue: int = 64, metrics=None, drafter=None):
         self.batch, self.tokenizer, self.drafter = batch, tokenizer, drafter
         self.eos, self.bos = set(eos_ids), bos_id
+        self.eos_ids, self.no_tokens = torch.tensor(sorted(self.eos)), torch.empty(1, 0, dtype=torch.long)  # for choose_token
         self.max_queue, self.metrics = max_queue, metrics
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[Request] = []  # row i of the batch serves rows[i]
@@ -266,13 +268,15 @@ class Engine:
         """The tokens a row takes from one pass: at each position the request's own choice (greedy, or its
         sampling settings and generator, keeping a drafted token by speculative sampling's rule), on while
         the drafts are kept; its K adapts to what it kept."""
-        settings = GenerationConfig(max_new_tokens=max(1, request.max_tokens), do_sample=request.temperature > 0,
-                                    temperature=request.temperature if request.temperature > 0 else 1.0, top_p=request.top_p)
-        eos, empty = torch.tensor(sorted(self.eos)), torch.empty(1, 0, dtype=torch.long)
+        if request.settings is None:
+            request.settings = GenerationConfig(max_new_tokens=max(1, request.max_tokens), do_sample=request.temperature > 0,
+                                                temperature=request.temperature if request.temperature > 0 else 1.0,
+                                                top_p=request.top_p)
         tokens = []
         for j in range(len(draft) + 1):
             drafted = torch.tensor([draft[j]]) if j < len(draft) else None
-            token, kept = choose_token(logits[j:j + 1], empty, len(request.tokens), settings, eos, request.generator, drafted)
+            token, kept = choose_token(logits[j:j + 1], self.no_tokens, len(request.tokens), request.settings, self.eos_ids,
+                                       request.generator, drafted)
             tokens.append(int(token))
             if drafted is None or not bool(kept):
                 break
