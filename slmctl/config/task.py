@@ -51,4 +51,4 @@ class JudgeSchema:
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
     max_new_tokens: int = 64
     trust_remote_code: bool = False
-    cache_dir: Optional[str] = None  # judge scores are cached here (default ~/.cache/slmctl): reruns are free
+    cache_dir: Optional[str] = None  # judge scores are cached here (default $XDG_CACHE_HOME/slmctl, else ~/.cache/slmctl): reruns are free

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -309,8 +310,12 @@ def _judge(cfg, runs_dir: Path):
     else:
         judge = EndpointJudge(cfg.judge.endpoint, cfg.judge.model, api_key_env=cfg.judge.api_key_env,
                               max_tokens=cfg.judge.max_new_tokens)
-    cache_dir = Path(cfg.judge.cache_dir).expanduser() if cfg.judge.cache_dir else Path.home() / ".cache" / "slmctl"
-    return judge, JudgeCache(cache_dir)
+    return judge, JudgeCache(Path(cfg.judge.cache_dir).expanduser() if cfg.judge.cache_dir else default_cache_dir())
+
+
+def default_cache_dir() -> Path:
+    """Where judge scores are kept across runs: $XDG_CACHE_HOME/slmctl, else ~/.cache/slmctl (the XDG rule)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmctl"
 
 
 def _judged(cfg, judge, cache, examples: list[EvalExample], predictions: list[str]):

@@ -282,3 +282,13 @@ def test_an_unreachable_judge_endpoint_is_one_line_and_exit_2_from_the_command(t
     assert len(lines) == 1 and "cannot reach judge endpoint" in lines[0] and "Traceback" not in result.output
     (run,) = list_runs(tmp_path / "runs", "eval")
     assert run.status == "failed"
+
+
+def test_the_default_cache_follows_xdg_cache_home_else_the_home_directory(tmp_path, monkeypatch):
+    from slmctl.eval.evaluate import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "slmctl"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "slmctl"

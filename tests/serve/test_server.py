@@ -308,7 +308,8 @@ def test_eval_with_an_endpoint_judge_runs_against_slmctl_serve(tmp_path, tiny_mo
     runs = tmp_path / "runs"
     with running_server(runs, tiny_model_dir, "model_name=judge", "max_prompt_tokens=4096") as server:
         result = cli("eval", tiny_model_dir, "task=synthetic_qa", "limit=3", "task.n_people=200", "judge=endpoint",
-                     f"judge.endpoint={server.url}/v1", "judge.model=judge", "judge.max_new_tokens=16", runs=runs)
+                     f"judge.endpoint={server.url}/v1", "judge.model=judge", "judge.max_new_tokens=16",
+                     f"judge.cache_dir={tmp_path / 'cache'}", runs=runs)
         assert result.exit_code == 0, result.output
     judged = [json.loads(line) for line in (server.run_dir.path / "requests.jsonl").read_text().splitlines()]
     assert len(judged) == 3 and all(e["status"] == 200 and e["endpoint"] == "/v1/chat/completions" for e in judged)
