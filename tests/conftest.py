@@ -4,6 +4,11 @@ the slmctl command in-process, run lookups, tiny override lists and tiny trainin
 import json
 import os
 import tempfile
+
+# No test reads or writes the user's caches (judge scores, datasets, hub files): each test process gets its own,
+# set before anything that reads it at import.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="slmctl-test-cache-")
+
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,9 +27,6 @@ from slmctl.data.tokenizer import train_bpe
 from slmctl.model import build_model
 from slmctl.model.config import vocab_size_for
 from slmctl.model.drafting import DraftStats
-
-# No test reads or writes the user's caches (judge scores, datasets): each test process gets its own.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="slmctl-test-cache-")
 
 # Two cores: one test process uses both; under `pytest -n 2` (make test) each of the two workers takes one.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
