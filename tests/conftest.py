@@ -8,6 +8,11 @@ import tempfile
 # No test reads or writes the user's caches (judge scores, datasets, hub files): each test process gets its own,
 # set before anything that reads it at import.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="slmctl-test-cache-")
+# Two cores: one test process uses both; under `pytest -n 2` (make test) each of the two workers takes one. The
+# slmctl processes a test starts inherit the same count, so a run killed in a child and finished in the test's own
+# process computes what one process would (on some CPUs BLAS results change with the thread count).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import threading
 import time
@@ -28,8 +33,7 @@ from slmctl.model import build_model
 from slmctl.model.config import vocab_size_for
 from slmctl.model.drafting import DraftStats
 
-# Two cores: one test process uses both; under `pytest -n 2` (make test) each of the two workers takes one.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parent.parent  # docs/ and recipes/ live here
 
