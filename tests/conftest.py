@@ -11,8 +11,7 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="slmctl-test-cache-")
 # Two cores: one test process uses both; under `pytest -n 2` (make test) each of the two workers takes one. The
 # slmctl processes a test starts inherit the same count, so a run killed in a child and finished in the test's own
 # process computes what one process would (on some CPUs BLAS results change with the thread count).
-THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
-os.environ["OMP_NUM_THREADS"] = str(THREADS)
+os.environ["OMP_NUM_THREADS"] = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
 
 import threading
 import time
@@ -33,7 +32,7 @@ from slmctl.model import build_model
 from slmctl.model.config import vocab_size_for
 from slmctl.model.drafting import DraftStats
 
-torch.set_num_threads(THREADS)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parent.parent  # docs/ and recipes/ live here
 
