@@ -141,7 +141,7 @@ def probe(shapes: list[tuple[int, int]], routes: list[str], ms: list[int], pairs
     shape x route x dtype x M."""
     import torch
 
-    from slmctl.runtime.hardware import measure_read_bandwidth
+    from slmctl.runtime.hardware import cpu_identity, measure_read_bandwidth
 
     torch.set_num_threads(threads)
     bandwidth = measure_read_bandwidth(256)
@@ -159,13 +159,19 @@ def probe(shapes: list[tuple[int, int]], routes: list[str], ms: list[int], pairs
                     except Exception as error:  # a route that cannot run here: say why, go on with the others
                         rows += [{**base, "m": m, "error": _why(error)} for m in ms]
                         continue
-                    rows += [{**base, **row} for row in _measure(run, weight_bytes, k, ms, products, calls, bandwidth)]
+                    if hasattr(run, "inference_precision"):  # OpenVINO: bf16 activations where the CPU has bf16
+                        base["runtime_precision"] = run.inference_precision
+                    rows += [{**base, **row} for row in _measure(run, weight_bytes, k, ms, products, calls)]
+    # this shared machine's bandwidth moves between runs: measured before and after the kernels, the higher kept
+    bandwidth = max(bandwidth, measure_read_bandwidth(256))
+    for row in rows:
+        if "weight_gb_s" in row:
+            row["fraction_of_bandwidth"] = row["weight_gb_s"] * 1e9 / bandwidth
     # which of PyTorch's kernels ran: ATen's int8 weight kernel (int8mm_kernel.cpp) is vectorised for AVX-512 only
-    return {"read_bandwidth_gb_s": bandwidth / 1e9, "threads": threads, "pairs": pairs,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}
+    return {"read_bandwidth_gb_s": bandwidth / 1e9, "threads": threads, "pairs": pairs, **cpu_identity(), "rows": rows}
 
 
-def _measure(run, weight_bytes: int, k: int, ms: list[int], products: int, calls: int, bandwidth: float) -> list[dict]:
+def _measure(run, weight_bytes: int, k: int, ms: list[int], products: int, calls: int) -> list[dict]:
     """One row per M of a chain's timing, per product; an M whose run fails gets its error."""
     rows = []
     for m in ms:
@@ -178,7 +184,7 @@ def _measure(run, weight_bytes: int, k: int, ms: list[int], products: int, calls
         seconds /= products
         read = weight_bytes / products
         rows.append({"m": m, "us_per_product": seconds * 1e6, "weight_bytes": read, "weight_gb_s": read / seconds / 1e9,
-                     "fraction_of_bandwidth": read / seconds / bandwidth, "first_call_s": first})
+                     "first_call_s": first})
     return rows
 
 
@@ -189,8 +195,9 @@ def _why(error: Exception) -> str:
 
 
 def print_table(result: dict) -> None:
-    print(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['threads']} threads, "
-          f"torch CPU capability {result['torch_cpu_capability']}")
+    print(f"{result['cpu']} ({result['cpu_vendor']} {result['cpu_family_model']}: {' '.join(result['cpu_features'])}), "
+          f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['threads']} threads, torch BLAS "
+          f"{result['torch_blas']}, CPU capability {result['torch_cpu_capability']}")
     print(f"{'shape':>10} {'route':>10} {'dtype':>5} {'M':>3} {'us/product':>11} {'bytes/weight':>12} {'weight GB/s':>12} "
           f"{'of bandwidth':>13}")
     for r in result["rows"]:
@@ -200,7 +207,7 @@ def print_table(result: dict) -> None:
             continue
         k, n = (int(v) for v in r["shape"].split("x"))
         print(f"{head} {r['us_per_product']:11.1f} {r['weight_bytes'] / (k * n):12.3f} {r['weight_gb_s']:12.1f} "
-              f"{r['fraction_of_bandwidth']:13.2f}")
+              f"{r['fraction_of_bandwidth']:13.2f}{'  (runs in ' + r['runtime_precision'] + ')' if 'runtime_precision' in r else ''}")
 
 
 def _csv(text: str) -> list[str]:

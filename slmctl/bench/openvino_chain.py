@@ -70,13 +70,16 @@ def openvino_chain(dtype: str, weights: list[np.ndarray], threads: int):
     for w in weights:
         node, nbytes = _weight(w, dtype)
         current, total = ops.matmul(current, node, False, True), total + nbytes
-    compiled = ov.Core().compile_model(ov.Model([current], [x]), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                                         "PERFORMANCE_HINT": "LATENCY"})
+    settings = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if dtype == "fp32":  # on CPUs with bf16 (AMX, AVX512_BF16) the plugin would otherwise run, and read, fp32 weights as bf16
+        settings["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = ov.Core().compile_model(ov.Model([current], [x]), "CPU", settings)
     request = compiled.create_infer_request()
 
     def run(x_value: np.ndarray) -> np.ndarray:
         return request.infer([x_value])[0]
 
+    run.inference_precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # activations: f32 or bf16
     run.layer_precisions = sorted({(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
                                    for op in compiled.get_runtime_model().get_ops()
                                    if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"})

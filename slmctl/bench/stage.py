@@ -32,7 +32,7 @@ from slmctl.model import flops
 from slmctl.model.drafting import make_drafter
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.refs import parse
-from slmctl.runtime.hardware import peak_memory_mb, reset_peak_memory
+from slmctl.runtime.hardware import cpu_identity, peak_memory_mb, reset_peak_memory
 from slmctl.runtime.generator import Generator, check_drafting
 from slmctl.runtime.providers import placement_line
 
@@ -59,7 +59,8 @@ def _run(cfg, run, records_out):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     environment = _environment(cfg)
-    run.log(f"environment: {environment['cpu']}, {environment['threads']} threads, torch {environment['torch']}")
+    run.log(f"environment: {environment['cpu']} ({' '.join(environment['cpu_features']) or 'no listed features'}), "
+            f"{environment['threads']} threads, torch {environment['torch']} (BLAS {environment['torch_blas']})")
     if cfg.train:
         return _run_training(cfg, run, environment, records_out)
     if cfg.device == "cpu" and cfg.format is None:
@@ -346,19 +347,10 @@ def _add_bandwidth_bound(cfg, records: list[dict], environment: dict, before: fl
 def _environment(cfg) -> dict:
     from slmctl.runtime.devices import onnxruntime_providers
 
-    environment = {"cpu": _cpu_name(), "machine": platform.machine(), "python": platform.python_version(),
+    environment = {**cpu_identity(), "machine": platform.machine(), "python": platform.python_version(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": cfg.device,
                    "onnxruntime_providers": onnxruntime_providers()}
     if cfg.device == "cuda":
         environment["gpu"] = torch.cuda.get_device_name()
     return environment
 
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

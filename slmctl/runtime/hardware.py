@@ -9,6 +9,8 @@ kernel probes read these.
 
 from __future__ import annotations
 
+import platform
+import re
 import resource
 import sys
 import time
@@ -21,6 +23,9 @@ from slmctl.config.registry import CONF_DIR
 from slmctl.errors import ConfigError
 
 HARDWARE_DIR = CONF_DIR / "hardware"
+# The CPU flags that pick kernels (oneDNN, MKL, ONNX Runtime's MLAS, ATen's packed int8/int4 paths), as /proc/cpuinfo names them.
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                   "amx_int8", "amx_bf16", "asimd", "sve", "i8mm", "bf16")
 
 
 def profiles() -> list[str]:
@@ -181,3 +186,28 @@ def peak_memory_mb(device: str) -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def cpu_identity() -> dict:
+    """Which CPU timed a record: name, vendor, the kernel-picking features it has, torch's BLAS and CPU capability.
+    Speeds from different CPUs (an AMD EPYC's MKL fp32 GEMV against an Intel Xeon's) are not comparable."""
+    info: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "vendor_id", "cpu family", "model", "flags", "Features") and key not in info:
+                info[key] = value.strip()
+            if key == "" and info:  # the first processor's block is enough
+                break
+    except OSError:
+        pass
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu_vendor": info.get("vendor_id", ""),
+            "cpu_family_model": f"{info['cpu family']}/{info['model']}" if "cpu family" in info and "model" in info else "",
+            "cpu_features": [f for f in KERNEL_FEATURES if f in flags],
+            "torch_blas": blas.group(1) if blas else "unknown",
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+

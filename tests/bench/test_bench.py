@@ -26,7 +26,11 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
     run = newest_run(tmp_path / "runs", "bench")
     saved = json.loads((run / "bench.json").read_text())
     assert saved["records"][0]["model"] == "tiny" and saved["records"] == records
-    bandwidth = saved["environment"]["read_bandwidth_gb_s"] * 1e9
+    environment = saved["environment"]  # which CPU timed it: its name, the kernel-picking features, torch's BLAS
+    assert environment["cpu"] and environment["torch_blas"] and isinstance(environment["cpu_features"], list)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert "avx2" in environment["cpu_features"]
+    bandwidth = environment["read_bandwidth_gb_s"] * 1e9
     for r in records:  # the bound by hand: batch tokens per (weights + caches) read at the measured bandwidth
         assert r["first_token_ms"] < r["e2e_ms"], r  # the whole call includes the first token
         bound = r["batch"] * bandwidth / (r["decode_weight_bytes"] + r["decode_kv_bytes"])

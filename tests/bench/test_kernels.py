@@ -79,7 +79,10 @@ def test_the_openvino_route_runs_the_compressed_weights_in_one_fused_product(dty
         reference = reference @ (w if dtype == "fp32" else dequantize(*compress(np.ascontiguousarray(w.T), dtype)).T)
         exact = exact @ w
     y = run(x)
-    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-5)
+    if run.inference_precision == "bf16":  # a CPU with bf16 (AMX, AVX512_BF16): the plugin's activations are bf16
+        assert dtype != "fp32" and np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-2
+    else:
+        np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-5)
     assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < {"fp32": 1e-5, "int8": 0.02, "int4": 0.2}[dtype]
     per_weight = weight_bytes / sum(w.size for w in weights)
     assert per_weight == {"fp32": 4, "int8": 1 + 4 / 128 / 2 + 4 / 96 / 2, "int4": 0.5 + 4 / 32}[dtype]
