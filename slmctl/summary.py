@@ -8,8 +8,9 @@ never typed by hand. A recipe step names the runs per section:
         distillation: {eval: ${runs.eval}, models: [deconly, distill, distill/control]}
         export: {export: ${runs.export}}
         vision: {eval: ${runs.eval-vision}}
+        drafting: {plain: ${runs.eval}, drafted: ${runs.eval-draft}, model: encdec}
 
-Each section is optional. The step writes a run of its own (stage `summary`): summary.md (the
+Each section is optional; `drafting` may also be a list of such pairs (one table each: PyTorch, ONNX Runtime). The step writes a run of its own (stage `summary`): summary.md (the
 tables as Markdown, what the README quotes), summary.json (the same rows as data) and, with an
 architecture section, architecture.png (exact match beside each inference cost)."""
 
@@ -26,7 +27,7 @@ from slmctl.errors import ConfigError
 from slmctl.eval.report import cell as interval  # 0.755 [0.695, 0.815], as eval's tables show it
 from slmctl.eval.report import difference_cell
 
-SECTIONS = ("architecture", "distillation", "export", "vision")
+SECTIONS = ("architecture", "distillation", "export", "vision", "drafting")
 
 
 @dataclass
@@ -203,6 +204,36 @@ def vision(spec: dict) -> Section:
     return section
 
 
+def drafting(spec: dict) -> Section:
+    """One model's answers decoded plainly and with drafts (two eval runs, `generation.draft=`): the same
+    quality (drafted greedy decoding gives the same tokens) in less time, and how many drafts it kept."""
+    section, plain_s = None, None
+    for role in ("plain", "drafted"):
+        metrics = read_json(spec[role], "metrics.json")
+        task_name, task = one_task(metrics, spec[role], spec.get("task"))
+        label = spec.get("model") or next(iter(task["models"]))
+        results = model_results(task, spec[role], label)
+        cost = task.get("cost", {}).get(label)
+        if cost is None:
+            raise ConfigError(f"summary: {spec[role]} recorded no generation time for {label!r}")
+        draft = cost.get("draft")
+        if (role == "drafted") != (draft is not None):
+            raise ConfigError(f"summary: drafting.{role} must be an eval {'with' if draft is None else 'without'} drafts "
+                              f"(generation.draft=...); {spec[role]} is not")
+        if section is None:
+            section = Section(f"Drafted decoding: {task_name}, {task['n']} held-out questions, {label}, one at a time",
+                              ["decoding", "exact match [95% CI]", "ROUGE-Lsum [95% CI]", f"wall s for {task['n']} answers",
+                               "speed-up", "drafts kept per pass"])
+            plain_s = cost["wall_s"]
+        name = "plain greedy" if draft is None else f"{label} + {draft['drafter']} lookup (K <= {draft['draft_tokens']})"
+        section.rows.append([name, interval(results["exact_match"]),
+                             interval(results["rougeLsum"]) if "rougeLsum" in results else "-", f"{cost['wall_s']:.1f}",
+                             f"{plain_s / cost['wall_s']:.2f}x", "-" if draft is None else f"{draft['accepted_per_pass']:.2f}"])
+    section.notes.append("wall seconds spent generating the answers (encoder included), batch 1; greedy decoding with "
+                         "drafts keeps the tokens plain greedy decoding gives")
+    return section
+
+
 # -- the step ------------------------------------------------------------------------------
 
 
@@ -213,11 +244,12 @@ def check_spec(spec, where: str) -> None:
     if unknown:
         raise ConfigError(f"{where}: unknown summary section {unknown[0]!r} (choose from: {', '.join(SECTIONS)})")
     needs = {"architecture": ("eval", "bench", "models"), "distillation": ("eval", "models"), "export": ("export",),
-             "vision": ("eval",)}
-    for name, section in spec.items():
-        missing = [k for k in needs[name] if not isinstance(section, dict) or k not in section]
-        if missing:
-            raise ConfigError(f"{where}: summary section {name!r} needs {', '.join(needs[name])} (missing {missing[0]})")
+             "vision": ("eval",), "drafting": ("plain", "drafted")}
+    for name, sections in spec.items():
+        for section in sections if name == "drafting" and isinstance(sections, list) else [sections]:
+            missing = [k for k in needs[name] if not isinstance(section, dict) or k not in section]
+            if missing:
+                raise ConfigError(f"{where}: summary section {name!r} needs {', '.join(needs[name])} (missing {missing[0]})")
 
 
 def build(spec: dict) -> tuple[list[Section], dict]:
@@ -228,6 +260,9 @@ def build(spec: dict) -> tuple[list[Section], dict]:
             continue
         if name == "architecture":
             section, points = architecture(spec[name])
+        elif name == "drafting":
+            sections += [drafting(pair) for pair in (spec[name] if isinstance(spec[name], list) else [spec[name]])]
+            continue
         else:
             section = {"distillation": distillation, "export": export, "vision": vision}[name](spec[name])
         sections.append(section)
@@ -270,10 +305,11 @@ def run_summary(name: str, spec: dict, runs_dir: Path, console, argv: list[str])
     check_spec(spec, f"step {name!r}")
     sections, points = build(spec)
     run = Run.create(runs_dir, "summary", name, {"summary": spec}, argv=argv)
-    for section_name, section in spec.items():
-        for role, ref in section.items():
-            if role in ("eval", "bench", "export"):
-                run.add_input("run", str(ref), ref, role=f"{section_name}.{role}")
+    for section_name, given in spec.items():
+        for section in given if isinstance(given, list) else [given]:
+            for role, ref in section.items():
+                if role in ("eval", "bench", "export", "plain", "drafted"):
+                    run.add_input("run", str(ref), ref, role=f"{section_name}.{role}")
     for section in sections:
         console.print(section.rich())
     run.write_text("summary.md", "\n\n".join(s.markdown() for s in sections) + "\n")

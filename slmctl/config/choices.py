@@ -60,6 +60,10 @@ TeacherKind = choices("TeacherKind", "hf", "run")
 TeacherDtype = choices("TeacherDtype", "auto", "float32", "bfloat16", "float16")
 
 
+# the embedded world's questions: fact (one fact, a short answer) or about (everything about one person, a long one)
+SyntheticQuestions = choices("SyntheticQuestions", "fact", "about")
+
+
 TaskKind = choices("TaskKind", "columns", "squad", "synthetic", "shapes", "images")
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from slmctl.config.choices import BadRowPolicy
+from slmctl.config.choices import BadRowPolicy, SyntheticQuestions
 
 
 @dataclass
@@ -27,6 +27,7 @@ class SyntheticDataSchema:
     validation_examples: int = 200
     min_facts: int = 8  # facts per QA context: controls the input length
     max_facts: int = 16
+    questions: SyntheticQuestions = SyntheticQuestions.fact  # seq2seq: fact (short answers) or about (long, copied)
 
 
 @dataclass

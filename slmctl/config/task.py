@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from slmctl.config.choices import Drafter, JudgeKind, TaskKind
+from slmctl.config.choices import Drafter, JudgeKind, SyntheticQuestions, TaskKind
 
 
 @dataclass
@@ -30,6 +30,7 @@ class TaskSchema:
     n: int = 200
     min_facts: int = 8
     max_facts: int = 16
+    questions: SyntheticQuestions = SyntheticQuestions.fact  # fact: one fact, a short answer; about: everything about one person
     max_shapes: int = 4  # shapes kind: shapes per scene, 1 to this (match the add-vision run's data.max_shapes)
 
 

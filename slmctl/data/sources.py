@@ -47,8 +47,8 @@ def load_pairs(cfg, split: str) -> list[tuple[str, str]]:
     """(source, target) pairs of `split`."""
     if cfg.kind == "synthetic":
         try:
-            examples = _world(cfg).qa(split=split, n=_synthetic_count(cfg, split), min_facts=cfg.min_facts,
-                                      max_facts=cfg.max_facts)
+            examples = _world(cfg).examples(str(cfg.questions), split, _synthetic_count(cfg, split), cfg.min_facts,
+                                            cfg.max_facts)
         except ValueError as e:
             raise DataError(f"data (synthetic): {e}") from None
         return [(e["source"], e["target"]) for e in examples]

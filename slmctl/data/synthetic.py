@@ -9,6 +9,9 @@ employers, favourite things and best friends) and the world yields
     shuffled facts about several people, a question about one of those facts, and a short
     answer that appears verbatim in the context. Long input, short output: the case
     where encoder-decoders win.
+  - long extractive answers (`SyntheticWorld.about`): the same kind of context, a request for
+    everything it says about one person, and that person's sentences copied in the context's
+    order (30-100 tokens): an output made of the input, where drafting from the prompt pays.
 
 Splits are made from facts, not from examples: the world's (person, attribute) facts are
 dealt 80/10/10 into train, validation and test. Every validation (test) example asks about,
@@ -24,6 +27,7 @@ Python's salted `hash()`), so the same seed gives the same data on any platform.
     world = SyntheticWorld(seed=0, n_people=500)
     world.texts("train", n=1000)                             # list[str]
     world.qa("validation", n=200, min_facts=8, max_facts=24)  # list[dict]
+    world.about("validation", n=200, min_facts=8, max_facts=24)  # list[dict], long answers
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ SQUAD_PROMPT = ("Answer the following question based only on the context.\n"
                 "###Question\n{question}\n###Context\n{context}\n###Answer\n")
 
 SPLITS = ("train", "validation", "test")
+QUESTION_KINDS = ("fact", "about")  # `qa`: one fact, a short answer; `about`: everything about one person, a long one
+ABOUT_QUESTIONS = ("What does the context say about {name}?", "Tell me everything the context says about {name}.",
+                   "Repeat every sentence of the context about {name}.")
+ABOUT_FACTS = (4, 8)  # sentences about the asked person in an `about` context: its answer's length
 HELD_OUT_FRACTION = 0.1  # of the world's facts, for validation and for test each
 
 
@@ -333,6 +341,51 @@ class SyntheticWorld:
         person, attribute = self.people[asked[0]], ATTRIBUTES[asked[1]]
         question = rng.choice(attribute.questions).format(name=person.name)
         return question, context, person.facts[attribute.name]
+
+    def about(self, split: str = "train", n: int = 1000, min_facts: int = 8, max_facts: int = 24) -> list[dict]:
+        """`n` distinct long-answer examples of `split`, with the same keys as `qa`'s: a context of
+        `min_facts`..`max_facts` full-name fact sentences (as in `qa`, 4 to 8 of them about
+        the asked person), a request for everything it says about that person, and as the answer
+        those sentences in the context's order, copied word for word."""
+        check_split_and_n(split, n)
+        if not (isinstance(min_facts, int) and isinstance(max_facts, int) and ABOUT_FACTS[1] + 1 <= max_facts
+                and 1 <= min_facts <= max_facts):
+            raise ValueError(f"need 1 <= min_facts <= max_facts and max_facts >= {ABOUT_FACTS[1] + 1} (the asked person's "
+                             f"sentences and someone else's), got min_facts={min_facts!r}, max_facts={max_facts!r}")
+        rng = random.Random(f"slmctl-synthetic:{self.seed}:about:{split}:{min_facts}:{max_facts}")
+
+        def candidate():
+            question, context, answer = self._about_candidate(rng, split, min_facts, max_facts)
+            return question + "\n" + context, (question, context, answer)
+
+        return [{"id": f"{split}-about-{digest.hex()[:16]}", "source": format_prompt(question, context), "target": answer,
+                 "context": context, "question": question, "answer": answer}
+                for (question, context, answer), digest in self._take(split, n, candidate)]
+
+    def _about_candidate(self, rng: random.Random, split: str, min_facts: int, max_facts: int) -> tuple[str, str, str]:
+        p, anchor = rng.choice(self.split_facts[split])
+        mine = [a for a in self.usable[split][p] if a != anchor]
+        told = [anchor] + rng.sample(mine, min(len(mine), rng.randint(*ABOUT_FACTS) - 1))
+        n_facts = rng.randint(max(min_facts, len(told) + 1), max_facts)
+        others, people = [], {p}
+        while len(others) < n_facts - len(told):  # everyone else's facts, a few from each of some other people
+            q = rng.randrange(self.n_people)
+            if q not in people:
+                people.add(q)
+                others += [(q, a) for a in rng.sample(self.usable[split][q], min(3, len(self.usable[split][q])))]
+        facts = [(p, a) for a in told] + others[:n_facts - len(told)]
+        rng.shuffle(facts)
+        sentences = [(q, state(ATTRIBUTES[a], rng.choice(ATTRIBUTES[a].statements), self.people[q], self.people[q].name) + ".")
+                     for q, a in facts]
+        person = self.people[p]
+        answer = " ".join(sentence for q, sentence in sentences if q == p)
+        return rng.choice(ABOUT_QUESTIONS).format(name=person.name), " ".join(s for _, s in sentences), answer
+
+    def examples(self, questions: str, split: str, n: int, min_facts: int, max_facts: int) -> list[dict]:
+        """`qa` (questions="fact") or `about` (questions="about")."""
+        if questions not in QUESTION_KINDS:
+            raise ValueError(f"unknown questions {questions!r}; choose from: {', '.join(QUESTION_KINDS)}")
+        return (self.qa if questions == "fact" else self.about)(split, n, min_facts, max_facts)
 
     def qa_dataset(self, split: str = "train", n: int = 1000, min_facts: int = 8, max_facts: int = 24):
         """`qa(...)` as a Hugging Face `datasets.Dataset` (same columns)."""

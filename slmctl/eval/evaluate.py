@@ -165,8 +165,9 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     """(predictions, reference NLLs or None, label, cost) of one model on a task. Each batch is appended to
     progress/<task>/<label>.jsonl as it finishes, with its share of the batch's generation time, so a
     resumed run generates only the examples missing there (those of the same model: a `latest` that has
-    moved on starts over) and the cost still covers every answer. cost = {cpu_s, wall_s, examples}:
-    process CPU seconds (all threads) and wall seconds spent generating (not scoring) the answers."""
+    moved on starts over) and the cost still covers every answer. cost = {cpu_s, wall_s, examples[, draft]}:
+    process CPU seconds (all threads) and wall seconds spent generating (not scoring) the answers, and with
+    a drafter its passes, drafted and accepted tokens."""
     from slmctl.eval.predict import predict_batches, reference_nll
     from slmctl.model.drafting import DraftStats, make_drafter
     from slmctl.runtime.generator import check_drafting, load_generator
@@ -228,6 +229,8 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     timed = [done[e.id] for e in examples if "cpu_s" in done[e.id]]
     cost = None if len(timed) < len(examples) else {  # progress written before costs were recorded: unknown
         "cpu_s": sum(r["cpu_s"] for r in timed), "wall_s": sum(r["wall_s"] for r in timed), "examples": len(timed)}
+    if cost is not None and drafter is not None:  # what drafting did for the answers generated in this run
+        cost["draft"] = {"drafter": drafter.name, "draft_tokens": cfg.generation.draft_tokens, **drafted.as_dict()}
     return predictions, nll, label, cost
 
 

@@ -8,7 +8,8 @@ Three row layouts exist:
 - `columns`: any table; `prompt` formats the row, `reference` names the reference column.
 - `squad`: SQuAD v2 rows (id, question, context, answers = {text: [...], answer_start: [...]});
   every answer text is a reference, and none means unanswerable (the expected answer is empty).
-- `synthetic`: the embedded synthetic world's held-out QA (no network).
+- `synthetic`: the embedded synthetic world's held-out questions (no network): one fact, or everything
+  about one person (`questions=about`).
 - `shapes`: the embedded shape scenes' held-out (test split) questions, with their images.
 - `images`: image-text jsonl rows {image, prompt, answer} (`data_files`), image paths relative to the file.
 
@@ -40,7 +41,7 @@ def load_task(cfg, limit: int | None = None) -> list[EvalExample]:
         from slmctl.data.synthetic import SyntheticWorld
 
         world = SyntheticWorld(seed=cfg.seed, n_people=cfg.n_people)
-        rows = world.qa(split="test", n=cfg.n, min_facts=cfg.min_facts, max_facts=cfg.max_facts)
+        rows = world.examples(str(cfg.questions), "test", cfg.n, cfg.min_facts, cfg.max_facts)
         examples = [EvalExample(r["id"], r["source"], [r["target"]]) for r in rows]
     elif cfg.kind == "shapes":
         from slmctl.data.shapes import ShapeScenes

@@ -153,3 +153,26 @@ def test_generation_is_fast():
     examples = world.qa("validation", 10_000, min_facts=16, max_facts=24)
     assert len(examples) == 10_000
     assert time.perf_counter() - start < 2.0
+
+
+def test_about_answers_are_every_sentence_about_the_person_in_the_contexts_order(world):
+    """The long-output task: the answer is the asked person's sentences, copied from the context in its
+    order, and nobody else's; 4 to 8 of them (30-100 tokens), within the context's min..max facts."""
+    names = [person.name for person in world.people]
+    examples = world.about("validation", 200, min_facts=10, max_facts=16)
+    assert len({e["id"] for e in examples}) == 200 and examples == world.about("validation", 200, 10, 16)
+    for e in examples:
+        (person,) = [name for name in names if name in e["question"]]
+        sentences = [s + "." for s in e["context"][:-1].split(". ")]
+        assert 10 <= len(sentences) <= 16 and len(set(sentences)) == len(sentences)
+        mine = [s for s in sentences if s.startswith(person + " ") or s.startswith(person + "'s ")]
+        assert 4 <= len(mine) <= 8 and e["answer"] == e["target"] == " ".join(mine)
+        assert e["source"] == format_prompt(e["question"], e["context"])
+    words = [len(e["answer"].split()) for e in examples]
+    assert 18 <= min(words) and max(words) <= 70
+    train = " ".join(e["context"] for e in world.about("train", 300, 10, 16))
+    for p, a in world.split_facts["test"] + world.split_facts["validation"]:  # held-out facts stay held out
+        person, attribute = world.people[p], ATTRIBUTES[a]
+        assert not any(state(attribute, st, person, person.name) + "." in train for st in attribute.statements)
+    with pytest.raises(ValueError, match="max_facts >= 9"):
+        world.about("train", 5, min_facts=2, max_facts=6)

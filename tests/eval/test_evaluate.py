@@ -237,11 +237,16 @@ def test_beam_search_predictions(models):
 
 def test_eval_with_drafts_gives_the_plain_predictions_and_logs_the_acceptance(tmp_path, models):
     runs, (encdec, deconly) = models
-    plain = evaluate_run(runs, ["limit=6"], models=[str(encdec)])
-    drafted = evaluate_run(runs, ["limit=6", "generation.draft=prompt", "generation.draft_tokens=4"], models=[str(encdec)])
+    about = ["task=synthetic_about", "task.n_people=200", "limit=6", "generation.max_new_tokens=24"]  # the long-output task
+    plain = evaluate_run(runs, about, models=[str(encdec)])
+    drafted = evaluate_run(runs, [*about, "generation.draft=prompt", "generation.draft_tokens=4"], models=[str(encdec)])
     predictions = [(run.path / "predictions.jsonl").read_text() for run in (plain, drafted)]
     assert predictions[0] == predictions[1]
     assert "draft prompt:" in (drafted.path / "log.txt").read_text()
+    costs = [json.loads((run.path / "metrics.json").read_text())["tasks"]["synthetic_about"]["cost"] for run in (plain, drafted)]
+    (plain_cost,), (drafted_cost,) = (list(c.values()) for c in costs)  # what the summary's drafting table reads
+    assert "draft" not in plain_cost and drafted_cost["draft"]["drafter"] == "prompt"
+    assert drafted_cost["draft"]["passes"] > 0 and 0 <= drafted_cost["draft"]["accepted"] <= drafted_cost["draft"]["drafted"]
     for overrides, message in ((["generation.draft=model"], "generation.draft"), (["generation.draft_tokens=0"], "must be > 0")):
         result = cli("eval", encdec, "limit=2", *overrides, runs=tmp_path / "refused")
         assert result.exit_code == 2 and message in result.output and not (tmp_path / "refused").exists()
