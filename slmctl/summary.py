@@ -10,7 +10,8 @@ never typed by hand. A recipe step names the runs per section:
         vision: {eval: ${runs.eval-vision}}
         drafting: {plain: ${runs.eval}, drafted: ${runs.eval-draft}, model: encdec}
 
-Each section is optional; `drafting` may also be a list of such pairs (one table each: PyTorch, ONNX Runtime). The step writes a run of its own (stage `summary`): summary.md (the
+Each section is optional; `drafting` may also be a list of such pairs (one table each: PyTorch,
+ONNX Runtime). The step writes a run of its own (stage `summary`): summary.md (the
 tables as Markdown, what the README quotes), summary.json (the same rows as data) and, with an
 architecture section, architecture.png (exact match beside each inference cost)."""
 

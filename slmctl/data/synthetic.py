@@ -304,17 +304,7 @@ class SyntheticWorld:
         if not (integers and 1 <= min_facts <= max_facts <= most_facts):
             raise ValueError(f"need 1 <= min_facts <= max_facts <= {most_facts} (the facts a {split} example may state), "
                              f"got min_facts={min_facts!r}, max_facts={max_facts!r}")
-        rng = random.Random(f"slmctl-synthetic:{self.seed}:qa:{split}:{min_facts}:{max_facts}")
-
-        def candidate():
-            question, context, answer = self._qa_candidate(rng, split, min_facts, max_facts)
-            return question + "\n" + context, (question, context, answer)
-
-        examples = []
-        for (question, context, answer), digest in self._take(split, n, candidate):
-            examples.append({"id": f"{split}-{digest.hex()[:16]}", "source": format_prompt(question, context),
-                             "target": answer, "context": context, "question": question, "answer": answer})
-        return examples
+        return self._questions("qa", split, n, min_facts, max_facts, self._qa_candidate)
 
     def _qa_candidate(self, rng: random.Random, split: str, min_facts: int, max_facts: int) -> tuple[str, str, str]:
         asked = rng.choice(self.split_facts[split])
@@ -352,13 +342,19 @@ class SyntheticWorld:
                 and 1 <= min_facts <= max_facts):
             raise ValueError(f"need 1 <= min_facts <= max_facts and max_facts >= {ABOUT_FACTS[1] + 1} (the asked person's "
                              f"sentences and someone else's), got min_facts={min_facts!r}, max_facts={max_facts!r}")
-        rng = random.Random(f"slmctl-synthetic:{self.seed}:about:{split}:{min_facts}:{max_facts}")
+        return self._questions("about", split, n, min_facts, max_facts, self._about_candidate)
+
+    def _questions(self, kind: str, split: str, n: int, min_facts: int, max_facts: int, make) -> list[dict]:
+        """The first `n` distinct examples `make(rng, split, min_facts, max_facts)` -> (question, context, answer)
+        gives, from a generator seeded by the world, `kind` and the arguments."""
+        rng = random.Random(f"slmctl-synthetic:{self.seed}:{kind}:{split}:{min_facts}:{max_facts}")
 
         def candidate():
-            question, context, answer = self._about_candidate(rng, split, min_facts, max_facts)
+            question, context, answer = make(rng, split, min_facts, max_facts)
             return question + "\n" + context, (question, context, answer)
 
-        return [{"id": f"{split}-about-{digest.hex()[:16]}", "source": format_prompt(question, context), "target": answer,
+        prefix = split if kind == "qa" else f"{split}-{kind}"
+        return [{"id": f"{prefix}-{digest.hex()[:16]}", "source": format_prompt(question, context), "target": answer,
                  "context": context, "question": question, "answer": answer}
                 for (question, context, answer), digest in self._take(split, n, candidate)]
 
