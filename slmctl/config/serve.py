@@ -29,3 +29,10 @@ class ServeSchema:
     grace_s: float = 30.0  # on SIGTERM / Ctrl-C: how long in-flight requests may take to finish
     draft: Drafter = Drafter.none  # prompt: each request's next tokens drafted from its prompt, checked several per pass
     draft_tokens: int = 10  # most tokens drafted per pass (each request's K adapts below it)
+    # limits on what one client may make the server do (HTTP 413 / 400 / 503 / 504 in OpenAI's error shape)
+    max_request_bytes: Optional[int] = None  # request body (null: 1 MiB for a text model, 32 MiB with a vision tower)
+    max_images: int = 8  # images per request
+    max_image_pixels: int = 16_777_216  # width x height of one image, read from its header before it is decoded
+    max_connections: int = 256  # open connections; more are answered 503 at once
+    request_timeout_s: float = 600.0  # a request still generating after this long ends (HTTP 504, or an error event)
+    metrics_public: bool = False  # with an API key: true lets /metrics answer without it

@@ -51,12 +51,48 @@ class Served:
     # prompt text + image URLs -> (token ids or None, embeds or None, image features or None); APIError on bad images
     encode: Callable[[str, list[str]], tuple] | None = None
     created: int = field(default_factory=protocol.now)
+    max_token_chars: int = 64  # the most characters one token of the tokenizer covers (a prompt's fewest tokens)
+    max_images: int = 8
+
+
+ERROR_RESPONSES = {status: {"model": protocol.ErrorResponse, "description": why} for status, why in protocol.ERROR_STATUSES.items()}
+
+
+def openapi_schema(app: FastAPI, secured: bool) -> dict:
+    """The schema clients generate code from, as the server behaves: FastAPI's 422 (which this server never
+    answers: a bad field is a 400 in OpenAI's error shape) taken out, the bearer key declared where one is set."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description="OpenAI-compatible completions from an slmctl encoder-decoder (docs/serve.md)")
+        for route, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+                if secured and route.startswith("/v1/"):
+                    operation["security"] = [{"bearer": []}]
+        components = schema.setdefault("components", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(unused, None)
+        if secured:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def authorized(header: str, api_key: str) -> bool:
+    """Authorization: Bearer KEY, the scheme in any case (RFC 7235), the key compared in constant time."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
 
 def create_app(engine: Engine, served: Served, metrics, api_key: str | None = None,
-               log_request: Callable[[dict], None] | None = None, log_prompts: bool = False) -> FastAPI:
-    app = FastAPI(title="slmctl serve", docs_url=None, redoc_url=None, openapi_url=None)
+               log_request: Callable[[dict], None] | None = None, log_prompts: bool = False,
+               metrics_public: bool = False, request_timeout_s: float | None = None) -> FastAPI:
+    app = FastAPI(title="slmctl serve", version=protocol.API_VERSION, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.engine, app.state.served = engine, served
+    app.openapi = lambda: openapi_schema(app, secured=api_key is not None)
 
     def error(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
         return JSONResponse(protocol.error_body(message, kind, param, code), status_code=status)
@@ -68,15 +104,23 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HTTPRequest, e: RequestValidationError):
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
+        kind = first.get("type")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not str(p).startswith("function-"))
+        if kind == "json_invalid":
             return error(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
-        if first.get("type") in ("model_attributes_type", "dict_type") and not where:
+        if kind == "missing" and not where:
+            return error(400, "the request body is empty: send a JSON object", code="invalid_json")
+        if kind in ("model_attributes_type", "dict_type", "model_type") and not where:
             return error(400, "the request body must be a JSON object", code="invalid_json")
-        if first.get("type") == "extra_forbidden":
+        if kind == "extra_forbidden":
             return error(400, f"unknown field: {where}", param=where, code="unknown_field")
-        message = first.get("msg", "invalid request")
-        return error(400, f"{where}: {message}" if where else message, param=where or None)
+        if kind == "missing":
+            return error(400, f"missing required field: {where}", param=where, code="missing_field")
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        field = where.split(".")[0] if where else None
+        code = "unsupported_field" if "not supported" in message else "invalid_type" if kind.endswith("_type") else \
+            "invalid_value"
+        return error(400, f"{where}: {message}" if where else message, param=field, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: HTTPRequest, e: StarletteHTTPException):
@@ -85,13 +129,12 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
     @app.middleware("http")
     async def _count_and_authorize(request: HTTPRequest, call_next):
         path = request.url.path
-        if api_key and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error",
-                                 code="invalid_api_key")
-                metrics.request(path, 401)
-                return response
+        guarded = path.startswith("/v1/") or (path == "/metrics" and not metrics_public)
+        if api_key and guarded and not authorized(request.headers.get("authorization", ""), api_key):
+            response = error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error",
+                             code="invalid_api_key")
+            metrics.request(path, 401)
+            return response
         response = await call_next(request)
         if path.startswith("/v1/"):
             metrics.request(path, response.status_code)
@@ -113,11 +156,11 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
                                             "owned_by": "slmctl"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: protocol.CompletionRequest, http: HTTPRequest):
         return await _generate(body, body.prompt, [], body.max_tokens, chat=False, http=http)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: protocol.ChatRequest, http: HTTPRequest):
         prompt, images = protocol.render_chat(body.messages, served.tokenizer)
         return await _generate(body, prompt, images, body.limit, chat=True, http=http)
@@ -130,11 +173,22 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
         if max_tokens > served.max_tokens_cap:
             raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({served.max_tokens_cap}: "
                                 "slmctl serve ... max_tokens_cap=N raises it)", param="max_tokens", code="max_tokens_exceeded")
+        where = "messages" if chat else "prompt"
+        if not prompt and not images:
+            raise APIError(400, "the prompt is empty: an encoder-decoder answers a source text, give one", param=where,
+                           code="empty_prompt")
+        if len(images) > served.max_images:
+            raise APIError(400, f"{len(images)} images; this server takes at most {served.max_images} per request",
+                           param="messages", code="too_many_images")
+        fewest = -(-len(prompt) // served.max_token_chars)  # no tokenizing of text that cannot fit
+        if fewest > served.max_prompt_tokens:
+            raise APIError(400, f"the prompt is at least {fewest} tokens; this model reads at most {served.max_prompt_tokens}",
+                           param=where, code="context_length_exceeded")
         ids, embeds, image_features = await run_in_threadpool(served.encode, prompt, images)
         length = len(ids) if ids is not None else int(embeds.shape[0])
         if length > served.max_prompt_tokens:
             raise APIError(400, f"the prompt is {length} tokens; this model reads at most {served.max_prompt_tokens}",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
+                           param=where, code="context_length_exceeded")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def on_event(event: dict) -> None:  # engine thread -> event loop
@@ -147,6 +201,8 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
         request = Request(prompt=ids, embeds=embeds, image_features=image_features, max_tokens=max_tokens, on_event=on_event,
                           temperature=temperature, top_p=served.default_top_p if body.top_p is None else body.top_p,
                           seed=body.seed, stop=body.stops, ignore_eos=body.ignore_eos)
+        if request_timeout_s:
+            request.deadline = request.submitted + request_timeout_s
         try:
             engine.submit(request)
         except QueueFull as e:
@@ -186,6 +242,9 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
                 text.append(event["text"])
             else:
                 done = event
+        if done["finish_reason"] == "timeout":
+            record(done, 504)
+            raise APIError(504, done.get("message", "the request ran past its deadline"), kind="server_error", code="timeout")
         if done["finish_reason"] in ("error", "cancelled"):
             record(done, 500)
             raise APIError(500, done.get("message", "generation did not finish"), kind="server_error")
@@ -212,9 +271,11 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
                     first = False
                 else:
                     done = event
-            if done["finish_reason"] in ("error", "cancelled"):
-                record(done, 500)
-                yield sse(protocol.error_body(done.get("message", "generation did not finish"), "server_error"))
+            if done["finish_reason"] in ("error", "cancelled", "timeout"):
+                timeout = done["finish_reason"] == "timeout"
+                record(done, 504 if timeout else 500)
+                yield sse(protocol.error_body(done.get("message", "generation did not finish"), "server_error",
+                                              code="timeout" if timeout else None))
                 return
             yield sse(protocol.completion_body(rid, served.name, None, done["finish_reason"], chat, created, delta=True))
             if include_usage:

@@ -192,6 +192,11 @@ class TorchBatch:
     def cut(self, lengths: torch.Tensor) -> None:
         self.cache.cut(lengths)
 
+    def reset(self) -> None:
+        """Free every row (after a failed call, whose half-done writes no row may build on)."""
+        self.cache.active = 0
+        self.cache.lengths.zero_()
+
     @torch.inference_mode()
     def leave(self, row: int) -> int | None:
         """Free `row`; the last active row moves into it. Returns the row that moved (now `row`), or None."""

@@ -68,6 +68,8 @@ class Request:
     accepted: int = 0
     draft_k: int = 0  # this request's drafts per pass now (adapts to its own acceptance)
     settings: GenerationConfig | None = None  # its decoding settings, made once (`Engine._walk`)
+    error: str | None = None  # why it ended with an error in a step
+    deadline: float | None = None  # time.perf_counter() past which it ends, finish_reason "timeout"
 
     @property
     def prompt_tokens(self) -> int:
@@ -89,7 +91,7 @@ class Engine:
     """Continuous batching over a `TorchBatch` (or any object with its join/step/leave/active).
 
     Events passed to a request's `on_event`: {"type": "text", "text": new characters},
-    then exactly one {"type": "done", "finish_reason": "stop"|"length"|"cancelled"|"error",
+    then exactly one {"type": "done", "finish_reason": "stop"|"length"|"cancelled"|"timeout"|"error",
     "prompt_tokens", "completion_tokens", "message" (errors)}."""
 
     def __init__(self, batch, tokenizer, eos_ids: list[int], bos_id: int, max_queue: int = 64, metrics=None, drafter=None):
@@ -160,10 +162,13 @@ class Engine:
                     if self.stopped:
                         break
                     joining = self._take_waiting()
-                if joining:
-                    self._join(joining)
-                if self.rows:
-                    self._step()
+                try:
+                    if joining:
+                        self._join(joining)
+                    if self.rows:
+                        self._step()
+                except Exception as e:  # an error no request could be blamed for: the step's requests end, the loop goes on
+                    self._fail_rows(f"{type(e).__name__}: {e}")
         except BaseException as e:  # noqa: BLE001 - reported to every request, then to the server
             self.failure = e
             with self.condition:
@@ -181,40 +186,70 @@ class Engine:
     def _take_waiting(self) -> list[Request]:
         free = self.batch.slots - len(self.rows)
         joining = []
+        now = time.perf_counter()
         while self.waiting and len(joining) < free:
             request = self.waiting.popleft()
             if request.cancelled:
                 self._finish(request, "cancelled")
+            elif request.deadline is not None and now > request.deadline:
+                self._finish(request, "timeout", message="the request waited past its deadline")
             else:
                 joining.append(request)
         self._gauge()
         return joining
 
     def _join(self, requests: list[Request]) -> None:
-        """Admit `requests`, text prompts and embedded (vision) prompts each encoded together; a group
-        the model cannot take fails its own requests, not the server."""
+        """Admit `requests`, text prompts and embedded (vision) prompts each encoded together. A group the
+        model cannot take is tried again one request at a time, so that only the request at fault fails."""
+        admitted = []
         for request in requests:
-            if request.temperature > 0:
-                request.generator = torch.Generator(device="cpu")
-                if request.seed is not None:
-                    request.generator.manual_seed(request.seed)
-                else:  # a fresh seed for this request only (torch.seed() would reseed the process's global RNG)
-                    request.generator.seed()
-        text = [r for r in requests if r.embeds is None]
-        images = [r for r in requests if r.embeds is not None]
-        token_inputs = {"prompts": [r.prompt for r in text]}
-        if any(r.image_features is not None for r in text):
-            token_inputs["image_features"] = [r.image_features for r in text]
-        for group, inputs in ((text, token_inputs), (images, {"embeds": [r.embeds for r in images]})):
+            try:
+                if request.temperature > 0:
+                    request.generator = torch.Generator(device="cpu")
+                    if request.seed is not None:
+                        request.generator.manual_seed(request.seed)
+                    else:  # a fresh seed for this request only (torch.seed() would reseed the process's global RNG)
+                        request.generator.seed()
+            except Exception as e:  # e.g. a seed outside the generator's range (the HTTP side refuses those first)
+                self._finish(request, "error", message=f"the request's seed cannot be used: {type(e).__name__}: {e}")
+                continue
+            admitted.append(request)
+        text = [r for r in admitted if r.embeds is None]
+        images = [r for r in admitted if r.embeds is not None]
+        for group in (text, images):
             if not group:
                 continue
             try:
-                self.batch.join(**inputs)
-            except (RuntimeError, ValueError, IndexError) as e:
-                for request in group:
-                    self._finish(request, "error", message=f"the prompt could not be encoded: {type(e).__name__}: {e}")
-                continue
-            self.rows += group
+                self._admit(group)
+            except Exception:
+                if len(group) == 1:
+                    self._admit_or_fail(group[0])
+                else:
+                    for request in group:
+                        self._admit_or_fail(request)
+        self._gauge()
+
+    def _admit(self, group: list[Request]) -> None:
+        if group[0].embeds is not None:
+            self.batch.join(embeds=[r.embeds for r in group])
+        elif any(r.image_features is not None for r in group):
+            self.batch.join(prompts=[r.prompt for r in group], image_features=[r.image_features for r in group])
+        else:
+            self.batch.join(prompts=[r.prompt for r in group])
+        self.rows += group
+
+    def _admit_or_fail(self, request: Request) -> None:
+        try:
+            self._admit([request])
+        except Exception as e:
+            self._finish(request, "error", message=f"the prompt could not be encoded: {type(e).__name__}: {e}")
+
+    def _fail_rows(self, message: str) -> None:
+        """End every active request with an error and empty the batch (its state is unknown after a failed call)."""
+        failed, self.rows = self.rows, []
+        self.batch.reset()
+        for request in failed:
+            self._finish(request, "error", message=message)
         self._gauge()
 
     def _step(self) -> None:
@@ -230,18 +265,27 @@ class Engine:
         now = time.perf_counter()
         leaving, kept = [], []
         for i, request in enumerate(self.rows):
-            if request.cancelled:
-                leaving.append((i, "cancelled"))
+            if request.cancelled or (request.deadline is not None and now > request.deadline):
+                leaving.append((i, "cancelled" if request.cancelled else "timeout"))
+                if not request.cancelled:
+                    request.error = "the request ran past its deadline (request_timeout_s)"
                 kept.append(0)
                 continue
-            tokens = self._walk(request, logits[i], drafts[i])
-            kept.append(len(tokens) - 1)
-            since = request.last_token_at if request.last_token_at is not None else now
-            for m, token in enumerate(tokens):  # a pass's tokens share its time: no near-zero gaps between them
-                reason = self._advance(request, token, since + (now - since) * (m + 1) / len(tokens))
-                if reason:
-                    leaving.append((i, reason))
-                    break
+            try:
+                if not bool(torch.isfinite(logits[i, :len(drafts[i]) + 1]).all()):
+                    raise FloatingPointError("the model's logits are not finite (NaN or infinity)")
+                tokens = self._walk(request, logits[i], drafts[i])
+                kept.append(len(tokens) - 1)
+                since = request.last_token_at if request.last_token_at is not None else now
+                for m, token in enumerate(tokens):  # a pass's tokens share its time: no near-zero gaps between them
+                    reason = self._advance(request, token, since + (now - since) * (m + 1) / len(tokens))
+                    if reason:
+                        leaving.append((i, reason))
+                        break
+            except Exception as e:  # this row's tokens could not be chosen: it alone ends, with the reason
+                request.error = f"{type(e).__name__}: {e}"
+                leaving.append((i, "error"))
+                kept += [0] * (i + 1 - len(kept))
         if width:
             self.batch.cut(before + 1 + torch.tensor(kept))
         for i, reason in sorted(leaving, reverse=True):  # from the end: a leaving row takes the last one's place
@@ -250,7 +294,7 @@ class Engine:
             last_row = self.rows.pop()
             if moved is not None:
                 self.rows[i] = last_row
-            self._finish(request, reason)
+            self._finish(request, reason, message=request.error)
         self._gauge()
 
     def _drafts(self) -> list[list[int]]:

@@ -121,6 +121,11 @@ class OnnxBatch:
             raise ValueError(f"cannot cut rows of lengths {self.lengths[:n].tolist()} to {keep.tolist()}")
         self.lengths[:n] = keep
 
+    def reset(self) -> None:
+        """Free every row (after a failed call, whose half-done writes no row may build on)."""
+        self.active = 0
+        self.lengths[:] = 0
+
     def leave(self, row: int) -> int | None:
         """Free `row`; the last active row moves into it. Returns the row that moved (now `row`), or None."""
         moved = swap_remove(row, self.active, self._move)

@@ -18,8 +18,26 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+API_VERSION = "1"  # of this server's HTTP API (its OpenAPI schema's version)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused, and no coercion: "5" or true is not an integer, 1 is not a boolean (OpenAI's rules)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# the range of a sampling generator's seed (torch.Generator.manual_seed): outside it, a 400 naming `seed`
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+
+
+def valid_text(text: str, field: str) -> str:
+    """`text` if it is valid Unicode (JSON admits lone surrogates, "\\ud800", which no tokenizer encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field} is not valid Unicode text (it holds a lone surrogate)") from None
+    return text
 
 
 class StreamOptions(Strict):
@@ -35,7 +53,7 @@ class Sampling(Strict):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     stop: Optional[Union[str, list[str]]] = None
     n: int = 1
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -58,17 +76,14 @@ class Sampling(Strict):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+        return [valid_text(s, "stop") for s in stops]
 
-    @model_validator(mode="after")
-    def _neutral(self):
-        unsupported = [name for name, value in (("presence_penalty", self.presence_penalty != 0),
-                                                ("frequency_penalty", self.frequency_penalty != 0),
-                                                ("logprobs", bool(self.logprobs)), ("logit_bias", bool(self.logit_bias)))
-                       if value]
-        if unsupported:
-            raise ValueError(f"{', '.join(unsupported)} not supported by slmctl serve (leave at the default)")
-        return self
+    @field_validator("presence_penalty", "frequency_penalty", "logprobs", "logit_bias")
+    @classmethod
+    def _neutral(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by slmctl serve (leave it at its default)")
+        return value
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -88,13 +103,16 @@ class CompletionRequest(Sampling):
             if len(prompt) != 1 or not isinstance(prompt[0], str):
                 raise ValueError("prompt takes one string (or a list of exactly one)")
             prompt = prompt[0]
-        return prompt
+        if not prompt:
+            raise ValueError("prompt is empty: an encoder-decoder answers a source text, give one")
+        return valid_text(prompt, "prompt")
 
-    @model_validator(mode="after")
-    def _plain(self):
-        if self.echo or self.suffix or self.best_of != 1:
-            raise ValueError("echo, suffix and best_of are not supported by slmctl serve")
-        return self
+    @field_validator("echo", "suffix", "best_of")
+    @classmethod
+    def _plain(cls, value, info):
+        if value and not (info.field_name == "best_of" and value == 1):
+            raise ValueError(f"{info.field_name} is not supported by slmctl serve (leave it at its default)")
+        return value
 
 
 class ImageURL(Strict):
@@ -118,6 +136,13 @@ class Message(Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[ContentPart]]
     name: Optional[str] = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content):
+        for text in [content] if isinstance(content, str) else [p.text or "" for p in content]:
+            valid_text(text, "content")
+        return content
 
 
 class ChatRequest(Sampling):
@@ -169,6 +194,28 @@ def render_chat(messages: list[Message], tokenizer) -> tuple[str, list[str]]:
 
 
 # -- responses -----------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, authentication_error, rate_limit_error, server_error
+    param: Optional[str] = None  # the request field at fault, where one is
+    code: Optional[str] = None  # e.g. context_length_exceeded, request_too_large, queue_full
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, whatever its status: OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+# the statuses a generation route answers besides 200, as its OpenAPI schema lists them
+ERROR_STATUSES = {400: "a request the server refuses: bad JSON, a field's type or value, a prompt too long",
+                  401: "a missing or wrong API key", 404: "a model this server does not serve",
+                  413: "a body larger than max_request_bytes", 415: "a body that is not JSON",
+                  429: "every slot busy and the queue full: retry later", 500: "generation failed for this request",
+                  503: "the server is shutting down or holds too many connections",
+                  504: "the request ran past request_timeout_s"}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import signal
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -40,6 +41,7 @@ def open_server(cfg, run) -> "Server":
     from slmctl.runtime.generator import check_drafting, load_generator
     from slmctl.serve.app import Served, create_app
     from slmctl.serve.engine import Engine
+    from slmctl.serve.limits import TEXT_MODEL_BYTES, VISION_MODEL_BYTES, BodyLimit
     from slmctl.serve.metrics import ServerMetrics
 
     api_key = None
@@ -61,6 +63,10 @@ def open_server(cfg, run) -> "Server":
     drafter = make_drafter(str(cfg.draft), cfg.draft_tokens)
     if drafter is not None:
         check_drafting(generator, num_beams=1)
+    decoder_length = generator.model.config.max_seq_len
+    if cfg.max_tokens_cap + 1 > decoder_length:
+        raise ConfigError(f"max_tokens_cap={cfg.max_tokens_cap} is past the {decoder_length} positions {cfg.source} was "
+                          f"made for (its max_seq_len): at most max_tokens_cap={decoder_length - 1}")
     batch = open_batch(generator, cfg.max_batch, cfg.max_tokens_cap)
     metrics = ServerMetrics()
     tokenizer = generator.tokenizer
@@ -72,7 +78,8 @@ def open_server(cfg, run) -> "Server":
     served = Served(name=name, tokenizer=tokenizer, max_prompt_tokens=max_prompt, max_tokens_cap=cfg.max_tokens_cap,
                     default_max_tokens=min(defaults["max_new_tokens"], cfg.max_tokens_cap),
                     default_temperature=defaults["temperature"], default_top_p=defaults["top_p"],
-                    encode=PromptEncoder(generator, cfg.image_root))
+                    encode=PromptEncoder(generator, cfg.image_root, cfg.max_image_pixels),
+                    max_token_chars=max(map(len, tokenizer.vocab()), default=1), max_images=cfg.max_images)
     log_lock = threading.Lock()
     requests_log = run.path / "requests.jsonl"
 
@@ -80,9 +87,18 @@ def open_server(cfg, run) -> "Server":
         with log_lock, open(requests_log, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
-    app = create_app(engine, served, metrics, api_key=api_key, log_request=log_request, log_prompts=cfg.log_prompts)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=cfg.grace_s, lifespan="off")
+    app = create_app(engine, served, metrics, api_key=api_key, log_request=log_request, log_prompts=cfg.log_prompts,
+                     metrics_public=cfg.metrics_public, request_timeout_s=cfg.request_timeout_s)
+    vision = hasattr(generator.model, "embed_inputs") or getattr(generator.model, "is_vision", False)
+    max_bytes = cfg.max_request_bytes or (VISION_MODEL_BYTES if vision else TEXT_MODEL_BYTES)
+    config = uvicorn.Config(BodyLimit(app, max_bytes, on_refusal=metrics.request), host=cfg.host, port=cfg.port,
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=cfg.grace_s, lifespan="off",
+                            limit_concurrency=cfg.max_connections)
+    if not api_key and not _loopback(cfg.host):
+        warning = (f"warning: listening on {cfg.host} without an API key: anyone who reaches this address can use the "
+                   "model (set api_key_env=VAR)")
+        run.log(warning)
+        print(warning, file=sys.stderr)
     run.log(f"serving {cfg.source} as {name!r} on {runtime} ({cfg.max_batch} slots, queue {cfg.max_queue}, "
             f"max_tokens cap {cfg.max_tokens_cap}, prompts up to {max_prompt} tokens"
             f"{f', drafts: {drafter.name} up to {cfg.draft_tokens} a pass' if drafter else ''})")
@@ -92,6 +108,17 @@ def open_server(cfg, run) -> "Server":
         engine.stop(timeout=5)
         raise
     return Server(config, run, engine, metrics, name, cfg, listening)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bind(host: str, port: int):
@@ -142,8 +169,9 @@ def generation_defaults(path) -> dict:
 class PromptEncoder:
     """Prompt text (+ image URLs) -> (encoder token ids, None) or, with images, (None, embeds [S, d_model])."""
 
-    def __init__(self, generator, image_root: str | None):
+    def __init__(self, generator, image_root: str | None, max_pixels: int = 16_777_216):
         self.generator, self.image_root = generator, Path(image_root).resolve() if image_root else None
+        self.max_pixels = max_pixels
 
     def __call__(self, prompt: str, images: list[str]):
         """(encoder token ids, embedded input, image features): ids alone for text; a torch vision model's
@@ -195,9 +223,12 @@ class PromptEncoder:
                 raise APIError(400, f"image_url: {url} does not exist", param="image_url")
             source = resolved
         try:
-            with Image.open(source) as image:
+            with Image.open(source) as image:  # reads the header only: the size is known before any pixel is decoded
+                if image.width * image.height > self.max_pixels:
+                    raise APIError(400, f"image_url: a {image.width}x{image.height} image; this server takes at most "
+                                        f"{self.max_pixels} pixels (max_image_pixels)", param="image_url", code="image_too_large")
                 return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
             raise APIError(400, f"image_url: not a readable image ({e})", param="image_url") from None
 
 

@@ -215,6 +215,83 @@ def test_a_prompt_the_model_cannot_take_fails_its_request_not_the_server(generat
         engine.stop(5)
 
 
+def held_engine(generator, slots: int = 4):
+    """An engine whose loop waits at its first step until `gate` is set, so requests join in one group."""
+    tokenizer = generator.tokenizer
+    engine = Engine(TorchBatch(generator.model, slots=slots, capacity=17), tokenizer, [tokenizer.eos_id],
+                    generator.model.config.bos_token_id)
+    gate, join = threading.Event(), engine._join
+
+    def held_join(requests):
+        gate.wait(10)
+        return join(requests)
+
+    engine._join = held_join
+    return engine.start(), gate
+
+
+def test_bad_requests_among_good_ones_end_alone_and_the_engine_goes_on(generator):
+    """A seed the generator cannot take and a prompt the model cannot encode, admitted in one group
+    with good requests: those two end with an error, the good ones get what they would get alone."""
+    tokenizer = generator.tokenizer
+    engine, gate = held_engine(generator)
+    join = engine.batch.join
+
+    def picky_join(prompts=None, embeds=None):
+        if prompts and any(p and p[0] == 4 for p in prompts):  # this test's unencodable prompt starts with id 4
+            raise ValueError("this prompt cannot be encoded")
+        return join(prompts=prompts, embeds=embeds)
+
+    engine.batch.join = picky_join
+    try:
+        good = [collect(engine, prompt=tokenizer.encode(p), max_tokens=8) for p in PROMPTS[:2]]
+        bad_seed = collect(engine, prompt=tokenizer.encode(PROMPTS[2]), max_tokens=8, temperature=0.7, seed=2 ** 64)
+        bad_prompt = collect(engine, prompt=[4, 5, 6], max_tokens=8)
+        gate.set()
+        for (_, events, done), prompt in zip(good, PROMPTS[:2]):
+            assert done.wait(30) and text_of(events) == generate_text(generator, prompt, max_new_tokens=8)
+        for (_, events, done), why in ((bad_seed, "seed"), (bad_prompt, "cannot be encoded")):
+            assert done.wait(30) and events[-1]["finish_reason"] == "error" and why in events[-1]["message"]
+        _, events, done = collect(engine, prompt=tokenizer.encode(PROMPTS[3]), max_tokens=8)
+        assert done.wait(30) and text_of(events) == generate_text(generator, PROMPTS[3], max_new_tokens=8)
+        assert engine.failure is None
+    finally:
+        gate.set()
+        engine.stop(5)
+
+
+def test_nan_logits_in_one_row_end_that_request_and_a_failed_step_only_the_requests_in_it(generator):
+    tokenizer = generator.tokenizer
+    engine, gate = held_engine(generator)
+    verify, calls = engine.batch.verify, []
+
+    def faulty_verify(tokens):
+        logits = verify(tokens)
+        calls.append(len(calls))
+        if len(calls) == 3:  # row 1's logits turn to NaN at the third step
+            logits[1] = float("nan")
+        if len(calls) == 6:
+            raise RuntimeError("a step that fails for no request's fault")
+        return logits
+
+    engine.batch.verify = faulty_verify
+    try:
+        submitted = [collect(engine, prompt=tokenizer.encode(p), max_tokens=16, ignore_eos=True) for p in PROMPTS[:3]]
+        gate.set()
+        for _, _, done in submitted:
+            assert done.wait(30)
+        reasons = [events[-1]["finish_reason"] for _, events, _ in submitted]
+        assert reasons == ["error", "error", "error"]
+        assert "not finite" in submitted[1][1][-1]["message"] and len(submitted[1][0].tokens) == 2
+        assert all("fails for no request" in events[-1]["message"] for _, events, _ in (submitted[0], submitted[2]))
+        _, events, done = collect(engine, prompt=tokenizer.encode(PROMPTS[0]), max_tokens=8)  # the engine serves on
+        assert done.wait(30) and text_of(events) == generate_text(generator, PROMPTS[0], max_new_tokens=8)
+        assert engine.failure is None and engine.active == 0
+    finally:
+        gate.set()
+        engine.stop(5)
+
+
 @pytest.fixture(scope="module")
 def echo_dir(tiny_model_dir, tmp_path_factory):
     """The tiny preset's initial weights with the tiny model's tokenizer: an untrained model that echoes its

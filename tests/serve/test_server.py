@@ -101,20 +101,31 @@ def test_a_conversation_goes_through_the_default_chat_template(server, tiny_mode
     assert reply.choices[0].message.content == expected
 
 
-BAD_REQUESTS = [
-    ("malformed JSON", b'{"model": "tiny", "prompt": ', 400, "invalid_json"),
-    ("not an object", b"[1, 2]", 400, "invalid_json"),
-    ("unknown field", {"model": "tiny", "prompt": "hi", "temperatur": 0}, 400, "unknown_field"),
-    ("prompt too long", {"model": "tiny", "prompt": "Where does Ana live? " * 40}, 400, "context_length_exceeded"),
-    ("max_tokens beyond the cap", {"model": "tiny", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens_exceeded"),
-    ("unknown model", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found"),
-    ("n > 1", {"model": "tiny", "prompt": "hi", "n": 2}, 400, None),
-    ("a bad temperature", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400, None),
+BAD_REQUESTS = [  # why, body, status, error code, the field named as `param`
+    ("malformed JSON", b'{"model": "tiny", "prompt": ', 400, "invalid_json", None),
+    ("not an object", b"[1, 2]", 400, "invalid_json", None),
+    ("unknown field", {"model": "tiny", "prompt": "hi", "temperatur": 0}, 400, "unknown_field", "temperatur"),
+    ("prompt too long", {"model": "tiny", "prompt": "Where does Ana live? " * 40}, 400, "context_length_exceeded", "prompt"),
+    ("max_tokens beyond the cap", {"model": "tiny", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens_exceeded", "max_tokens"),
+    ("unknown model", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found", "model"),
+    ("n > 1", {"model": "tiny", "prompt": "hi", "n": 2}, 400, "invalid_value", "n"),
+    ("a bad temperature", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "invalid_value", "temperature"),
+    # hostile input: each of these once took the engine down, leaked a traceback or was quietly coerced
+    ("a seed past the generator's range", {"model": "tiny", "prompt": "hi", "temperature": 0.7, "seed": 2 ** 64}, 400,
+     "invalid_value", "seed"),
+    ("an empty prompt", {"model": "tiny", "prompt": ""}, 400, "invalid_value", "prompt"),
+    ("an empty prompt, streamed", {"model": "tiny", "prompt": "", "stream": True}, 400, "invalid_value", "prompt"),
+    ("a lone surrogate", b'{"model": "tiny", "prompt": "\\ud800"}', 400, "invalid_value", "prompt"),
+    ("max_tokens as a string", {"model": "tiny", "prompt": "hi", "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
+    ("max_tokens as a boolean", {"model": "tiny", "prompt": "hi", "max_tokens": True}, 400, "invalid_type", "max_tokens"),
+    ("an empty body", b"", 400, "invalid_json", None),
+    ("an unsupported field", {"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, "unsupported_field", "logprobs"),
+    ("megabytes of prompt", {"model": "tiny", "prompt": "x" * 900_000}, 400, "context_length_exceeded", "prompt"),
 ]
 
 
-@pytest.mark.parametrize("why, body, status, code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_input_is_a_4xx_in_openais_shape_and_the_server_keeps_serving(server, why, body, status, code):
+@pytest.mark.parametrize("why, body, status, code, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_a_4xx_in_openais_shape_and_the_server_keeps_serving(server, why, body, status, code, param):
     with httpx.Client(base_url=server.url, timeout=30) as http:
         if isinstance(body, bytes):
             response = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
@@ -122,10 +133,77 @@ def test_bad_input_is_a_4xx_in_openais_shape_and_the_server_keeps_serving(server
             response = http.post("/v1/completions", json=body)
         assert response.status_code == status, response.text
         error = response.json()["error"]
-        assert error["message"] and error["type"] and (code is None or error["code"] == code)
+        assert error["message"] and error["type"] and error["code"] == code and error["param"] == param, error
         assert http.get("/health").json()["status"] == "ok"
         ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
         assert ok.status_code == 200
+
+
+def raw_post(url: str, head: bytes, body_parts) -> tuple[int, dict]:
+    """POST over a plain socket: the head, then as many body parts as the server reads before it answers
+    -> (status, JSON body of the answer)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        try:
+            for part in body_parts:
+                sock.sendall(part)
+        except OSError:  # the server answered and closed: what it did not read was never sent
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                answer.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_body_past_the_limit_is_refused_unread_while_health_answers(server):
+    """50 MB declared, or sent in chunks without a length: 413 in OpenAI's shape before the body is read
+    (the server's memory does not grow by the body), /health answering meanwhile."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (this process holds the server)
+    start = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, body = raw_post(server.url, start + b"Content-Length: 52428800\r\n\r\n", [b'{"prompt": "'])
+    assert status == 413 and body["error"]["code"] == "request_too_large" and "52428800 bytes" in body["error"]["message"]
+    chunk = b"x" * (1 << 20)
+    chunks = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(50))
+    status, body = raw_post(server.url, start + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        started = time.perf_counter()
+        assert http.get("/health").json()["status"] == "ok" and time.perf_counter() - started < 1
+        refused = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "hi"}',
+                            headers={"Content-Type": "text/plain"})
+        assert refused.status_code == 415 and refused.json()["error"]["code"] == "unsupported_media_type"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before < 100
+
+
+def test_the_limits_hold_at_start_up_and_the_schema_lists_what_the_server_answers(tmp_path, tiny_model_dir, monkeypatch):
+    from slmctl.model.directory import load_model
+
+    length = load_model(tiny_model_dir).config.max_seq_len
+    result = cli("serve", tiny_model_dir, f"max_tokens_cap={length}", "port=0", runs=tmp_path / "runs")
+    assert result.exit_code == 2 and f"at most max_tokens_cap={length - 1}" in result.output
+    assert not (tmp_path / "runs" / "serve").exists() or all(
+        json.loads((r / "status.json").read_text())["status"] == "failed" for r in (tmp_path / "runs" / "serve").iterdir()
+        if r.is_dir() and not r.is_symlink())
+    monkeypatch.setenv("SLMCTL_TEST_KEY", "sk-test")
+    with running_server(tmp_path / "runs", tiny_model_dir, "model_name=tiny", "api_key_env=SLMCTL_TEST_KEY") as server:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/metrics").status_code == 401  # behind the key, as /v1 is
+            assert http.get("/metrics", headers={"Authorization": "bearer sk-test"}).status_code == 200  # any case
+            schema = http.get("/openapi.json").json()
+    operation = schema["paths"]["/v1/completions"]["post"]
+    assert {"400", "401", "413", "429", "503"} <= set(operation["responses"]) and "422" not in operation["responses"]
+    assert operation["security"] == [{"bearer": []}] and schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert operation["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
 def test_metrics_count_requests_tokens_and_latencies(tmp_path, tiny_model_dir):
