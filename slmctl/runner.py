@@ -95,7 +95,7 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
     from omegaconf import OmegaConf
 
     from slmctl.config.compose import compose, saved_config, to_yaml
-    from slmctl.config.registry import STAGE_SCHEMAS
+    from slmctl.config.registry import STAGE_SCHEMAS, stage_module
     from slmctl.errors import ConfigError
     from slmctl.runs.run import Run
     from slmctl.train.ranks import follow_rank0
@@ -126,6 +126,9 @@ def _open(stage, overrides, runs_dir, name, device, extra, argv, dry_run):
         cfg = saved_config(stage, run.config(), resume=str(path))
         run.resume()
         return cfg, run
+    preflight = getattr(stage_module(stage), "preflight", None)
+    if preflight is not None:  # what the stage can refuse before a run directory exists
+        preflight(cfg, runs_dir)
     return cfg, Run.create(runs_dir, stage, name or stage, cfg, argv=argv, device=device)
 
 
@@ -186,6 +189,13 @@ def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_f
         texts = [*texts, *(read_prompt_file(prompt_file) if prompt_file is not None else [])]
         if not texts:
             raise UserError('give prompt="..." or --file prompts.jsonl')
+        for number, text in enumerate(texts, 1):
+            if not text:
+                raise UserError(f'prompt {number} is empty: an encoder-decoder answers a source text (prompt="...")')
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"prompt {number} is not valid Unicode text (it holds a lone surrogate)") from None
         if runtime == "torch":
             check_torch_device(device)
         else:

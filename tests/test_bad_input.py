@@ -205,3 +205,14 @@ def test_bad_input_is_a_one_line_error_with_exit_2_and_no_successful_run(world, 
     statuses = [json.loads(p.read_text())["status"] for p in runs.glob("*/*/status.json")]
     assert all(status == "failed" for status in statuses), statuses  # a run opened before the problem showed
     assert not list(runs.glob("*/latest"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrain", "model=tiny", "trainer.max_steps=abc"], "trainer.max_steps='abc': input should be a valid integer"),
+    (["pretrain", "model=tiny", "trainer.precision=bogus"], "trainer.precision='bogus': none of the values"),
+    (["export", "onnx"], "no model given and no succeeded distill or pretrain run"),
+])
+def test_bad_input_is_refused_before_a_run_directory_exists(tmp_path, args, message):
+    result = cli(*args, runs=tmp_path / "runs")
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "runs").exists()

@@ -98,6 +98,9 @@ def test_generate_reads_a_prompt_file_and_reports_bad_lines(tmp_path):
     prompts.write_text('{"prompt": "hello"}\nnot json\n')
     result = cli("generate", tmp_path / "no-model", "--file", prompts)
     assert result.exit_code == 2 and "prompts.jsonl:2: not valid JSON" in result.output
+    for given, message in (("prompt=", "prompt 1 is empty"), ("prompt=\ud800", "prompt 1 is not valid Unicode")):
+        result = cli("generate", tmp_path / "no-model", given)  # refused before any model is read
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("device, message", [("cuda", "no CUDA device"), ("npu", "NPUs run exported ONNX graphs"),

@@ -175,8 +175,35 @@ def _check_trainer(node, lightning: bool = True) -> DictConfig:
         if not lightning:
             raise ConfigError(f"unknown trainer option {unknown[0]!r} (bench --train takes: {', '.join(own)})")
         raise _unknown_trainer_key(unknown[0])
+    if lightning:
+        _check_trainer_types(node, own)
     options = _merge(TrainerOptionsSchema, {k: node[k] for k in node if k in own}, "trainer")
     return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), options)
+
+
+def _check_trainer_types(node, own: list[str]) -> None:
+    """Each Lightning argument against lightning.Trainer's own annotation, so that `trainer.max_steps=abc` is a
+    one-line error naming the key before any run exists (not a comparison failing deep inside Lightning)."""
+    import typing
+
+    from lightning.pytorch import Trainer
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    hints = typing.get_type_hints(Trainer.__init__)
+    for name in node:
+        if name in own or name not in hints:
+            continue
+        value = OmegaConf.to_container(node, resolve=True)[name]
+        try:
+            adapter = TypeAdapter(hints[name], config=ConfigDict(arbitrary_types_allowed=True))
+        except Exception:  # an annotation pydantic cannot check: Lightning checks it
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as e:
+            errors = e.errors()
+            why = errors[0]["msg"] if len(errors) == 1 else "none of the values lightning.Trainer accepts there"
+            raise ConfigError(f"trainer.{name}={value!r}: {why[0].lower() + why[1:]}") from None
 
 
 def _check_values(cfg: DictConfig) -> None:

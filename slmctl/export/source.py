@@ -8,6 +8,13 @@ from pathlib import Path
 from slmctl.errors import ConfigError
 
 
+def check_source(cfg, runs_dir: Path) -> None:
+    """The model the export names exists and is of a kind it exports (before a run directory is opened)."""
+    from slmctl.refs import parse
+
+    parse(cfg.source or _newest_model_run(Path(runs_dir), cfg.to), runs_dir).require(("preset", "model_dir"), "export")
+
+
 def load_source(cfg, run):
     """(model in eval mode, fp32, cpu; the model directory or None for a preset)."""
     from slmctl.refs import resolve

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
-from slmctl.export.source import load_source
+from slmctl.export.source import check_source, load_source
 from slmctl.export.validate import ValidationFailed, validate
 from slmctl.files import EXPORT_DIR
 from slmctl.runtime.onnx import CONTRACT_VERSION, SPEC_FILE, OnnxLM
@@ -36,6 +36,11 @@ from slmctl.runtime.providers import placement_line
 console = Console()
 TOKENIZER_FILES = ("tokenizer.json", "slmctl_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "generation.json")
+
+
+def preflight(cfg, runs_dir) -> None:
+    """Refused before the run exists: no model to export, or one of a kind no format exports."""
+    check_source(cfg, runs_dir)
 
 
 def run(cfg, run):
