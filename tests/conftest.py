@@ -1,6 +1,7 @@
 """Shared test helpers: deterministic CPU settings, randomised tiny models, a tiny Llama teacher on disk,
 the slmctl command in-process, run lookups, tiny override lists and tiny training runs."""
 
+import contextlib
 import json
 import os
 import tempfile
@@ -315,6 +316,30 @@ class ChatServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def running_server(runs, model, *overrides, slow_steps: float = 0.0):
+    """A server in a thread of this process (port 0) -> the Server; stopped and its run finished after.
+    `slow_steps`: seconds added to every decoding step (to keep requests in flight)."""
+    from slmctl.runs.run import Run
+    from slmctl.serve.stage import open_server
+
+    cfg = compose("serve", [f"source={model}", "port=0", *overrides])
+    run = Run.create(runs, "serve", "serve", cfg, argv=["test"])
+    server = open_server(cfg, run)
+    if slow_steps:
+        step = server.engine.batch.step
+        server.engine.batch.step = lambda tokens: (time.sleep(slow_steps), step(tokens))[1]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert server.bound.wait(60), "the server did not start"
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(60)
+        server.finish()
 
 
 def wait_for_steps(runs, stage: str, steps: int, process=None, timeout: float = 120) -> None:

@@ -1,7 +1,6 @@
 """`slmctl serve`: OpenAI's client against a server started here, bad input, disconnects, metrics,
 API keys, a full queue, the run directory and a graceful SIGTERM."""
 
-import contextlib
 import json
 import os
 import signal
@@ -14,32 +13,9 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import cli, newest_run
+from conftest import cli, newest_run, running_server
 
-from slmctl.config.compose import compose
 from slmctl.runs.run import Run
-from slmctl.serve.stage import open_server
-
-
-@contextlib.contextmanager
-def running_server(runs, model, *overrides, slow_steps: float = 0.0):
-    """A server in a thread of this process (port 0) -> the Server; stopped and its run finished after.
-    `slow_steps`: seconds added to every decoding step (to keep requests in flight)."""
-    cfg = compose("serve", [f"source={model}", "port=0", *overrides])
-    run = Run.create(runs, "serve", "serve", cfg, argv=["test"])
-    server = open_server(cfg, run)
-    if slow_steps:
-        step = server.engine.batch.step
-        server.engine.batch.step = lambda tokens: (time.sleep(slow_steps), step(tokens))[1]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert server.bound.wait(60), "the server did not start"
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(60)
-        server.finish()
 
 
 @pytest.fixture(scope="module")
