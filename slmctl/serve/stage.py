@@ -228,7 +228,10 @@ class PromptEncoder:
                     raise APIError(400, f"image_url: a {image.width}x{image.height} image; this server takes at most "
                                         f"{self.max_pixels} pixels (max_image_pixels)", param="image_url", code="image_too_large")
                 return image.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+        except Image.DecompressionBombError:  # so large that Pillow refuses its header itself
+            raise APIError(400, f"image_url: an image past Pillow's own size limit; this server takes at most "
+                                f"{self.max_pixels} pixels (max_image_pixels)", param="image_url", code="image_too_large") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise APIError(400, f"image_url: not a readable image ({e})", param="image_url") from None
 
 

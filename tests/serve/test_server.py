@@ -420,7 +420,35 @@ def test_images_in_chat_content_reach_a_vision_model(tmp_path, vision_model_dir)
                     "data:image/png;base64," + base64.b64encode(b"not an image").decode()):
             with pytest.raises(openai.BadRequestError):
                 ask(bad)
+        # a decompression bomb's header says how big it is: refused before a pixel is decoded
+        Image.new("1", (5000, 5000)).save(pictures / "bomb.png")  # 3 KB on disk, 25 M pixels decoded
+        Image.new("1", (20000, 20000)).save(pictures / "huge.png")  # past Pillow's own limit
+        for bomb in ("bomb.png", "huge.png"):
+            with pytest.raises(openai.BadRequestError, match="at most 16777216 pixels"):
+                ask(bomb)
+        with pytest.raises(openai.BadRequestError, match="at most 8 per request"):
+            api.chat.completions.create(model="vlm", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url}}] * 9}])
         assert ask(data_url).choices[0].message.content == expected
+
+
+def test_a_request_past_its_deadline_ends_with_504_and_frees_its_slot(tmp_path, tiny_model_dir):
+    with running_server(tmp_path, tiny_model_dir, "model_name=tiny", "request_timeout_s=0.5", slow_steps=0.05) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}
+            started = time.perf_counter()
+            late = http.post("/v1/completions", json=body)
+            assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+            assert time.perf_counter() - started < 5
+            streamed = http.post("/v1/completions", json={**body, "stream": True}).text
+            assert '"code": "timeout"' in streamed and "[DONE]" not in streamed
+            assert http.get("/health").json()["active"] == 0
+            assert http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_public_address_without_a_key_is_warned_about(tmp_path, tiny_model_dir):
+    with running_server(tmp_path, tiny_model_dir, "host=0.0.0.0") as server:
+        assert "warning: listening on 0.0.0.0 without an API key" in (server.run_dir.path / "log.txt").read_text()
 
 
 def test_a_load_test_of_32_streaming_clients_completes_every_stream(tmp_path, tiny_model_dir):
