@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slmctl.errors import UserError
 from slmctl.serve import protocol
 from slmctl.serve.engine import Draining, Engine, QueueFull, Request
+from slmctl.serve.limits import DISCONNECTED
 
 
 class APIError(UserError):
@@ -55,6 +56,8 @@ class Served:
     max_images: int = 8
 
 
+DISCONNECT_CHECK_S = 0.5  # how often a plain (non-streamed) request looks whether its client is still there
+
 ERROR_RESPONSES = {status: {"model": protocol.ErrorResponse, "description": why} for status, why in protocol.ERROR_STATUSES.items()}
 
 
@@ -78,6 +81,12 @@ def openapi_schema(app: FastAPI, secured: bool) -> dict:
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+async def client_gone(http: HTTPRequest) -> bool:
+    """Whether the client has closed its connection (told by `BodyLimit`, which reads the connection itself)."""
+    gone = http.scope.get(DISCONNECTED)
+    return gone.is_set() if gone is not None else await http.is_disconnected()
 
 
 def authorized(header: str, api_key: str) -> bool:
@@ -230,13 +239,17 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(request, events, rid, created, chat, include_usage, record),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, done = [], None
+        text, done, next_check = [], None, time.monotonic() + DISCONNECT_CHECK_S
         while done is None:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
+                event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
-                if await http.is_disconnected():
+                event = None
+            if time.monotonic() >= next_check:  # however fast tokens come: a client gone is noticed within the interval
+                next_check = time.monotonic() + DISCONNECT_CHECK_S
+                if await client_gone(http):
                     engine.cancel(request)
+            if event is None:
                 continue
             if event["type"] == "text":
                 text.append(event["text"])

@@ -11,9 +11,12 @@ misreported.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from slmctl.serve.protocol import error_body
+
+DISCONNECTED = "slmctl.disconnected"  # the scope key of an asyncio.Event set when the client has gone
 
 TEXT_MODEL_BYTES = 1 << 20  # a prompt of 1 MiB is far past any small model's context
 VISION_MODEL_BYTES = 32 << 20  # base64 images
@@ -56,6 +59,15 @@ class BodyLimit:
             # refused after the (bounded) body was read: the connection stays usable for the client's next request
             return await self._refuse(scope, send, 415, "the request body must be JSON (Content-Type: application/json)",
                                       "unsupported_media_type", close=False)
+        # from here on this middleware alone reads the connection: it notices the client going away at once, for
+        # routes that ask (scope[DISCONNECTED]) however many wrappers lie between (Starlette's middleware hides it)
+        gone = scope[DISCONNECTED] = asyncio.Event()
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
         sent = False
 
         async def replay():
@@ -63,9 +75,14 @@ class BodyLimit:
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # after the body: the disconnect, when it comes
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
-        return await self.app(scope, replay, send)
+        watcher = asyncio.create_task(watch())
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()
 
     def _too_large(self, declared: int | None) -> str:
         size = f"{declared} bytes" if declared is not None else "more than that"

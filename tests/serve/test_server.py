@@ -225,6 +225,28 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path, tiny_mode
     assert entry["prompt"] == PROMPT  # log_prompts=true (--log-prompts) keeps the text
 
 
+def test_a_client_that_disconnects_while_waiting_for_a_plain_answer_frees_its_slot(tmp_path, tiny_model_dir):
+    import socket
+
+    with running_server(tmp_path, tiny_model_dir, "model_name=tiny", slow_steps=0.02) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 250, "ignore_eos": True}).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                deadline = time.time() + 10
+                while http.get("/health").json()["active"] == 0 and time.time() < deadline:
+                    time.sleep(0.02)
+                assert http.get("/health").json()["active"] == 1
+        with httpx.Client(base_url=server.url, timeout=30) as http:  # gone, 5 s before its 250 tokens would be done
+            deadline = time.time() + 3
+            while http.get("/health").json()["active"] and time.time() < deadline:
+                time.sleep(0.05)
+            assert http.get("/health").json()["active"] == 0
+            assert 'slmctl_request_finish_total{reason="cancelled"} 1.0' in http.get("/metrics").text
+
+
 def test_a_full_queue_is_429_and_health_answers_during_generation(tmp_path, tiny_model_dir):
     with running_server(tmp_path, tiny_model_dir, "model_name=tiny", "max_batch=1", "max_queue=1",
                         slow_steps=0.04) as server:
