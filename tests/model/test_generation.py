@@ -93,6 +93,22 @@ def test_eos_stops_and_pads(encdec):
     assert both.shape[1] <= 16
 
 
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_in_a_padded_batch_a_row_that_ends_stays_ended_while_the_others_go_on(arch, request):
+    """EOS is a token one row emits early and another never: the first row's tokens equal its own run
+    alone, then only padding (no token after its EOS leaks in); the other row runs its 20 tokens as alone."""
+    model = request.getfixturevalue(arch)
+    ids, mask, rows = random_prompts([5, 10], seed=9)
+    free = [model.generate(row[None], max_new_tokens=20, min_new_tokens=20)[0].tolist() for row in rows]
+    stop = next(t for t in free[0][2:] if t not in free[1])  # ends row 0 early; row 1 never emits it
+    ended, full = (model.generate(row[None], max_new_tokens=20, eos_token_id=stop)[0].tolist() for row in rows)
+    assert len(ended) < 20 and ended[-1] == stop and len(full) == 20 and stop not in full
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=stop).tolist()
+    assert batched[0][:len(ended)] == ended
+    assert batched[0][len(ended):] == [model.config.pad_token_id] * (20 - len(ended))
+    assert batched[1] == full
+
+
 def test_streamer_sees_every_token(deconly):
     ids, mask, _ = random_prompts([5, 8], seed=9)
     seen = []
