@@ -24,6 +24,9 @@ def sigterm_as_interrupt():
     def stop(signum, frame):
         raise Stopped("stopped by SIGTERM")
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # started to ignore it (nohup-like): it stays ignored
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread: leave signals alone

@@ -29,8 +29,9 @@ class GracefulStop(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-        self._previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-        for sig in SIGNALS:
+        # a signal the process was started to ignore (a background job's SIGINT, nohup) stays ignored
+        self._previous = {sig: signal.getsignal(sig) for sig in SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
+        for sig in self._previous:
             signal.signal(sig, self._request)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -65,12 +65,35 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resumed_run_matches
     overrides = ["trainer.max_steps=10", "checkpoint_every=4"]
     cfg = compose("pretrain", [*WITH_DROPOUT, *overrides])
     run = Run.create(tmp_path / "runs", "pretrain", "stopped", cfg, argv=["test"])
-    with pytest.raises(Stopped, match="stopped by SIGINT after step 7; checkpoint saved: checkpoints/step-00000007.ckpt"):
-        pretrain.run(cfg, run, callbacks=[SendSignal(6, signal.SIGINT)])
+    before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler, or SIG_IGN under a background job
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # what an interactive Ctrl-C reaches
+    try:
+        with pytest.raises(Stopped, match="stopped by SIGINT after step 7; checkpoint saved: checkpoints/step-00000007.ckpt"):
+            pretrain.run(cfg, run, callbacks=[SendSignal(6, signal.SIGINT)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are given back
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert problem_with(run.checkpoint_dir / "step-00000007.ckpt") is None
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are given back
     assert same_weights(resume(run.path, overrides, steps=10 - 7), uninterrupted)
     assert resumed_from(run.path) == ["resumed from step 7 (checkpoint checkpoints/step-00000007.ckpt); 3 steps to go"]
+
+
+class HandlerDuringTraining(Callback):
+    def on_train_batch_start(self, trainer, *args):
+        self.seen = signal.getsignal(signal.SIGINT)
+
+
+def test_a_run_started_with_sigint_ignored_keeps_it_ignored(tmp_path):
+    """A background job or nohup starts the process with SIGINT ignored: training leaves it so (a Ctrl-C
+    meant for the shell's foreground job must not stop it) and gives it back ignored."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        watch = HandlerDuringTraining()
+        train_run(tmp_path / "runs", "pretrain", [*WITH_DROPOUT, "trainer.max_steps=2"], callbacks=[watch])
+        assert watch.seen is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_sigterm_to_the_cli_marks_the_run_interrupted_and_resume_unfinished_finishes_it(tmp_path):
