@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-slow test-openvino lint speed gpu-wheels gpu-check data-scale lora-compare
+.PHONY: install demo test test-slow test-openvino lint speed soak gpu-wheels gpu-check data-scale lora-compare
 
 install:
 	$(PIP) install --quiet $(TORCH)
@@ -33,6 +33,11 @@ test-openvino:
 # Heavier checks CI does not run: 330M numerics.
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
+
+# The server under 32 clients for 5 minutes: streamed, plain, abandoned and slow streams, bad requests and
+# oversized bodies against a tiny model served in a child process (docs/serve.md; a short one is in make test).
+soak: install
+	$(PYTHON) -m slmctl.serve.soak --self-serve --clients 32 --duration 300 --json soak.json
 
 # The model speed comparison of docs/speed.md (330m, fp32, 2 threads, 512 -> 128 tokens).
 speed: install
