@@ -88,6 +88,8 @@ def _hydra_compose(stage: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(message) from None
     except OmegaConfBaseException as e:
         raise ConfigError(_explain_value_error(getattr(e, "full_key", None) or "config", e)) from None
+    except ValueError as e:  # Hydra's own checks of an override's shape (`peft=0`: a group given a number)
+        raise ConfigError(f"{first_line(e, 'invalid override')} ({' '.join(overrides)})") from None
 
 
 def saved_config(stage: str, saved: dict, **changes) -> DictConfig:
