@@ -222,11 +222,8 @@ class Engine:
             try:
                 self._admit(group)
             except Exception:
-                if len(group) == 1:
-                    self._admit_or_fail(group[0])
-                else:
-                    for request in group:
-                        self._admit_or_fail(request)
+                for request in group:
+                    self._admit_or_fail(request)
         self._gauge()
 
     def _admit(self, group: list[Request]) -> None:
@@ -263,6 +260,7 @@ class Engine:
             fed = torch.tensor([[t, *d, *[0] * (width - len(d))] for t, d in zip(last, drafts)])
             logits = self.batch.verify(fed).float().cpu()  # [n, 1 + width, vocab]
         now = time.perf_counter()
+        finite = torch.isfinite(logits).all(dim=-1)  # [n, positions]: one check for the whole batch
         leaving, kept = [], []
         for i, request in enumerate(self.rows):
             if request.cancelled or (request.deadline is not None and now > request.deadline):
@@ -272,7 +270,7 @@ class Engine:
                 kept.append(0)
                 continue
             try:
-                if not bool(torch.isfinite(logits[i, :len(drafts[i]) + 1]).all()):
+                if not bool(finite[i, :len(drafts[i]) + 1].all()):
                     raise FloatingPointError("the model's logits are not finite (NaN or infinity)")
                 tokens = self._walk(request, logits[i], drafts[i])
                 kept.append(len(tokens) - 1)
