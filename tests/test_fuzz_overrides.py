@@ -52,3 +52,9 @@ def test_random_overrides_end_in_exit_0_or_one_line_exit_2(tmp_path, monkeypatch
 
 def test_the_fuzzing_reached_both_valid_and_refused_configs():
     assert EXITS.get(0, 0) >= 5 and EXITS.get(2, 0) >= 20, EXITS
+
+
+@pytest.mark.parametrize("stage, args", [("distill", ["peft=0"]), ("export", ["trainer.max_steps=0"])])
+def test_what_the_fuzzing_found_stays_a_one_line_error(stage, args):
+    result = cli("validate", stage, *args)  # once a traceback each: a group given a number, a key the stage lacks
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1

@@ -114,7 +114,7 @@ def validate(cfg: DictConfig, stage: str) -> DictConfig:
         if kind not in options:
             raise ConfigError(f"{group}.{key}={kind!r} is not one of: {', '.join(options)}")
         checked[group] = _merge(options[kind], node, group)
-    if "trainer" in cfg:
+    if "trainer" in cfg and "trainer" in STAGE_SCHEMAS[stage].__dataclass_fields__:  # else: an unknown key, below
         checked["trainer"] = _check_trainer(cfg.trainer, lightning=stage != "bench")
     top = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in checked})
     result = _merge(STAGE_SCHEMAS[stage], top, None)
