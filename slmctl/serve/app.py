@@ -133,7 +133,10 @@ def create_app(engine: Engine, served: Served, metrics, api_key: str | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: HTTPRequest, e: StarletteHTTPException):
-        return error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        if e.status_code == 400:  # the body could not be parsed at all (bytes that are not UTF-8, say)
+            return error(400, f"the request body is not valid JSON in UTF-8 ({e.detail})", code="invalid_json")
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error(e.status_code, str(e.detail), code=code)
 
     @app.middleware("http")
     async def _count_and_authorize(request: HTTPRequest, call_next):

@@ -95,6 +95,7 @@ BAD_REQUESTS = [  # why, body, status, error code, the field named as `param`
     ("max_tokens as a string", {"model": "tiny", "prompt": "hi", "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
     ("max_tokens as a boolean", {"model": "tiny", "prompt": "hi", "max_tokens": True}, 400, "invalid_type", "max_tokens"),
     ("an empty body", b"", 400, "invalid_json", None),
+    ("bytes that are not UTF-8", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "invalid_json", None),
     ("an unsupported field", {"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, "unsupported_field", "logprobs"),
     ("megabytes of prompt", {"model": "tiny", "prompt": "x" * 900_000}, 400, "context_length_exceeded", "prompt"),
 ]
