@@ -141,8 +141,8 @@ def add_vision(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (model dirs or runs) and key=value overrides"),
              predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a jsonl of {id, prediction} instead."),
-             draft: Optional[str] = typer.Option(None, "--draft", help="prompt: drafted decoding (the same predictions, "
-                                                 "faster where answers copy the source); generation.draft=."),
+             draft: Optional[str] = typer.Option(None, "--draft", help="prompt, or a smaller draft model (same tokenizer): "
+                                                 "drafted decoding, the same predictions; generation.draft=."),
              draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="Most tokens drafted per pass."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,

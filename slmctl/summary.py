@@ -226,7 +226,8 @@ def drafting(spec: dict) -> Section:
                               ["decoding", "exact match [95% CI]", "ROUGE-Lsum [95% CI]", f"wall s for {task['n']} answers",
                                "speed-up", "drafts kept per pass"])
             plain_s = cost["wall_s"]
-        name = "plain greedy" if draft is None else f"{label} + {draft['drafter']} lookup (K <= {draft['draft_tokens']})"
+        drafter = None if draft is None else "prompt lookup" if draft["drafter"] == "prompt" else draft["drafter"]
+        name = "plain greedy" if draft is None else f"{label} + {drafter} (K <= {draft['draft_tokens']})"
         section.rows.append([name, interval(results["exact_match"]),
                              interval(results["rougeLsum"]) if "rougeLsum" in results else "-", f"{cost['wall_s']:.1f}",
                              f"{plain_s / cost['wall_s']:.2f}x", "-" if draft is None else f"{draft['accepted_per_pass']:.2f}"])

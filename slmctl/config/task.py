@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from slmctl.config.choices import Drafter, JudgeKind, SyntheticQuestions, TaskKind
+from slmctl.config.choices import JudgeKind, SyntheticQuestions, TaskKind
 
 
 @dataclass
@@ -39,7 +39,9 @@ class GenerationSchema:
     max_new_tokens: Optional[int] = None  # null: the task's
     num_beams: int = 1  # greedy by default
     length_penalty: float = 1.0
-    draft: Drafter = Drafter.none  # prompt: drafted tokens checked several per pass (the same predictions; docs/speed.md)
+    # none; prompt (n-gram lookup in the source); or a draft model (a smaller model directory or run with the same
+    # tokenizer): drafted tokens checked several per pass, the same predictions (docs/speed.md)
+    draft: str = "none"
     draft_tokens: int = 10  # most tokens drafted per pass
 
 

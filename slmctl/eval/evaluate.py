@@ -30,13 +30,25 @@ from rich.console import Console
 from rich.progress import Progress
 
 from slmctl.data.sources import DataError
-from slmctl.errors import ConfigError
+from slmctl.errors import ConfigError, UserError, first_line
 from slmctl.eval import metrics as M
 from slmctl.eval.report import bar_chart, difference_cell, model_table, paired_table, side_by_side
 from slmctl.eval.tasks import EvalExample, load_task
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 
 console = Console()
+
+
+def preflight(cfg, runs_dir) -> None:
+    """Refused before the run exists: a drafter that is neither none, prompt nor a model directory or run."""
+    from slmctl.refs import parse
+
+    draft = cfg.generation.draft
+    if draft not in ("none", "prompt"):
+        try:
+            parse(draft, runs_dir).require(("model_dir",), "generation.draft")
+        except UserError as e:
+            raise ConfigError(f"generation.draft={draft!r}: none, prompt or a draft model ({first_line(e)})") from None
 
 
 def run(cfg, run):
@@ -169,8 +181,8 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     process CPU seconds (all threads) and wall seconds spent generating (not scoring) the answers, and with
     a drafter its passes, drafted and accepted tokens."""
     from slmctl.eval.predict import predict_batches, reference_nll
-    from slmctl.model.drafting import DraftStats, make_drafter
-    from slmctl.runtime.generator import check_drafting, load_generator
+    from slmctl.model.drafting import DraftStats
+    from slmctl.runtime.generator import check_drafting, load_generator, open_drafter
 
     if ref not in generators:
         generators[ref] = load_generator(ref, runs_dir, cfg.device, ep=cfg.ep, allow_fallback=cfg.allow_fallback)
@@ -188,7 +200,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     with_nll = "perplexity" in task.metrics and not exported and not with_images
     if exported and "perplexity" in task.metrics:
         run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
-    drafter = make_drafter(str(cfg.generation.draft), cfg.generation.draft_tokens)
+    drafter = open_drafter(cfg.generation.draft, cfg.generation.draft_tokens, generator, runs_dir, cfg.device)
     if drafter is not None:
         check_drafting(generator, cfg.generation.num_beams)
     drafted = DraftStats()

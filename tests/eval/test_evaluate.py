@@ -247,7 +247,13 @@ def test_eval_with_drafts_gives_the_plain_predictions_and_logs_the_acceptance(tm
     (plain_cost,), (drafted_cost,) = (list(c.values()) for c in costs)  # what the summary's drafting table reads
     assert "draft" not in plain_cost and drafted_cost["draft"]["drafter"] == "prompt"
     assert drafted_cost["draft"]["passes"] > 0 and 0 <= drafted_cost["draft"]["accepted"] <= drafted_cost["draft"]["drafted"]
-    for overrides, message in ((["generation.draft=model"], "generation.draft"), (["generation.draft_tokens=0"], "must be > 0")):
+    # a draft model: the model drafting for itself keeps every draft and changes no prediction
+    itself = evaluate_run(runs, [*about, f"generation.draft={encdec}", "generation.draft_tokens=4"], models=[str(encdec)])
+    assert (itself.path / "predictions.jsonl").read_text() == predictions[0]
+    (cost,) = json.loads((itself.path / "metrics.json").read_text())["tasks"]["synthetic_about"]["cost"].values()
+    assert cost["draft"]["drafter"].startswith("model") and cost["draft"]["accepted"] == cost["draft"]["drafted"] > 0
+    for overrides, message in ((["generation.draft=no-such-model"], "generation.draft='no-such-model'"),
+                               (["generation.draft_tokens=0"], "must be > 0")):
         result = cli("eval", encdec, "limit=2", *overrides, runs=tmp_path / "refused")
         assert result.exit_code == 2 and message in result.output and not (tmp_path / "refused").exists()
     refused = cli("eval", deconly, "limit=2", "--draft", "prompt", runs=tmp_path / "runs")
