@@ -334,13 +334,13 @@ class SyntheticWorld:
 
     def about(self, split: str = "train", n: int = 1000, min_facts: int = 8, max_facts: int = 24) -> list[dict]:
         """`n` distinct long-answer examples of `split`, with the same keys as `qa`'s: a context of
-        `min_facts`..`max_facts` full-name fact sentences (as in `qa`, 4 to 8 of them about
-        the asked person), a request for everything it says about that person, and as the answer
+        `min_facts`..`max_facts` full-name fact sentences (as in `qa`; 4 to 8 of them, and at most
+        max_facts - 1, about the asked person), a request for everything it says about that person, and as the answer
         those sentences in the context's order, copied word for word."""
         check_split_and_n(split, n)
-        if not (isinstance(min_facts, int) and isinstance(max_facts, int) and ABOUT_FACTS[1] + 1 <= max_facts
+        if not (isinstance(min_facts, int) and isinstance(max_facts, int) and ABOUT_FACTS[0] + 1 <= max_facts
                 and 1 <= min_facts <= max_facts):
-            raise ValueError(f"need 1 <= min_facts <= max_facts and max_facts >= {ABOUT_FACTS[1] + 1} (the asked person's "
+            raise ValueError(f"need 1 <= min_facts <= max_facts and max_facts >= {ABOUT_FACTS[0] + 1} (the asked person's "
                              f"sentences and someone else's), got min_facts={min_facts!r}, max_facts={max_facts!r}")
         return self._questions("about", split, n, min_facts, max_facts, self._about_candidate)
 
@@ -361,7 +361,7 @@ class SyntheticWorld:
     def _about_candidate(self, rng: random.Random, split: str, min_facts: int, max_facts: int) -> tuple[str, str, str]:
         p, anchor = rng.choice(self.split_facts[split])
         mine = [a for a in self.usable[split][p] if a != anchor]
-        told = [anchor] + rng.sample(mine, min(len(mine), rng.randint(*ABOUT_FACTS) - 1))
+        told = [anchor] + rng.sample(mine, min(len(mine), rng.randint(*ABOUT_FACTS) - 1, max_facts - 2))
         n_facts = rng.randint(max(min_facts, len(told) + 1), max_facts)
         others, people = [], {p}
         while len(others) < n_facts - len(told):  # everyone else's facts, a few from each of some other people

@@ -174,5 +174,7 @@ def test_about_answers_are_every_sentence_about_the_person_in_the_contexts_order
     for p, a in world.split_facts["test"] + world.split_facts["validation"]:  # held-out facts stay held out
         person, attribute = world.people[p], ATTRIBUTES[a]
         assert not any(state(attribute, st, person, person.name) + "." in train for st in attribute.statements)
-    with pytest.raises(ValueError, match="max_facts >= 9"):
-        world.about("train", 5, min_facts=2, max_facts=6)
+    short = world.about("train", 50, min_facts=5, max_facts=6)  # a curriculum's first, shorter contexts
+    assert all(5 <= e["context"].count(".") <= 6 and 1 <= e["context"].count(".") - e["answer"].count(".") for e in short)
+    with pytest.raises(ValueError, match="max_facts >= 5"):
+        world.about("train", 5, min_facts=2, max_facts=4)
