@@ -119,18 +119,22 @@ def test_interrupted_bench_resumes_measuring_only_the_rest(tmp_path, monkeypatch
     measured.clear()
     loaded.clear()
     stop_after = None
+    progress = killed_dir / "progress" / "bench.jsonl"  # as if the first records were timed on another machine
+    progress.write_text(progress.read_text().replace(json.dumps(before[0]["cpu"]), '"Another CPU"', 1))
     resumed = cli("bench", "resume=unfinished", runs=runs)
     assert resumed.exit_code == 0, resumed.output
+    assert "warning: these records were timed on different CPUs (Another CPU; " in (killed_dir / "log.txt").read_text()
     assert measured == [("deconly-tiny", 1, 16, 2)]  # the one configuration left
     assert loaded == ["deconly-tiny"]  # tiny was finished: not even loaded
 
     records = json.loads((killed_dir / "bench.json").read_text())["records"]
     for reused, saved in zip(records, before):  # the timings of the first run, not new ones
-        assert {k: v for k, v in reused.items() if k not in BANDWIDTH} == {k: v for k, v in saved.items() if k not in BANDWIDTH}
+        assert {k: v for k, v in reused.items() if k not in BANDWIDTH | {"cpu"}} == \
+            {k: v for k, v in saved.items() if k not in BANDWIDTH | {"cpu"}}
     expected = json.loads((newest_run(runs, "bench", "whole") / "bench.json").read_text())["records"]
 
     def without_timings(rows):
-        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+        return [{k: v for k, v in r.items() if k not in TIMINGS | {"cpu"}} for r in rows]
 
     assert without_timings(records) == without_timings(expected) and len(records) == 4
     assert all(r["bound_fraction"] > 0 for r in records)

@@ -94,10 +94,17 @@ def _run(cfg, run, records_out):
             measure_model(cfg, ref, runs_dir, environment, profile, skip, shown)
         fresh = {}
         for key, record in new:
+            record["cpu"] = environment["cpu"]  # which CPU timed it: a resumed run may reuse records of another
             if cfg.repeat:  # a measurement (not an estimate): kept for a resume
                 append_progress(saved, [{"key": key, "record": record}])
             fresh[key] = record
         records += [measured.get(key) or fresh[key] for key in keys] if cfg.repeat else list(fresh.values())
+    cpus = sorted({r["cpu"] for r in records if r.get("cpu")})
+    if len(cpus) > 1:  # a run resumed on another machine: its records sit side by side in the tables below
+        warning = (f"warning: these records were timed on different CPUs ({'; '.join(cpus)}): a resumed run reused "
+                   "records measured elsewhere; compare them with care (each record's 'cpu' says which)")
+        run.log(warning)
+        err_console.print(warning, highlight=False)
     _add_bandwidth_bound(cfg, records, environment, bandwidth_before)
     _add_measured_speedups(records, shown)
     placement = _hoist_placement(records)
