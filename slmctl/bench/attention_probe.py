@@ -13,10 +13,10 @@ plus the new token (what a graph without buffer sharing does), and one buffer sh
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
+
+from slmctl.bench.kernels import median_seconds
 
 
 def gqa_graph(heads: int, kv_heads: int, head_dim: int, layers: int) -> bytes:
@@ -60,14 +60,7 @@ def probe(heads: int, kv_heads: int, head_dim: int, layers: int, cache: int, cap
               for layer in range(layers) for kind in ("key", "value")}
 
     def median_ms(run) -> float:
-        for _ in range(5):
-            run()
-        times = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times) * 1e3
+        return median_seconds(run, calls)[0] * 1e3
 
     copying = median_ms(lambda: session.run(None, {**token, **caches}))
     binding, buffers = session.io_binding(), {}
