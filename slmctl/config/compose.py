@@ -191,11 +191,10 @@ def _check_trainer_types(node, own: list[str]) -> None:
     from lightning.pytorch import Trainer
     from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-    hints = typing.get_type_hints(Trainer.__init__)
-    for name in node:
+    hints, values = typing.get_type_hints(Trainer.__init__), OmegaConf.to_container(node, resolve=True)
+    for name, value in values.items():
         if name in own or name not in hints:
             continue
-        value = OmegaConf.to_container(node, resolve=True)[name]
         try:
             adapter = TypeAdapter(hints[name], config=ConfigDict(arbitrary_types_allowed=True))
         except Exception:  # an annotation pydantic cannot check: Lightning checks it
