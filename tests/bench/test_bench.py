@@ -216,7 +216,6 @@ def test_batched_decode_counts_every_sequence_on_both_runtimes_and_plots_against
     runs = tmp_path / "runs"
     assert cli("export", "onnx", "tiny", "validation.prompt_lens=[5]", "validation.steps=4", runs=runs).exit_code == 0
     export = newest_run(runs, "export")
-    # medians of 5: a single sample once fell short of the ratio below beside a busy xdist worker
     result = cli("bench", "tiny", export, "--batch", "1,4", "--input-lens", "16", "--output-lens", "9", "--repeat", "5",
                  "--warmup", "1", runs=runs)
     assert result.exit_code == 0, result.output
@@ -229,7 +228,9 @@ def test_batched_decode_counts_every_sequence_on_both_runtimes_and_plots_against
         assert sample["decode_tok_s"] == pytest.approx(r["batch"] * 8 / decode_s, rel=0.25)
     for runtime in ("torch", "onnx"):
         one, four = sorted((r for r in records if r["runtime"] == runtime), key=lambda r: r["batch"])
-        assert four["decode_tok_s"] > 1.5 * one["decode_tok_s"]  # a tiny model's step costs about the same for 4 rows
+        # a tiny model's step costs about the same for 4 rows, so batching pays; the margin is loose on purpose:
+        # CI's 2 cores beside a busy xdist worker measured 1.31x (the count itself is checked exactly above)
+        assert four["decode_tok_s"] > 1.1 * one["decode_tok_s"]
         assert four["bandwidth_bound_tok_s"] > one["bandwidth_bound_tok_s"]
     assert (run / "bench_batch.png").stat().st_size > 1000
 
