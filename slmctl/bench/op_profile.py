@@ -35,7 +35,7 @@ def _feed(session, vocab_size: int, graph: str, prompt_len: int, cache_len: int,
     past = cache_len if decode else 0
     new = 1 if decode else prompt_len
     dims = {"batch": 1, "decoder_sequence": new, "sequence": new, "encoder_sequence": prompt_len, "past_sequence": past,
-            "past_sequence + sequence": past + new}
+            "past_sequence + sequence": past + new, "capacity": past + new}
     feed = {}
     for entry in session.get_inputs():
         shape = [d if isinstance(d, int) else dims[d] for d in entry.shape]
@@ -48,6 +48,26 @@ def _feed(session, vocab_size: int, graph: str, prompt_len: int, cache_len: int,
         else:  # past_key_values.* (a static graph's are its whole buffers) and cross.*: random, as a cache is
             feed[entry.name] = rng.standard_normal(shape).astype(ONNX_DTYPES[entry.type])
     return feed
+
+
+def _runner(session, feed: dict, in_place: bool, names: dict | None):
+    """One run of the graph: plain, or for a decoder that writes its cache in place (contract 3) with each
+    present output bound to its past input's buffer, as slmctl runs it (unbound, ONNX Runtime copies them)."""
+    if not in_place:
+        return lambda: session.run(None, feed)
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feed.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    shared = dict(zip(names["present"], names["past"]))
+    for output in session.get_outputs():
+        if output.name in shared:
+            binding.bind_ortvalue_output(output.name, values[shared[output.name]])
+        else:
+            binding.bind_output(output.name)
+    return lambda: session.run_with_iobinding(binding)
 
 
 def profile(export_ref: str, prompt_len: int, threads: int, runs: int = 3, runs_dir: str = "runs", graph: str = "prefill",
@@ -77,8 +97,9 @@ def profile(export_ref: str, prompt_len: int, threads: int, runs: int = 3, runs_
         session = ort.InferenceSession(str(ref.path / variant["graphs"][role]["file"]), options,
                                        providers=["CPUExecutionProvider"])
         feed = _feed(session, spec["model"]["vocab_size"], graph, prompt_len, cache_len, rng)
+        run = _runner(session, feed, variant["graphs"][role].get("cache") == "in_place", variant["cache_names"])
         for _ in range(total_runs):  # the first two warm up; every decode run is the same step
-            session.run(None, feed)
+            run()
         trace = json.loads(Path(session.end_profiling()).read_text())
     events = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     last = events[len(events) * 2 // total_runs:]

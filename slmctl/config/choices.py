@@ -94,6 +94,9 @@ Fp16Policy = choices("Fp16Policy", "keep", "fail")
 Optimization = choices("Optimization", "none", "ort")
 
 
+DecoderCache = choices("DecoderCache", "grow", "in_place")
+
+
 ActivationType = choices("ActivationType", "uint8", "uint16", "int8", "int16")
 
 

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from slmctl.config.choices import (
     ActivationType,
+    DecoderCache,
     ExportDtype,
     ExportFormat,
     ExternalData,
@@ -94,6 +95,9 @@ class ExportSchema:
     dtype: ExportDtype = ExportDtype.fp32  # fp16: also an fp16 variant (GPU / NPU providers), overflow-checked (--dtype fp16)
     optimize: Optimization = Optimization.none  # ort: also an ONNX Runtime-only variant with fused contrib ops (--optimize ort)
     fp16: Fp16Schema = field(default_factory=Fp16Schema)
+    # the decoder's self-attention cache: grow = standard ONNX ops (any runtime); in_place = buffers ONNX Runtime's
+    # GroupQueryAttention writes in place (ONNX Runtime only; no copy of the cache a step: long outputs, docs/export.md)
+    cache: DecoderCache = DecoderCache.grow
     external_data: ExternalData = ExternalData.auto  # auto: weights in <graph>.onnx.data (memory-mapped) past 256 MB
     # --static: fixed shapes and a preallocated cache, for NPU runtimes (QNN HTP, OpenVINO NPU)
     static: StaticShapeSchema = field(default_factory=StaticShapeSchema)

@@ -11,6 +11,8 @@ tensor ops only, so one traced graph serves every prompt length and cache length
     DecoderGraph        one or more decoder tokens + self-attention cache + cross K/V -> every new
                         token's logits (drafts are checked in one pass), the grown cache (empty cache
                         on the first step)
+    InPlaceDecoderGraph the same function over preallocated cache buffers that ONNX Runtime's
+                        GroupQueryAttention writes in place (one node per layer's self-attention)
     StaticDecoderGraph  one token + a fixed-size cache + its position -> last logits, this step's K/V
     DecoderOnlyGraph    the baseline: tokens + total attention mask + cache -> last logits, grown cache
 
@@ -99,6 +101,51 @@ def self_attention(attn, x: torch.Tensor, cos_sin, bias: torch.Tensor, past_k=No
     return linear(attn.out, y.transpose(1, 2).reshape(B, T, -1), gemm), k, v
 
 
+class GroupQueryAttention(torch.autograd.Function):
+    """ONNX Runtime's com.microsoft GroupQueryAttention over a preallocated cache: q [B, T, H*d], k, v
+    [B, T, KV*d] (rotated already), past key/value [B, KV, C, d], seqlens_k [B] int32 (row b's last new
+    token sits at position seqlens_k[b]; its T new tokens at seqlens_k[b] - T + 1 ..), total int32 (the
+    longest row's length) -> attention [B, T, H*d], present key/value [B, KV, C, d]: past with the new
+    keys/values written at their positions. When past and present are bound to one buffer ONNX Runtime
+    writes only the new positions (no copy of the cache a step). The forward is the reference the
+    exported node is checked against; tracing emits the node."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, heads: int, kv_heads: int):
+        B, T, _ = q.shape
+        C, d = past_k.shape[2:]
+        slots = seqlens_k.long().unsqueeze(1) + 1 - T + torch.arange(T)  # [B, T]
+        index = slots[:, None, :, None].expand(B, kv_heads, T, d)
+        present_k = past_k.scatter(2, index, k.reshape(B, T, kv_heads, d).transpose(1, 2))
+        present_v = past_v.scatter(2, index, v.reshape(B, T, kv_heads, d).transpose(1, 2))
+        visible = torch.arange(C)[None, None, :] <= slots[:, :, None]  # [B, T, C]: causal, and nothing past a row's end
+        y = attend(q.reshape(B, T, heads, d).transpose(1, 2), present_k, present_v, additive_mask(visible[:, None], q.dtype))
+        return y.transpose(1, 2).reshape(B, T, heads * d), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads: int, kv_heads: int):
+        y, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total,
+                                       num_heads_i=heads, kv_num_heads_i=kv_heads, outputs=3)
+        y.setType(q.type())
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return y, present_k, present_v
+
+
+def in_place_self_attention(attn, x: torch.Tensor, cos_sin, past_k, past_v, seqlens_k, total):
+    """(output, present keys, present values) of a `SelfAttention` module through GroupQueryAttention:
+    RoPE applied in the [B, T, heads, d] layout the node takes (no transposes around it)."""
+    B, T, _ = x.shape
+    H, KV, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qk, v = linear(attn.qkv, x, gemm=False).split((attn.split[0] + attn.split[1], attn.split[2]), dim=-1)
+    cos, sin = cos_sin
+    qk = apply_rope(qk.reshape(B, T, H + KV, d), (cos.transpose(1, 2), sin.transpose(1, 2)))
+    q, k = qk.split((H, KV), dim=2)
+    y, k, v = GroupQueryAttention.apply(q.reshape(B, T, H * d), k.reshape(B, T, KV * d), v, past_k, past_v,
+                                        seqlens_k, total, H, KV)
+    return linear(attn.out, y, gemm=False), k, v
+
+
 def cross_attention(cross, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                     gemm: bool = True) -> torch.Tensor:
     B, T, _ = x.shape
@@ -170,13 +217,19 @@ class EncoderGraph(nn.Module):
         return (hidden, *memory)
 
 
-def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, static_slot=None, every_position=False):
+def _decoder_layers(model, x, cos_sin, self_bias, cross_bias, past, cross, static_slot=None, every_position=False,
+                    in_place=None):
     """(logits of the last new token [B, vocab], or of every one [B, T, vocab], the new cache).
-    Decode steps feed a few tokens: 3-D linears (no reshapes around them)."""
+    Decode steps feed a few tokens: 3-D linears (no reshapes around them). `in_place` = (seqlens_k,
+    total): self-attention through GroupQueryAttention over cache buffers (`self_bias` unused)."""
     present = []
     for i, layer in enumerate(model.decoder.layers):
-        y, k, v = self_attention(layer.self_attn, rms_norm(layer.self_attn_norm, x), cos_sin, self_bias,
-                                 past[2 * i], past[2 * i + 1], static_slot, gemm=False)
+        h = rms_norm(layer.self_attn_norm, x)
+        if in_place is not None:
+            y, k, v = in_place_self_attention(layer.self_attn, h, cos_sin, past[2 * i], past[2 * i + 1], *in_place)
+        else:
+            y, k, v = self_attention(layer.self_attn, h, cos_sin, self_bias, past[2 * i], past[2 * i + 1], static_slot,
+                                     gemm=False)
         x = x + y
         x = x + cross_attention(layer.cross_attn, rms_norm(layer.cross_attn_norm, x), cross[2 * i], cross[2 * i + 1],
                                 cross_bias, gemm=False)
@@ -212,6 +265,30 @@ class DecoderGraph(nn.Module):
         self_bias = additive_mask(torch.cat((seen, causal), dim=2).unsqueeze(1), model.dtype)
         logits, present = _decoder_layers(model, model.embed(input_ids), cos_sin, self_bias,
                                           key_bias(encoder_attention_mask, model.dtype), past, cross, every_position=True)
+        return (logits, *present)
+
+
+class InPlaceDecoderGraph(DecoderGraph):
+    """`DecoderGraph`'s function over cache buffers of a fixed capacity C (export contract 3, ONNX Runtime
+    only): input_ids [B, T], positions [B] (row b's cached tokens; its new ones go at positions[b] ..),
+    encoder_attention_mask [B, S], per layer past key, value [B, KV, C, d], per layer cross key, value
+    -> logits [B, T, vocab], per layer present key, value [B, KV, C, d]: the buffers with the new tokens'
+    keys/values written at their positions. Bind each present to its past's buffer and ONNX Runtime
+    writes only those positions; positions past a row's end are never read, so dropping drafts is
+    lowering `positions`. ONNX Runtime takes T > 1 new tokens over a cache only at batch 1."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                *cache: torch.Tensor):
+        model = self.model
+        n = 2 * model.config.n_decoder_layers
+        past, cross = cache[:n], cache[n:]
+        T = input_ids.shape[1]
+        total = positions.max() + T
+        cos_sin = rope(positions.unsqueeze(1) + torch.arange(T).unsqueeze(0), total, model.config)
+        in_place = ((positions + T - 1).to(torch.int32), total.to(torch.int32))
+        logits, present = _decoder_layers(model, model.embed(input_ids), cos_sin, None,
+                                          key_bias(encoder_attention_mask, model.dtype), past, cross, every_position=True,
+                                          in_place=in_place)
         return (logits, *present)
 
 

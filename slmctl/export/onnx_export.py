@@ -18,7 +18,8 @@ import torch
 
 from slmctl.atomic import set_new_file_mode
 from slmctl.export.fold import fold_reshapes
-from slmctl.export.graphs import DecoderGraph, DecoderOnlyGraph, EncoderGraph, StaticDecoderGraph, VisionGraph
+from slmctl.export.graphs import (DecoderGraph, DecoderOnlyGraph, EncoderGraph, InPlaceDecoderGraph, StaticDecoderGraph,
+                                  VisionGraph)
 from slmctl.model.config import ModelConfig
 
 OPSET = 20
@@ -47,10 +48,13 @@ def _io(name: str, shape: list, dtype: str = "float32") -> dict:
     return {"name": name, "shape": shape, "dtype": dtype}
 
 
-def export_graphs(model, directory: Path, static: dict | None = None, external_data: str = "auto") -> dict:
+def export_graphs(model, directory: Path, static: dict | None = None, external_data: str = "auto",
+                  in_place: bool = False) -> dict:
     """Export `model` (eval, fp32, cpu) into `directory`; returns the variant's description:
     {"graphs": {role: {file, inputs, outputs}}, "cache_names": ..., "static": ...}. A vision model
-    adds vision.onnx, and its encoder takes image_features."""
+    adds vision.onnx, and its encoder takes image_features. `in_place`: the dynamic encoder-decoder's
+    decoder attends through ONNX Runtime's GroupQueryAttention over cache buffers it writes in place
+    (`InPlaceDecoderGraph`, contract 3; its entry says "cache": "in_place")."""
     from slmctl.model.vlm import VisionEncoderDecoderLM
 
     vlm = model if isinstance(model, VisionEncoderDecoderLM) else None
@@ -95,6 +99,16 @@ def export_graphs(model, directory: Path, static: dict | None = None, external_d
             args = (ids[:, :1], torch.tensor([3]), mask, *past, *cross)
             graphs["decoder"] = _export(StaticDecoderGraph(model, C), args, directory / "decoder.onnx",
                                         inputs, outputs, False, external_data)
+        elif in_place:
+            past = [torch.zeros(ids.shape[0], kv[0], 6, kv[1]) for _ in names["past"]]
+            buffers = [_io(n, [B, kv[0], "capacity", kv[1]]) for n in names["past"]]
+            inputs = [_io("input_ids", [B, "decoder_sequence"], "int64"), _io("positions", [B], "int64"),
+                      _io("encoder_attention_mask", [B, S], "int64"), *buffers, *cross_io]
+            outputs = [_io("logits", [B, "decoder_sequence", cfg.vocab_size]),
+                       *[dict(io, name=n) for io, n in zip(buffers, names["present"])]]
+            args = (ids[:, :2], torch.tensor([3, 1]), mask, *past, *cross)
+            graphs["decoder"] = _export(InPlaceDecoderGraph(model), args, directory / "decoder.onnx",
+                                        inputs, outputs, True, external_data) | {"cache": "in_place"}
         else:
             past = [torch.zeros(ids.shape[0], kv[0], 3, kv[1]) for _ in names["past"]]
             inputs = [_io("input_ids", [B, "decoder_sequence"], "int64"), _io("positions", [B], "int64"),
@@ -184,7 +198,8 @@ def _export(graph: torch.nn.Module, args: tuple, path: Path, inputs: list[dict],
             torch.onnx.export(graph, args, str(work / "graph.onnx"), dynamo=False, opset_version=OPSET,
                               input_names=[i["name"] for i in inputs], output_names=[o["name"] for o in outputs],
                               dynamic_axes=_dynamic_axes(inputs + outputs) if dynamic else None,
-                              do_constant_folding=True)
+                              do_constant_folding=True,
+                              custom_opsets={"com.microsoft": 1} if isinstance(graph, InPlaceDecoderGraph) else None)
         proto = onnx.load(str(work / "graph.onnx"), load_external_data=True)
         _name_transposed_weights(proto, graph)
         if dynamic:

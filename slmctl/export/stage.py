@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from slmctl.errors import ConfigError
 from slmctl.export.onnx_export import OPSET, export_graphs, variant_mb
 from slmctl.export.source import check_source, load_source
 from slmctl.export.validate import ValidationFailed, validate
@@ -39,8 +40,16 @@ TOKENIZER_FILES = ("tokenizer.json", "slmctl_tokenizer.json", "tokenizer_config.
 
 
 def preflight(cfg, runs_dir) -> None:
-    """Refused before the run exists: no model to export, or one of a kind no format exports."""
+    """Refused before the run exists: no model to export, one of a kind no format exports, or a cache
+    layout the graphs cannot have."""
+    if cfg.cache == "in_place" and cfg.static.enabled:
+        raise ConfigError("cache=in_place is the dynamic decoder's; --static graphs have their own fixed cache")
     check_source(cfg, runs_dir)
+
+
+def in_place_cache(cfg, encoder_decoder: bool) -> bool:
+    """Whether the decoder writes its cache in place (cache=in_place); the decoder-only baseline keeps its graph."""
+    return cfg.cache == "in_place" and encoder_decoder and not cfg.static.enabled
 
 
 def run(cfg, run):
@@ -53,7 +62,8 @@ def run(cfg, run):
     out.mkdir(exist_ok=True)
     static = dict(batch=cfg.static.batch, prompt_len=cfg.static.prompt_len, capacity=cfg.static.capacity) if cfg.static.enabled else None
     started = time.perf_counter()
-    fp32 = export_graphs(model, out, static=static, external_data=cfg.external_data)
+    fp32 = export_graphs(model, out, static=static, external_data=cfg.external_data,
+                         in_place=in_place_cache(cfg, model.config.is_encoder_decoder))
     export_s = time.perf_counter() - started
     run.log(f"exported {', '.join(g['file'] for g in fp32['graphs'].values())} in {export_s:.1f} s "
             f"({variant_mb(fp32):.1f} MB)")
@@ -151,9 +161,11 @@ def _spec(model, source: Path | None, cfg, variants: dict) -> dict:
 def _how_to_run(c) -> list[str]:
     if c.is_encoder_decoder:
         return ["encoder: input_ids, attention_mask (int64, 1 = token) -> encoder_hidden_states, cross.{i}.key/value",
-                "decoder, step 1: input_ids = [[decoder_start]] per row, past_key_values.{i}.* of length 0, "
+                "decoder, step 1: input_ids = [[decoder_start]] per row, positions = 0, past_key_values.{i}.* of "
+                "length 0 (\"cache\": \"in_place\": zero buffers [B, KV, capacity, d], capacity >= the steps), "
                 "cross.{i}.* and encoder_attention_mask from the encoder",
-                "decoder, step n: the chosen token; past_key_values.{i}.* = the previous step's present.{i}.*",
+                "decoder, step n: the chosen token, positions = n - 1; past_key_values.{i}.* = the previous step's "
+                "present.{i}.* (in place: bind each present to its past's buffer and feed the same buffers)",
                 "static graphs: past_key_values.{i}.* are [B, KV, capacity, d] buffers; feed position = tokens so far "
                 "and write present.{i}.* (the step's key/value) into the buffers at that position"]
     return ["model: input_ids (the prompt, left-padded, then one token a step), attention_mask over past + new "

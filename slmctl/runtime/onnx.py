@@ -7,7 +7,9 @@ stopping rules and streaming are the torch code, and only the forward passes run
 
 IO binding keeps the caches as ORT values: each step's `present` outputs are bound as the
 next step's `past` inputs without a round trip through numpy; cross-attention keys/values
-are computed once per prompt and stay bound. The static variant keeps one preallocated
+are computed once per prompt and stay bound. A contract-3 decoder's caches are preallocated
+buffers (`InPlaceCache`) bound as both its past inputs and its present outputs, so a step writes
+only its new positions. The static variant keeps one preallocated
 cache per layer whose numpy buffer ORT reads in place; each step writes only the new
 position.
 """
@@ -30,7 +32,9 @@ SPEC_FILE = EXPORT_SPEC_FILE  # slmctl_onnx.json
 # a graph's inputs or outputs change, and this reader runs every version written before it.
 #   1  the first graphs; exports since 2026-12-02 also give the decoder a `positions` input (told apart by name)
 #   2  the dynamic encoder-decoder's decoder returns every new token's logits [B, T, vocab] (drafts checked in one pass)
-CONTRACT_VERSION = 2
+#   3  that decoder may instead take cache buffers of a fixed capacity that it writes in place (its graph entry says
+#      "cache": "in_place"; ONNX Runtime's GroupQueryAttention, `slmctl.export.graphs.InPlaceDecoderGraph`)
+CONTRACT_VERSION = 3
 
 
 class OnnxExportError(UserError, ValueError):
@@ -215,8 +219,14 @@ class OnnxLM:
     def input_names(self, role: str) -> list[str]:
         return [i.name for i in self.sessions[role].get_inputs()]
 
-    def run(self, role: str, inputs: dict) -> list:
-        """Run graph `role` with numpy arrays or OrtValues; outputs stay ORT values (IO binding)."""
+    @property
+    def in_place(self) -> bool:
+        """Whether the decoder writes its cache buffers in place (contract 3: `InPlaceCache`)."""
+        return self.graphs["graphs"].get("decoder", {}).get("cache") == "in_place"
+
+    def run(self, role: str, inputs: dict, into: dict | None = None) -> list:
+        """Run graph `role` with numpy arrays or OrtValues; outputs stay ORT values (IO binding), and
+        those named in `into` are written into the OrtValues given there."""
         import onnxruntime as ort
 
         session = self.sessions[role]
@@ -229,7 +239,10 @@ class OnnxLM:
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names[role]:
-            binding.bind_output(name, self.output_device)
+            if into and name in into:
+                binding.bind_ortvalue_output(name, into[name])
+            else:
+                binding.bind_output(name, self.output_device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
@@ -238,6 +251,58 @@ class OnnxLM:
         shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
         dtype = np.dtype(self.graphs.get("cache_dtype", "float32"))  # the fp16 variant keeps fp16 caches
         return [np.zeros(shape, dtype=dtype) for _ in range(2 * cfg.n_decoder_layers)]
+
+
+class InPlaceCache:
+    """The self-attention cache of a contract-3 decoder: per layer a key and a value buffer [rows, KV,
+    capacity, d] that ONNX Runtime reads and writes in place (each present output bound to its past
+    input's memory), so a step writes only its new positions where a growing cache is copied whole.
+    Which positions of a row are real is the caller's to track (the decoder's `positions` input)."""
+
+    def __init__(self, lm: OnnxLM, rows: int, capacity: int):
+        cfg = lm.config
+        dtype = np.dtype(lm.graphs.get("cache_dtype", "float32"))
+        shape = (rows, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.lm, self.names = lm, lm.graphs["cache_names"]
+        self.buffers = [np.zeros(shape, dtype=dtype) for _ in self.names["past"]]
+        self._views: dict[int, list] = {}  # row count -> OrtValues over the first rows (made once: ~7 us each)
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.buffers = [np.ascontiguousarray(b[rows]) for b in self.buffers]
+        self._views.clear()
+
+    def _values(self, rows: slice) -> list:
+        import onnxruntime as ort
+
+        if rows.start:  # a single row past the first: not worth keeping
+            return [ort.OrtValue.ortvalue_from_numpy(b[rows]) for b in self.buffers]
+        if rows.stop not in self._views:
+            self._views[rows.stop] = [ort.OrtValue.ortvalue_from_numpy(b[rows]) for b in self.buffers]
+        return self._views[rows.stop]
+
+    def decode(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, cross: list) -> torch.Tensor:
+        """Logits [n, T, vocab] of T new tokens per row [n, T] at `positions` [n] (tokens each of the
+        first n rows has cached), over cross K/V `cross` [n, ...] per layer. ONNX Runtime takes T > 1
+        new tokens over a cache only at batch 1, so such a pass at n > 1 runs row by row."""
+        n, T = ids.shape
+        if int(positions.max()) + T > self.capacity:
+            raise ValueError(f"KV cache overflow: {int(positions.max()) + T} positions > capacity {self.capacity}")
+        if T > 1 and n > 1:
+            cross = _numpy(cross)
+            return torch.cat([self._decode(slice(b, b + 1), ids[b:b + 1], positions[b:b + 1], mask[b:b + 1],
+                                           [c[b:b + 1] for c in cross]) for b in range(n)])
+        return self._decode(slice(0, n), ids, positions, mask, cross)
+
+    def _decode(self, rows: slice, ids, positions, mask, cross) -> torch.Tensor:
+        values = self._values(rows)
+        inputs = {"input_ids": ids, "positions": positions, "encoder_attention_mask": mask}
+        inputs.update(zip(self.names["past"], values))
+        inputs.update(zip(self.names["cross"], cross))
+        return _logits(self.lm.run("decoder", inputs, into=dict(zip(self.names["present"], values)))[0])
 
 
 def _options(threads: int | None, spinning: bool, prepacking: bool = True):
@@ -290,8 +355,11 @@ class EncoderDecoderOnnxSession:
                 (1, lm.config.d_model), dtype=np.float32)
         outputs = lm.run("encoder", inputs)
         self.cross = outputs[1:]
-        self.cache = lm.empty_cache(input_ids.shape[0], 0)
         self.batch_size = input_ids.shape[0]
+        # contract 3: buffers for every position a generation of max_new_tokens feeds (the start token, then each
+        # token but the last; a drafted pass is clipped to that too); else a cache grown each step
+        self.buffers = InPlaceCache(lm, self.batch_size, max_new_tokens + 1) if lm.in_place else None
+        self.cache = None if lm.in_place else lm.empty_cache(input_ids.shape[0], 0)
         self.names = lm.graphs["cache_names"]
         self.length = 0  # tokens cached, the same for every row
         # exports since 2026-12-02 take each row's position (slmctl serve's continuous batching); older ones do not
@@ -322,11 +390,16 @@ class EncoderDecoderOnnxSession:
         """Keep the first `length` cached positions (drop drafted tokens the model did not keep)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot cut a cache of {self.length} positions to {length}")
-        if length < self.length:
+        if length < self.length and self.buffers is None:  # in place, positions past the length are never read
             self.cache = [np.ascontiguousarray(c[:, :, :length]) for c in _numpy(self.cache)]
         self.length = length
 
     def _run(self, ids: np.ndarray) -> torch.Tensor:
+        if self.buffers is not None:
+            positions = np.full(self.batch_size, self.length, dtype=np.int64)
+            logits = self.buffers.decode(ids, positions, self.mask, self.cross)
+            self.length += ids.shape[1]
+            return logits
         inputs = {"input_ids": ids, "encoder_attention_mask": self.mask}
         if self.positions:
             inputs["positions"] = np.full(self.batch_size, self.length, dtype=np.int64)
@@ -339,7 +412,10 @@ class EncoderDecoderOnnxSession:
 
     def reorder(self, index: torch.Tensor) -> None:
         rows = index.cpu().numpy()
-        self.cache = [c[rows] for c in _numpy(self.cache)]
+        if self.buffers is not None:
+            self.buffers.reorder(rows)
+        else:
+            self.cache = [c[rows] for c in _numpy(self.cache)]
         self.cross = [c[rows] for c in _numpy(self.cross)]
         self.mask = self.mask[rows]
         self.batch_size = len(rows)

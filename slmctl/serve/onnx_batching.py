@@ -6,8 +6,9 @@ every sequence owns a row of preallocated numpy buffers, its self-attention keys
 [slots, kv_heads, capacity, head_dim] per layer and its prompt's cross-attention keys/values,
 computed once when it joins by the exported encoder. A step passes the active rows' caches cut
 to the longest one; the graph returns them with the new token's keys/values appended, which are
-written at each row's own length. Active sequences are rows 0..n-1; a leaving row is refilled by
-the last one.
+written at each row's own length. An export whose decoder writes its cache in place (contract 3)
+reads and writes the same buffers directly: nothing is cut or copied back. Active sequences are rows
+0..n-1; a leaving row is refilled by the last one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from slmctl.errors import ConfigError
+from slmctl.runtime.onnx import InPlaceCache
 from slmctl.serve.batching import swap_remove
 
 
@@ -31,7 +33,9 @@ class OnnxBatch:
         self.lm, self.slots, self.names = lm, slots, lm.graphs["cache_names"]
         self.dtype = np.dtype(lm.graphs.get("cache_dtype", "float32"))
         shape = (slots, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.cache = [np.zeros(shape, dtype=self.dtype) for _ in self.names["past"]]  # key, value of each layer
+        self.in_place = InPlaceCache(lm, slots, capacity) if lm.in_place else None
+        # key, value of each layer
+        self.cache = self.in_place.buffers if self.in_place else [np.zeros(shape, dtype=self.dtype) for _ in self.names["past"]]
         self.lengths = np.zeros(slots, dtype=np.int64)
         self.cross: list[np.ndarray] = []  # per layer key, value [slots, kv_heads, source, head_dim]
         self.source_mask = np.zeros((slots, 0), dtype=np.int64)
@@ -96,10 +100,15 @@ class OnnxBatch:
         reach, source = int(self.lengths[:n].max()), int(self.source_lengths[:n].max())
         if reach + T > self.capacity:
             raise RuntimeError(f"KV cache overflow: {reach + T} positions > capacity {self.capacity}")
-        inputs = {"input_ids": tokens.cpu().numpy().astype(np.int64), "positions": self.lengths[:n].copy(),
-                  "encoder_attention_mask": self.source_mask[:n, :source]}
+        ids, positions, mask = tokens.cpu().numpy().astype(np.int64), self.lengths[:n].copy(), self.source_mask[:n, :source]
+        cross = [c[:n, :, :source] for c in self.cross]
+        if self.in_place is not None:
+            logits = self.in_place.decode(ids, positions, mask, cross)
+            self.lengths[:n] += T
+            return logits
+        inputs = {"input_ids": ids, "positions": positions, "encoder_attention_mask": mask}
         inputs.update((name, cache[:n, :, :reach]) for name, cache in zip(self.names["past"], self.cache))
-        inputs.update((name, cross[:n, :, :source]) for name, cross in zip(self.names["cross"], self.cross))
+        inputs.update(zip(self.names["cross"], cross))
         outputs = self.lm.run("decoder", inputs)
         rows = np.arange(n)
         for cache, present in zip(self.cache, outputs[1:]):

@@ -1,6 +1,7 @@
 """The weight-kernel probe (each route's products at small M: ONNX Runtime's kernels, made by the
 export's own tools, and PyTorch's) and the op profile of an export's prefill and decode step."""
 
+import json
 import importlib.util
 from pathlib import Path
 
@@ -151,3 +152,30 @@ def test_the_op_profile_times_one_decode_step_over_a_cache(tiny_export):
     assert feed["past_key_values.0.key"].shape[2] == 24 and feed["cross.0.key"].shape[2] == 16
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     assert outputs["present.0.key"].shape[2] == 25
+
+
+def test_the_op_profile_runs_an_in_place_decoder_as_slmctl_does(tmp_path):
+    """cache=in_place: the step writes the new key into the buffer it was fed (present bound to past),
+    one GroupQueryAttention node per layer, over a buffer one position longer than the cache."""
+    from conftest import cli, newest_run
+
+    from slmctl.bench import op_profile
+
+    runs = tmp_path / "runs"
+    assert cli("export", "onnx", "tiny", "cache=in_place", "validation.prompt_lens=[5]", "validation.steps=4",
+               runs=runs).exit_code == 0
+    export = newest_run(runs, "export")
+    result = op_profile.profile(str(export), prompt_len=16, threads=1, runs=2, runs_dir=str(runs), graph="decoder",
+                                cache_len=24)
+    import onnxruntime as ort
+
+    spec = json.loads((export / "export" / "slmctl_onnx.json").read_text())
+    assert result["counts"]["GroupQueryAttention"] == spec["model"]["n_decoder_layers"]
+
+    session = ort.InferenceSession(str(export / "export" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    feed = op_profile._feed(session, 512, "decoder", 16, 24, np.random.default_rng(0))
+    assert feed["past_key_values.0.key"].shape[2] == 25
+    names = spec["variants"]["fp32"]["cache_names"]
+    before = feed["past_key_values.0.key"][0, :, 24].copy()
+    op_profile._runner(session, feed, True, names)()
+    assert not np.array_equal(feed["past_key_values.0.key"][0, :, 24], before)  # written where it was fed

@@ -11,7 +11,7 @@ from conftest import REPO, TINY_PRETRAIN, cli, newest_run, train_run
 from slmctl.config.compose import compose
 from slmctl.errors import ConfigError
 from slmctl.model import build_model
-from slmctl.runtime.onnx import SPEC_FILE, OnnxExportError, OnnxLM
+from slmctl.runtime.onnx import CONTRACT_VERSION, SPEC_FILE, OnnxExportError, OnnxLM
 
 FAST = ["validation.prompt_lens=[5,19]", "validation.steps=12"]
 SMALL_REPORT = ["report.prompts=6", "report.steps=8", "report.eval_limit=8", "report.input_len=16", "report.output_len=4",
@@ -41,20 +41,20 @@ def shallow(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def randomized_export(tmp_path_factory):
-    """randomized_export(preset, static=None, scale=3.0) -> (model, export directory with slmctl_onnx.json,
-    spec): a tiny model with conftest.randomize weights, exported once per module."""
+    """randomized_export(preset, static=None, scale=3.0, in_place=False) -> (model, export directory with
+    slmctl_onnx.json, spec): a tiny model with conftest.randomize weights, exported once per module."""
     from slmctl.export.stage import _spec, export_graphs
     from tests.conftest import randomize
 
     made = {}
 
-    def get(preset, static=None, scale=3.0):
-        key = (preset, json.dumps(static), scale)
+    def get(preset, static=None, scale=3.0, in_place=False):
+        key = (preset, json.dumps(static), scale, in_place)
         if key not in made:
             model = randomize(build_model(preset, seed=0), scale=scale).eval()
             directory = tmp_path_factory.mktemp(preset)
             spec = _spec(model, None, compose("export", [f"source={preset}"]), {})
-            spec["variants"]["fp32"] = export_graphs(model, directory, static=static)
+            spec["variants"]["fp32"] = export_graphs(model, directory, static=static, in_place=in_place)
             (directory / SPEC_FILE).write_text(json.dumps(spec))
             made[key] = model, directory, spec
         return made[key]
@@ -86,9 +86,10 @@ def test_encoder_decoder_export_is_described_checked_and_validated(tmp_path):
     assert "export/encoder.onnx" in manifest and f"export/{SPEC_FILE}" in manifest
 
 
-@pytest.mark.parametrize("preset", ["tiny", "deconly-tiny"])
-def test_greedy_and_beam_generations_match_torch_on_padded_batches(randomized_export, preset):
-    model, directory, _ = randomized_export(preset)
+@pytest.mark.parametrize("preset, in_place", [("tiny", False), ("tiny", True), ("deconly-tiny", False)])
+def test_greedy_and_beam_generations_match_torch_on_padded_batches(randomized_export, preset, in_place):
+    """Either decoder cache (grown each step, or buffers written in place) decodes as PyTorch does."""
+    model, directory, _ = randomized_export(preset, in_place=in_place)
     onnx_model = OnnxLM(directory)
     ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -111,6 +112,26 @@ def test_decoder_only_export_is_one_graph_with_cache(tmp_path):
     spec = json.loads((run / "export" / SPEC_FILE).read_text())
     assert list(spec["variants"]["fp32"]["graphs"]) == ["decoder"] and spec["architecture"] == "decoder-only"
     assert (run / "export" / "model.onnx").is_file() and json.loads((run / "validation.json").read_text())["passed"]
+
+
+def test_an_in_place_cache_export_attends_with_one_node_per_layer_over_buffers(tmp_path):
+    """cache=in_place: contract 3, the cache inputs are buffers of any capacity, each layer's
+    self-attention one GroupQueryAttention node; validated against PyTorch like the portable graphs."""
+    result = cli("export", "onnx", "tiny", "cache=in_place", *FAST, runs=tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = newest_run(tmp_path / "runs", "export")
+    spec = json.loads((run / "export" / SPEC_FILE).read_text())
+    decoder = spec["variants"]["fp32"]["graphs"]["decoder"]
+    assert decoder["cache"] == "in_place" and spec["version"] == 3
+    assert decoder["inputs"][3]["shape"] == ["batch", 2, "capacity", 16]
+    ops = [n.op_type for n in onnx.load(str(run / "export" / "decoder.onnx")).graph.node]
+    assert ops.count("GroupQueryAttention") == spec["model"]["n_decoder_layers"]
+    assert json.loads((run / "validation.json").read_text())["passed"] and OnnxLM(run / "export").in_place
+
+
+def test_an_in_place_cache_with_static_shapes_is_refused_before_a_run_exists(tmp_path):
+    result = cli("export", "onnx", "tiny", "--static", "cache=in_place", runs=tmp_path / "runs")
+    assert result.exit_code == 2 and "cache=in_place" in result.output and not (tmp_path / "runs").exists()
 
 
 def test_static_variant_runs_on_ort_cpu_with_fixed_shapes(tmp_path):
@@ -353,6 +374,7 @@ def standalone_greedy(export_dir, ids, mask, steps):
     spec = json.loads((export_dir / "slmctl_onnx.json").read_text())
     variant, config, special = spec["variants"]["fp32"], spec["model"], spec["special_tokens"]
     graphs, static = variant["graphs"], variant["static"]
+    in_place = graphs["decoder"].get("cache") == "in_place"  # contract 3: buffers of a fixed capacity
     session = {role: ort.InferenceSession(str(export_dir / g["file"])) for role, g in graphs.items()}
     layers, batch = range(config["n_decoder_layers"]), ids.shape[0]
     past_names = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
@@ -378,7 +400,7 @@ def standalone_greedy(export_dir, ids, mask, steps):
         mask = np.pad(mask, ((0, 0), (0, width - mask.shape[1])))
     cross_names = [f"cross.{i}.{kv}" for i in layers for kv in ("key", "value")]
     cross = session["encoder"].run(cross_names, {"input_ids": ids, "attention_mask": mask})
-    past = empty(static["capacity"] if static else 0)
+    past = empty(static["capacity"] if static else steps if in_place else 0)
     token = np.full((batch, 1), special["decoder_start"], np.int64)
     for position in range(steps):
         feeds = {"input_ids": token, "encoder_attention_mask": mask, **dict(zip(past_names, past)),
@@ -392,7 +414,7 @@ def standalone_greedy(export_dir, ids, mask, steps):
         if static:  # this step's key/value, written into the buffers at `position`
             for buffer, new in zip(past, present):
                 buffer[:, :, position] = new[:, :, 0]
-        else:
+        else:  # grown by the new token, or (in place) the buffers with it written at `position`
             past = present
         all_logits.append(logits)
         tokens.append(logits.argmax(-1))
@@ -400,15 +422,15 @@ def standalone_greedy(export_dir, ids, mask, steps):
     return np.stack(all_logits), np.stack(tokens, axis=1)
 
 
-@pytest.mark.parametrize("preset, static", [("tiny", None), ("deconly-tiny", None),
-                                            ("tiny", {"batch": 3, "prompt_len": 16, "capacity": 10})],
-                         ids=["encoder-decoder", "decoder-only", "static"])
-def test_plain_onnx_runtime_loop_matches_the_torch_forward_at_every_step(randomized_export, preset, static):
+@pytest.mark.parametrize("preset, static, in_place", [("tiny", None, False), ("tiny", None, True), ("deconly-tiny", None, False),
+                                                      ("tiny", {"batch": 3, "prompt_len": 16, "capacity": 10}, False)],
+                         ids=["encoder-decoder", "in-place", "decoder-only", "static"])
+def test_plain_onnx_runtime_loop_matches_the_torch_forward_at_every_step(randomized_export, preset, static, in_place):
     """Each row of a padded batch, decoded by plain ONNX Runtime, has at every step the logits that
     slmctl's PyTorch forward (no cache) gives that row alone with the same tokens."""
     from tests.conftest import max_logit_error, random_prompts
 
-    model, directory, _ = randomized_export(preset, static)
+    model, directory, _ = randomized_export(preset, static, in_place=in_place)
     encdec = model.config.is_encoder_decoder
     ids, mask, rows = random_prompts([9, 4, 13], vocab=model.config.vocab_size, seed=5, side="right" if encdec else "left",
                                      pad_id=model.config.pad_token_id)
@@ -479,12 +501,14 @@ def test_optimize_ort_fuses_norms_and_gelu_and_decodes_as_the_plain_graphs(tmp_p
     assert record["dtype"] == "float32" and record["placement"]["decoder"]["ops"]["SkipSimplifiedLayerNormalization"] > 0
 
 
-def test_drafted_decoding_on_onnx_runtime_gives_plain_decodings_tokens(randomized_export):
-    """Contract 2: the decoder returns every new token's logits, so one call checks drafted tokens."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_drafted_decoding_on_onnx_runtime_gives_plain_decodings_tokens(randomized_export, in_place):
+    """Contract 2: the decoder returns every new token's logits, so one call checks drafted tokens; with
+    the cache written in place (contract 3) a pass over several tokens at batch 3 runs row by row."""
     from conftest import Scripted
 
-    model, directory, spec = randomized_export("tiny")
-    assert spec["version"] == 2 and spec["variants"]["fp32"]["graphs"]["decoder"]["outputs"][0]["shape"][1] == "decoder_sequence"
+    model, directory, spec = randomized_export("tiny", in_place=in_place)
+    assert spec["variants"]["fp32"]["graphs"]["decoder"]["outputs"][0]["shape"][1] == "decoder_sequence"
     onnx_model = OnnxLM(directory)
     ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -515,6 +539,6 @@ def test_a_contract_1_export_still_decodes_and_refuses_drafts_in_one_line(random
     assert torch.equal(old.generate(ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12))
     with pytest.raises(ConfigError, match=r"export contract 1\); export the model again"):
         check_drafting(Generator(old, None, "encdec", tmp_path), num_beams=1)
-    (tmp_path / SPEC_FILE).write_text(json.dumps({**spec, "version": 3}))
-    with pytest.raises(OnnxExportError, match="contract version 3, this slmctl reads 1 to 2"):
+    (tmp_path / SPEC_FILE).write_text(json.dumps({**spec, "version": CONTRACT_VERSION + 1}))
+    with pytest.raises(OnnxExportError, match=f"contract version {CONTRACT_VERSION + 1}, this slmctl reads 1 to {CONTRACT_VERSION}"):
         OnnxLM(tmp_path)

@@ -61,17 +61,20 @@ def join_and_leave(batch, prompts, forced, bos: int) -> dict:
     return {i: torch.stack(steps) for i, steps in got.items()}
 
 
-def test_on_onnx_runtime_rows_joining_and_leaving_decode_as_if_alone(tmp_path, tiny_model_dir):
-    """The same on an export: the decoder graph's per-row positions let rows of different lengths share a call."""
+@pytest.mark.parametrize("cache", ["in_place", "grow"])
+def test_on_onnx_runtime_rows_joining_and_leaving_decode_as_if_alone(tmp_path, tiny_model_dir, cache):
+    """The same on an export: the decoder graph's per-row positions let rows of different lengths share a
+    call, whether it writes its cache buffers in place (GroupQueryAttention) or returns them grown."""
     from conftest import cli, newest_run
 
     from slmctl.runtime.generator import load_generator
     from slmctl.serve.onnx_batching import OnnxBatch
 
-    result = cli("export", "onnx", tiny_model_dir, "validation.prompt_lens=[5,19]", "validation.steps=6",
+    result = cli("export", "onnx", tiny_model_dir, f"cache={cache}", "validation.prompt_lens=[5,19]", "validation.steps=6",
                  "validation.tolerance=1e-2", runs=tmp_path)
     assert result.exit_code == 0, result.output
     lm = load_generator(newest_run(tmp_path, "export")).model
+    assert lm.in_place == (cache == "in_place")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 19, 3, 30, 11)]
     forced = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (9, 4, 12, 6, 8)]
