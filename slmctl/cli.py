@@ -180,8 +180,9 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                                                  "(this-cpu, a100, h100, ...); with --repeat 0 nothing is run."),
           image_size: str = typer.Option("336x336", "--image-size", help="Vision models: the image each prompt carries (WxH)."),
           isolate: bool = typer.Option(False, "--isolate", help="Measure each model in its own child process (nothing shared)."),
-          draft: str = typer.Option("none", "--draft", help="Comma-separated: none and/or prompt (drafted decoding, each "
-                                    "a configuration: accepted drafts per pass and the cost of a pass)."),
+          draft: str = typer.Option("none", "--draft", help="Comma-separated: none, prompt and/or draft models (a smaller "
+                                    "model of the same vocabulary; drafted decoding, each a configuration: accepted "
+                                    "drafts per pass and the cost of a pass)."),
           draft_tokens: int = typer.Option(10, "--draft-tokens", help="Most tokens drafted per pass."),
           ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
@@ -213,8 +214,9 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
         if not all(v.strip().isdigit() for v in text.split(",")):
             fail(f"{option} takes comma-separated integers, e.g. 256,512,1024; got {text!r}")
     drafts = [d.strip() for d in draft.split(",")]
-    if not set(drafts) <= {"none", "prompt"} or draft_tokens < 1:
-        fail(f"--draft takes none and/or prompt, comma-separated, and --draft-tokens a number >= 1; got {draft!r}, {draft_tokens}")
+    if not all(drafts) or any("'" in d for d in drafts) or draft_tokens < 1:
+        fail(f"--draft takes none, prompt and/or draft models, comma-separated, and --draft-tokens a number >= 1; "
+             f"got {draft!r}, {draft_tokens}")
     width, _, height = image_size.lower().partition("x")
     if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
         fail(f"--image-size takes WIDTHxHEIGHT, e.g. 672x336; got {image_size!r}")
@@ -223,7 +225,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                  *([f"threads={threads}"] if threads else []), *([f"format={output_format}"] if output_format else []),
                  *([f"estimate={estimate}"] if estimate else []), f"image_size=[{width},{height}]",
                  *(["isolate=true"] if isolate else []), *provider_overrides(ep, allow_fallback), *training,
-                 f"draft=[{','.join(drafts)}]", f"draft_tokens={draft_tokens}",
+                 "draft=[" + ",".join(f"'{d}'" for d in drafts) + "]", f"draft_tokens={draft_tokens}",
                  *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 

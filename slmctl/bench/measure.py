@@ -8,6 +8,8 @@ device (synchronize) at every timestamp.
 
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass
 
@@ -133,35 +135,56 @@ def implied_speedup(output_len: int, passes: float, accepted_per_pass: float, pa
     return (output_len - 1) / (passes * pass_cost + plain_steps)
 
 
+def _decoder_timer(model, device: str, batch: int, input_len: int, seed: int, capacity: int, repeat: int):
+    """(a decoding session past its first step after `input_len` random prompt tokens, timed(call): the
+    median seconds of `repeat` calls, the cache cut back after each so every call sees the same cache)."""
+    import statistics
+    import time
+
+    session = model.start_decoding(random_prompts(model.config.vocab_size, batch, input_len, seed, model.device), None,
+                                   capacity)
+    session.first_logits()
+
+    def timed(call) -> float:
+        seconds = []
+        for _ in range(repeat):
+            cached = session.cached
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+            session.cut(cached)
+        return statistics.median(seconds)
+
+    return session, timed
+
+
 def pass_cost_ratio(loaded: LoadedModel, device: str, batch: int, input_len: int, tokens: int, seed: int = 0,
                     repeat: int = 9) -> float:
     """Median time of one decoder call over 1 + `tokens` tokens (a pass checking `tokens` drafts) over
     that of a 1-token step, after `input_len` prompt tokens: what a pass costs whatever the drafter finds."""
-    import statistics
-    import time
-
     model = loaded.model
-    prompts = random_prompts(model.config.vocab_size, batch, input_len, seed, model.device)
     with torch.inference_mode():
-        session = model.start_decoding(prompts, None, tokens + 8)
-        session.first_logits()
+        session, timed = _decoder_timer(model, device, batch, input_len, seed, tokens + 8, repeat)
         one = torch.full((batch,), 5, dtype=torch.long, device=model.device)
         many = torch.full((batch, tokens + 1), 5, dtype=torch.long, device=model.device)
-
-        def timed(call) -> float:
-            seconds = []
-            for _ in range(repeat):
-                cached = session.cached
-                start = time.perf_counter()
-                call()
-                _sync(device)
-                seconds.append(time.perf_counter() - start)
-                session.cut(cached)
-            return statistics.median(seconds)
-
         timed(lambda: session.step(one))  # warm up both shapes
         timed(lambda: session.verify(many))
         return timed(lambda: session.verify(many)) / timed(lambda: session.step(one))
+
+
+def step_cost_ratio(draft_model, loaded: LoadedModel, device: str, batch: int, input_len: int, seed: int = 0,
+                    repeat: int = 9) -> float:
+    """Median time of a draft model's 1-token step over the target's, after the same `input_len` prompt
+    tokens: what each drafted token costs, in target steps."""
+    seconds = []
+    with torch.inference_mode():
+        for model in (draft_model, loaded.model):
+            session, timed = _decoder_timer(model, device, batch, input_len, seed, 8, repeat)
+            step = functools.partial(session.step, torch.full((batch,), 5, dtype=torch.long, device=model.device))
+            timed(step)  # warm up
+            seconds.append(timed(step))
+    return seconds[0] / seconds[1]
 
 
 def is_vision(model) -> bool:

@@ -26,10 +26,19 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from slmctl.bench.measure import BENCH_KINDS, implied_speedup, is_vision, load_for_bench, measure, pass_cost_ratio, time_vision
+from slmctl.bench.measure import (
+    BENCH_KINDS,
+    implied_speedup,
+    is_vision,
+    load_for_bench,
+    measure,
+    pass_cost_ratio,
+    step_cost_ratio,
+    time_vision,
+)
 from slmctl.bench.report import RECORD_FIELDS, comparison_table, format_records, plot, plot_batch, table
 from slmctl.model import flops
-from slmctl.model.drafting import make_drafter
+from slmctl.model.drafting import DRAFTERS, DraftModel, make_drafter
 from slmctl.progress import PROGRESS_DIR, append_progress, read_progress
 from slmctl.refs import parse
 from slmctl.runtime.hardware import cpu_identity, peak_memory_mb, reset_peak_memory
@@ -40,6 +49,13 @@ console = Console()
 err_console = Console(stderr=True)
 # per weight (int8/qdq/int4: quantized exports; int4: 4 bits + one fp32 scale per block of 32, the default block size)
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp16": 2, "int8": 1, "qdq": 1, "int4": Fraction(1, 2) + Fraction(4, 32)}
+
+
+def preflight(cfg, runs_dir) -> None:
+    """Refused before the run exists: a draft model that names nothing bench can load."""
+    for draft in cfg.draft:
+        if draft not in DRAFTERS:
+            parse(draft, runs_dir).require(BENCH_KINDS, "--draft")
 
 
 def run(cfg, run):
@@ -168,6 +184,7 @@ def measure_model(cfg, ref: str, runs_dir, environment: dict, profile: dict | No
         shown.print(f"{loaded.name}: a {image.size[0]}x{image.size[1]} image -> {tokens} tokens in {vision_ms:.1f} ms",
                     highlight=False)
     skip = {tuple(key) for key in skip}
+    drafters = {draft: _drafter(cfg, draft, loaded, runs_dir) for draft in cfg.draft}  # a draft model loads once
     for batch in cfg.batch:
         for input_len in cfg.input_lens:
             for output_len in cfg.output_lens:
@@ -179,29 +196,54 @@ def measure_model(cfg, ref: str, runs_dir, environment: dict, profile: dict | No
                         continue
                     if key in skip:
                         continue
-                    yield key, _measured(cfg, loaded, params, batch, input_len, output_len, draft, image, environment, profile,
-                                         shown) | vision
+                    yield key, _measured(cfg, loaded, params, batch, input_len, output_len, draft, drafters[draft], image,
+                                         environment, profile, shown) | vision
 
 
-def _measured(cfg, loaded, params, batch, input_len, output_len, draft, image, environment, profile, shown) -> dict:
-    """One configuration's record; with a drafter, its acceptance and the cost of a pass checking K drafts."""
-    drafter = make_drafter(draft, cfg.draft_tokens)
+def _drafter(cfg, draft: str, loaded, runs_dir):
+    """None, prompt lookup, or a draft model (loaded as bench loads models, so an export drafts on ONNX
+    Runtime) whose token ids are the target's: the same vocabulary and special tokens."""
+    from slmctl.errors import ConfigError
+
+    if draft in DRAFTERS:
+        drafter = make_drafter(draft, cfg.draft_tokens)
+    else:
+        model = load_for_bench(draft, runs_dir, cfg.device, cfg.dtype, cfg.seed, "auto", cfg.threads, cfg.ep,
+                               cfg.allow_fallback, cfg.prepacking).model
+        ours, theirs = loaded.model.config, model.config
+        same = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+        if not theirs.is_encoder_decoder or any(getattr(ours, k) != getattr(theirs, k) for k in same):
+            raise ConfigError(f"--draft {draft}: a draft model must be an encoder-decoder with {loaded.name}'s vocabulary "
+                              f"({ours.vocab_size} tokens) and special tokens")
+        drafter = DraftModel(model, max_tokens=cfg.draft_tokens, label=f"model {draft}")
     if drafter is not None:
         check_drafting(Generator(loaded.model, None, loaded.arch, Path(loaded.name)), 1)
+    return drafter
+
+
+def _measured(cfg, loaded, params, batch, input_len, output_len, draft, drafter, image, environment, profile,
+              shown) -> dict:
+    """One configuration's record; with a drafter, its acceptance and the cost of a pass checking K drafts
+    (and a draft model's step against the target's)."""
     summary, samples = measure(loaded, cfg.device, batch, input_len, output_len, cfg.repeat, cfg.warmup, cfg.seed, image,
                                drafter)
     record = _record(cfg, loaded, params, batch, input_len, output_len, summary, samples, environment)
-    record |= {"draft": draft, "draft_tokens": None, "accepted_per_pass": None, "pass_cost_ratio": None, "implied_speedup": None}
+    record |= {"draft": draft, "draft_tokens": None, "accepted_per_pass": None, "pass_cost_ratio": None, "implied_speedup": None,
+               "draft_step_cost_ratio": None}
     if drafter is not None:
         typical = max(1, round(summary["drafted_per_pass"]))  # K adapts: the pass the drafter mostly made
         full_cost = pass_cost_ratio(loaded, cfg.device, batch, input_len, cfg.draft_tokens, cfg.seed)
         typical_cost = full_cost if typical == cfg.draft_tokens else \
             pass_cost_ratio(loaded, cfg.device, batch, input_len, typical, cfg.seed)  # timed once when they are one pass
+        # a draft model spends about one of its own steps per drafted token (the first reads what it has not seen)
+        draft_step = step_cost_ratio(drafter.model, loaded, cfg.device, batch, input_len, cfg.seed) \
+            if isinstance(drafter, DraftModel) else None
+        drafting = summary["drafted_per_pass"] * draft_step if draft_step is not None else 0.0
         record |= {"draft_tokens": cfg.draft_tokens, "accepted_per_pass": summary["accepted_per_pass"],
                    "drafted_per_pass": summary["drafted_per_pass"], "draft_passes": summary["draft_passes"],
-                   "pass_cost_ratio": full_cost, "typical_pass_cost_ratio": typical_cost,
+                   "pass_cost_ratio": full_cost, "typical_pass_cost_ratio": typical_cost, "draft_step_cost_ratio": draft_step,
                    "implied_speedup": implied_speedup(output_len, summary["draft_passes"], summary["accepted_per_pass"],
-                                                      typical_cost)}
+                                                      typical_cost + drafting)}
     if profile:
         _add_prediction(record, loaded.model.config, cfg, profile)
     drafted = (f", draft {draft}: {record['accepted_per_pass']:.2f} of {record['drafted_per_pass']:.2f} drafts kept per pass, "

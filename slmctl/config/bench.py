@@ -17,7 +17,9 @@ class BenchSchema:
     batch: list = field(default_factory=lambda: [1])
     repeat: int = 3  # timed runs per configuration (median / p90 / stdev reported); 0 with estimate
     warmup: int = 1
-    draft: list = field(default_factory=lambda: ["none"])  # per configuration: none | prompt (drafted decoding, docs/speed.md)
+    # per configuration: none | prompt | a draft model (preset, model directory, run or export of the same vocabulary);
+    # drafted decoding, docs/speed.md
+    draft: list = field(default_factory=lambda: ["none"])
     draft_tokens: int = 10  # most tokens drafted per pass (K adapts below it)
     dtype: FloatDtype = FloatDtype.float32
     runtime: Runtime = Runtime.auto  # auto: ONNX Runtime for exports (slmctl export onnx), torch for the rest

@@ -252,7 +252,28 @@ def test_drafted_decoding_is_a_configuration_with_its_acceptance_and_pass_cost(t
     assert drafted["implied_speedup"] == pytest.approx(tokens / steps)
     assert drafted["measured_speedup"] == pytest.approx(drafted["decode_tok_s"] / plain["decode_tok_s"])
     assert "drafts kept per pass" in result.stderr and "x plain (its passes imply" in result.stderr
-    for args, message in ((["--draft", "model"], "--draft takes none and/or prompt"),
-                          (["--draft", "prompt", "--draft-tokens", "0"], "--draft takes none and/or prompt")):
+    for args, message in ((["--draft", "no-such-model"], "no-such-model"),
+                          (["--draft", "prompt", "--draft-tokens", "0"], "--draft takes none, prompt and/or draft models")):
         refused = cli("bench", "tiny", *args, runs=tmp_path / "refused")
         assert refused.exit_code == 2 and message in refused.output and not (tmp_path / "refused").exists()
+        assert len(refused.output.strip().splitlines()) == 1
+
+
+def test_a_draft_model_is_a_configuration_and_a_model_drafting_for_itself_keeps_its_drafts(tmp_path):
+    """`--draft tiny` for `tiny` (the same preset, the same seed: the same weights): every greedy draft
+    is the target's own choice, so nearly every drafted token is kept; the record says what a draft
+    model's step costs in target steps, and the implied speed-up counts it. A draft model of another
+    vocabulary is refused in one line."""
+    result = cli("bench", "tiny", "--draft", "tiny", "--draft-tokens", "4", "--input-lens", "16", "--output-lens", "24",
+                 "--repeat", "1", "--format", "json", runs=tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    (drafted,) = json.loads(result.stdout)
+    assert drafted["draft"] == "tiny" and drafted["draft_tokens"] == 4
+    assert drafted["accepted_per_pass"] >= 0.9 * drafted["drafted_per_pass"] and drafted["drafted_per_pass"] > 2
+    assert 0.2 < drafted["draft_step_cost_ratio"] < 5  # the same model: about one target step a drafted token
+    tokens, passes = 23, drafted["draft_passes"]
+    cost = drafted["typical_pass_cost_ratio"] + drafted["drafted_per_pass"] * drafted["draft_step_cost_ratio"]
+    assert drafted["implied_speedup"] == pytest.approx(tokens / (passes * cost + tokens - passes * (1 + drafted["accepted_per_pass"])))
+    other = cli("bench", "tiny", "--draft", "deconly-tiny", "--input-lens", "8", "--output-lens", "4", "--repeat", "1",
+                runs=tmp_path / "other")
+    assert other.exit_code == 2 and "a draft model must be an encoder-decoder" in other.output
