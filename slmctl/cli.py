@@ -321,7 +321,8 @@ def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a r
           image_root: Optional[Path] = typer.Option(None, "--image-root", help="Vision models: local image paths must lie here."),
           threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads."),
           draft: Optional[str] = typer.Option(None, "--draft", help="prompt: each request's next tokens drafted from its "
-                                              "prompt and checked several per pass (the same tokens; draft_tokens=K)."),
+                                              "prompt; or a smaller model with the same tokenizer; checked several per "
+                                              "pass (the same tokens; draft_tokens=K)."),
           ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:

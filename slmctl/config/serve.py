@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from slmctl.config.choices import Drafter, Runtime
+from slmctl.config.choices import Runtime
 
 
 @dataclass
@@ -27,7 +27,9 @@ class ServeSchema:
     log_prompts: bool = False  # requests.jsonl records prompt text too
     image_root: Optional[str] = None  # vision models: local image paths must lie under it (data: URLs always work)
     grace_s: float = 30.0  # on SIGTERM / Ctrl-C: how long in-flight requests may take to finish
-    draft: Drafter = Drafter.none  # prompt: each request's next tokens drafted from its prompt, checked several per pass
+    # prompt: each request's next tokens drafted from its prompt; or a smaller draft model (a run, model directory or
+    # export with the same tokenizer, its own batch of the same slots); drafts are checked several per pass
+    draft: str = "none"
     draft_tokens: int = 10  # most tokens drafted per pass (each request's K adapts below it)
     # limits on what one client may make the server do (HTTP 413 / 400 / 503 / 504 in OpenAI's error shape)
     max_request_bytes: Optional[int] = None  # request body (null: 1 MiB for a text model, 32 MiB with a vision tower)

@@ -127,11 +127,18 @@ def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path
     if tokens < 1:
         raise ConfigError(f"--draft-tokens must be >= 1, got {tokens}")
     draft = load_generator(name, runs_dir, device, runtime="torch")
+    check_draft_model(name, draft, target)
+    return DraftModel(draft.model, max_tokens=tokens, label=f"model {name}")
+
+
+def check_draft_model(name: str, draft: Generator, target: Generator) -> None:
+    """A draft model must be an encoder-decoder with the target's token ids (one-line error otherwise)."""
+    from slmctl.errors import ConfigError
+
     if draft.kind != "encdec":
         raise ConfigError(f"draft model {name} is a {draft.kind} model: a draft model must be an encoder-decoder")
     if not _same_tokenizer(draft.tokenizer, target.tokenizer):
         raise ConfigError(f"draft model {name} has another tokenizer than {target.path}: drafts must use the same token ids")
-    return DraftModel(draft.model, max_tokens=tokens, label=f"model {name}")
 
 
 def _same_tokenizer(a: TextTokenizer, b: TextTokenizer) -> bool:

@@ -14,8 +14,9 @@ With a drafter (`slmctl serve MODEL --draft prompt`), each row drafts its own ne
 prompt and output (slmctl.model.drafting), one decoder call checks every row's drafts, and each
 row keeps what its own settings accept (so each request accepts at its own rate and gets the
 tokens it would get without drafts; a seeded sampling request draws differently) and has its
-cache cut back past the rest. A pass's tokens are spread over the pass's time in the per-token
-latency metric.
+cache cut back past the rest. A draft model (`--draft SMALLER`) keeps its own batch, row for row
+with the served one (slmctl.serve.draft_batch). A pass's tokens are spread over the pass's time in
+the per-token latency metric.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 
 from slmctl.model.generation import GenerationConfig, choose_token
+from slmctl.serve.draft_batch import DraftBatch
 
 
 class QueueFull(Exception):
@@ -227,12 +229,22 @@ class Engine:
         self._gauge()
 
     def _admit(self, group: list[Request]) -> None:
-        if group[0].embeds is not None:
-            self.batch.join(embeds=[r.embeds for r in group])
-        elif any(r.image_features is not None for r in group):
-            self.batch.join(prompts=[r.prompt for r in group], image_features=[r.image_features for r in group])
-        else:
-            self.batch.join(prompts=[r.prompt for r in group])
+        """The group's rows in the batch (and in a draft model's, row for row), or neither."""
+        drafting = isinstance(self.drafter, DraftBatch)
+        if drafting:
+            self.drafter.join([r.prompt for r in group])
+        try:
+            if group[0].embeds is not None:
+                self.batch.join(embeds=[r.embeds for r in group])
+            elif any(r.image_features is not None for r in group):
+                self.batch.join(prompts=[r.prompt for r in group], image_features=[r.image_features for r in group])
+            else:
+                self.batch.join(prompts=[r.prompt for r in group])
+        except Exception:
+            if drafting:
+                for _ in group:
+                    self.drafter.leave(len(self.drafter.seen) - 1)
+            raise
         self.rows += group
 
     def _admit_or_fail(self, request: Request) -> None:
@@ -245,6 +257,8 @@ class Engine:
         """End every active request with an error and empty the batch (its state is unknown after a failed call)."""
         failed, self.rows = self.rows, []
         self.batch.reset()
+        if isinstance(self.drafter, DraftBatch):
+            self.drafter.reset()
         for request in failed:
             self._finish(request, "error", message=message)
         self._gauge()
@@ -289,6 +303,8 @@ class Engine:
         for i, reason in sorted(leaving, reverse=True):  # from the end: a leaving row takes the last one's place
             request = self.rows[i]
             moved = self.batch.leave(i)
+            if isinstance(self.drafter, DraftBatch):
+                self.drafter.leave(i)
             last_row = self.rows.pop()
             if moved is not None:
                 self.rows[i] = last_row
@@ -297,14 +313,15 @@ class Engine:
 
     def _drafts(self) -> list[list[int]]:
         """Each row's drafted tokens: up to its own K, within its max_tokens and the cache's capacity."""
-        drafts = []
+        wanted = []
         for request, length in zip(self.rows, self.batch.lengths[:len(self.rows)].tolist()):
             if not request.draft_k:
                 request.draft_k = self.drafter.max_tokens
             room = min(request.max_tokens - len(request.tokens), self.batch.capacity - length) - 1
-            prompt = request.prompt or []
-            drafts.append(self.drafter.row_draft(prompt, request.tokens, min(request.draft_k, room)) if request.tokens else [])
-        return drafts
+            wanted.append(max(0, min(request.draft_k, room)) if request.tokens else 0)
+        if isinstance(self.drafter, DraftBatch):  # one draft model call per drafted position, all rows together
+            return self.drafter.drafts([r.tokens for r in self.rows], wanted)
+        return [self.drafter.row_draft(r.prompt or [], r.tokens, k) if k else [] for r, k in zip(self.rows, wanted)]
 
     def _walk(self, request: Request, logits: torch.Tensor, draft: list[int]) -> list[int]:
         """The tokens a row takes from one pass: at each position the request's own choice (greedy, or its

@@ -37,8 +37,8 @@ def open_server(cfg, run) -> "Server":
     import torch
     import uvicorn
 
-    from slmctl.model.drafting import make_drafter
     from slmctl.runtime.generator import check_drafting, load_generator
+    from slmctl.serve.draft_batch import DraftBatch
     from slmctl.serve.app import Served, create_app
     from slmctl.serve.engine import Engine
     from slmctl.serve.limits import TEXT_MODEL_BYTES, VISION_MODEL_BYTES, BodyLimit
@@ -60,9 +60,11 @@ def open_server(cfg, run) -> "Server":
                           "(for decoder-only ones, llama.cpp's or vLLM's servers are the tools)")
     generator.ref.record_input(run, role="served model")
     runtime = "torch" if isinstance(generator.model, torch.nn.Module) else "onnx"
-    drafter = make_drafter(str(cfg.draft), cfg.draft_tokens)
+    drafter = open_drafter(cfg, generator, run.runs_dir)
     if drafter is not None:
         check_drafting(generator, num_beams=1)
+        if isinstance(drafter, DraftBatch):
+            run.log(f"draft model {cfg.draft}: {drafter.cache_mb:.1f} MB of self-attention cache per slot")
     decoder_length = generator.model.config.max_seq_len
     if cfg.max_tokens_cap + 1 > decoder_length:
         raise ConfigError(f"max_tokens_cap={cfg.max_tokens_cap} is past the {decoder_length} positions {cfg.source} was "
@@ -135,6 +137,35 @@ def bind(host: str, port: int):
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or --port 0 for "
                           "any free one)") from None
     return sock
+
+
+def preflight(cfg, runs_dir) -> None:
+    """Refused before the run exists: a drafter that is neither none, prompt nor a model slmctl can load."""
+    from slmctl.model.drafting import DRAFTERS
+    from slmctl.refs import parse
+
+    if cfg.draft not in DRAFTERS:
+        parse(cfg.draft, runs_dir).require(("model_dir", "export"), "--draft")
+
+
+def open_drafter(cfg, generator, runs_dir):
+    """None, prompt lookup, or a draft model with its own continuous batch of the served one's slots (room
+    for the drafts past the served capacity); a draft model cannot read images."""
+    from slmctl.model.drafting import DRAFTERS, make_drafter
+    from slmctl.runtime.generator import check_draft_model, load_generator
+    from slmctl.serve.draft_batch import DraftBatch
+
+    if cfg.draft in DRAFTERS:
+        return make_drafter(cfg.draft, cfg.draft_tokens)
+    if cfg.draft_tokens < 1:
+        raise ConfigError(f"draft_tokens must be >= 1, got {cfg.draft_tokens}")
+    if hasattr(generator.model, "embed_inputs") or getattr(generator.model, "is_vision", False):
+        raise ConfigError(f"{cfg.source} reads images, which a draft model cannot: --draft prompt, or serve without drafts")
+    draft = load_generator(cfg.draft, runs_dir=runs_dir, device=cfg.device, runtime=cfg.runtime, threads=cfg.threads,
+                           ep=cfg.ep, allow_fallback=cfg.allow_fallback)
+    check_draft_model(cfg.draft, draft, generator)
+    return DraftBatch(open_batch(draft, cfg.max_batch, cfg.max_tokens_cap + cfg.draft_tokens), cfg.draft_tokens,
+                      label=f"model {cfg.draft}", bos=draft.model.config.bos_token_id)
 
 
 def open_batch(generator, slots: int, max_tokens: int):

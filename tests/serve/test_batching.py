@@ -308,6 +308,20 @@ def echo_dir(tiny_model_dir, tmp_path_factory):
     return save_model(model, tmp_path_factory.mktemp("echo") / "model", tokenizer)
 
 
+def four_requests(engine, tokenizer) -> list:
+    """Start `engine`, submit the four PROMPTS (12, 20, 7 and 16 tokens, EOS ignored), wait for all, stop
+    it -> [(request, events, done)]."""
+    engine.start()
+    try:
+        submitted = [collect(engine, prompt=tokenizer.encode(p), max_tokens=n, ignore_eos=True)
+                     for p, n in zip(PROMPTS, (12, 20, 7, 16))]
+        for _, _, done in submitted:
+            assert done.wait(60)
+    finally:
+        engine.stop(5)
+    return submitted
+
+
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 def test_drafted_serving_gives_each_request_its_plain_tokens_at_its_own_rate(echo_dir, tmp_path, runtime):
     """Requests decoded together with drafts from their own prompts: each gets the tokens it gets without
@@ -329,15 +343,8 @@ def test_drafted_serving_gives_each_request_its_plain_tokens_at_its_own_rate(ech
     answers = {}
     for name, drafter in (("plain", None), ("drafted", PromptLookup(max_tokens=4))):
         metrics = ServerMetrics()
-        engine = Engine(open_batch(generator, 3, 32), tokenizer, [tokenizer.eos_id], bos, metrics=metrics,
-                        drafter=drafter).start()
-        try:
-            submitted = [collect(engine, prompt=tokenizer.encode(p), max_tokens=n, ignore_eos=True)
-                         for p, n in zip(PROMPTS, (12, 20, 7, 16))]
-            for _, _, done in submitted:
-                assert done.wait(60)
-        finally:
-            engine.stop(5)
+        submitted = four_requests(Engine(open_batch(generator, 3, 32), tokenizer, [tokenizer.eos_id], bos, metrics=metrics,
+                                         drafter=drafter), tokenizer)
         answers[name] = [request.tokens for request, _, _ in submitted]
         finals = [events[-1] for _, events, _ in submitted]
         if drafter is not None:
@@ -347,3 +354,34 @@ def test_drafted_serving_gives_each_request_its_plain_tokens_at_its_own_rate(ech
             assert snapshot["slmctl_draft_accepted_total"] == sum(kept)
             assert snapshot["slmctl_draft_tokens_total"] == sum(f["drafted_tokens"] for f in finals)
     assert answers["drafted"] == answers["plain"]
+
+
+def test_a_draft_model_serves_row_for_row_and_changes_no_token(echo_dir, tiny_model_dir, tmp_path):
+    """`--draft MODEL`: a draft model's own batch follows the served rows (four requests through three
+    slots: rows join mid-answer and leave, the last moving into their place). The model drafting for
+    itself keeps nearly every draft; an untrained draft model with the same tokenizer, exported (drafting
+    on ONNX Runtime), keeps fewer; the tokens are the plain ones either way."""
+    from conftest import cli, newest_run
+
+    from slmctl.runtime.generator import load_generator
+    from slmctl.serve.draft_batch import DraftBatch
+    from slmctl.serve.stage import open_batch
+
+    generator = load_generator(tiny_model_dir, runs_dir=tmp_path)
+    tokenizer, bos = generator.tokenizer, generator.model.config.bos_token_id
+    assert cli("export", "onnx", echo_dir, "validation.prompt_lens=[5]", "validation.steps=4", runs=tmp_path).exit_code == 0
+    onnx_echo = newest_run(tmp_path, "export")
+    answers, rates = {}, {}
+    for name, source in (("plain", None), ("self", tiny_model_dir), ("echo", onnx_echo)):
+        drafter = None
+        if source is not None:
+            drafter = DraftBatch(open_batch(load_generator(source, runs_dir=tmp_path), 3, 32 + 4), 4, f"model {name}", bos)
+        submitted = four_requests(Engine(open_batch(generator, 3, 32), tokenizer, [tokenizer.eos_id], bos, drafter=drafter),
+                                  tokenizer)
+        answers[name] = [request.tokens for request, _, _ in submitted]
+        if drafter is not None:
+            finals = [events[-1] for _, events, _ in submitted]
+            rates[name] = sum(f["accepted_tokens"] for f in finals) / sum(f["drafted_tokens"] for f in finals)
+            assert not drafter.seen and drafter.batch.active == 0  # every row left both batches
+    assert answers["self"] == answers["plain"] and answers["echo"] == answers["plain"]
+    assert rates["self"] >= 0.9 and rates["echo"] < rates["self"]

@@ -61,6 +61,19 @@ def test_openai_client_gets_what_generate_prints(server, tiny_model_dir):
     assert [m.id for m in api.models.list().data] == ["tiny"]
 
 
+def test_a_draft_model_serves_the_plain_answer_and_states_its_cache(tmp_path, tiny_model_dir):
+    """`slmctl serve MODEL --draft MODEL` (a model drafting for itself): the same text, drafts counted in
+    /metrics, and the draft model's cache per slot in the run's log."""
+    expected = printed_by_generate(tiny_model_dir, PROMPT, 20)
+    with running_server(tmp_path / "runs", tiny_model_dir, f"draft={tiny_model_dir}", "draft_tokens=4",
+                        "model_name=tiny") as server:
+        answer = client(server).completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
+        assert answer.choices[0].text == expected
+        assert server.engine.metrics.snapshot()["slmctl_draft_accepted_total"] > 0
+    log = (newest_run(tmp_path / "runs", "serve") / "log.txt").read_text()
+    assert "MB of self-attention cache per slot" in log
+
+
 def test_sampling_follows_the_seed(server):
     api = client(server)
     ask = lambda seed: api.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=1.0, top_p=0.9,
@@ -296,6 +309,8 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "SLMCTL_UNSET_VARIABLE_FOR_TEST" in result.output
     result = cli("serve", tiny_model_dir, "port=70000", runs=tmp_path / "runs")
     assert result.exit_code == 2 and "port" in result.output
+    result = cli("serve", tiny_model_dir, "--draft", tmp_path / "no-draft-model", runs=tmp_path / "drafts")
+    assert result.exit_code == 2 and "no-draft-model" in result.output and not (tmp_path / "drafts").exists()
     with running_server(tmp_path / "runs", tiny_model_dir) as server:  # a port in use
         port = server.url.rsplit(":", 1)[1]
         result = cli("serve", tiny_model_dir, "--port", port, runs=tmp_path / "runs")
