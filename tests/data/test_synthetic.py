@@ -148,11 +148,13 @@ def test_bad_arguments_fail_with_one_line(world, call, message):
 
 
 def test_generation_is_fast():
+    """10,000 long-context questions in CPU seconds, not minutes (CPU time: a busy neighbour on the
+    cores does not count against it; about 1 s on a 2-core AMD EPYC)."""
     world = SyntheticWorld(seed=0, n_people=500)
-    start = time.perf_counter()
+    start = time.process_time()
     examples = world.qa("validation", 10_000, min_facts=16, max_facts=24)
     assert len(examples) == 10_000
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 4.0
 
 
 def test_about_answers_are_every_sentence_about_the_person_in_the_contexts_order(world):
