@@ -202,7 +202,23 @@ def vision(spec: dict) -> Section:
         section.rows.append([kind, shown, f"{chance[kind]:.3f}", f"{value - chance[kind]:+.3f}"])
     section.rows.append(["all [95% CI]", interval(overall), f"{chance['overall']:.3f}",
                          f"{overall['value'] - chance['overall']:+.3f}"])
+    if spec.get("model_run"):
+        section.notes.append(tower_note(spec["model_run"]))
     return section
+
+
+def tower_note(model_run: str) -> str:
+    """One line on how the add-vision run `model_run` trained its tower (its stages.json)."""
+    stages = {s["stage"]: s for s in read_json(model_run, "stages.json")}
+    later = ", ".join(f"stage {n} {stages[n]['steps']} steps" for n in (1, 2) if n in stages)
+    first = stages.get(0)
+    if first is None:
+        return f"the tower learned only through the language model ({later}): no stage-0 pretraining"
+    if first.get("reloaded") or "seconds" not in first:
+        return f"tower pretrained first: {first['objective']}, {first['steps']} steps; then {later}"
+    scenes = "one-shape" if first["max_shapes"] == 1 else f"up-to-{first['max_shapes']}-shape"
+    return (f"tower pretrained first on {first['scenes']} {scenes} scenes: {first['objective']}, {first['steps']} steps "
+            f"in {first['seconds']:.0f} s; then {later}")
 
 
 def drafting(spec: dict) -> Section:
@@ -310,7 +326,7 @@ def run_summary(name: str, spec: dict, runs_dir: Path, console, argv: list[str])
     for section_name, given in spec.items():
         for section in given if isinstance(given, list) else [given]:
             for role, ref in section.items():
-                if role in ("eval", "bench", "export", "plain", "drafted"):
+                if role in ("eval", "bench", "export", "plain", "drafted", "model_run"):
                     run.add_input("run", str(ref), ref, role=f"{section_name}.{role}")
     for section in sections:
         console.print(section.rich())

@@ -61,9 +61,12 @@ def test_every_number_of_the_summary_comes_from_the_runs(tmp_path):
         "n": 200, "models": {"vision": {"exact_match": result(0.655, 0.59, 0.72)}},
         "chance": {"overall": 0.375, "colour": 0.21, "shape": 0.4}, "per_kind": {"vision": {"colour": 1.0, "shape": 0.44}},
         "per_kind_interval": {"vision": {"colour": [1.0, 1.0], "shape": [0.32, 0.56]}}}}}})
+    towered = finished_run(runs, "add-vision", "vision", {"stages.json": [
+        {"stage": 0, "steps": 600, "objective": "layout (counts, and what covers each position: cross-entropy)",
+         "scenes": 4000, "max_shapes": 1, "seconds": 95.6}, {"stage": 1, "steps": 100}, {"stage": 2, "steps": 200}]})
     spec = {"architecture": {"eval": evaluated, "bench": benched, "models": ["encdec", "deconly"]},
             "distillation": {"eval": evaluated, "models": ["deconly", "student", "control"]},
-            "export": {"export": exported}, "vision": {"eval": shapes}}
+            "export": {"export": exported}, "vision": {"eval": shapes, "model_run": towered}}
     sections, points = build(spec)
     architecture, distillation, export, vision = sections
     assert "256 -> 32 tokens" in architecture.title  # the bench's longest prompt
@@ -77,6 +80,8 @@ def test_every_number_of_the_summary_comes_from_the_runs(tmp_path):
     assert export.rows[1] == ["int8", "8.8", "5.1", "2667", "0.969", "0.740 [0.620, 0.840]"]
     assert vision.rows == [["colour", "1.000 [1.000, 1.000]", "0.210", "+0.790"], ["shape", "0.440 [0.320, 0.560]", "0.400", "+0.040"],
                            ["all [95% CI]", "0.655 [0.590, 0.720]", "0.375", "+0.280"]]
+    assert vision.notes == ["tower pretrained first on 4000 one-shape scenes: layout (counts, and what covers each position: "
+                            "cross-entropy), 600 steps in 96 s; then stage 1 100 steps, stage 2 200 steps"]
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"name": "story", "steps": [{"name": "summary", "summary": spec}]}))
@@ -88,7 +93,8 @@ def test_every_number_of_the_summary_comes_from_the_runs(tmp_path):
     assert json.loads((summary_run / "summary.json").read_text())[0]["rows"] == architecture.rows
     assert (summary_run / "architecture.png").stat().st_size > 1000 and not verify_manifest(summary_run)
     roles = {i["role"] for i in json.loads((summary_run / "inputs.json").read_text())}
-    assert roles == {"architecture.eval", "architecture.bench", "distillation.eval", "export.export", "vision.eval"}
+    assert roles == {"architecture.eval", "architecture.bench", "distillation.eval", "export.export", "vision.eval",
+                     "vision.model_run"}
 
 
 def test_several_seeds_are_summarised_by_their_mean_gain_and_how_many_intervals_exclude_zero(tmp_path):

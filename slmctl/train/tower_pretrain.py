@@ -20,6 +20,7 @@ stages 1-2 as often as wanted.
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -108,6 +109,15 @@ def count_accuracy(counting: CountingTower, batches: list[dict]) -> dict[str, fl
     return accuracy
 
 
+@torch.no_grad()
+def validation_loss(objective: torch.nn.Module, batches: list[dict]) -> float:
+    """The objective's mean loss over the validation batches (whatever the objective: its forward is the loss)."""
+    objective.eval()
+    loss = sum(float(objective(**b)) * len(b["pixels"]) for b in batches) / max(sum(len(b["pixels"]) for b in batches), 1)
+    objective.train()
+    return round(loss, 4)
+
+
 def pretrain_tower(cfg, run, model, tokenizer) -> dict:
     """Pretrain `model.tower` in place (stage 0); returns what stages.json records of it."""
     kind = str(cfg.vision.pretrain)
@@ -121,7 +131,8 @@ def pretrain_tower(cfg, run, model, tokenizer) -> dict:
     saved = run.checkpoint_dir / "stage0" / TOWER_FILE
     objective = {"contrastive": "contrastive (SigLIP sigmoid loss)", "counts": "counts (cross-entropy per kind)",
                  "layout": "layout (counts, and what covers each position: cross-entropy)"}[kind]
-    record = {"stage": 0, "steps": settings.steps, "trained": ["tower"], "objective": objective, "lr": settings.lr}
+    record = {"stage": 0, "steps": settings.steps, "trained": ["tower"], "objective": objective, "lr": settings.lr,
+              "scenes": cfg.data.train_examples, "max_shapes": cfg.data.max_shapes}
     if cfg.resume and saved.is_file():
         model.tower.load_state_dict(load_file(str(saved)))
         run.log(f"stage 0: the pretrained tower reloaded from {saved.relative_to(run.path)}")
@@ -145,20 +156,23 @@ def pretrain_tower(cfg, run, model, tokenizer) -> dict:
     validation = scenes(data.seed, "validation", data.validation_examples, data.max_shapes)
     datamodule = TrainingDataModule(train, validation, make_batch, cfg.batch_size, cfg.seed, describe=describe)
     batches = list(datamodule.val_dataloader())
-    before = measure(module, batches)
+    before, loss_before = measure(module, batches), validation_loss(module, batches)
     run.log(f"stage 0: {kind} pretraining of the tower for {settings.steps} steps ({objective}); {measured} before {before}")
+    started = time.perf_counter()
     trainer = L.Trainer(max_steps=settings.steps, accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, use_distributed_sampler=False)
     trainer.fit(TowerPretrainModule(module, cfg.optim, settings.steps, settings.lr), datamodule=datamodule)
-    after = measure(module, batches)
+    seconds = time.perf_counter() - started
+    after, loss_after = measure(module, batches), validation_loss(module, batches)
     run.log(f"stage 0: {measured} after {after}" + (f" (chance about 1/{cfg.batch_size})" if kind == "contrastive" else ""))
     saved.parent.mkdir(parents=True, exist_ok=True)
     temporary = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in model.tower.state_dict().items()}, str(temporary))
     os.replace(temporary, saved)
     names = ("retrieval_before", "retrieval_after") if kind == "contrastive" else ("count_accuracy_before", "count_accuracy_after")
-    return record | {names[0]: before, names[1]: after,
+    return record | {names[0]: before, names[1]: after, "seconds": round(seconds, 1),
+                     "validation_loss_before": loss_before, "validation_loss_after": loss_after,
                      "final_loss": float(trainer.callback_metrics.get("stage0_loss", float("nan")))}
 
 

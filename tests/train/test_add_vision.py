@@ -296,3 +296,29 @@ def test_a_resumed_run_reloads_the_pretrained_tower_instead_of_pretraining_again
     for name in ("model.safetensors", "vision.safetensors"):
         a, b = load_file(whole.model_dir / name), load_file(killed.model_dir / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_quickstarts_stage_0_schedule_trains_the_tower_on_a_tiny_budget(text_runs):
+    """The quickstart recipe's stage 0 (its objective, scenes and learning rate, read from the recipe)
+    on a tiny tower and 40 steps: its validation loss falls and its count probe of each shape kind rises."""
+    import yaml
+
+    from conftest import REPO
+
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    [vision] = [step for step in recipe["steps"] if step["name"] == "vision"]
+    schedule = [o for o in vision["overrides"] if o.startswith(("vision.pretrain=", "data.max_shapes=", "stage0.lr="))]
+    assert "vision.pretrain=layout" in schedule and "data.max_shapes=1" in schedule
+    runs, made = text_runs
+    result = cli("add-vision", str(made["encdec"]), *TINY_VISION, *schedule, "stage0.steps=40", "data.train_examples=64",
+                 "data.validation_examples=16", "stage1.steps=0", "stage2.steps=0", runs=runs)
+    assert result.exit_code == 0, result.output
+    [stage0, *_] = json.loads((newest_run(runs, "add-vision") / "stages.json").read_text())
+    assert stage0["validation_loss_after"] < 0.7 * stage0["validation_loss_before"]
+    kinds = ("circles", "squares", "triangles")  # how many of each shape: what the demo's shape and count questions need
+
+    def probe(accuracy):
+        return sum(accuracy[k] for k in kinds) / len(kinds)
+
+    assert probe(stage0["count_accuracy_after"]) > probe(stage0["count_accuracy_before"]) + 0.2
+    assert stage0["seconds"] > 0 and stage0["scenes"] == 64 and stage0["max_shapes"] == 1
