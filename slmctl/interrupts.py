@@ -10,6 +10,7 @@ import signal
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RETRY_S = 0.2  # a SIGTERM not yet handled is raised again this often
 
 
 class Stopped(KeyboardInterrupt):
@@ -19,9 +20,18 @@ class Stopped(KeyboardInterrupt):
 @contextmanager
 def sigterm_as_interrupt():
     """Inside this block SIGTERM raises `Stopped` like Ctrl-C raises KeyboardInterrupt. During
-    training `slmctl.train.stopping.GracefulStop` takes over and first saves a checkpoint."""
+    training `slmctl.train.stopping.GracefulStop` takes over and first saves a checkpoint.
+
+    A signal handler's exception is lost when the signal lands while Python runs a weakref callback
+    or a `__del__` (the interpreter prints "Exception ignored" and carries on: the stage would then
+    finish as if never stopped). So the first SIGTERM also starts a timer that raises `Stopped` again
+    every RETRY_S seconds until the runner calls `settle()` on its way out."""
 
     def stop(signum, frame):
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
+        raise Stopped("stopped by SIGTERM")
+
+    def again(signum, frame):
         raise Stopped("stopped by SIGTERM")
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # started to ignore it (nohup-like): it stays ignored
@@ -29,10 +39,18 @@ def sigterm_as_interrupt():
         return
     try:
         previous = signal.signal(signal.SIGTERM, stop)
+        previous_alarm = signal.signal(signal.SIGALRM, again)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
+        settle()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGALRM, previous_alarm)
+
+
+def settle() -> None:
+    """The stop was seen (the runner is recording it): no more repeats."""
+    signal.setitimer(signal.ITIMER_REAL, 0)

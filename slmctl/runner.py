@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slmctl.errors import RunFailure, TrainingDiverged, UserError, first_line
+from slmctl.interrupts import settle, sigterm_as_interrupt
 
 TRAINING_STAGES = ("pretrain", "distill", "add-vision")  # take --device as a Lightning accelerator
 RESUME_UNFINISHED = "unfinished"  # resume=unfinished: the newest run of the stage that did not end
@@ -58,8 +59,6 @@ def run_stage(stage: str, overrides: list[str], *, runs_dir: Path, name: str | N
     `extra` holds values from options and arguments (e.g. eval's models), merged after composing;
     `inputs` are (reference, run directory) pairs recorded in the run's lineage (a recipe's
     earlier steps). Returns the Run (None for a dry run); raises StageEnded when it did not succeed."""
-    from slmctl.interrupts import sigterm_as_interrupt
-
     argv = argv or ["slmctl", stage, *overrides, *(["--name", name] if name else []), "--runs-dir", str(runs_dir),
                     *(["--device", device] if device != "cpu" else [])]
     run = None
@@ -80,6 +79,7 @@ def run_stage(stage: str, overrides: list[str], *, runs_dir: Path, name: str | N
                 raise
             raise StageEnded(first_line(e), 2) from None
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while the run was being opened
+            settle()
             why = str(e) or "interrupted"
             if run is not None:
                 run.interrupt(f"{why} (resume with resume={run.path})")
@@ -150,6 +150,7 @@ def _execute(stage: str, cfg, run, verbose: bool) -> None:
         run.fail(str(e))
         raise StageEnded(first_line(e), 1) from None
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, SIGTERM (Lightning turns a Ctrl-C it caught into SystemExit)
+        settle()
         why = str(e) if isinstance(e, KeyboardInterrupt) and str(e) else "interrupted"
         run.interrupt(f"{why} (resume with resume={run.path})")
         raise StageEnded(f"{why}; resume with: slmctl {stage} resume={run.path}", 130) from None
