@@ -38,10 +38,6 @@ LoraTarget = choices("LoraTarget", "attn", "cross_attn", "mlp", "attn.qkv", "att
 Layout = choices("Layout", "auto", "documents", "pairs")
 
 
-# drafted decoding (slmctl.model.drafting): none, or prompt (n-gram lookup in the source and the output so far)
-Drafter = choices("Drafter", "none", "prompt")
-
-
 KDLoss = choices("KDLoss", "forward_kl", "reverse_kl", "jsd")
 
 
