@@ -13,6 +13,9 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="slmctl-test-cache-")
 # slmctl processes a test starts inherit the same count, so a run killed in a child and finished in the test's own
 # process computes what one process would (on some CPUs BLAS results change with the thread count).
 os.environ["OMP_NUM_THREADS"] = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+# Model directories run on PyTorch whatever the CPU, so a test means the same on an AMD CI machine (where `--runtime
+# auto` would export them for ONNX Runtime); tests/runtime/test_routes.py sets the route itself.
+os.environ["SLMCTL_RUNTIME"] = "torch"
 
 import threading
 import time
@@ -258,14 +261,14 @@ def world_texts():
     return SyntheticWorld(seed=0, n_people=200).texts("train", 300)
 
 
-def save_tiny_encdec(directory, texts, seed: int = 1) -> Path:
+def save_tiny_encdec(directory, texts, seed: int = 1, scale: float = 3.0) -> Path:
     """A randomised tiny encoder-decoder with a BPE tokenizer trained on `texts`, saved as a model
-    directory: varied, deterministic text from a model that took no training to make."""
+    directory: varied, deterministic text from a model that took no training to make (`scale`: randomize's)."""
     from slmctl.model.store import save_model
 
     tokenizer = train_bpe(texts, vocab_size=400)
     model = build_model("tiny", seed=0, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
-    model = randomize(model, seed=seed).eval()
+    model = randomize(model, seed=seed, scale=scale).eval()
     return save_model(model, directory, tokenizer)
 
 

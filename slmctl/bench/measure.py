@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,10 +40,15 @@ def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtim
     ONNX export (`slmctl export onnx`; `EXPORT:int8` picks a variant), run by ONNX Runtime."""
     from slmctl.errors import ConfigError
     from slmctl.refs import resolve
+    from slmctl.runtime.routes import onnx_route
 
     model_ref = resolve(ref, runs_dir, allow=BENCH_KINDS, purpose="bench")
     if model_ref.kind == "export" and runtime != "torch":
         return _load_export(model_ref, device, threads, ep, allow_fallback, prepacking)
+    exported = onnx_route(model_ref, runs_dir, runtime, device) if ep is None and dtype == "float32" else None
+    if exported is not None:  # a model directory that this CPU runs through ONNX Runtime (slmctl.runtime.routes)
+        loaded = _load_export(exported, device, threads, None, False, prepacking)
+        return replace(loaded, name=model_ref.label)
     if runtime == "onnx" or device == "npu" or ep is not None:
         raise ConfigError(f"{ref}: --runtime onnx / --device npu / --ep run ONNX exports; make one with `slmctl export onnx {ref}`")
     if model_ref.kind == "export":

@@ -31,12 +31,21 @@ GENERATE_KINDS = ("model_dir", "hf_dir", "export")  # each carries its tokenizer
 def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", device: str = "cpu", runtime: str = "auto",
                    threads: int | None = None, ep: str | None = None, allow_fallback: bool = False) -> Generator:
     """`runtime` auto: ONNX Runtime for an export (`slmctl export onnx`, `EXPORT:int8` for a
-    variant), PyTorch for the rest."""
+    variant), PyTorch for the rest, except a model directory on a CPU where ONNX Runtime runs it
+    faster (slmctl.runtime.routes: from an export of it made once); onnx: that export always."""
     from slmctl.errors import ConfigError
+    from slmctl.runtime.routes import onnx_route
 
     model_ref = resolve(ref, runs_dir, allow=GENERATE_KINDS, purpose="generation")
+    exported = onnx_route(model_ref, runs_dir, runtime, device) if ep is None else None
+    if exported is not None:
+        from slmctl.runtime.onnx import open_export
+
+        model = open_export(exported, device=device, threads=threads)
+        tokenizer = TextTokenizer.load(model_ref.path)
+        return Generator(model, tokenizer, "encdec" if model.config.is_encoder_decoder else "deconly", model_ref.path, model_ref)
     if runtime == "onnx" and model_ref.kind != "export":
-        raise ConfigError(f"{ref}: --runtime onnx runs ONNX exports; make one with `slmctl export onnx {ref}`")
+        raise ConfigError(f"{ref}: --runtime onnx runs ONNX exports and model directories; make one with `slmctl export onnx {ref}`")
     if runtime == "torch" and model_ref.kind == "export":
         raise ConfigError(f"{ref} is an ONNX export; --runtime torch runs model directories and runs (or use --runtime onnx)")
     if ep is not None and model_ref.kind != "export":
