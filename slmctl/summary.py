@@ -114,6 +114,17 @@ def bench_records(bench: dict, run, label: str, input_len: int | None) -> dict:
     return chosen[0]
 
 
+def measured_on(bench: dict, records: list[dict]) -> str:
+    """Which CPU (or device) and runtime timed the records: speeds of different CPUs are not comparable."""
+    environment = bench.get("environment") or {}
+    where = records[0].get("cpu") or environment.get("cpu") or records[0].get("device", "cpu")
+    names = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
+    runtimes = [names.get(r.get("runtime"), r.get("runtime")) for r in records]
+    if len(set(runtimes)) > 1:
+        return f"{where}, " + ", ".join(f"{r['model']} on {runtime}" for r, runtime in zip(records, runtimes))
+    return f"{where}, {runtimes[0]}" if runtimes[0] else where
+
+
 # -- sections ------------------------------------------------------------------------------
 
 
@@ -126,13 +137,13 @@ def architecture(spec: dict) -> tuple[Section, dict]:
     labels = list(spec["models"])
     points = {}
     sample = bench_records(bench, spec["bench"], labels[0], spec.get("input_len"))
+    timed = [bench_records(bench, spec["bench"], label, sample["input_len"]) for label in labels]
     section = Section(f"Architecture: {task_name}, {task['n']} held-out questions; speed at "
-                      f"{sample['input_len']} -> {sample['output_len']} tokens, batch 1, this CPU",
+                      f"{sample['input_len']} -> {sample['output_len']} tokens, batch 1, {measured_on(bench, timed)}",
                       ["model", "parameters", "exact match [95% CI]", "first token ms", "decode tok/s",
                        f"CPU s for {task['n']} answers"])
-    for label in labels:
+    for label, record in zip(labels, timed):
         result = model_results(task, spec["eval"], label)["exact_match"]
-        record = bench_records(bench, spec["bench"], label, sample["input_len"])
         cost = task.get("cost", {}).get(label)
         points[label] = {"exact_match": result, "first_token_ms": record["first_token_ms"],
                          "decode_tok_s": record["decode_tok_s"], "params": record.get("params"),

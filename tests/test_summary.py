@@ -42,7 +42,7 @@ def qa_eval(runs) -> str:
 def bench(runs) -> str:
     def record(model, input_len, first_token_ms, decode_tok_s):
         return {"model": model, "batch": 1, "input_len": input_len, "output_len": 32, "params": 6_184_704,
-                "first_token_ms": first_token_ms, "decode_tok_s": decode_tok_s}
+                "first_token_ms": first_token_ms, "decode_tok_s": decode_tok_s, "cpu": "AMD EPYC 7B13", "runtime": "onnx"}
 
     return finished_run(runs, "bench", "bench", {"bench.json": {"records": [
         record("encdec", 64, 7.0, 1000.0), record("encdec", 256, 18.25, 950.0),
@@ -69,7 +69,7 @@ def test_every_number_of_the_summary_comes_from_the_runs(tmp_path):
             "export": {"export": exported}, "vision": {"eval": shapes, "model_run": towered}}
     sections, points = build(spec)
     architecture, distillation, export, vision = sections
-    assert "256 -> 32 tokens" in architecture.title  # the bench's longest prompt
+    assert architecture.title.endswith("256 -> 32 tokens, batch 1, AMD EPYC 7B13, ONNX Runtime")  # the longest prompt, the CPU
     assert architecture.rows == [["encdec", "6.18M", "0.610 [0.540, 0.680]", "18.2", "950", "3.2"],
                                  ["deconly", "6.18M", "0.570 [0.500, 0.640]", "29.5", "350", "7.5"]]
     assert architecture.notes == ["exact match encdec - deconly on the same questions: +0.040 [-0.020, +0.100] (paired bootstrap)"]
