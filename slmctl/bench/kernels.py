@@ -13,6 +13,10 @@ them that even the int4 weights do not fit in the CPU's caches). Routes:
   (`slmctl.bench.weight_routes`: its packed int8 / int4 CPU kernels on fp32 or bf16
   activations, inductor's codegen of x @ dequant(W), torchao's weight-only quantization);
   `torch` fp32 is `F.linear`, the baseline;
+- `numpy`: numpy's own BLAS (OpenBLAS in its wheels; the thread count is OpenBLAS's, all cores
+  unless OPENBLAS_NUM_THREADS says otherwise), fp32 only: `w @ x` (a GEMV) at M = 1, `x @ w.T`
+  above. The other BLAS a PyTorch process has at hand (docs/speed.md: on AMD it reads where MKL
+  does not);
 - `openvino`: OpenVINO's CPU plugin (the `openvino` package) on weights stored as NNCF's weight
   compression stores them (`slmctl.bench.openvino_chain`: i8 per channel, i4 in groups of 32,
   symmetric), which it runs as one FullyConnected reading the compressed weight.
@@ -38,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 DTYPES = ("fp32", "int8", "int4")
-ROUTES = ("ort", "openvino", "torch", "torch-bf16", "compile", "compile-mm", "torchao")
+ROUTES = ("ort", "numpy", "openvino", "torch", "torch-bf16", "compile", "compile-mm", "torchao")
 DEFAULT_ROUTES = "ort,openvino,torch,torch-bf16,compile,torchao"
 
 
@@ -117,6 +121,8 @@ def _timers(route: str, dtype: str, k: int, weights: list[np.ndarray], models: d
     """(run(x numpy [M, K]), weight bytes of the chain) for one route and dtype."""
     if route == "ort":
         return ort_chain(models[dtype], threads), initializer_bytes(models[dtype])
+    if route == "numpy":
+        return numpy_chain(dtype, weights)
     if route == "openvino":
         from slmctl.bench.openvino_chain import openvino_chain
 
@@ -132,6 +138,25 @@ def _timers(route: str, dtype: str, k: int, weights: list[np.ndarray], models: d
             return chain(torch.from_numpy(x))
 
     return run, weight_bytes
+
+
+def numpy_chain(dtype: str, weights: list[np.ndarray]):
+    """(run(x [M, K]), weight bytes): the chain through numpy's BLAS, fp32 weights [K, N] as stored."""
+    if dtype != "fp32":
+        raise ValueError("numpy's BLAS multiplies fp32 weights only")
+    transposed = [np.ascontiguousarray(w.T) for w in weights]  # [out, in], as nn.Linear holds them
+
+    def run(x):
+        if x.shape[0] == 1:  # a GEMV, the decode step's product
+            v = x[0]
+            for w in transposed:
+                v = w @ v
+            return v[None]
+        for w in transposed:
+            x = x @ w.T
+        return x
+
+    return run, sum(w.nbytes for w in weights)
 
 
 def probe(shapes: list[tuple[int, int]], routes: list[str], ms: list[int], pairs: int = 20, threads: int = 2,

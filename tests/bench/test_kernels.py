@@ -89,6 +89,20 @@ def test_the_openvino_route_runs_the_compressed_weights_in_one_fused_product(dty
     assert per_weight == {"fp32": 4, "int8": 1 + 4 / 128 / 2 + 4 / 96 / 2, "int4": 0.5 + 4 / 32}[dtype]
 
 
+def test_the_numpy_route_multiplies_by_each_weight_in_turn_as_a_gemv_and_a_gemm():
+    weights = kernels.chain_weights(16, 32, pairs=2)
+    run, weight_bytes = kernels._timers("numpy", "fp32", 16, weights, {}, 1)
+    for m in (1, 3):  # M = 1 goes through the GEMV
+        x = np.random.default_rng(m).standard_normal((m, 16)).astype(np.float32)
+        reference = x
+        for w in weights:
+            reference = reference @ w
+        np.testing.assert_allclose(run(x), reference, rtol=1e-4, atol=1e-5)
+    assert weight_bytes == 4 * 16 * 32 * 4
+    with pytest.raises(ValueError, match="fp32 weights only"):
+        kernels._timers("numpy", "int8", 16, weights, {}, 1)
+
+
 def test_the_probe_returns_a_row_for_every_route_dtype_and_m_asked(monkeypatch):
     monkeypatch.setattr("slmctl.runtime.hardware.measure_read_bandwidth", lambda megabytes: 20e9)
     inputs = {}  # (route, dtype) -> the input shapes its chain ran on
