@@ -50,7 +50,8 @@ def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtim
         loaded = _load_export(exported, device, threads, None, False, prepacking)
         return replace(loaded, name=model_ref.label)
     if runtime == "onnx" or device == "npu" or ep is not None:
-        raise ConfigError(f"{ref}: --runtime onnx / --device npu / --ep run ONNX exports; make one with `slmctl export onnx {ref}`")
+        raise ConfigError(f"{ref}: --runtime onnx / --device npu / --ep run ONNX exports (and model directories on the CPU, "
+                          f"exported once); make one with `slmctl export onnx {ref}`")
     if model_ref.kind == "export":
         raise ConfigError(f"{ref} is an ONNX export; --runtime torch measures presets, model directories and runs")
     return _load_torch(model_ref, device, dtype, seed)
