@@ -261,14 +261,14 @@ def world_texts():
     return SyntheticWorld(seed=0, n_people=200).texts("train", 300)
 
 
-def save_tiny_encdec(directory, texts, seed: int = 1, scale: float = 3.0) -> Path:
+def save_tiny_encdec(directory, texts, seed: int = 1) -> Path:
     """A randomised tiny encoder-decoder with a BPE tokenizer trained on `texts`, saved as a model
-    directory: varied, deterministic text from a model that took no training to make (`scale`: randomize's)."""
+    directory: varied, deterministic text from a model that took no training to make."""
     from slmctl.model.store import save_model
 
     tokenizer = train_bpe(texts, vocab_size=400)
     model = build_model("tiny", seed=0, vocab_size=vocab_size_for(len(tokenizer)), **tokenizer.special_ids)
-    model = randomize(model, seed=seed, scale=scale).eval()
+    model = randomize(model, seed=seed).eval()
     return save_model(model, directory, tokenizer)
 
 

@@ -173,6 +173,19 @@ def _tasks(cfg) -> list:
 # -- predictions ---------------------------------------------------------------------------
 
 
+def _scorer(generator, ref: str, runs_dir: Path, device: str, generators: dict):
+    """The PyTorch model that scores references teacher-forced: the generator itself, or, for a model
+    directory that this CPU generates with on ONNX Runtime (slmctl.runtime.routes), the same
+    directory on PyTorch, loaded once."""
+    from slmctl.runtime.generator import load_generator
+
+    if not hasattr(generator.model, "graphs"):
+        return generator
+    if (ref, "torch") not in generators:
+        generators[ref, "torch"] = load_generator(ref, runs_dir, device, runtime="torch")
+    return generators[ref, "torch"]
+
+
 def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExample], generators: dict, taken: dict):
     """(predictions, reference NLLs or None, label, cost) of one model on a task. Each batch is appended to
     progress/<task>/<label>.jsonl as it finishes, with its share of the batch's generation time, so a
@@ -200,6 +213,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     with_nll = "perplexity" in task.metrics and not exported and not with_images
     if exported and "perplexity" in task.metrics:
         run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
+    scorer = _scorer(generator, ref, runs_dir, cfg.device, generators) if with_nll else None
     drafter = open_drafter(cfg.generation.draft, cfg.generation.draft_tokens, generator, runs_dir, cfg.device)
     if drafter is not None:
         check_drafting(generator, cfg.generation.num_beams)
@@ -224,7 +238,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
                 drafted.passes += drafter.stats.passes
                 drafted.drafted += drafter.stats.drafted
                 drafted.accepted += drafter.stats.accepted
-            nll = reference_nll(generator, [sources[i] for i in batch], [references[i] for i in batch], len(batch),
+            nll = reference_nll(scorer, [sources[i] for i in batch], [references[i] for i in batch], len(batch),
                                 cfg.max_source_len) if with_nll else [None] * len(batch)
             records = [{"id": examples[i].id, "model": model, "prediction": text, "nll": pair,
                         "cpu_s": cpu_s / len(batch), "wall_s": wall_s / len(batch)}

@@ -47,7 +47,14 @@ def onnx_route(model_ref, runs_dir: str | Path, runtime: str, device: str):
     a model directory on the CPU, when `runtime` is onnx or auto chooses it. Says so on stderr."""
     from slmctl.refs import resolve
 
+    from slmctl.model.vlm import is_vision_dir
+
     if model_ref.kind != "model_dir" or device != "cpu" or runtime == "torch":
+        return None
+    if is_vision_dir(model_ref.path):  # images reach PyTorch's tower; an export of it is run when named
+        if runtime == "onnx":
+            raise ConfigError(f"{model_ref.text} reads images: run its export (`slmctl export onnx {model_ref.text}`) "
+                              f"on ONNX Runtime, or drop --runtime onnx")
         return None
     why = "--runtime onnx"
     if runtime == "auto":
