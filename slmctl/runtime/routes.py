@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slmctl.errors import ConfigError
+from slmctl.errors import ConfigError, RunFailure
 
 RUNTIME_ENV = "SLMCTL_RUNTIME"
 CACHE_DIR = Path(".cache") / "onnx"  # under the runs directory: export runs named by the model's key
@@ -119,5 +119,6 @@ def cached_export(model_dir: Path, runs_dir: str | Path) -> Path:
     raise ExportUnavailable(f"its export did not finish (see {cache}/export)")
 
 
-class ExportUnavailable(Exception):
-    """This model directory has no usable export: it runs on PyTorch (the reason is printed)."""
+class ExportUnavailable(RunFailure):
+    """This model directory has no usable export (it failed, or cannot be named): it runs on PyTorch,
+    the reason printed; with --runtime onnx it is a one-line error."""
