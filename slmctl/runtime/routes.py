@@ -45,9 +45,8 @@ def choose_runtime(identity: dict, environ=os.environ) -> tuple[str, str]:
 def onnx_route(model_ref, runs_dir: str | Path, runtime: str, device: str):
     """The export (a ModelRef) that runs `model_ref` through ONNX Runtime, or None for PyTorch:
     a model directory on the CPU, when `runtime` is onnx or auto chooses it. Says so on stderr."""
-    from slmctl.refs import resolve
-
     from slmctl.model.vlm import is_vision_dir
+    from slmctl.refs import resolve
 
     if model_ref.kind != "model_dir" or device != "cpu" or runtime == "torch":
         return None
