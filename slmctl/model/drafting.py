@@ -112,6 +112,7 @@ class DraftModel:
         if max_tokens < 1:
             raise ValueError(f"draft tokens must be >= 1, got {max_tokens}")
         self.model, self.max_tokens, self.adaptive, self.name = model, max_tokens, adaptive, label
+        self.eos_id = model.config.eos_token_id
         self.tokens = max_tokens
         self.stats = DraftStats()
 
@@ -136,8 +137,12 @@ class DraftModel:
         unseen = generated[:, shared:].to(self.model.device)
         logits = self.session.verify(unseen)[:, -1]  # generated is never empty here: the pass's own token at least
         drafts = [logits.argmax(dim=-1)]
+        ended = drafts[0] == self.eos_id
         for _ in range(k - 1):
+            if bool((ended | finished.to(ended.device)).all()):  # past EOS a draft is never kept: stop paying for them
+                break
             drafts.append(self.session.step(drafts[-1]).argmax(dim=-1))
+            ended |= drafts[-1] == self.eos_id
         self.seen = torch.cat([generated[:, :shared].to(self.model.device), unseen, *(d[:, None] for d in drafts[:-1])], dim=1)
         return torch.stack(drafts, dim=1).to(generated.device)
 

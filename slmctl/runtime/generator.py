@@ -127,7 +127,8 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
 
 def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path = "runs", device: str = "cpu"):
     """The drafter `--draft NAME` names for `target`: None (none), prompt lookup (prompt), or a draft
-    model (a model directory or run, on PyTorch) that shares the target's tokenizer; else a one-line error."""
+    model (a model directory, run or export, on the runtime `--runtime auto` picks for it) that shares the
+    target's tokenizer; else a one-line error."""
     from slmctl.errors import ConfigError
     from slmctl.model.drafting import DraftModel, make_drafter
 
@@ -135,7 +136,7 @@ def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path
         return make_drafter(name, tokens)
     if tokens < 1:
         raise ConfigError(f"--draft-tokens must be >= 1, got {tokens}")
-    draft = load_generator(name, runs_dir, device, runtime="torch")
+    draft = load_generator(name, runs_dir, device)  # on the runtime this CPU runs it fastest (slmctl.runtime.routes)
     check_draft_model(name, draft, target)
     return DraftModel(draft.model, max_tokens=tokens, label=f"model {name}")
 

@@ -123,3 +123,22 @@ def test_a_model_drafting_for_itself_keeps_its_drafts_and_another_model_changes_
     other = DraftModel(randomize(build_model("tiny", seed=0), seed=5).eval(), max_tokens=4)
     assert torch.equal(model.generate(ids, attention_mask=mask, drafter=other, **settings), plain)
     assert other.stats.passes > 0
+
+
+def test_a_draft_model_stops_drafting_at_its_eos(model):
+    """Past a drafted EOS nothing is ever kept, so the draft model drafts no further (each draft costs it a step)."""
+    from slmctl.model.drafting import DraftModel
+
+    ids, _, _ = random_prompts([9], vocab=model.config.vocab_size, seed=3)
+    generated, finished = ids[:, :1], torch.zeros(1, dtype=torch.bool)
+
+    def drafts(eos_id):
+        drafter = DraftModel(model, max_tokens=8)
+        drafter.eos_id = eos_id
+        drafter.start(ids, None, max_new_tokens=24)
+        return drafter.propose(generated, finished, limit=8)[0].tolist()
+
+    full = drafts(eos_id=-1)  # no token is EOS: all 8
+    assert len(full) == 8
+    eos = full[3]
+    assert drafts(eos_id=eos) == full[:full.index(eos) + 1]  # up to and with the first EOS drafted
