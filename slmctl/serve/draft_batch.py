@@ -18,11 +18,12 @@ import torch
 class DraftBatch:
     """Greedy drafts for every active row, from a draft model's batch (`TorchBatch` or `OnnxBatch`)."""
 
-    def __init__(self, batch, max_tokens: int, label: str, bos: int):
+    def __init__(self, batch, max_tokens: int, label: str, bos: int, eos: int):
         if max_tokens < 1:
             raise ValueError(f"draft tokens must be >= 1, got {max_tokens}")
         self.batch, self.max_tokens, self.name = batch, max_tokens, label
         self.bos = bos  # a row reads the start token first, as the served row does
+        self.eos = eos  # once every row has drafted it, no later draft can be kept: drafting stops
         self.seen: list[list[int]] = []  # per row: the tokens its cache holds, the start token first
 
     @property
@@ -63,10 +64,14 @@ class DraftBatch:
         last = torch.tensor([max(len(u) - 1, 0) for u in unseen])
         proposed = [logits[torch.arange(len(unseen)), last].argmax(dim=-1)]
         self.batch.cut(torch.tensor([s + len(u) for s, u in zip(shared, unseen)]))
+        ended = proposed[0] == self.eos
         for _ in range(k - 1):
+            if bool(ended.all()):
+                break
             proposed.append(self.batch.step(proposed[-1]).argmax(dim=-1))
-        columns = torch.stack(proposed, dim=1).tolist()  # [n, k]
-        self.seen = [sequence + row[:k - 1] for sequence, row in zip(sequences, columns)]  # what each cache now holds
+            ended |= proposed[-1] == self.eos
+        columns = torch.stack(proposed, dim=1).tolist()  # [n, <= k]
+        self.seen = [sequence + row[:len(proposed) - 1] for sequence, row in zip(sequences, columns)]  # what each cache holds
         return [row[:n] for row, n in zip(columns, wanted)]
 
 

@@ -165,7 +165,7 @@ def open_drafter(cfg, generator, runs_dir):
                            ep=cfg.ep, allow_fallback=cfg.allow_fallback)
     check_draft_model(cfg.draft, draft, generator)
     return DraftBatch(open_batch(draft, cfg.max_batch, cfg.max_tokens_cap + cfg.draft_tokens), cfg.draft_tokens,
-                      label=f"model {cfg.draft}", bos=draft.model.config.bos_token_id)
+                      label=f"model {cfg.draft}", bos=draft.model.config.bos_token_id, eos=draft.model.config.eos_token_id)
 
 
 def open_batch(generator, slots: int, max_tokens: int):

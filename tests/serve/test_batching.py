@@ -375,7 +375,8 @@ def test_a_draft_model_serves_row_for_row_and_changes_no_token(echo_dir, tiny_mo
     for name, source in (("plain", None), ("self", tiny_model_dir), ("echo", onnx_echo)):
         drafter = None
         if source is not None:
-            drafter = DraftBatch(open_batch(load_generator(source, runs_dir=tmp_path), 3, 32 + 4), 4, f"model {name}", bos)
+            drafter = DraftBatch(open_batch(load_generator(source, runs_dir=tmp_path), 3, 32 + 4), 4, f"model {name}", bos,
+                                 tokenizer.eos_id)
         submitted = four_requests(Engine(open_batch(generator, 3, 32), tokenizer, [tokenizer.eos_id], bos, drafter=drafter),
                                   tokenizer)
         answers[name] = [request.tokens for request, _, _ in submitted]
@@ -385,3 +386,26 @@ def test_a_draft_model_serves_row_for_row_and_changes_no_token(echo_dir, tiny_mo
             assert not drafter.seen and drafter.batch.active == 0  # every row left both batches
     assert answers["self"] == answers["plain"] and answers["echo"] == answers["plain"]
     assert rates["self"] >= 0.9 and rates["echo"] < rates["self"]
+
+
+def test_a_served_draft_model_stops_drafting_once_every_row_drafted_eos(tiny_model_dir, tmp_path):
+    from slmctl.runtime.generator import load_generator
+    from slmctl.serve.draft_batch import DraftBatch
+    from slmctl.serve.stage import open_batch
+
+    generator = load_generator(tiny_model_dir, runs_dir=tmp_path)
+    bos = generator.model.config.bos_token_id
+    anna, porto = generator.tokenizer.encode("Who is Anna?"), generator.tokenizer.encode("Where is Porto?")
+
+    def drafts(prompts, eos):
+        drafter = DraftBatch(open_batch(generator, 2, 40), 8, "model itself", bos, eos)
+        drafter.join(prompts)
+        return drafter.drafts([[], []], [8, 8])
+
+    full = drafts([anna, porto], eos=-1)  # no token is EOS: 8 each
+    assert [len(row) for row in full] == [8, 8]
+    eos = full[0][2]
+    if eos not in full[1]:  # one row still drafting: every row goes on
+        assert [len(row) for row in drafts([anna, porto], eos)] == [8, 8]
+    both = drafts([anna, anna], eos)  # both rows drafted it at the same place: drafting stopped there
+    assert [len(row) for row in both] == [full[0].index(eos) + 1] * 2
