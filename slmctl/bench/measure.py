@@ -9,7 +9,7 @@ device (synchronize) at every timestamp.
 from __future__ import annotations
 
 import functools
-
+import statistics
 import time
 from dataclasses import dataclass, replace
 
@@ -144,9 +144,6 @@ def implied_speedup(output_len: int, passes: float, accepted_per_pass: float, pa
 def _decoder_timer(model, device: str, batch: int, input_len: int, seed: int, capacity: int, repeat: int):
     """(a decoding session past its first step after `input_len` random prompt tokens, timed(call): the
     median seconds of `repeat` calls, the cache cut back after each so every call sees the same cache)."""
-    import statistics
-    import time
-
     session = model.start_decoding(random_prompts(model.config.vocab_size, batch, input_len, seed, model.device), None,
                                    capacity)
     session.first_logits()

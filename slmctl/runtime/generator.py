@@ -37,14 +37,8 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
     from slmctl.runtime.routes import onnx_route
 
     model_ref = resolve(ref, runs_dir, allow=GENERATE_KINDS, purpose="generation")
-    exported = onnx_route(model_ref, runs_dir, runtime, device) if ep is None else None
-    if exported is not None:
-        from slmctl.runtime.onnx import open_export
-
-        model = open_export(exported, device=device, threads=threads)
-        tokenizer = TextTokenizer.load(model_ref.path)
-        return Generator(model, tokenizer, "encdec" if model.config.is_encoder_decoder else "deconly", model_ref.path, model_ref)
-    if runtime == "onnx" and model_ref.kind != "export":
+    exported = onnx_route(model_ref, runs_dir, runtime, device) if ep is None else None  # a model directory's export
+    if runtime == "onnx" and model_ref.kind != "export" and exported is None:
         raise ConfigError(f"{ref}: --runtime onnx runs ONNX exports and model directories; make one with `slmctl export onnx {ref}`")
     if runtime == "torch" and model_ref.kind == "export":
         raise ConfigError(f"{ref} is an ONNX export; --runtime torch runs model directories and runs (or use --runtime onnx)")
@@ -52,10 +46,10 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
         raise ConfigError(f"{ref}: --ep picks an ONNX Runtime execution provider for an export; "
                           f"make one with `slmctl export onnx {ref}`")
     tokenizer = TextTokenizer.load(model_ref.path)
-    if model_ref.kind == "export":
+    if exported is not None or model_ref.kind == "export":
         from slmctl.runtime.onnx import open_export
 
-        model = open_export(model_ref, device=device, threads=threads, ep=ep, allow_fallback=allow_fallback)
+        model = open_export(exported or model_ref, device=device, threads=threads, ep=ep, allow_fallback=allow_fallback)
     elif model_ref.kind == "hf_dir":  # a Hugging Face causal LM (e.g. a pretrain run of model=hf-causal)
         model = model_ref.load_transformers(dtype=torch.float32).to(device).eval()
         return Generator(model, tokenizer, "hf-causal", model_ref.path, model_ref)

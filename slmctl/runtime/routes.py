@@ -55,8 +55,9 @@ def onnx_route(model_ref, runs_dir: str | Path, runtime: str, device: str):
             raise ConfigError(f"{model_ref.text} reads images: run its export (`slmctl export onnx {model_ref.text}`) "
                               f"on ONNX Runtime, or drop --runtime onnx")
         return None
+    asked = runtime == "onnx"  # by --runtime onnx: no export is an error, not a fallback
     why = "--runtime onnx"
-    if runtime == "auto":
+    if not asked:
         from slmctl.runtime.hardware import cpu_identity
 
         runtime, why = choose_runtime(cpu_identity())
@@ -65,7 +66,7 @@ def onnx_route(model_ref, runs_dir: str | Path, runtime: str, device: str):
     try:
         export = cached_export(model_ref.path, runs_dir)
     except ExportUnavailable as e:
-        if why == "--runtime onnx":
+        if asked:
             raise ConfigError(f"{model_ref.text}: --runtime onnx needs an export of it, and {e}") from None
         _say(f"runtime: PyTorch for {model_ref.label} ({e})")
         return None
@@ -93,29 +94,37 @@ def cached_export(model_dir: Path, runs_dir: str | Path) -> Path:
     """The export directory of `model_dir` in the cache, made now (a child `slmctl export onnx`,
     its output on stderr) if there is none. Raises ExportUnavailable when the model cannot be
     exported (a directory without checksums, or an export that failed: not tried again)."""
-    from slmctl.runs.lookup import read_status, run_directories
-
     key = model_key(model_dir)
     if key is None:
         raise ExportUnavailable(f"{model_dir} has no checksums.json to name its export by")
     cache = Path(runs_dir) / CACHE_DIR
-    for attempt in range(2):
-        runs = [run for run in run_directories(cache / "export") if run.name.endswith(f"-{key}")]
-        for run in sorted(runs, reverse=True):
-            status = (read_status(run) or {}).get("status")
-            if status == "succeeded":
-                return run
-            if status == "failed":
-                raise ExportUnavailable(f"its export failed: {run}/log.txt")
-        if attempt == 0:
-            _say(f"exporting {model_dir} once for ONNX Runtime into {cache} (slmctl export onnx)")
-            command = [sys.executable, "-m", "slmctl", "export", "onnx", str(model_dir), "--name", key, "--runs-dir", str(cache)]
-            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
-                for line in child.stdout:  # the child's report goes to stderr: stdout carries only the answers
-                    sys.stderr.write(line)
-            if child.returncode in (130, -2):
-                raise KeyboardInterrupt("interrupted while exporting for ONNX Runtime")
-    raise ExportUnavailable(f"its export did not finish (see {cache}/export)")
+    found = _cached(cache, key)
+    if found is None:
+        _say(f"exporting {model_dir} once for ONNX Runtime into {cache} (slmctl export onnx)")
+        command = [sys.executable, "-m", "slmctl", "export", "onnx", str(model_dir), "--name", key, "--runs-dir", str(cache)]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:  # the child's report goes to stderr: stdout carries only the answers
+                sys.stderr.write(line)
+        if child.returncode in (130, -2):
+            raise KeyboardInterrupt("interrupted while exporting for ONNX Runtime")
+        found = _cached(cache, key)
+    if found is None:
+        raise ExportUnavailable(f"its export did not finish (see {cache}/export)")
+    return found
+
+
+def _cached(cache: Path, key: str) -> Path | None:
+    """The newest succeeded export run named by `key` in the cache; ExportUnavailable when the newest
+    finished one failed (it is not tried again); None when there is none."""
+    from slmctl.runs.lookup import read_status, run_directories
+
+    for run in sorted((run for run in run_directories(cache / "export") if run.name.endswith(f"-{key}")), reverse=True):
+        status = (read_status(run) or {}).get("status")
+        if status == "succeeded":
+            return run
+        if status == "failed":
+            raise ExportUnavailable(f"its export failed: {run}/log.txt")
+    return None
 
 
 class ExportUnavailable(RunFailure):
