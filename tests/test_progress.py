@@ -2,6 +2,7 @@
 the run's progress file, only the rest is computed, and the results equal an uninterrupted run's."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -170,7 +171,8 @@ def test_sigterm_during_eval_or_export_marks_the_run_interrupted_with_exit_130(m
     args, marker = STAGE_ARGS[stage]
     runs = tmp_path / "runs"
     process = subprocess.Popen([sys.executable, "-m", "slmctl", *args(model), "--runs-dir", str(runs)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a crash prints its stack in stderr
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not list(runs.glob(f"{stage}/*/{marker}")) and process.poll() is None:

@@ -78,3 +78,25 @@ def test_a_sigterm_swallowed_inside_a_weakref_callback_still_stops_the_stage():
             time.sleep(0.01)
     assert time.monotonic() - started < 2  # raised again within a retry, not after the 5 s of work
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # settled on the way out
+
+
+def test_a_repeated_sigterm_never_cuts_short_the_cleanup_of_the_stop_it_repeats():
+    """While the first Stopped is on its way up, the `finally` blocks it runs (a library restoring its
+    state) finish, however long they take: the repeat is only for a stop that was lost."""
+    import os
+    import signal
+    import time
+
+    from slmctl.interrupts import Stopped, sigterm_as_interrupt
+
+    cleaned = False
+    with pytest.raises(Stopped), sigterm_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        finally:
+            until = time.monotonic() + 1.0  # five retry periods of cleanup
+            while time.monotonic() < until:
+                pass
+            cleaned = True
+    assert cleaned
