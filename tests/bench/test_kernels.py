@@ -30,9 +30,13 @@ def test_the_probe_times_fp32_int8_and_int4_chains_of_the_exports_kernels(tmp_pa
     assert (tmp_path / "k.json").is_file()
 
 
+# the compiled routes are `slow`: a worker's first torch.compile costs 25-30 s of inductor start-up on 2 cores
+COMPILED = [pytest.param(route, dtype, marks=pytest.mark.slow) for route, dtype in
+            [("compile", "fp32"), ("compile", "int8"), ("compile", "int4"), ("compile-mm", "int8"), ("compile-mm", "int4")]]
+
+
 @pytest.mark.parametrize("route, dtype", [("torch", "fp32"), ("torch", "int8"), ("torch", "int4"), ("torch-bf16", "int8"),
-                                          ("torch-bf16", "int4"), ("compile", "fp32"), ("compile", "int8"), ("compile", "int4"),
-                                          ("compile-mm", "int8"), ("compile-mm", "int4"), ("torchao", "int8"), ("torchao", "int4")])
+                                          ("torch-bf16", "int4"), *COMPILED, ("torchao", "int8"), ("torchao", "int4")])
 def test_each_torch_route_computes_x_times_w_within_the_quantization_error(route, dtype):
     """The probe must time a kernel that computes the product, not a wrong one: each route's
     chain over one weight against x @ W (loosely: the quantization error) and, for the routes
