@@ -9,9 +9,9 @@ employers, favourite things and best friends) and the world yields
     shuffled facts about several people, a question about one of those facts, and a short
     answer that appears verbatim in the context. Long input, short output: the case
     where encoder-decoders win.
-  - long extractive answers (`SyntheticWorld.about`): the same kind of context, a request for
-    everything it says about one person, and that person's sentences copied in the context's
-    order (30-100 tokens): an output made of the input, where drafting from the prompt pays.
+  - long extractive answers (`SyntheticWorld.about`): a context of paragraphs, one per person, a
+    request for everything it says about one person, and that person's paragraph copied word for
+    word (30-100 tokens): an output made of the input, where drafting from the prompt pays.
 
 Splits are made from facts, not from examples: the world's (person, attribute) facts are
 dealt 80/10/10 into train, validation and test. Every validation (test) example asks about,
@@ -334,9 +334,9 @@ class SyntheticWorld:
 
     def about(self, split: str = "train", n: int = 1000, min_facts: int = 8, max_facts: int = 24) -> list[dict]:
         """`n` distinct long-answer examples of `split`, with the same keys as `qa`'s: a context of
-        `min_facts`..`max_facts` full-name fact sentences (as in `qa`; 4 to 8 of them, and at most
-        max_facts - 1, about the asked person), a request for everything it says about that person, and as the answer
-        those sentences in the context's order, copied word for word."""
+        `min_facts`..`max_facts` full-name fact sentences in paragraphs, one per person (4 to 8 of them, and
+        at most max_facts - 1, about the asked person), a request for everything it says about that person,
+        and as the answer that person's paragraph, copied word for word."""
         check_split_and_n(split, n)
         if not (isinstance(min_facts, int) and isinstance(max_facts, int) and ABOUT_FACTS[0] + 1 <= max_facts
                 and 1 <= min_facts <= max_facts):
@@ -359,23 +359,29 @@ class SyntheticWorld:
                 for (question, context, answer), digest in self._take(split, n, candidate)]
 
     def _about_candidate(self, rng: random.Random, split: str, min_facts: int, max_facts: int) -> tuple[str, str, str]:
+        """A context of paragraphs, one per person (as a document groups what it says by subject), each of
+        4 to 8 sentences in random order, the paragraphs in random order and the last one cut to fit
+        `n_facts`; the asked person's paragraph is whole, and nobody's paragraph is longer by design, so
+        the answer is found by the name, not by the length. The answer is that paragraph, word for word:
+        a contiguous passage of the context, as an extractive answer, a quote or an edited section is."""
         p, anchor = rng.choice(self.split_facts[split])
         mine = [a for a in self.usable[split][p] if a != anchor]
         told = [anchor] + rng.sample(mine, min(len(mine), rng.randint(*ABOUT_FACTS) - 1, max_facts - 2))
+        rng.shuffle(told)
         n_facts = rng.randint(max(min_facts, len(told) + 1), max_facts)
-        others, people = [], {p}
-        while len(others) < n_facts - len(told):  # everyone else's facts, a few from each of some other people
+        paragraphs, people, room = [[(p, a) for a in told]], {p}, n_facts - len(told)
+        while room > 0:  # everyone else's paragraphs, as long as the asked person's may be
             q = rng.randrange(self.n_people)
             if q not in people:
                 people.add(q)
-                others += [(q, a) for a in rng.sample(self.usable[split][q], min(3, len(self.usable[split][q])))]
-        facts = [(p, a) for a in told] + others[:n_facts - len(told)]
-        rng.shuffle(facts)
-        sentences = [(q, state(ATTRIBUTES[a], rng.choice(ATTRIBUTES[a].statements), self.people[q], self.people[q].name) + ".")
-                     for q, a in facts]
-        person = self.people[p]
-        answer = " ".join(sentence for q, sentence in sentences if q == p)
-        return rng.choice(ABOUT_QUESTIONS).format(name=person.name), " ".join(s for _, s in sentences), answer
+                theirs = rng.sample(self.usable[split][q], min(len(self.usable[split][q]), rng.randint(*ABOUT_FACTS), room))
+                paragraphs.append([(q, a) for a in theirs])
+                room -= len(theirs)
+        rng.shuffle(paragraphs)
+        texts = [" ".join(state(ATTRIBUTES[a], rng.choice(ATTRIBUTES[a].statements), self.people[q], self.people[q].name) + "."
+                          for q, a in paragraph) for paragraph in paragraphs]
+        answer = texts[next(i for i, paragraph in enumerate(paragraphs) if paragraph[0][0] == p)]
+        return rng.choice(ABOUT_QUESTIONS).format(name=self.people[p].name), "\n".join(texts), answer
 
     def examples(self, questions: str, split: str, n: int, min_facts: int, max_facts: int) -> list[dict]:
         """`qa` (questions="fact") or `about` (questions="about")."""

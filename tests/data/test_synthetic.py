@@ -157,19 +157,26 @@ def test_generation_is_fast():
     assert time.process_time() - start < 4.0
 
 
-def test_about_answers_are_every_sentence_about_the_person_in_the_contexts_order(world):
-    """The long-output task: the answer is the asked person's sentences, copied from the context in its
-    order, and nobody else's; 4 to 8 of them (30-100 tokens), within the context's min..max facts."""
+def test_about_answers_are_the_persons_paragraph_copied_and_not_found_by_its_length(world):
+    """The long-output task: the context is one paragraph per person; the answer is the asked person's
+    paragraph word for word, every sentence about them and nobody else's; 4 to 8 of them (30-100 tokens),
+    within the context's min..max facts. Another person's paragraph is often as long, so the length
+    does not give the answer away."""
     names = [person.name for person in world.people]
     examples = world.about("validation", 200, min_facts=10, max_facts=16)
     assert len({e["id"] for e in examples}) == 200 and examples == world.about("validation", 200, 10, 16)
+    longest = 0
     for e in examples:
         (person,) = [name for name in names if name in e["question"]]
-        sentences = [s + "." for s in e["context"][:-1].split(". ")]
+        paragraphs = e["context"].split("\n")
+        sentences = [s + "." for paragraph in paragraphs for s in paragraph[:-1].split(". ")]
         assert 10 <= len(sentences) <= 16 and len(set(sentences)) == len(sentences)
         mine = [s for s in sentences if s.startswith(person + " ") or s.startswith(person + "'s ")]
-        assert 4 <= len(mine) <= 8 and e["answer"] == e["target"] == " ".join(mine)
+        assert 4 <= len(mine) <= 8 and e["answer"] == e["target"] == " ".join(mine) and e["answer"] in paragraphs
+        assert all(len({s.split()[0] for s in paragraph.split(". ")}) == 1 for paragraph in paragraphs)  # one subject each
         assert e["source"] == format_prompt(e["question"], e["context"])
+        longest += max(len(paragraph) for paragraph in paragraphs if paragraph != e["answer"]) >= len(e["answer"])
+    assert longest > 0.3 * len(examples)
     words = [len(e["answer"].split()) for e in examples]
     assert 18 <= min(words) and max(words) <= 70
     train = " ".join(e["context"] for e in world.about("train", 300, 10, 16))
