@@ -132,18 +132,23 @@ def test_bad_summary_steps_are_one_line_errors(spec, message):
 def test_the_drafting_table_sets_drafted_answers_beside_plain_ones_with_the_speed_up(tmp_path):
     runs = tmp_path / "runs"
 
-    def about_eval(name, wall_s, draft=None):
-        cost = {"cpu_s": 2 * wall_s, "wall_s": wall_s, "examples": 100, **({"draft": draft} if draft else {})}
+    def about_eval(name, wall_s, draft=None, decode_tok_s=None):
+        cost = {"cpu_s": 2 * wall_s, "wall_s": wall_s, "examples": 100, **({"draft": draft} if draft else {}),
+                **({"decode_tok_s": decode_tok_s} if decode_tok_s else {})}
         return finished_run(runs, "eval", name, {"metrics.json": {"tasks": {"synthetic_about": {"n": 100, "models": {
             "encdec": {"exact_match": result(0.81, 0.73, 0.88, 100), "rougeLsum": result(0.97, 0.95, 0.98, 100)}},
             "cost": {"encdec": cost}}}}})
 
-    plain, drafted = about_eval("plain", 40.0), about_eval("drafted", 12.5, {
-        "drafter": "prompt", "draft_tokens": 10, "passes": 900, "drafted": 6000, "accepted": 5400, "accepted_per_pass": 6.0})
+    draft = {"drafter": "prompt", "draft_tokens": 10, "passes": 900, "drafted": 6000, "accepted": 5400, "accepted_per_pass": 6.0}
+    plain, drafted = about_eval("plain", 40.0, decode_tok_s=150.0), about_eval("drafted", 12.5, draft, decode_tok_s=600.0)
     [section], _ = build({"drafting": [{"plain": plain, "drafted": drafted}]})
-    assert section.rows == [["plain greedy", "0.810 [0.730, 0.880]", "0.970 [0.950, 0.980]", "40.0", "1.00x", "-"],
+    assert section.rows == [["plain greedy", "0.810 [0.730, 0.880]", "0.970 [0.950, 0.980]", "40.0", "1.00x", "150", "1.00x",
+                             "-"],
                             ["encdec + prompt lookup (K <= 10)", "0.810 [0.730, 0.880]", "0.970 [0.950, 0.980]", "12.5",
-                             "3.20x", "6.00"]]
+                             "3.20x", "600", "4.00x", "6.00"]]
+    older = about_eval("older", 12.5, draft)  # an eval from before the decode speed was recorded: its cells say so
+    [section], _ = build({"drafting": [{"plain": plain, "drafted": older}]})
+    assert section.rows[1][5:7] == ["-", "-"]
     with pytest.raises(ConfigError, match="drafting.plain must be an eval without drafts"):  # the two runs the wrong way round
         build({"drafting": {"plain": drafted, "drafted": plain}})
     with pytest.raises(ConfigError, match="needs plain, drafted"):

@@ -10,8 +10,10 @@ configured, the LLM-judge score), and writes into the run:
     metrics.json                {"tasks": {task: {"n", "models": {model: {metric: {value, low,
                                 high, n}}}, "paired": [{model, baseline, metrics: {metric:
                                 {difference, low, high, n}}}], "cost": {model: {cpu_s, wall_s,
-                                examples}}}}} (+ the judge's missing count); cost = the process's
-                                CPU and wall seconds spent generating the task's answers
+                                examples, first_token_ms, decode_tokens, decode_tok_s}}}}} (+ the
+                                judge's missing count); cost = the process's CPU and wall seconds
+                                spent generating the task's answers, and the decode speed after
+                                the first tokens (not with beams or transformers' models)
     comparison-<task>.png       with several models: grouped bars of the 0..1 metrics
     progress/<task>/<model>.jsonl  each generated example (id, prediction, reference NLL) as its
                                 batch finishes: `resume=RUN` continues an interrupted eval from them
@@ -190,10 +192,12 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     """(predictions, reference NLLs or None, label, cost) of one model on a task. Each batch is appended to
     progress/<task>/<label>.jsonl as it finishes, with its share of the batch's generation time, so a
     resumed run generates only the examples missing there (those of the same model: a `latest` that has
-    moved on starts over) and the cost still covers every answer. cost = {cpu_s, wall_s, examples[, draft]}:
-    process CPU seconds (all threads) and wall seconds spent generating (not scoring) the answers, and with
-    a drafter its passes, drafted and accepted tokens."""
-    from slmctl.eval.predict import predict_batches, reference_nll
+    moved on starts over) and the cost still covers every answer. cost = {cpu_s, wall_s, examples[,
+    first_token_ms, decode_tokens, decode_tok_s][, draft]}: process CPU seconds (all threads) and wall seconds
+    spent generating (not scoring) the answers; the mean time to a batch's first tokens and the tokens after
+    them over the time after them (the decode speed, prefill apart); and with a drafter its passes, drafted
+    and accepted tokens."""
+    from slmctl.eval.predict import DecodeClock, predict_batches, reference_nll
     from slmctl.model.drafting import DraftStats
     from slmctl.runtime.generator import check_drafting, load_generator, open_drafter
 
@@ -217,7 +221,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     drafter = open_drafter(cfg.generation.draft, cfg.generation.draft_tokens, generator, runs_dir, cfg.device)
     if drafter is not None:
         check_drafting(generator, cfg.generation.num_beams)
-    drafted = DraftStats()
+    drafted, clock = DraftStats(), DecodeClock()
     sources = [e.source for e in examples]
     references = [e.references[0] if e.references else "" for e in examples]
     model = str(generator.path)
@@ -232,7 +236,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
         for batch, texts in predict_batches(generator, sources, cfg.batch_size, max_new, cfg.generation.num_beams,
                                             cfg.generation.length_penalty, cfg.max_source_len,
                                             images=[e.images for e in examples] if with_images else None, skip=finished,
-                                            drafter=drafter):
+                                            drafter=drafter, clock=clock):
             cpu_s, wall_s = time.process_time() - started[0], time.perf_counter() - started[1]
             if drafter is not None:
                 drafted.passes += drafter.stats.passes
@@ -240,8 +244,10 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
                 drafted.accepted += drafter.stats.accepted
             nll = reference_nll(scorer, [sources[i] for i in batch], [references[i] for i in batch], len(batch),
                                 cfg.max_source_len) if with_nll else [None] * len(batch)
+            share = {"cpu_s": cpu_s, "wall_s": wall_s, "first_token_s": clock.first_token_s, "decode_s": clock.decode_s,
+                     "decode_tokens": clock.decode_tokens}
             records = [{"id": examples[i].id, "model": model, "prediction": text, "nll": pair,
-                        "cpu_s": cpu_s / len(batch), "wall_s": wall_s / len(batch)}
+                        **{key: value / len(batch) for key, value in share.items()}}
                        for i, text, pair in zip(batch, texts, nll)]
             append_progress(saved, records)
             done.update((r["id"], r) for r in records)
@@ -255,6 +261,10 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     timed = [done[e.id] for e in examples if "cpu_s" in done[e.id]]
     cost = None if len(timed) < len(examples) else {  # progress written before costs were recorded: unknown
         "cpu_s": sum(r["cpu_s"] for r in timed), "wall_s": sum(r["wall_s"] for r in timed), "examples": len(timed)}
+    decode_s, decode_tokens = sum(r.get("decode_s", 0) for r in timed), sum(r.get("decode_tokens", 0) for r in timed)
+    if cost is not None and decode_s > 0 and all("decode_s" in r for r in timed):  # the decode speed after first tokens
+        cost |= {"first_token_ms": 1e3 * sum(r["first_token_s"] for r in timed) / len(timed),
+                 "decode_tokens": round(decode_tokens), "decode_tok_s": decode_tokens / decode_s}
     if cost is not None and drafter is not None:  # what drafting did for the answers generated in this run
         cost["draft"] = {"drafter": drafter.name, "draft_tokens": cfg.generation.draft_tokens, **drafted.as_dict()}
     return predictions, nll, label, cost

@@ -9,6 +9,8 @@ The same batching scores the reference answer teacher-forced, for perplexity.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable, Collection, Iterator
 
 import torch
@@ -25,6 +27,16 @@ def _prompt(generator: Generator, text: str, max_source_len: int) -> list[int]:
     if generator.kind == "encdec":
         return ids[:max_source_len]
     return [generator.tokenizer.bos_id, *ids[-(max_source_len - 1):]]
+
+
+@dataclass
+class DecodeClock:
+    """The last batch's time to its first tokens and its decoding after them, so an eval can report the
+    decode speed apart from the encoder's prefill (the speed drafted decoding changes). decode_tokens:
+    every row's tokens after its first, up to and including its EOS."""
+    first_token_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -59,11 +71,14 @@ def predict(generator: Generator, sources: list[str], batch_size: int = 16, max_
 @torch.inference_mode()
 def predict_batches(generator: Generator, sources: list[str], batch_size: int = 16, max_new_tokens: int = 64,
                     num_beams: int = 1, length_penalty: float = 1.0, max_source_len: int = 1024,
-                    images: list | None = None, skip: Collection[int] = (), drafter=None) -> Iterator[tuple[list[int], list[str]]]:
+                    images: list | None = None, skip: Collection[int] = (), drafter=None,
+                    clock: DecodeClock | None = None) -> Iterator[tuple[list[int], list[str]]]:
     """(source indices, generated texts) of each batch as it finishes, so a caller can save them as
     it goes. A batch whose sources are all in `skip` (finished before a resume) is not generated;
     the batches do not depend on `skip`, so every text is the one an uninterrupted run generates.
-    `drafter` (slmctl.model.drafting): drafted decoding, the same texts."""
+    `drafter` (slmctl.model.drafting): drafted decoding, the same texts. `clock`: set to each batch's
+    timing before it is handed back (greedy/sampled slmctl models; beams and transformers' models leave
+    it at zero)."""
     tokenizer, model = generator.tokenizer, generator.model
     device = model.device
     prompts = [_prompt(generator, s, max_source_len) for s in sources]
@@ -72,6 +87,9 @@ def predict_batches(generator: Generator, sources: list[str], batch_size: int = 
         if skip.issuperset(batch):
             continue
         rows = [prompts[i] for i in batch]
+        timed = clock is not None and num_beams == 1 and generator.kind != "hf-causal"
+        if clock is not None:
+            clock.first_token_s = clock.decode_s = clock.decode_tokens = 0
         if generator.kind == "hf-causal":
             width = max(len(r) for r in rows)  # left padding: generation continues every row at the end
             ids = torch.tensor([[tokenizer.pad_id] * (width - len(r)) + r for r in rows], device=device)
@@ -83,13 +101,23 @@ def predict_batches(generator: Generator, sources: list[str], batch_size: int = 
             ids, mask = _right_pad(rows, tokenizer.pad_id, device)
             vision = {"images": [list(images[i]) for i in batch]} if images is not None else {}
             drafting = {"drafter": drafter} if drafter is not None else {}
+            started, first = time.perf_counter(), []
+            streaming = {"streamer": lambda tokens: first or first.append(time.perf_counter())} if timed else {}
             new = model.generate(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                 length_penalty=length_penalty, **vision, **drafting)
-        texts = []
+                                 length_penalty=length_penalty, **vision, **drafting, **streaming)
+            if timed:
+                ended = time.perf_counter()
+                clock.first_token_s, clock.decode_s = first[0] - started, ended - first[0]
+        texts, decoded = [], 0
         for tokens in new.tolist():
             if tokenizer.eos_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_id)]
+                decoded += len(tokens)  # the EOS counts, the first token does not
+            else:
+                decoded += len(tokens) - 1
             texts.append(tokenizer.decode(tokens).strip())
+        if timed:
+            clock.decode_tokens = decoded
         yield batch, texts
 
 

@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+import torch
 from conftest import TINY_PRETRAIN, TINY_SYNTHETIC_DATA, TINY_TRAINING, ChatServer, cli, train_run
 
 from slmctl.config.compose import compose
@@ -235,6 +236,41 @@ def test_beam_search_predictions(models):
     assert len(lines) == 8 and all(len(x["prediction"].split()) <= 4 for x in lines)
 
 
+def test_the_decode_speed_counts_the_tokens_after_the_first_over_the_time_after_it(tmp_path, models, monkeypatch):
+    """cost's decode_tok_s leaves the encoder's prefill out (the time drafting cannot change): a prefill
+    slowed by 0.25 s shows in first_token_ms and not in the decode time, and decode_tokens is every
+    answer's tokens after its first, its EOS included."""
+    from slmctl.eval.predict import DecodeClock, predict_batches
+    from slmctl.model.encdec import EncoderDecoderLM
+    from slmctl.runtime.generator import load_generator
+
+    runs, (encdec, _) = models
+    generator, clock = load_generator(str(encdec), runs, "cpu", runtime="torch"), DecodeClock()
+    eos, pad = generator.tokenizer.eos_id, generator.tokenizer.pad_id
+    answers = torch.tensor([[5, 6, eos, pad, pad], [5, 6, 7, 8, 9]])  # 2 tokens after the first with EOS, 4 without
+
+    def generate(ids, mask, streamer=None, **kwargs):
+        streamer(answers[:, 0])
+        return answers
+
+    monkeypatch.setattr(generator.model, "generate", generate)
+    for batch, texts in predict_batches(generator, ["a question", "another question"], batch_size=2, clock=clock):
+        assert clock.decode_tokens == 2 + 4 and clock.first_token_s > 0 and clock.decode_s > 0
+    monkeypatch.undo()
+
+    prefill = EncoderDecoderLM.start_decoding
+
+    def slow_prefill(self, *args, **kwargs):
+        time.sleep(0.25)
+        return prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(EncoderDecoderLM, "start_decoding", slow_prefill)
+    run = evaluate_run(runs, ["limit=4", "batch_size=1", "generation.max_new_tokens=8"], models=[str(encdec)])
+    cost = json.loads((run.path / "metrics.json").read_text())["tasks"]["synthetic_qa"]["cost"]["encdec"]
+    assert cost["first_token_ms"] >= 250 and cost["wall_s"] >= 1.0
+    assert cost["decode_tokens"] > 0 and cost["decode_tokens"] / cost["decode_tok_s"] < cost["wall_s"] - 0.9
+
+
 def test_eval_with_drafts_gives_the_plain_predictions_and_logs_the_acceptance(tmp_path, models):
     runs, (encdec, deconly) = models
     about = ["task=synthetic_about", "task.n_people=200", "limit=6", "generation.max_new_tokens=24"]  # the long-output task
@@ -247,6 +283,7 @@ def test_eval_with_drafts_gives_the_plain_predictions_and_logs_the_acceptance(tm
     (plain_cost,), (drafted_cost,) = (list(c.values()) for c in costs)  # what the summary's drafting table reads
     assert "draft" not in plain_cost and drafted_cost["draft"]["drafter"] == "prompt"
     assert drafted_cost["draft"]["passes"] > 0 and 0 <= drafted_cost["draft"]["accepted"] <= drafted_cost["draft"]["drafted"]
+    assert drafted_cost["decode_tokens"] == plain_cost["decode_tokens"] > 0  # the same tokens, so the same count
     # a draft model: the model drafting for itself keeps every draft and changes no prediction
     itself = evaluate_run(runs, [*about, f"generation.draft={encdec}", "generation.draft_tokens=4"], models=[str(encdec)])
     assert (itself.path / "predictions.jsonl").read_text() == predictions[0]
