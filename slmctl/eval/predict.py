@@ -102,7 +102,7 @@ def predict_batches(generator: Generator, sources: list[str], batch_size: int = 
             vision = {"images": [list(images[i]) for i in batch]} if images is not None else {}
             drafting = {"drafter": drafter} if drafter is not None else {}
             started, first = time.perf_counter(), []
-            streaming = {"streamer": lambda tokens: first or first.append(time.perf_counter())} if timed else {}
+            streaming = {"streamer": lambda tokens, first=first: first or first.append(time.perf_counter())} if timed else {}
             new = model.generate(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                  length_penalty=length_penalty, **vision, **drafting, **streaming)
             if timed:

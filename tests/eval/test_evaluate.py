@@ -254,7 +254,7 @@ def test_the_decode_speed_counts_the_tokens_after_the_first_over_the_time_after_
         return answers
 
     monkeypatch.setattr(generator.model, "generate", generate)
-    for batch, texts in predict_batches(generator, ["a question", "another question"], batch_size=2, clock=clock):
+    for _batch, _texts in predict_batches(generator, ["a question", "another question"], batch_size=2, clock=clock):
         assert clock.decode_tokens == 2 + 4 and clock.first_token_s > 0 and clock.decode_s > 0
     monkeypatch.undo()
 
