@@ -73,6 +73,7 @@ DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved config and e
 EP = typer.Option(None, "--ep", help="ONNX Runtime execution provider for exports: cpu, cuda, tensorrt, openvino, qnn, dml, "
                   "vitisai, coreml or migraphx (default: --device's).")
 ALLOW_FALLBACK = typer.Option(False, "--allow-fallback", help="--device npu: run even when nodes would fall back to the CPU.")
+RUNTIME_HELP = "auto (ONNX Runtime for exports, torch for the rest), torch or onnx."
 
 
 def provider_overrides(ep: Optional[str], allow_fallback: bool) -> list[str]:
@@ -144,6 +145,7 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
              draft: Optional[str] = typer.Option(None, "--draft", help="prompt, or a smaller draft model (same tokenizer): "
                                                  "drafted decoding, the same predictions; generation.draft=."),
              draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="Most tokens drafted per pass."),
+             runtime: Optional[str] = typer.Option(None, "--runtime", help=RUNTIME_HELP + " runtime=."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
              verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
@@ -152,7 +154,8 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
     arguments = arguments or []
     overrides = [a for a in arguments if "=" in a] + provider_overrides(ep, allow_fallback)
     overrides += [*([f"generation.draft={draft}"] if draft else []),
-                  *([f"generation.draft_tokens={draft_tokens}"] if draft_tokens is not None else [])]
+                  *([f"generation.draft_tokens={draft_tokens}"] if draft_tokens is not None else []),
+                  *([f"runtime={runtime}"] if runtime else [])]
     models = [a for a in arguments if "=" not in a]
     extra = ({"models": models} if models else {}) | ({"predictions": str(predictions)} if predictions else {})
     run_stage("eval", overrides, name, runs_dir, device, verbose, dry_run, extra=extra)
@@ -173,7 +176,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
           repeat: int = typer.Option(3, "--repeat", help="Timed runs per configuration."),
           warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-          runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
+          runtime: str = typer.Option("auto", "--runtime", help=RUNTIME_HELP),
           threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads."),
           output_format: Optional[str] = typer.Option(None, "--format", help="json, csv or md records to stdout."),
           estimate: Optional[str] = typer.Option(None, "--estimate", help="Roofline prediction for a conf/hardware profile "
@@ -283,7 +286,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
              top_p: float = typer.Option(1.0, "--top-p"),
              seed: int = typer.Option(0, "--seed"),
-             runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
+             runtime: str = typer.Option("auto", "--runtime", help=RUNTIME_HELP),
              threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
              image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
              draft: str = typer.Option("none", "--draft", help="prompt: draft tokens by n-gram lookup in the source; or "
@@ -312,7 +315,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a run, model dir, export[:variant] or vision "
                                                           "model) and key=value overrides (max_batch=, max_queue=, ...)"),
-          runtime: str = typer.Option("auto", "--runtime", help="auto (ONNX Runtime for exports, torch for the rest), torch or onnx."),
+          runtime: str = typer.Option("auto", "--runtime", help=RUNTIME_HELP),
           host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
           port: int = typer.Option(8000, "--port", help="Port (0: any free one; the run's server.json says which)."),
           api_key_env: Optional[str] = typer.Option(None, "--api-key-env", metavar="NAME",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from slmctl.config.choices import Runtime
 from slmctl.config.task import GenerationSchema, JudgeSchema, TaskSchema
 
 
@@ -23,6 +24,9 @@ class EvalSchema:
     pairs: list = field(default_factory=list)
     seed: int = 0
     device: str = "cpu"  # set by --device
+    # auto: ONNX Runtime for exports, torch for the rest, except model directories this CPU runs faster on ONNX Runtime
+    # (docs/speed.md, "The runtime per CPU"); torch: model directories on PyTorch; onnx: exports, and model directories' exports
+    runtime: Runtime = Runtime.auto
     ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep; null: the device's)
     allow_fallback: bool = False  # --device npu: run even when nodes would fall back to the CPU provider
     generation: GenerationSchema = field(default_factory=GenerationSchema)

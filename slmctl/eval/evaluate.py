@@ -202,7 +202,8 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     from slmctl.runtime.generator import check_drafting, load_generator, open_drafter
 
     if ref not in generators:
-        generators[ref] = load_generator(ref, runs_dir, cfg.device, ep=cfg.ep, allow_fallback=cfg.allow_fallback)
+        generators[ref] = load_generator(ref, runs_dir, cfg.device, runtime=cfg.runtime, ep=cfg.ep,
+                                         allow_fallback=cfg.allow_fallback)
     generator = generators[ref]
     generator.ref.record_input(run, role="model")
     exported = generator.ref.kind == "export"  # ONNX Runtime: generation only, no teacher-forced scoring

@@ -93,6 +93,10 @@ def test_eval_on_the_routed_runtime_predicts_as_pytorch_and_scores_perplexity_wi
     assert routed.exit_code == 0, routed.output
     assert "runtime: ONNX Runtime" in routed.stderr and predictions("routed") == predictions("plain")
     assert any(predictions("plain"))
+    monkeypatch.setenv(RUNTIME_ENV, "torch")  # eval's own --runtime (runtime=) names the runtime whatever the CPU
+    flagged = cli("eval", exportable_dir, *tasks, "--runtime", "onnx", "--name", "flagged", runs=runs)
+    assert flagged.exit_code == 0, flagged.output
+    assert "runtime: ONNX Runtime" in flagged.stderr and predictions("flagged") == predictions("plain")
     scored = cli("eval", exportable_dir, "task=jsonl", f"task.data_files={data}", "generation.max_new_tokens=4",
                  "bootstrap=50", "--name", "ppl", runs=runs)
     assert scored.exit_code == 0, scored.output
