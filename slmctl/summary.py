@@ -235,7 +235,7 @@ def tower_note(model_run: str) -> str:
 def drafting(spec: dict) -> Section:
     """One model's answers decoded plainly and with drafts (two eval runs, `generation.draft=`): the same
     quality (drafted greedy decoding gives the same tokens) in less time, and how many drafts it kept."""
-    section, plain_s = None, None
+    section, plain_s, plain_rate = None, None, None
     for role in ("plain", "drafted"):
         metrics = read_json(spec[role], "metrics.json")
         task_name, task = one_task(metrics, spec[role], spec.get("task"))

@@ -361,8 +361,8 @@ class SyntheticWorld:
     def _about_candidate(self, rng: random.Random, split: str, min_facts: int, max_facts: int) -> tuple[str, str, str]:
         """A context of paragraphs, one per person (as a document groups what it says by subject), each of
         4 to 8 sentences in random order, the paragraphs in random order and the last one cut to fit
-        `n_facts`; the asked person's paragraph is whole, and nobody's paragraph is longer by design, so
-        the answer is found by the name, not by the length. The answer is that paragraph, word for word:
+        `n_facts`; the asked person's paragraph is whole and drawn as long as the others are, so the
+        answer is found by the name, not by the length. The answer is that paragraph, word for word:
         a contiguous passage of the context, as an extractive answer, a quote or an edited section is."""
         p, anchor = rng.choice(self.split_facts[split])
         mine = [a for a in self.usable[split][p] if a != anchor]
@@ -375,7 +375,7 @@ class SyntheticWorld:
             if q not in people:
                 people.add(q)
                 theirs = rng.sample(self.usable[split][q], min(len(self.usable[split][q]), rng.randint(*ABOUT_FACTS), room))
-                paragraphs.append([(q, a) for a in theirs])
+                paragraphs += [[(q, a) for a in theirs]] if theirs else []
                 room -= len(theirs)
         rng.shuffle(paragraphs)
         texts = [" ".join(state(ATTRIBUTES[a], rng.choice(ATTRIBUTES[a].statements), self.people[q], self.people[q].name) + "."

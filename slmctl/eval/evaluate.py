@@ -194,9 +194,10 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     resumed run generates only the examples missing there (those of the same model: a `latest` that has
     moved on starts over) and the cost still covers every answer. cost = {cpu_s, wall_s, examples[,
     first_token_ms, decode_tokens, decode_tok_s][, draft]}: process CPU seconds (all threads) and wall seconds
-    spent generating (not scoring) the answers; the mean time to a batch's first tokens and the tokens after
-    them over the time after them (the decode speed, prefill apart); and with a drafter its passes, drafted
-    and accepted tokens."""
+    spent generating (not scoring) the answers; the mean time an answer waited for its batch's first tokens
+    and the tokens after them over the time after them (the decode speed, prefill apart: a batch's rows
+    together, so with batch > 1 the batch's throughput); and with a drafter its passes, drafted and accepted
+    tokens."""
     from slmctl.eval.predict import DecodeClock, predict_batches, reference_nll
     from slmctl.model.drafting import DraftStats
     from slmctl.runtime.generator import check_drafting, load_generator, open_drafter
@@ -245,10 +246,10 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
                 drafted.accepted += drafter.stats.accepted
             nll = reference_nll(scorer, [sources[i] for i in batch], [references[i] for i in batch], len(batch),
                                 cfg.max_source_len) if with_nll else [None] * len(batch)
-            share = {"cpu_s": cpu_s, "wall_s": wall_s, "first_token_s": clock.first_token_s, "decode_s": clock.decode_s,
-                     "decode_tokens": clock.decode_tokens}
+            share = {"cpu_s": cpu_s, "wall_s": wall_s, "decode_s": clock.decode_s, "decode_tokens": clock.decode_tokens}
             records = [{"id": examples[i].id, "model": model, "prediction": text, "nll": pair,
-                        **{key: value / len(batch) for key, value in share.items()}}
+                        **{key: value / len(batch) for key, value in share.items()},
+                        "first_token_s": clock.first_token_s}  # every row of the batch waited that long
                        for i, text, pair in zip(batch, texts, nll)]
             append_progress(saved, records)
             done.update((r["id"], r) for r in records)
@@ -263,7 +264,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     cost = None if len(timed) < len(examples) else {  # progress written before costs were recorded: unknown
         "cpu_s": sum(r["cpu_s"] for r in timed), "wall_s": sum(r["wall_s"] for r in timed), "examples": len(timed)}
     decode_s, decode_tokens = sum(r.get("decode_s", 0) for r in timed), sum(r.get("decode_tokens", 0) for r in timed)
-    if cost is not None and decode_s > 0 and all("decode_s" in r for r in timed):  # the decode speed after first tokens
+    if cost is not None and decode_tokens > 0 and all("decode_s" in r for r in timed):  # the decode speed after first tokens
         cost |= {"first_token_ms": 1e3 * sum(r["first_token_s"] for r in timed) / len(timed),
                  "decode_tokens": round(decode_tokens), "decode_tok_s": decode_tokens / decode_s}
     if cost is not None and drafter is not None:  # what drafting did for the answers generated in this run

@@ -102,10 +102,19 @@ def predict_batches(generator: Generator, sources: list[str], batch_size: int = 
             vision = {"images": [list(images[i]) for i in batch]} if images is not None else {}
             drafting = {"drafter": drafter} if drafter is not None else {}
             started, first = time.perf_counter(), []
-            streaming = {"streamer": lambda tokens, first=first: first or first.append(time.perf_counter())} if timed else {}
+
+            def first_tokens(tokens, first=first):  # noted once, after the device has finished the prefill
+                if not first:
+                    if tokens.device.type == "cuda":
+                        torch.cuda.synchronize(tokens.device)
+                    first.append(time.perf_counter())
+
+            streaming = {"streamer": first_tokens} if timed else {}
             new = model.generate(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                  length_penalty=length_penalty, **vision, **drafting, **streaming)
             if timed:
+                if new.device.type == "cuda":
+                    torch.cuda.synchronize(new.device)
                 ended = time.perf_counter()
                 clock.first_token_s, clock.decode_s = first[0] - started, ended - first[0]
         texts, decoded = [], 0
