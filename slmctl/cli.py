@@ -74,6 +74,8 @@ EP = typer.Option(None, "--ep", help="ONNX Runtime execution provider for export
                   "vitisai, coreml or migraphx (default: --device's).")
 ALLOW_FALLBACK = typer.Option(False, "--allow-fallback", help="--device npu: run even when nodes would fall back to the CPU.")
 RUNTIME_HELP = "auto (ONNX Runtime for exports, torch for the rest), torch or onnx."
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = "What PyTorch computes in: float32, or bfloat16 where the CPU has it (AVX512_BF16 or AMX; docs/speed.md)."
 
 
 def provider_overrides(ep: Optional[str], allow_fallback: bool) -> list[str]:
@@ -146,6 +148,7 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
                                                  "drafted decoding, the same predictions; generation.draft=."),
              draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="Most tokens drafted per pass."),
              runtime: Optional[str] = typer.Option(None, "--runtime", help=RUNTIME_HELP + " runtime=."),
+             dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP + " dtype=."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE,
              verbose: bool = VERBOSE, dry_run: bool = DRY_RUN) -> None:
@@ -155,7 +158,7 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
     overrides = [a for a in arguments if "=" in a] + provider_overrides(ep, allow_fallback)
     overrides += [*([f"generation.draft={draft}"] if draft else []),
                   *([f"generation.draft_tokens={draft_tokens}"] if draft_tokens is not None else []),
-                  *([f"runtime={runtime}"] if runtime else [])]
+                  *([f"runtime={runtime}"] if runtime else []), *([f"dtype={dtype}"] if dtype else [])]
     models = [a for a in arguments if "=" not in a]
     extra = ({"models": models} if models else {}) | ({"predictions": str(predictions)} if predictions else {})
     run_stage("eval", overrides, name, runs_dir, device, verbose, dry_run, extra=extra)
@@ -287,6 +290,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
              top_p: float = typer.Option(1.0, "--top-p"),
              seed: int = typer.Option(0, "--seed"),
              runtime: str = typer.Option("auto", "--runtime", help=RUNTIME_HELP),
+             dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
              threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads."),
              image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for a vision model (repeatable)."),
              draft: str = typer.Option("none", "--draft", help="prompt: draft tokens by n-gram lookup in the source; or "
@@ -303,8 +307,10 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
     texts = [p.split("=", 1)[1] if p.startswith("prompt=") else p for p in words if not p.startswith("image=")]
     if runtime not in ("auto", "torch", "onnx"):
         fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+    if dtype not in FLOAT_DTYPES:
+        fail(f"--dtype must be {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     try:
-        run_generate(model, texts, image_paths, file, runs_dir=runs_dir, device=device, runtime=runtime, threads=threads,
+        run_generate(model, texts, image_paths, file, runs_dir=runs_dir, device=device, runtime=runtime, dtype=dtype, threads=threads,
                      ep=ep, allow_fallback=allow_fallback, verbose=verbose, max_new_tokens=max_new_tokens,
                      num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed, draft=draft,
                      draft_tokens=draft_tokens)
@@ -316,6 +322,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
 def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a run, model dir, export[:variant] or vision "
                                                           "model) and key=value overrides (max_batch=, max_queue=, ...)"),
           runtime: str = typer.Option("auto", "--runtime", help=RUNTIME_HELP),
+          dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
           host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
           port: int = typer.Option(8000, "--port", help="Port (0: any free one; the run's server.json says which)."),
           api_key_env: Optional[str] = typer.Option(None, "--api-key-env", metavar="NAME",
@@ -337,7 +344,8 @@ def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a r
         fail("give one model to serve: a run, a model directory or an export, e.g. slmctl serve runs/distill/latest")
     if runtime not in ("auto", "torch", "onnx"):
         fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
-    overrides = [f"runtime={runtime}", f"host={host}", f"port={port}", *([f"api_key_env={api_key_env}"] if api_key_env else []),
+    overrides = [f"runtime={runtime}", f"dtype={dtype}", f"host={host}", f"port={port}",
+                 *([f"api_key_env={api_key_env}"] if api_key_env else []),
                  *(["log_prompts=true"] if log_prompts else []), *([f"image_root={image_root}"] if image_root else []),
                  *([f"threads={threads}"] if threads else []), *([f"draft={draft}"] if draft else []),
                  *provider_overrides(ep, allow_fallback),

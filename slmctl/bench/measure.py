@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,7 @@ class LoadedModel:
     load_s: float
     runtime: str = "torch"  # torch | onnx
     dtype: str = "float32"  # the weights: float32, bfloat16, float16, or an export's variant (int8, qdq)
+    prepacked: bool = False  # PyTorch on the CPU: products on weights prepacked for oneDNN (slmctl.runtime.packing)
 
 
 BENCH_KINDS = ("preset", "model_dir", "export")  # what bench measures (slmctl.refs kinds)
@@ -81,9 +83,14 @@ def _load_torch(model_ref, device: str, dtype: str, seed: int) -> LoadedModel:
     started = time.perf_counter()
     model = model_ref.load_torch(seed=seed)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    prepacked = False
+    if device == "cpu":
+        from slmctl.runtime.packing import pack_for_inference
+
+        prepacked = pack_for_inference(model, say=lambda line: print(line, file=sys.stderr, flush=True))
     _sync(device)
     return LoadedModel(model_ref.label, model, "encdec" if model.config.is_encoder_decoder else "deconly",
-                       time.perf_counter() - started, "torch", dtype)
+                       time.perf_counter() - started, "torch", dtype, prepacked)
 
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: str) -> torch.Tensor:

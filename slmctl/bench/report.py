@@ -13,7 +13,7 @@ from rich.table import Table
 
 from slmctl.atomic import atomic_save_figure
 
-RECORD_FIELDS = ("model", "arch", "device", "runtime", "ep", "dtype", "batch", "input_len", "output_len", "first_token_ms",
+RECORD_FIELDS = ("model", "arch", "device", "runtime", "ep", "dtype", "prepacked", "batch", "input_len", "output_len", "first_token_ms",
                  "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
                  "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction", "draft", "draft_tokens",
                  "accepted_per_pass", "pass_cost_ratio", "implied_speedup", "measured_speedup")

@@ -285,7 +285,7 @@ def _record(cfg, loaded, params, batch, input_len, output_len, summary, samples,
     decode_tok_s = summary["decode_tokens_per_s"]["median"] * batch  # every sequence of the batch
     return {
         "model": loaded.name, "arch": loaded.arch, "device": cfg.device, "runtime": loaded.runtime,
-        "ep": getattr(loaded.model, "provider", None), "dtype": loaded.dtype,
+        "ep": getattr(loaded.model, "provider", None), "dtype": loaded.dtype, "prepacked": loaded.prepacked,
         "batch": batch, "input_len": input_len, "output_len": output_len,
         "placement": getattr(loaded.model, "placement", None),  # ONNX Runtime: where each node ran
         "first_token_ms": summary["first_token_s"]["median"] * 1e3,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from slmctl.config.choices import Runtime
+from slmctl.config.choices import FloatDtype, Runtime
 from slmctl.config.task import GenerationSchema, JudgeSchema, TaskSchema
 
 
@@ -27,6 +27,7 @@ class EvalSchema:
     # auto: ONNX Runtime for exports, torch for the rest, except model directories this CPU runs faster on ONNX Runtime
     # (docs/speed.md, "The runtime per CPU"); torch: model directories on PyTorch; onnx: exports, and model directories' exports
     runtime: Runtime = Runtime.auto
+    dtype: FloatDtype = FloatDtype.float32  # what PyTorch computes in (--dtype; bfloat16 where the CPU has it: docs/speed.md)
     ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep; null: the device's)
     allow_fallback: bool = False  # --device npu: run even when nodes would fall back to the CPU provider
     generation: GenerationSchema = field(default_factory=GenerationSchema)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from slmctl.config.choices import Runtime
+from slmctl.config.choices import FloatDtype, Runtime
 
 
 @dataclass
@@ -13,6 +13,7 @@ class ServeSchema:
     source: Optional[str] = None  # the model: a run, model directory, export[:variant] or vision model (the command line's MODEL)
     runtime: Runtime = Runtime.auto  # auto: ONNX Runtime for exports, torch for the rest
     device: str = "cpu"  # set by --device
+    dtype: FloatDtype = FloatDtype.float32  # what PyTorch computes in (--dtype); exports keep their own
     ep: Optional[str] = None  # exports: ONNX Runtime execution provider (--ep)
     allow_fallback: bool = False
     threads: Optional[int] = None  # torch / ONNX Runtime threads (null: their default)

@@ -204,7 +204,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
 
     if ref not in generators:
         generators[ref] = load_generator(ref, runs_dir, cfg.device, runtime=cfg.runtime, ep=cfg.ep,
-                                         allow_fallback=cfg.allow_fallback)
+                                         allow_fallback=cfg.allow_fallback, dtype=cfg.dtype)
     generator = generators[ref]
     generator.ref.record_input(run, role="model")
     exported = generator.ref.kind == "export"  # ONNX Runtime: generation only, no teacher-forced scoring

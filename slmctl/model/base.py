@@ -67,11 +67,15 @@ class LanguageModel(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_factor, config.max_seq_len)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head is the input embedding (tied, no bias)."""
-        return F.linear(hidden, self.embed.weight)
+        """The LM head is the input embedding (tied, no bias); for inference on the CPU maybe a
+        prepacked copy of it (slmctl.runtime.packing)."""
+        packed = self._modules.get("head_product")
+        return packed(hidden) if packed is not None else F.linear(hidden, self.embed.weight)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trainable weights, counting those an inference model holds prepacked (slmctl.runtime.packing)."""
+        packed = sum(getattr(m, "replaces_parameters", 0) for m in self.modules())
+        return sum(p.numel() for p in self.parameters()) + packed
 
     @property
     def device(self) -> torch.device:

@@ -4,6 +4,7 @@ tokenizer and stream generated text. Used by `slmctl generate` and the recipes."
 from __future__ import annotations
 
 import json
+import sys
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +30,21 @@ GENERATE_KINDS = ("model_dir", "hf_dir", "export")  # each carries its tokenizer
 
 
 def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", device: str = "cpu", runtime: str = "auto",
-                   threads: int | None = None, ep: str | None = None, allow_fallback: bool = False) -> Generator:
+                   threads: int | None = None, ep: str | None = None, allow_fallback: bool = False,
+                   dtype: str = "float32") -> Generator:
     """`runtime` auto: ONNX Runtime for an export (`slmctl export onnx`, `EXPORT:int8` for a
-    variant), PyTorch for the rest, except a model directory on a CPU where ONNX Runtime runs it
-    faster (slmctl.runtime.routes: from an export of it made once); onnx: that export always."""
+    variant), PyTorch for the rest, except an fp32 model directory on a CPU where ONNX Runtime runs
+    it faster (slmctl.runtime.routes: from an export of it made once); onnx: that export always.
+    `dtype` (float32, bfloat16, float16) is what PyTorch computes in; on the CPU its products may
+    run on prepacked weights (slmctl.runtime.packing)."""
     from slmctl.errors import ConfigError
     from slmctl.runtime.routes import onnx_route
 
     model_ref = resolve(ref, runs_dir, allow=GENERATE_KINDS, purpose="generation")
-    exported = onnx_route(model_ref, runs_dir, runtime, device) if ep is None else None  # a model directory's export
+    if dtype != "float32" and (model_ref.kind == "export" or runtime == "onnx"):
+        raise ConfigError(f"{ref}: --dtype {dtype} is PyTorch's; an ONNX export keeps the precision it was exported in "
+                          f"(slmctl export onnx --quantize / --dtype)")
+    exported = onnx_route(model_ref, runs_dir, runtime, device) if ep is None and dtype == "float32" else None
     if runtime == "onnx" and model_ref.kind != "export" and exported is None:
         raise ConfigError(f"{ref}: --runtime onnx runs ONNX exports and model directories; make one with `slmctl export onnx {ref}`")
     if runtime == "torch" and model_ref.kind == "export":
@@ -51,10 +58,14 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
 
         model = open_export(exported or model_ref, device=device, threads=threads, ep=ep, allow_fallback=allow_fallback)
     elif model_ref.kind == "hf_dir":  # a Hugging Face causal LM (e.g. a pretrain run of model=hf-causal)
-        model = model_ref.load_transformers(dtype=torch.float32).to(device).eval()
+        model = model_ref.load_transformers(dtype=getattr(torch, dtype)).to(device).eval()
         return Generator(model, tokenizer, "hf-causal", model_ref.path, model_ref)
     else:
-        model = model_ref.load_torch(device=device).eval()
+        model = model_ref.load_torch(device=device, dtype=getattr(torch, dtype)).eval()
+        if device == "cpu":
+            from slmctl.runtime.packing import pack_for_inference
+
+            pack_for_inference(model, say=lambda line: print(line, file=sys.stderr, flush=True))
     return Generator(model, tokenizer, "encdec" if model.config.is_encoder_decoder else "deconly", model_ref.path, model_ref)
 
 

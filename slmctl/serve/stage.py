@@ -54,7 +54,7 @@ def open_server(cfg, run) -> "Server":
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     generator = load_generator(cfg.source, runs_dir=run.runs_dir, device=cfg.device, runtime=cfg.runtime,
-                               threads=cfg.threads, ep=cfg.ep, allow_fallback=cfg.allow_fallback)
+                               threads=cfg.threads, ep=cfg.ep, allow_fallback=cfg.allow_fallback, dtype=cfg.dtype)
     if generator.kind != "encdec":
         raise ConfigError(f"{cfg.source} is a decoder-only model; slmctl serve serves encoder-decoder models "
                           "(for decoder-only ones, llama.cpp's or vLLM's servers are the tools)")

@@ -45,12 +45,16 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
 
 def test_csv_and_markdown_formats(tmp_path):
     from slmctl.bench.report import RECORD_FIELDS
+    from slmctl.runtime.hardware import cpu_identity
+    from slmctl.runtime.packing import choose_packing
 
     result = cli("bench", "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "csv", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()  # the header and the records, nothing else
     assert len(lines) == 2, result.stdout
-    assert lines[0].split(",") == list(RECORD_FIELDS) and lines[1].startswith("tiny,encdec,cpu,torch,,float32,1,16,3,")
+    assert lines[0].split(",") == list(RECORD_FIELDS)
+    packed = str(choose_packing(cpu_identity(), torch.float32)[0])  # fp32 products prepacked for oneDNN on AMD
+    assert lines[1].startswith(f"tiny,encdec,cpu,torch,,float32,{packed},1,16,3,")
     result = cli("bench", "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "md", runs=tmp_path / "runs")
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| model | arch | device |"), result.stdout

@@ -1,0 +1,106 @@
+"""Linear weights prepacked for oneDNN, for PyTorch inference on the CPU (what inductor's CPU
+freezing does to a model's weights, without compiling anything).
+
+Why: at decode every product has one row (M = 1, or K + 1 with drafts) against a large weight,
+and what it costs is how fast the kernel reads the weight. torch's `F.linear` goes to MKL for
+fp32 and to oneDNN with a weight reordered on every call for bf16. Measured on a 2-core AMD EPYC
+(Zen 4), one 1024x4096 product of a chain of 40 distinct weights, 2 threads (docs/speed.md):
+
+| product | M = 1 | M = 9 |
+|---|---|---|
+| fp32 `F.linear` (MKL) | 1066 us | 3057 us |
+| fp32, weight prepacked for oneDNN | 673 us | 656 us |
+| bf16 `F.linear` | 781 us | 721 us |
+| bf16, weight prepacked for oneDNN | 351 us | 390 us |
+
+So bf16 always runs packed, and fp32 runs packed where torch's BLAS is MKL on an AMD CPU; on an
+Intel Xeon MKL's fp32 product at M = 1 is the faster one (606 against 756 us) and stays.
+
+A packed model is for inference only: the packed weights are opaque oneDNN tensors, out of the
+state dict and of autograd. SLMCTL_PACK=on|off overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from slmctl.model.base import LanguageModel
+
+PACK_ENV = "SLMCTL_PACK"
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # the CPUs whose oneDNN has bf16 products (else it emulates them, slowly)
+
+
+def has_bf16(identity: dict) -> bool:
+    """Whether the CPU `identity` describes (slmctl.runtime.hardware.cpu_identity) computes in bf16 natively."""
+    return any(f in identity.get("cpu_features", ()) for f in BF16_FEATURES)
+
+
+def choose_packing(identity: dict, dtype: torch.dtype, environ=os.environ) -> tuple[bool, str]:
+    """(pack?, why) for a model of `dtype` on the CPU `identity` describes."""
+    forced = environ.get(PACK_ENV, "auto")
+    if forced in ("on", "off"):
+        return forced == "on", f"{PACK_ENV}={forced}"
+    if forced != "auto":
+        from slmctl.errors import ConfigError
+
+        raise ConfigError(f"{PACK_ENV}={forced!r}: choose auto, on or off")
+    if dtype == torch.bfloat16:
+        return True, "bf16 products read a prepacked weight twice as fast"
+    if dtype == torch.float32 and identity.get("cpu_vendor") == "AuthenticAMD" and identity.get("torch_blas") == "mkl":
+        return True, "MKL's fp32 products read the weights at about 0.6x oneDNN's prepacked ones on AMD"
+    return False, f"torch's {identity.get('torch_blas', 'BLAS')} products are the faster ones here"
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear`'s product, through oneDNN with the weight reordered once, here, for any M."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tied: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        # the parameters it stands for, in LanguageModel.num_parameters (none for a copy of a tied weight)
+        self.replaces_parameters = 0 if tied else weight.numel() + (0 if bias is None else bias.numel())
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)  # a plain attribute: no state dict
+            self.bias = None if bias is None else bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN prepacked"
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every `nn.Linear` of `model` (CPU, fp32 or bf16) for a `PackedLinear`, and give a
+    tied LM head (`LanguageModel.lm_head`) a packed copy of the embedding; returns how many
+    products were packed. The model is then for inference only."""
+    # (parent, name) only: a list of the Linears themselves would keep every fp32 weight alive beside its packed copy
+    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+              if type(child) is nn.Linear and child.weight.device.type == "cpu"]
+    for parent, name in places:
+        linear = getattr(parent, name)
+        setattr(parent, name, PackedLinear(linear.weight, linear.bias))
+        del linear
+    if isinstance(model, LanguageModel):  # its lm_head takes this packed copy of the tied embedding
+        model.head_product = PackedLinear(model.embed.weight, None, tied=True)
+    return len(places) + isinstance(model, LanguageModel)
+
+
+def pack_for_inference(model: nn.Module, identity: dict | None = None, say=None) -> bool:
+    """Pack `model`'s products when `choose_packing` says it wins on this CPU (a CPU model only);
+    `say(line)` is told which way it went and why. Returns whether it packed."""
+    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if identity is None:
+        from slmctl.runtime.hardware import cpu_identity
+
+        identity = cpu_identity()
+    pack, why = choose_packing(identity, model.dtype)
+    if pack:
+        count = pack_linears(model)
+        if say:
+            say(f"weights: {count} products prepacked for oneDNN ({why}; {PACK_ENV}=off for torch's own)")
+    return pack

@@ -1,0 +1,87 @@
+"""Prepacked oneDNN weights for PyTorch inference on the CPU: chosen per CPU and dtype, the same logits."""
+
+import pytest
+import torch
+
+from slmctl.errors import ConfigError
+from slmctl.model import build_model
+from slmctl.model.layers import attend
+from slmctl.runtime.packing import PACK_ENV, PackedLinear, choose_packing, has_bf16, pack_linears
+
+ZEN3 = {"cpu": "AMD EPYC 7B13", "cpu_vendor": "AuthenticAMD", "cpu_features": ["avx2", "fma"], "torch_blas": "mkl"}
+ZEN4 = {**ZEN3, "cpu": "AMD EPYC 9B14", "cpu_features": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]}
+XEON = {"cpu": "Intel(R) Xeon(R) Platinum 8481C", "cpu_vendor": "GenuineIntel",
+        "cpu_features": ["avx512f", "amx_tile", "amx_bf16"], "torch_blas": "mkl"}
+
+
+@pytest.mark.parametrize("identity, dtype, environ, pack", [
+    (ZEN3, torch.float32, {}, True),  # MKL's fp32 products on AMD read at ~0.6x a prepacked oneDNN weight
+    (ZEN4, torch.float32, {}, True),
+    (XEON, torch.float32, {}, False),  # MKL at M = 1 is the faster one on Intel
+    ({**ZEN4, "torch_blas": "open"}, torch.float32, {}, False),  # a torch on another BLAS
+    (XEON, torch.bfloat16, {}, True),  # bf16 reads a prepacked weight twice as fast
+    (ZEN4, torch.bfloat16, {}, True),
+    (ZEN4, torch.float32, {PACK_ENV: "off"}, False),
+    (XEON, torch.float32, {PACK_ENV: "on"}, True),
+])
+def test_packing_is_chosen_from_the_cpu_and_dtype_and_overridden_by_the_environment(identity, dtype, environ, pack):
+    chosen, why = choose_packing(identity, dtype, environ)
+    assert chosen is pack and why
+
+
+def test_a_bad_packing_setting_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="SLMCTL_PACK='yes': choose auto, on or off"):
+        choose_packing(XEON, torch.float32, {PACK_ENV: "yes"})
+
+
+def test_bf16_is_found_from_the_cpu_features():
+    assert has_bf16(ZEN4) and has_bf16(XEON) and not has_bf16(ZEN3)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_a_packed_model_gives_the_plain_models_logits_and_greedy_tokens(dtype, tolerance):
+    model = build_model("tiny", seed=0).to(dtype).eval()
+    ids = torch.randint(5, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # a padded row
+    with torch.inference_mode():
+        plain_logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :6]).logits.float()
+        plain_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    params = model.num_parameters()
+
+    packed = pack_linears(model)
+    assert packed == 45 + 1  # the 45 Linears of `tiny` and its tied LM head
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert isinstance(model.head_product, PackedLinear)
+    assert model.num_parameters() == params  # packed weights still count, the tied head's copy does not
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :6]).logits.float()
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    assert (logits - plain_logits).abs().max() <= tolerance * plain_logits.abs().max()
+    if dtype == torch.float32:
+        assert torch.equal(tokens, plain_tokens)
+
+
+def test_a_bf16_decode_step_attends_in_fp32_and_returns_bf16():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 16, generator=generator).bfloat16()
+    k, v = (torch.randn(1, 2, 40, 16, generator=generator).bfloat16() for _ in range(2))
+    y = attend(q, k, v, None, False, 0.0)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, exact.bfloat16())
+
+
+def test_generate_computes_in_bfloat16_on_prepacked_weights_and_an_export_refuses_the_dtype(tiny_model_dir, tmp_path):
+    from conftest import cli
+
+    result = cli("generate", tiny_model_dir, "Who is Anna?", "--dtype", "bfloat16", "--max-new-tokens", 6,
+                 "--runtime", "torch", runs=tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "products prepacked for oneDNN (bf16" in result.stderr  # said once, on stderr: stdout holds the answer
+    assert "prepacked" not in result.stdout
+    refused = cli("generate", tiny_model_dir, "Who is Anna?", "--dtype", "bfloat16", "--runtime", "onnx", runs=tmp_path / "runs")
+    assert refused.exit_code == 2 and "--dtype bfloat16 is PyTorch's" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    bad = cli("generate", tiny_model_dir, "Who is Anna?", "--dtype", "int3", runs=tmp_path / "runs")
+    assert bad.exit_code == 2 and "--dtype must be float32, bfloat16, float16" in bad.output
