@@ -37,9 +37,10 @@ BENCH_KINDS = ("preset", "model_dir", "export")  # what bench measures (slmctl.r
 
 def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtime: str = "auto",
                    threads: int | None = None, ep: str | None = None, allow_fallback: bool = False,
-                   prepacking: bool = True) -> LoadedModel:
+                   prepacking: bool = True, training: bool = False) -> LoadedModel:
     """A preset name (random weights, so no checkpoint is needed), a model directory / run, or an
-    ONNX export (`slmctl export onnx`; `EXPORT:int8` picks a variant), run by ONNX Runtime."""
+    ONNX export (`slmctl export onnx`; `EXPORT:int8` picks a variant), run by ONNX Runtime.
+    `training`: a PyTorch model to train, never with prepacked (frozen) weights."""
     from slmctl.errors import ConfigError
     from slmctl.refs import resolve
     from slmctl.runtime.routes import onnx_route
@@ -56,7 +57,7 @@ def load_for_bench(ref, runs_dir, device: str, dtype: str, seed: int = 0, runtim
                           f"exported once); make one with `slmctl export onnx {ref}`")
     if model_ref.kind == "export":
         raise ConfigError(f"{ref} is an ONNX export; --runtime torch measures presets, model directories and runs")
-    return _load_torch(model_ref, device, dtype, seed)
+    return _load_torch(model_ref, device, dtype, seed, pack=not training)
 
 
 def _load_export(model_ref, device: str, threads: int | None, ep: str | None, allow_fallback: bool,
@@ -79,12 +80,12 @@ def weights_dtype(variant: dict) -> str:
     return method.get("weights") if method.get("weights") in ("int8", "int4") else "float32"
 
 
-def _load_torch(model_ref, device: str, dtype: str, seed: int) -> LoadedModel:
+def _load_torch(model_ref, device: str, dtype: str, seed: int, pack: bool = True) -> LoadedModel:
     started = time.perf_counter()
     model = model_ref.load_torch(seed=seed)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     prepacked = False
-    if device == "cpu":
+    if device == "cpu" and pack:
         from slmctl.runtime.packing import pack_for_inference
 
         prepacked = pack_for_inference(model, say=lambda line: print(line, file=sys.stderr, flush=True))

@@ -51,7 +51,7 @@ def measure(cfg, run, shown) -> list[dict]:
     parse(ref, run.runs_dir).require(BENCH_KINDS, "bench").record_input(run, role="model")
     records = []
     for batch in cfg.batch:
-        loaded = load_for_bench(ref, run.runs_dir, cfg.device, "float32", cfg.seed, runtime="torch")
+        loaded = load_for_bench(ref, run.runs_dir, cfg.device, "float32", cfg.seed, runtime="torch", training=True)
         model = loaded.model
         from slmctl.model.base import LanguageModel
 

@@ -67,6 +67,8 @@ class PackedLinear(nn.Module):
             self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:  # its weight is a frozen copy: training it would silently train nothing
+            raise RuntimeError("a model with prepacked weights is for inference: load it again to train it")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -76,7 +78,7 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every `nn.Linear` of `model` (CPU, fp32 or bf16) for a `PackedLinear`, and give a
     tied LM head (`LanguageModel.lm_head`) a packed copy of the embedding; returns how many
-    products were packed. The model is then for inference only."""
+    products were packed. The model is then in eval mode, for inference only."""
     # (parent, name) only: a list of the Linears themselves would keep every fp32 weight alive beside its packed copy
     places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
               if type(child) is nn.Linear and child.weight.device.type == "cpu"]
@@ -86,6 +88,7 @@ def pack_linears(model: nn.Module) -> int:
         del linear
     if isinstance(model, LanguageModel):  # its lm_head takes this packed copy of the tied embedding
         model.head_product = PackedLinear(model.embed.weight, None, tied=True)
+    model.eval()
     return len(places) + isinstance(model, LanguageModel)
 
 

@@ -60,6 +60,8 @@ def test_a_packed_model_gives_the_plain_models_logits_and_greedy_tokens(dtype, t
     assert (logits - plain_logits).abs().max() <= tolerance * plain_logits.abs().max()
     if dtype == torch.float32:
         assert torch.equal(tokens, plain_tokens)
+    with pytest.raises(RuntimeError, match="prepacked weights is for inference"):
+        model.train()(input_ids=ids, decoder_input_ids=ids[:, :6])
 
 
 def test_a_bf16_decode_step_attends_in_fp32_and_returns_bf16():
