@@ -193,7 +193,7 @@ def _check_trainer_types(node, own: list[str]) -> None:
 
     hints, values = typing.get_type_hints(Trainer.__init__), OmegaConf.to_container(node, resolve=True)
     for name, value in values.items():
-        if name in own or name not in hints:
+        if name in own or name not in hints or (name, value) == ("precision", "auto"):  # auto: slmctl.train.precision
             continue
         try:
             adapter = TypeAdapter(hints[name], config=ConfigDict(arbitrary_types_allowed=True))

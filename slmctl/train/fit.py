@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from slmctl.errors import ConfigError
 from slmctl.interrupts import Stopped
 from slmctl.train.checkpoints import VerifiedCheckpointIO, last_good_checkpoint
+from slmctl.train.precision import resolve_precision
 from slmctl.train.stopping import GracefulStop
 from slmctl.train.throughput import Throughput
 from slmctl.train.trainer_options import apply_trainer_options, split_trainer_args
@@ -27,6 +28,7 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run, train
     signal or Ctrl-C stopped training, after saving where it got to."""
     checkpoint_dir = Path(checkpoint_dir)
     trainer_args, options = split_trainer_args(trainer_args)
+    trainer_args = resolve_precision(trainer_args, module.model, run.log)
     apply_trainer_options(module.model, options, run.log)
     throughput = Throughput(run, trainer_args.get("precision", "32-true"))
     periodic = throughput.exclude_from_wait(ModelCheckpoint(
