@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 32  # int4 inputs per scale / zero, as the export's MatMulNBits block
-TORCH_ROUTES = ("torch", "torch-bf16", "compile", "compile-mm", "torchao")
+TORCH_ROUTES = ("torch", "torch-bf16", "onednn", "onednn-bf16", "compile", "compile-mm", "torchao")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +80,24 @@ def _bytes(tensor: torch.Tensor) -> int:
     if names:
         return sum(getattr(tensor, name).nbytes for name in names)
     return tensor.nbytes
+
+
+def _prepacked(dtype: str, weights: list[torch.Tensor], act: torch.dtype):
+    """oneDNN's product on weights reordered once (slmctl.runtime.packing, what `--dtype` inference
+    runs on where it is faster), weights and activations of dtype `act`."""
+    if dtype != "fp32":
+        raise ValueError("oneDNN's prepacked product takes fp32 or bf16 weights, not quantized ones")
+    from slmctl.runtime.packing import PackedLinear
+
+    products = [PackedLinear(w.to(act), None).eval() for w in weights]
+
+    def chain(x):
+        x = x.to(act)
+        for product in products:
+            x = product(x)
+        return x.float()
+
+    return chain, sum(w.numel() for w in weights) * torch.finfo(act).bits // 8
 
 
 def _eager(dtype: str, weights: list[torch.Tensor], act: torch.dtype = torch.float32):
@@ -158,6 +176,8 @@ def build(route: str, dtype: str, weights: list[torch.Tensor]) -> tuple[Callable
         return _eager(dtype, weights)
     if route == "torch-bf16":
         return _eager(dtype, weights, torch.bfloat16)
+    if route in ("onednn", "onednn-bf16"):
+        return _prepacked(dtype, weights, torch.bfloat16 if route == "onednn-bf16" else torch.float32)
     if route in ("compile", "compile-mm"):
         return _compiled(dtype, weights, fused=route == "compile")
     if route == "torchao":

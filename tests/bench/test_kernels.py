@@ -36,7 +36,8 @@ COMPILED = [pytest.param(route, dtype, marks=pytest.mark.slow) for route, dtype 
 
 
 @pytest.mark.parametrize("route, dtype", [("torch", "fp32"), ("torch", "int8"), ("torch", "int4"), ("torch-bf16", "int8"),
-                                          ("torch-bf16", "int4"), *COMPILED, ("torchao", "int8"), ("torchao", "int4")])
+                                          ("torch-bf16", "int4"), ("onednn", "fp32"), ("onednn-bf16", "fp32"), *COMPILED,
+                                          ("torchao", "int8"), ("torchao", "int4")])
 def test_each_torch_route_computes_x_times_w_within_the_quantization_error(route, dtype):
     """The probe must time a kernel that computes the product, not a wrong one: each route's
     chain over one weight against x @ W (loosely: the quantization error) and, for the routes
@@ -47,7 +48,7 @@ def test_each_torch_route_computes_x_times_w_within_the_quantization_error(route
     w = torch.randn(96, 128) * 0.02  # [out, in]: int4 packing needs out % 16 == 0 and in % 32 == 0
     chain, weight_bytes = weight_routes.build(route, dtype, [w])
     loose = {"fp32": 1e-5, "int8": 0.02, "int4": 0.15}[dtype]  # int4: ~0.08 expected for Gaussian weights in groups of 32
-    bf16 = route == "torch-bf16"  # bf16 activations and scales: ~0.4% more error
+    bf16 = route in ("torch-bf16", "onednn-bf16")  # bf16 activations and scales: ~0.4% more error
     loose += 0.01 if bf16 else 0
     quantized = {"fp32": (w,), "int8": weight_routes.quantize_int8(w), "int4": weight_routes.quantize_int4(w)}[dtype]
     for m in (1, 8):
@@ -65,7 +66,8 @@ def test_each_torch_route_computes_x_times_w_within_the_quantization_error(route
                 torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-5)
     per_weight = weight_bytes / w.numel()
     scale_bytes = 2 if bf16 else 4
-    assert per_weight == {"fp32": 4, "int8": 1 + scale_bytes / 128, "int4": 0.5 + 2 * scale_bytes / 32}[dtype]
+    fp32_bytes = 2 if route == "onednn-bf16" else 4  # oneDNN's bf16 route holds the weights in bf16
+    assert per_weight == {"fp32": fp32_bytes, "int8": 1 + scale_bytes / 128, "int4": 0.5 + 2 * scale_bytes / 32}[dtype]
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
