@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import randomize
 from slmctl.errors import ConfigError
 from slmctl.model import build_model
 from slmctl.model.layers import attend
@@ -38,9 +39,9 @@ def test_bf16_is_found_from_the_cpu_features():
     assert has_bf16(ZEN4) and has_bf16(XEON) and not has_bf16(ZEN3)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
 def test_a_packed_model_gives_the_plain_models_logits_and_greedy_tokens(dtype, tolerance):
-    model = build_model("tiny", seed=0).to(dtype).eval()
+    model = randomize(build_model("tiny", seed=0)).to(dtype).eval()  # biases too: the init's zeros would hide a lost one
     ids = torch.randint(5, 100, (2, 17), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0  # a padded row
