@@ -4,14 +4,15 @@ freezing does to a model's weights, without compiling anything).
 Why: at decode every product has one row (M = 1, or K + 1 with drafts) against a large weight,
 and what it costs is how fast the kernel reads the weight. torch's `F.linear` goes to MKL for
 fp32 and to oneDNN with a weight reordered on every call for bf16. Measured on a 2-core AMD EPYC
-(Zen 4), one 1024x4096 product of a chain of 40 distinct weights, 2 threads (docs/speed.md):
+(Zen 4), one 1024x4096 product of a chain of 40 distinct weights, 2 threads (docs/speed.md,
+`python -m slmctl.bench.kernels --routes torch,onednn,onednn-bf16`):
 
 | product | M = 1 | M = 9 |
 |---|---|---|
-| fp32 `F.linear` (MKL) | 1066 us | 3057 us |
-| fp32, weight prepacked for oneDNN | 673 us | 656 us |
+| fp32 `F.linear` (MKL) | 1021 us | 1999 us |
+| fp32, weight prepacked for oneDNN | 657 us | 661 us |
 | bf16 `F.linear` | 781 us | 721 us |
-| bf16, weight prepacked for oneDNN | 351 us | 390 us |
+| bf16, weight prepacked for oneDNN | 330 us | 346 us |
 
 So bf16 always runs packed, and fp32 runs packed where torch's BLAS is MKL on an AMD CPU; on an
 Intel Xeon MKL's fp32 product at M = 1 is the faster one (606 against 756 us) and stays.
