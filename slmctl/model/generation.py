@@ -218,6 +218,15 @@ def _speculative(session, logits, cfg: GenerationConfig, eos, pad, streamer, gen
             continue
         cached = session.cached
         logits = session.verify(torch.cat([generated[:, -1:], drafts], dim=1))  # [B, 1 + k, vocab]
+        if not cfg.do_sample and cfg.repetition_penalty == 1.0:  # greedy: every position's choice at once
+            tokens, accepted, now_finished = _greedy_walk(logits, drafts, finished, step, cfg, eos, pad)
+            generated = torch.cat([generated, tokens], dim=1)
+            for column in tokens.unbind(1) if streamer is not None else ():
+                streamer(column)
+            finished.copy_(now_finished)
+            drafter.update(k, accepted)
+            session.cut(cached + tokens.shape[1])
+            continue
         accepted = 0
         for i in range(k + 1):
             tokens, kept = choose_token(logits[:, i], generated, step + i, cfg, eos, generator, drafts[:, i] if i < k else None)
@@ -231,6 +240,33 @@ def _speculative(session, logits, cfg: GenerationConfig, eos, pad, streamer, gen
         drafter.update(k, accepted)
         session.cut(cached + 1 + i)  # the positions fed up to the one whose logits chose the last token
     return generated
+
+
+def _greedy_walk(logits, drafts, finished, step: int, cfg: GenerationConfig, eos, pad: int):
+    """`_speculative`'s walk for greedy decoding without a repetition penalty, where no position's choice
+    depends on the tokens chosen before it: one argmax over the pass's positions, then the walk over
+    Python lists (a few small tensor ops per token cost as much as a `mini` decoder step's kernels).
+    Returns (the tokens emitted [B, n], drafted tokens accepted, finished [B] after them)."""
+    scores = logits
+    suppressed = min(logits.shape[1], cfg.min_new_tokens - step)  # positions still before min_new_tokens
+    if suppressed > 0:
+        scores = logits.clone()
+        scores[:, :suppressed, eos] = -math.inf
+    choices, drafted = scores.argmax(dim=-1).tolist(), drafts.tolist()
+    stops, done, limit = set(eos.tolist()), finished.tolist(), cfg.max_new_tokens - step
+    columns, accepted, k = [], 0, drafts.shape[1]
+    for i in range(k + 1):
+        column = [pad if was_done else row[i] for row, was_done in zip(choices, done)]
+        kept = i < k and all(was_done or row[i] == draft[i] for row, draft, was_done in zip(choices, drafted, done))
+        columns.append(column)
+        done = [was_done or token in stops for was_done, token in zip(done, column)]
+        if not kept:
+            break
+        accepted += 1
+        if all(done) or i + 1 >= limit:
+            break
+    tokens = torch.tensor(columns, dtype=torch.long, device=logits.device).T
+    return tokens, accepted, torch.tensor(done, dtype=torch.bool, device=logits.device)
 
 
 @dataclass

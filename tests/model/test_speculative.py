@@ -17,9 +17,10 @@ def model():
     return randomize(build_model("tiny", seed=0), seed=1).eval()
 
 
-def test_drafted_greedy_gives_plain_greedys_tokens_alone_and_in_a_padded_batch(model):
+@pytest.mark.parametrize("penalty", [1.3, 1.0])  # 1.0: greedy's one-argmax walk; 1.3: the walk token by token
+def test_drafted_greedy_gives_plain_greedys_tokens_alone_and_in_a_padded_batch(model, penalty):
     ids, mask, rows = random_prompts([9, 4, 7], vocab=model.config.vocab_size, seed=2, side="left")
-    settings = {"max_new_tokens": 24, "min_new_tokens": 20, "repetition_penalty": 1.3}
+    settings = {"max_new_tokens": 24, "min_new_tokens": 20, "repetition_penalty": penalty}
     plain = model.generate(ids, attention_mask=mask, **settings)
     drafter = Scripted(plain, wrong=3)  # two right, one wrong: accepting, rejecting mid-draft, cutting back
     assert torch.equal(model.generate(ids, attention_mask=mask, drafter=drafter, **settings), plain)
@@ -70,7 +71,7 @@ def test_a_draft_longer_than_the_room_left_is_clipped(model):
 
 
 def test_eos_inside_an_accepted_draft_ends_the_row_there(model):
-    ids, mask, _ = random_prompts([6, 9], vocab=model.config.vocab_size, seed=7)
+    ids, mask, rows = random_prompts([6, 9], vocab=model.config.vocab_size, seed=7)
     free = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12)
     at = next(i for i in range(3, 12) if int(free[0, i]) not in free[0, :i].tolist())
     eos = int(free[0, at])  # row 0 says it first at `at` (row 1 maybe elsewhere, maybe never)
@@ -79,6 +80,13 @@ def test_eos_inside_an_accepted_draft_ends_the_row_there(model):
     assert int(plain[0, at]) == eos and (plain[0, at + 1:] == model.config.pad_token_id).all()
     drafter = Scripted(torch.cat([free, free], dim=1))  # the whole continuation, EOS inside and tokens after it
     assert torch.equal(model.generate(ids, attention_mask=mask, drafter=drafter, **settings), plain)
+    alone = model.generate(rows[0][None], **settings)  # one row: generation ends at its EOS, nothing after it
+    assert alone.shape[1] == at + 1
+    assert torch.equal(model.generate(rows[0][None], drafter=Scripted(free[:1].repeat(1, 2)), **settings), alone)
+    held = {**settings, "min_new_tokens": at + 2}  # EOS is not allowed at `at`, inside the draft too
+    plain = model.generate(ids, attention_mask=mask, **held)
+    assert int(plain[0, at]) != eos
+    assert torch.equal(model.generate(ids, attention_mask=mask, drafter=Scripted(torch.cat([free, free], dim=1)), **held), plain)
 
 
 def chi_square_quantile(df: int, z: float = 3.72) -> float:
