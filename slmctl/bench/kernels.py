@@ -13,7 +13,7 @@ them that even the int4 weights do not fit in the CPU's caches). Routes:
   (`slmctl.bench.weight_routes`: its packed int8 / int4 CPU kernels on fp32 or bf16
   activations, inductor's codegen of x @ dequant(W), torchao's weight-only quantization);
   `torch` fp32 is `F.linear`, the baseline; `onednn` / `onednn-bf16`: fp32 / bf16 weights
-  prepacked once for oneDNN (slmctl.runtime.packing, what PyTorch inference runs on where it
+  prepacked once for oneDNN (slmctl.runtime.prepacked, what PyTorch inference runs on where it
   is faster; fp32 rows only);
 - `numpy`: numpy's own BLAS (OpenBLAS in its wheels; the thread count is OpenBLAS's, all cores
   unless OPENBLAS_NUM_THREADS says otherwise), fp32 only: `w @ x` (a GEMV) at M = 1, `x @ w.T`

@@ -29,7 +29,7 @@ class LoadedModel:
     load_s: float
     runtime: str = "torch"  # torch | onnx
     dtype: str = "float32"  # the weights: float32, bfloat16, float16, or an export's variant (int8, qdq)
-    prepacked: bool = False  # PyTorch on the CPU: products on weights prepacked for oneDNN (slmctl.runtime.packing)
+    prepacked: bool = False  # PyTorch on the CPU: products on weights prepacked for oneDNN (slmctl.runtime.prepacked)
 
 
 BENCH_KINDS = ("preset", "model_dir", "export")  # what bench measures (slmctl.refs kinds)
@@ -86,7 +86,7 @@ def _load_torch(model_ref, device: str, dtype: str, seed: int, pack: bool = True
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     prepacked = False
     if device == "cpu" and pack:
-        from slmctl.runtime.packing import pack_for_inference
+        from slmctl.runtime.prepacked import pack_for_inference
 
         prepacked = pack_for_inference(model, say=lambda line: print(line, file=sys.stderr, flush=True))
     _sync(device)

@@ -83,11 +83,11 @@ def _bytes(tensor: torch.Tensor) -> int:
 
 
 def _prepacked(dtype: str, weights: list[torch.Tensor], act: torch.dtype):
-    """oneDNN's product on weights reordered once (slmctl.runtime.packing, what `--dtype` inference
+    """oneDNN's product on weights reordered once (slmctl.runtime.prepacked, what `--dtype` inference
     runs on where it is faster), weights and activations of dtype `act`."""
     if dtype != "fp32":
         raise ValueError("oneDNN's prepacked product takes fp32 or bf16 weights, not quantized ones")
-    from slmctl.runtime.packing import PackedLinear
+    from slmctl.runtime.prepacked import PackedLinear
 
     products = [PackedLinear(w.to(act), None).eval() for w in weights]
 

@@ -68,12 +68,12 @@ class LanguageModel(nn.Module):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head is the input embedding (tied, no bias); for inference on the CPU maybe a
-        prepacked copy of it (slmctl.runtime.packing)."""
+        prepacked copy of it (slmctl.runtime.prepacked)."""
         packed = self._modules.get("head_product")
         return packed(hidden) if packed is not None else F.linear(hidden, self.embed.weight)
 
     def num_parameters(self) -> int:
-        """Trainable weights, counting those an inference model holds prepacked (slmctl.runtime.packing)."""
+        """Trainable weights, counting those an inference model holds prepacked (slmctl.runtime.prepacked)."""
         packed = sum(getattr(m, "replaces_parameters", 0) for m in self.modules())
         return sum(p.numel() for p in self.parameters()) + packed
 

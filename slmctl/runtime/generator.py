@@ -4,7 +4,6 @@ tokenizer and stream generated text. Used by `slmctl generate` and the recipes."
 from __future__ import annotations
 
 import json
-import sys
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
     variant), PyTorch for the rest, except an fp32 model directory on a CPU where ONNX Runtime runs
     it faster (slmctl.runtime.routes: from an export of it made once); onnx: that export always.
     `dtype` (float32, bfloat16, float16) is what PyTorch computes in; on the CPU its products may
-    run on prepacked weights (slmctl.runtime.packing)."""
+    run on prepacked weights (slmctl.runtime.prepacked)."""
     from slmctl.errors import ConfigError
     from slmctl.runtime.routes import onnx_route
 
@@ -62,10 +61,10 @@ def load_generator(ref: str | Path | ModelRef, runs_dir: str | Path = "runs", de
         return Generator(model, tokenizer, "hf-causal", model_ref.path, model_ref)
     else:
         model = model_ref.load_torch(device=device, dtype=getattr(torch, dtype)).eval()
-        if device == "cpu":
-            from slmctl.runtime.packing import pack_for_inference
+        if device == "cpu":  # quietly, like the choice of BLAS kernel: bench records it
+            from slmctl.runtime.prepacked import pack_for_inference
 
-            pack_for_inference(model, say=lambda line: print(line, file=sys.stderr, flush=True))
+            pack_for_inference(model)
     return Generator(model, tokenizer, "encdec" if model.config.is_encoder_decoder else "deconly", model_ref.path, model_ref)
 
 

@@ -10,7 +10,7 @@ pretraining stage ended at validation loss 0.560 in fp32 and 0.542 in bf16-mixed
 
 from __future__ import annotations
 
-from slmctl.runtime.packing import has_bf16
+from slmctl.runtime.prepacked import has_bf16
 
 AUTO = "auto"
 BF16_MIN_PARAMETERS = 10_000_000  # between mini (slower in bf16) and small (1.45x faster)

@@ -46,7 +46,7 @@ def test_compare_two_architectures_writes_records_ratios_and_a_plot(tmp_path):
 def test_csv_and_markdown_formats(tmp_path):
     from slmctl.bench.report import RECORD_FIELDS
     from slmctl.runtime.hardware import cpu_identity
-    from slmctl.runtime.packing import choose_packing
+    from slmctl.runtime.prepacked import choose_packing
 
     result = cli("bench", "tiny", "--input-lens", "16", "--output-lens", "3", "--repeat", "1", "--format", "csv", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
