@@ -223,7 +223,7 @@ main()
 """
 
 
-# slow: under the full suite's two workers on a 2-core machine it timed out in 3 of 5 runs (2026-12-07, at the previous
+# slow: under the full suite's two workers on a 2-core machine it timed out in 5 of 7 runs (2026-12-07, at the previous
 # commit too), alone or beside the other training tests never; `make test-slow` runs it until the cause is found
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_without_finishing_the_step(tmp_path):
