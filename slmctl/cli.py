@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from slmctl.config.choices import FloatDtype
 from slmctl.errors import first_line
 
 try:  # Typer 0.26+ carries its own copy of Click
@@ -74,7 +75,7 @@ EP = typer.Option(None, "--ep", help="ONNX Runtime execution provider for export
                   "vitisai, coreml or migraphx (default: --device's).")
 ALLOW_FALLBACK = typer.Option(False, "--allow-fallback", help="--device npu: run even when nodes would fall back to the CPU.")
 RUNTIME_HELP = "auto (ONNX Runtime for exports, torch for the rest), torch or onnx."
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+FLOAT_DTYPES = tuple(choice.value for choice in FloatDtype)  # the configs' dtype choices, declared once
 DTYPE_HELP = "What PyTorch computes in: float32, or bfloat16 where the CPU has it (AVX512_BF16 or AMX; docs/speed.md)."
 
 
