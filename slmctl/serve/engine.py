@@ -331,14 +331,22 @@ class Engine:
             request.settings = GenerationConfig(max_new_tokens=max(1, request.max_tokens), do_sample=request.temperature > 0,
                                                 temperature=request.temperature if request.temperature > 0 else 1.0,
                                                 top_p=request.top_p)
-        tokens = []
-        for j in range(len(draft) + 1):
-            drafted = torch.tensor([draft[j]]) if j < len(draft) else None
-            token, kept = choose_token(logits[j:j + 1], self.no_tokens, len(request.tokens), request.settings, self.eos_ids,
-                                       request.generator, drafted)
-            tokens.append(int(token))
-            if drafted is None or not bool(kept):
-                break
+        settings, tokens = request.settings, []
+        if not settings.do_sample and settings.repetition_penalty == 1.0 and len(request.tokens) >= settings.min_new_tokens:
+            # greedy: no position's choice depends on those before it, so one argmax serves the whole pass
+            # (a few tensor ops per kept token cost about what a small model's decoder step does)
+            for choice, drafted in zip(logits[:len(draft) + 1].argmax(dim=-1).tolist(), [*draft, None]):
+                tokens.append(choice)
+                if choice != drafted:
+                    break
+        else:
+            for j in range(len(draft) + 1):
+                drafted = torch.tensor([draft[j]]) if j < len(draft) else None
+                token, kept = choose_token(logits[j:j + 1], self.no_tokens, len(request.tokens), settings, self.eos_ids,
+                                           request.generator, drafted)
+                tokens.append(int(token))
+                if drafted is None or not bool(kept):
+                    break
         if draft:
             request.drafted += len(draft)
             request.accepted += len(tokens) - 1
