@@ -24,8 +24,8 @@ from slmctl.errors import ConfigError
 
 HARDWARE_DIR = CONF_DIR / "hardware"
 # The CPU flags that pick kernels (oneDNN, MKL, ONNX Runtime's MLAS, ATen's packed int8/int4 paths), as /proc/cpuinfo names them.
-KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-                   "amx_int8", "amx_bf16", "asimd", "sve", "i8mm", "bf16")
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                   "avx512_fp16", "avx_ne_convert", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "i8mm", "bf16")
 
 
 def profiles() -> list[str]:

@@ -14,8 +14,10 @@ fp32 and to oneDNN with a weight reordered on every call for bf16. Measured on a
 | bf16 `F.linear` | 781 us | 721 us |
 | bf16, weight prepacked for oneDNN | 330 us | 346 us |
 
-So bf16 always runs packed, and fp32 runs packed where torch's BLAS is MKL on an AMD CPU; on an
-Intel Xeon MKL's fp32 product at M = 1 is the faster one (606 against 756 us) and stays.
+So bf16 runs packed wherever oneDNN has a bf16 product (AVX512BW/VL/DQ or AVX-NE-CONVERT: not on an
+AVX2-only CPU such as a Zen 3, where its reorder refuses bf16 and bf16 stays on torch's own path), and
+fp32 runs packed where torch's BLAS is MKL on an AMD CPU; on an Intel Xeon MKL's fp32 product at M = 1
+is the faster one (606 against 756 us) and stays.
 
 A packed model is for inference only: the packed weights are opaque oneDNN tensors, out of the
 state dict and of autograd. SLMCTL_PACK=on|off overrides the choice.
@@ -34,20 +36,35 @@ PACK_ENV = "SLMCTL_PACK"
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # the CPUs whose oneDNN has bf16 products (else it emulates them, slowly)
 
 
+ONEDNN_BF16_FEATURES = (("avx512bw", "avx512vl", "avx512dq"), ("avx_ne_convert",))  # any one set: oneDNN's bf16 reorder
+
+
 def has_bf16(identity: dict) -> bool:
     """Whether the CPU `identity` describes (slmctl.runtime.hardware.cpu_identity) computes in bf16 natively."""
     return any(f in identity.get("cpu_features", ()) for f in BF16_FEATURES)
 
 
+def packs_bf16(identity: dict) -> bool:
+    """Whether oneDNN can prepack a bf16 weight on this CPU (its reorder refuses one on AVX2-only CPUs)."""
+    features = set(identity.get("cpu_features", ()))
+    return any(features.issuperset(needed) for needed in ONEDNN_BF16_FEATURES)
+
+
 def choose_packing(identity: dict, dtype: torch.dtype, environ=os.environ) -> tuple[bool, str]:
     """(pack?, why) for a model of `dtype` on the CPU `identity` describes."""
-    forced = environ.get(PACK_ENV, "auto")
-    if forced in ("on", "off"):
-        return forced == "on", f"{PACK_ENV}={forced}"
-    if forced != "auto":
-        from slmctl.errors import ConfigError
+    from slmctl.errors import ConfigError
 
+    forced = environ.get(PACK_ENV, "auto")
+    if forced not in ("auto", "on", "off"):
         raise ConfigError(f"{PACK_ENV}={forced!r}: choose auto, on or off")
+    no_bf16 = dtype == torch.bfloat16 and not packs_bf16(identity)
+    if forced == "on" and no_bf16:
+        raise ConfigError(f"{PACK_ENV}=on: oneDNN prepacks bf16 weights only on CPUs with AVX512BW/VL/DQ or "
+                          f"AVX-NE-CONVERT, and this one ({identity.get('cpu', 'this CPU')}) has neither")
+    if forced != "auto":
+        return forced == "on", f"{PACK_ENV}={forced}"
+    if no_bf16:
+        return False, "oneDNN has no bf16 product for this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT)"
     if dtype == torch.bfloat16:
         return True, "bf16 products read a prepacked weight twice as fast"
     if dtype == torch.float32 and identity.get("cpu_vendor") == "AuthenticAMD" and identity.get("torch_blas") == "mkl":

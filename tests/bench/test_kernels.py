@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from slmctl.bench import kernels, weight_routes
+from slmctl.runtime.hardware import cpu_identity
+from slmctl.runtime.prepacked import packs_bf16
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
@@ -44,6 +46,8 @@ def test_each_torch_route_computes_x_times_w_within_the_quantization_error(route
     quantized here, against x @ dequant(quant(W)) (tightly: the kernel's own error)."""
     if route == "torchao" and not HAS_TORCHAO:
         pytest.skip("torchao is not installed")
+    if route == "onednn-bf16" and not packs_bf16(cpu_identity()):
+        pytest.skip("this CPU's oneDNN cannot prepack bf16 weights (AVX2 only)")
     torch.manual_seed(0)
     w = torch.randn(96, 128) * 0.02  # [out, in]: int4 packing needs out % 16 == 0 and in % 32 == 0
     chain, weight_bytes = weight_routes.build(route, dtype, [w])
