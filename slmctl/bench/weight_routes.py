@@ -88,10 +88,10 @@ def _prepacked(dtype: str, weights: list[torch.Tensor], act: torch.dtype):
     if dtype != "fp32":
         raise ValueError("oneDNN's prepacked product takes fp32 or bf16 weights, not quantized ones")
     from slmctl.runtime.hardware import cpu_identity
-    from slmctl.runtime.prepacked import PackedLinear, packs_bf16
+    from slmctl.runtime.prepacked import NO_BF16_PACKING, PackedLinear, packs_bf16
 
     if act == torch.bfloat16 and not packs_bf16(cpu_identity()):
-        raise ValueError("oneDNN prepacks bf16 weights only on CPUs with AVX512BW/VL/DQ or AVX-NE-CONVERT")
+        raise ValueError(NO_BF16_PACKING)
 
     products = [PackedLinear(w.to(act), None).eval() for w in weights]
 

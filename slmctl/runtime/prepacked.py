@@ -34,9 +34,8 @@ from slmctl.model.base import LanguageModel
 
 PACK_ENV = "SLMCTL_PACK"
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # the CPUs whose oneDNN has bf16 products (else it emulates them, slowly)
-
-
 ONEDNN_BF16_FEATURES = (("avx512bw", "avx512vl", "avx512dq"), ("avx_ne_convert",))  # any one set: oneDNN's bf16 reorder
+NO_BF16_PACKING = "oneDNN prepacks bf16 weights only on CPUs with AVX512BW/VL/DQ or AVX-NE-CONVERT"
 
 
 def has_bf16(identity: dict) -> bool:
@@ -59,12 +58,11 @@ def choose_packing(identity: dict, dtype: torch.dtype, environ=os.environ) -> tu
         raise ConfigError(f"{PACK_ENV}={forced!r}: choose auto, on or off")
     no_bf16 = dtype == torch.bfloat16 and not packs_bf16(identity)
     if forced == "on" and no_bf16:
-        raise ConfigError(f"{PACK_ENV}=on: oneDNN prepacks bf16 weights only on CPUs with AVX512BW/VL/DQ or "
-                          f"AVX-NE-CONVERT, and this one ({identity.get('cpu', 'this CPU')}) has neither")
+        raise ConfigError(f"{PACK_ENV}=on: {NO_BF16_PACKING}, and this one ({identity.get('cpu', 'this CPU')}) has neither")
     if forced != "auto":
         return forced == "on", f"{PACK_ENV}={forced}"
     if no_bf16:
-        return False, "oneDNN has no bf16 product for this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT)"
+        return False, NO_BF16_PACKING
     if dtype == torch.bfloat16:
         return True, "bf16 products read a prepacked weight twice as fast"
     if dtype == torch.float32 and identity.get("cpu_vendor") == "AuthenticAMD" and identity.get("torch_blas") == "mkl":
