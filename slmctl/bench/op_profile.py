@@ -12,6 +12,7 @@ what the executor spends between kernels (the profiler's per-node bookkeeping in
 
     python -m slmctl.bench.op_profile runs/export/latest:ort --prompt-len 512 --threads 2
     python -m slmctl.bench.op_profile runs/export/latest:int4 --graph decoder --cache-len 512 --prompt-len 512
+    python -m slmctl.bench.op_profile runs/export/latest --graph decoder --tokens 9   # a pass checking 8 drafts
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import numpy as np
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
-def _feed(session, vocab_size: int, graph: str, prompt_len: int, cache_len: int, rng) -> dict:
-    """Random inputs for a prefill (`prompt_len` tokens, empty cache) or one decode step (one
-    token after `cache_len` cached ones), batch 1, by the names and dimensions the export gives
-    its inputs."""
+def _feed(session, vocab_size: int, graph: str, prompt_len: int, cache_len: int, rng, tokens: int = 1) -> dict:
+    """Random inputs for a prefill (`prompt_len` tokens, empty cache) or one decode step (`tokens`
+    new ones, 1 for a plain step and 1 + K for a pass checking K drafts, after `cache_len` cached
+    ones), batch 1, by the names and dimensions the export gives its inputs."""
     decode = graph == "decoder"
     past = cache_len if decode else 0
-    new = 1 if decode else prompt_len
+    new = tokens if decode else prompt_len
     dims = {"batch": 1, "decoder_sequence": new, "sequence": new, "encoder_sequence": prompt_len, "past_sequence": past,
             "past_sequence + sequence": past + new, "capacity": past + new}
     feed = {}
@@ -41,7 +42,7 @@ def _feed(session, vocab_size: int, graph: str, prompt_len: int, cache_len: int,
         shape = [d if isinstance(d, int) else dims[d] for d in entry.shape]
         if entry.name == "input_ids":
             feed[entry.name] = rng.integers(4, vocab_size, shape, dtype=np.int64)
-        elif entry.name in ("positions", "position"):  # the new token's position (static graphs: its cache slot)
+        elif entry.name in ("positions", "position"):  # cached tokens before the new ones (static graphs: the slot)
             feed[entry.name] = np.full(shape, past, dtype=np.int64)
         elif "mask" in entry.name:
             feed[entry.name] = np.ones(shape, dtype=np.int64)
@@ -71,10 +72,10 @@ def _runner(session, feed: dict, in_place: bool, names: dict | None):
 
 
 def profile(export_ref: str, prompt_len: int, threads: int, runs: int = 3, runs_dir: str = "runs", graph: str = "prefill",
-            cache_len: int = 512) -> dict:
+            cache_len: int = 512, tokens: int = 1) -> dict:
     """{"graph", "role", "runs", "total_ms" (kernel time per run), "run_ms" (session time per run),
     "ops": {op type: kernel ms per run}, "counts": {op type: nodes run per run}} of the variant's
-    prompt graph (`graph="prefill"`) or one decode step (`graph="decoder"`)."""
+    prompt graph (`graph="prefill"`) or one decode step (`graph="decoder"`) over `tokens` new tokens."""
     import onnxruntime as ort
 
     from slmctl.refs import resolve
@@ -96,7 +97,7 @@ def profile(export_ref: str, prompt_len: int, threads: int, runs: int = 3, runs_
         options.profile_file_prefix = str(Path(work) / "profile")
         session = ort.InferenceSession(str(ref.path / variant["graphs"][role]["file"]), options,
                                        providers=["CPUExecutionProvider"])
-        feed = _feed(session, spec["model"]["vocab_size"], graph, prompt_len, cache_len, rng)
+        feed = _feed(session, spec["model"]["vocab_size"], graph, prompt_len, cache_len, rng, tokens)
         run = _runner(session, feed, variant["graphs"][role].get("cache") == "in_place", variant["cache_names"])
         for _ in range(total_runs):  # the first two warm up; every decode run is the same step
             run()
@@ -110,7 +111,8 @@ def profile(export_ref: str, prompt_len: int, threads: int, runs: int = 3, runs_
     run_events = [e["dur"] / 1e3 for e in trace if e.get("cat") == "Session" and e["name"] == "model_run"][-runs:]
     total = sum(ops.values())
     return {"graph": graph, "role": role, "variant": ref.variant, "prompt_len": prompt_len,
-            "cache_len": cache_len if graph == "decoder" else 0, "runs": runs, "total_ms": total,
+            "cache_len": cache_len if graph == "decoder" else 0, "tokens": tokens if graph == "decoder" else prompt_len,
+            "runs": runs, "total_ms": total,
             "run_ms": sum(run_events) / len(run_events) if run_events else None,
             "ops": dict(ops.most_common()), "counts": {op: counts[op] // runs for op, _ in ops.most_common()}}
 
@@ -122,14 +124,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="prefill: the encoder (or decoder-only model) on the prompt; decoder: one decode step")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (decoder: the cross-attention length)")
     parser.add_argument("--cache-len", type=int, default=512, help="decoder: positions already in the self-attention cache")
+    parser.add_argument("--tokens", type=int, default=1,
+                        help="decoder: new tokens in the call (1: a plain step; 1 + K: a pass checking K drafts)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--top", type=int, default=12, help="op types printed (0: all)")
     parser.add_argument("--output", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
-    result = profile(args.export, args.prompt_len, args.threads, args.runs, args.runs_dir, args.graph, args.cache_len)
-    where = (f"one decode step, cache {args.cache_len}, prompt {args.prompt_len}" if args.graph == "decoder"
+    result = profile(args.export, args.prompt_len, args.threads, args.runs, args.runs_dir, args.graph, args.cache_len,
+                     args.tokens)
+    step = "one decode step" if args.tokens == 1 else f"a {args.tokens}-token pass"
+    where = (f"{step}, cache {args.cache_len}, prompt {args.prompt_len}" if args.graph == "decoder"
              else f"{args.prompt_len} tokens")
     run = f", session {result['run_ms']:.2f} ms" if result["run_ms"] is not None else ""
     print(f"{args.export}: {result['role']}, {where}, kernel time {result['total_ms']:.2f} ms per run{run}, "

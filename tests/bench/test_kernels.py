@@ -176,6 +176,11 @@ def test_the_op_profile_times_one_decode_step_over_a_cache(tiny_export):
     assert feed["past_key_values.0.key"].shape[2] == 24 and feed["cross.0.key"].shape[2] == 16
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     assert outputs["present.0.key"].shape[2] == 25
+    # --tokens 5: a pass checking 4 drafts, every new token's logits
+    feed = op_profile._feed(session, 512, "decoder", 16, 24, np.random.default_rng(0), tokens=5)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    assert feed["input_ids"].shape == (1, 5) and outputs["logits"].shape[:2] == (1, 5)
+    assert outputs["present.0.key"].shape[2] == 29
 
 
 def test_the_op_profile_runs_an_in_place_decoder_as_slmctl_does(tmp_path):
