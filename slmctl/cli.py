@@ -148,6 +148,8 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
              draft: Optional[str] = typer.Option(None, "--draft", help="prompt, or a smaller draft model (same tokenizer): "
                                                  "drafted decoding, the same predictions; generation.draft=."),
              draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="Most tokens drafted per pass."),
+             draft_ngram: Optional[int] = typer.Option(None, "--draft-ngram", help="--draft prompt: the longest n-gram "
+                                                       "looked up (generation.draft_ngram=)."),
              runtime: Optional[str] = typer.Option(None, "--runtime", help=RUNTIME_HELP + " runtime=."),
              dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP + " dtype=."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
@@ -159,6 +161,7 @@ def evaluate(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL..
     overrides = [a for a in arguments if "=" in a] + provider_overrides(ep, allow_fallback)
     overrides += [*([f"generation.draft={draft}"] if draft else []),
                   *([f"generation.draft_tokens={draft_tokens}"] if draft_tokens is not None else []),
+                  *([f"generation.draft_ngram={draft_ngram}"] if draft_ngram is not None else []),
                   *([f"runtime={runtime}"] if runtime else []), *([f"dtype={dtype}"] if dtype else [])]
     models = [a for a in arguments if "=" not in a]
     extra = ({"models": models} if models else {}) | ({"predictions": str(predictions)} if predictions else {})
@@ -191,6 +194,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                                     "model of the same vocabulary; drafted decoding, each a configuration: accepted "
                                     "drafts per pass and the cost of a pass)."),
           draft_tokens: int = typer.Option(10, "--draft-tokens", help="Most tokens drafted per pass."),
+          draft_ngram: int = typer.Option(6, "--draft-ngram", help="--draft prompt: the longest n-gram looked up."),
           ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
@@ -221,9 +225,9 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
         if not all(v.strip().isdigit() for v in text.split(",")):
             fail(f"{option} takes comma-separated integers, e.g. 256,512,1024; got {text!r}")
     drafts = [d.strip() for d in draft.split(",")]
-    if not all(drafts) or any("'" in d for d in drafts) or draft_tokens < 1:
-        fail(f"--draft takes none, prompt and/or draft models, comma-separated, and --draft-tokens a number >= 1; "
-             f"got {draft!r}, {draft_tokens}")
+    if not all(drafts) or any("'" in d for d in drafts) or draft_tokens < 1 or draft_ngram < 1:
+        fail(f"--draft takes none, prompt and/or draft models, comma-separated, and --draft-tokens and --draft-ngram "
+             f"numbers >= 1; got {draft!r}, {draft_tokens}, {draft_ngram}")
     width, _, height = image_size.lower().partition("x")
     if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
         fail(f"--image-size takes WIDTHxHEIGHT, e.g. 672x336; got {image_size!r}")
@@ -233,6 +237,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                  *([f"estimate={estimate}"] if estimate else []), f"image_size=[{width},{height}]",
                  *(["isolate=true"] if isolate else []), *provider_overrides(ep, allow_fallback), *training,
                  "draft=[" + ",".join(f"'{d}'" for d in drafts) + "]", f"draft_tokens={draft_tokens}",
+                 f"draft_ngram={draft_ngram}",
                  *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 
@@ -298,6 +303,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
                                        "a smaller model (directory or run) with the same tokenizer; drafts are checked "
                                        "several per decoder pass (the same output, faster when they are kept)."),
              draft_tokens: int = typer.Option(10, "--draft-tokens", help="Most tokens drafted per pass (adapts below it)."),
+             draft_ngram: int = typer.Option(6, "--draft-ngram", help="--draft prompt: the longest n-gram looked up."),
              ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
              runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE) -> None:
     """Print (streaming) what a model generates for each prompt (a model dir, run, or ONNX export)."""
@@ -314,7 +320,7 @@ def generate(model: str = typer.Argument(..., help="A model directory, a run, or
         run_generate(model, texts, image_paths, file, runs_dir=runs_dir, device=device, runtime=runtime, dtype=dtype, threads=threads,
                      ep=ep, allow_fallback=allow_fallback, verbose=verbose, max_new_tokens=max_new_tokens,
                      num_beams=num_beams, temperature=temperature, top_p=top_p, seed=seed, draft=draft,
-                     draft_tokens=draft_tokens)
+                     draft_tokens=draft_tokens, draft_ngram=draft_ngram)
     except StageEnded as e:
         fail(e.message, e.exit_code)
 
@@ -333,7 +339,7 @@ def serve(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL (a r
           threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads."),
           draft: Optional[str] = typer.Option(None, "--draft", help="prompt: each request's next tokens drafted from its "
                                               "prompt; or a smaller model with the same tokenizer; checked several per "
-                                              "pass (the same tokens; draft_tokens=K)."),
+                                              "pass (the same tokens; draft_tokens=K, draft_ngram=N)."),
           ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:

@@ -128,6 +128,7 @@ def test_generate_with_drafts_prints_what_plain_generate_prints_and_the_draft_co
     for args, message in ((["--draft", "no-such-model"], "no model at 'no-such-model'"),
                           (["--draft", str(llama_dir)], "a draft model must be an encoder-decoder"),
                           (["--draft", "prompt", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
+                          (["--draft", "prompt", "--draft-ngram", "0"], "--draft-ngram must be >= 1"),
                           (["--draft", "prompt", "--num-beams", "2"], "drop --num-beams or --draft")):
         refused = cli("generate", tiny_model_dir, "prompt=hi", *args)
         assert refused.exit_code == 2 and message in refused.output and len(refused.output.strip().splitlines()) == 1

@@ -206,7 +206,7 @@ def _drafter(cfg, draft: str, loaded, runs_dir):
     from slmctl.errors import ConfigError
 
     if draft in DRAFTERS:
-        drafter = make_drafter(draft, cfg.draft_tokens)
+        drafter = make_drafter(draft, cfg.draft_tokens, cfg.draft_ngram)
     else:
         model = load_for_bench(draft, runs_dir, cfg.device, cfg.dtype, cfg.seed, "auto", cfg.threads, cfg.ep,
                                cfg.allow_fallback, cfg.prepacking).model
@@ -239,7 +239,8 @@ def _measured(cfg, loaded, params, batch, input_len, output_len, draft, drafter,
         draft_step = step_cost_ratio(drafter.model, loaded, cfg.device, batch, input_len, cfg.seed) \
             if isinstance(drafter, DraftModel) else None
         drafting = summary["drafted_per_pass"] * draft_step if draft_step is not None else 0.0
-        record |= {"draft_tokens": cfg.draft_tokens, "accepted_per_pass": summary["accepted_per_pass"],
+        record |= {"draft_tokens": cfg.draft_tokens, "draft_ngram": getattr(drafter, "ngram", None),
+                   "accepted_per_pass": summary["accepted_per_pass"],
                    "drafted_per_pass": summary["drafted_per_pass"], "draft_passes": summary["draft_passes"],
                    "pass_cost_ratio": full_cost, "typical_pass_cost_ratio": typical_cost, "draft_step_cost_ratio": draft_step,
                    "implied_speedup": implied_speedup(output_len, summary["draft_passes"], summary["accepted_per_pass"],

@@ -21,6 +21,7 @@ class BenchSchema:
     # drafted decoding, docs/speed.md
     draft: list = field(default_factory=lambda: ["none"])
     draft_tokens: int = 10  # most tokens drafted per pass (K adapts below it)
+    draft_ngram: int = 6  # prompt: the longest n-gram looked up (n down to 1)
     dtype: FloatDtype = FloatDtype.float32
     runtime: Runtime = Runtime.auto  # auto: ONNX Runtime for exports (slmctl export onnx), torch for the rest
     device: str = "cpu"  # set by --device

@@ -213,7 +213,7 @@ def _check_values(cfg: DictConfig) -> None:
                 "kd.student_temperature", "kd.cache_topk", "kd.cache_batch_size", "limit", "bootstrap",
                 "generation.num_beams", "task.max_new_tokens", "threads", "source_len", "target_len",
                 "max_batch", "max_queue", "max_tokens_cap", "max_prompt_tokens", "grace_s", "draft_tokens",
-                "generation.draft_tokens"]
+                "generation.draft_tokens", "draft_ngram", "generation.draft_ngram"]
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:

@@ -32,6 +32,7 @@ class ServeSchema:
     # export with the same tokenizer, its own batch of the same slots); drafts are checked several per pass
     draft: str = "none"
     draft_tokens: int = 10  # most tokens drafted per pass (each request's K adapts below it)
+    draft_ngram: int = 6  # prompt: the longest n-gram looked up (n down to 1)
     # limits on what one client may make the server do (HTTP 413 / 400 / 503 / 504 in OpenAI's error shape)
     max_request_bytes: Optional[int] = None  # request body (null: 1 MiB for a text model, 32 MiB with a vision tower)
     max_images: int = 8  # images per request

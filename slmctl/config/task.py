@@ -43,6 +43,7 @@ class GenerationSchema:
     # tokenizer): drafted tokens checked several per pass, the same predictions (docs/speed.md)
     draft: str = "none"
     draft_tokens: int = 10  # most tokens drafted per pass
+    draft_ngram: int = 6  # prompt: the longest n-gram looked up (n down to 1)
 
 
 @dataclass

@@ -220,7 +220,8 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
     if exported and "perplexity" in task.metrics:
         run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
     scorer = _scorer(generator, ref, runs_dir, cfg.device, generators) if with_nll else None
-    drafter = open_drafter(cfg.generation.draft, cfg.generation.draft_tokens, generator, runs_dir, cfg.device)
+    drafter = open_drafter(cfg.generation.draft, cfg.generation.draft_tokens, generator, runs_dir, cfg.device,
+                           cfg.generation.draft_ngram)
     if drafter is not None:
         check_drafting(generator, cfg.generation.num_beams)
     drafted, clock = DraftStats(), DecodeClock()
@@ -268,7 +269,8 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
         cost |= {"first_token_ms": 1e3 * sum(r["first_token_s"] for r in timed) / len(timed),
                  "decode_tokens": round(decode_tokens), "decode_tok_s": decode_tokens / decode_s}
     if cost is not None and drafter is not None:  # what drafting did for the answers generated in this run
-        cost["draft"] = {"drafter": drafter.name, "draft_tokens": cfg.generation.draft_tokens, **drafted.as_dict()}
+        cost["draft"] = {"drafter": drafter.name, "draft_tokens": cfg.generation.draft_tokens,
+                         **({"draft_ngram": drafter.ngram} if hasattr(drafter, "ngram") else {}), **drafted.as_dict()}
     return predictions, nll, label, cost
 
 

@@ -165,14 +165,16 @@ class DraftModel:
     update = PromptLookup.update
 
 
-def make_drafter(name: str, tokens: int = 10):
-    """The drafter `--draft NAME` asks for (None for "none"), or a one-line error."""
+def make_drafter(name: str, tokens: int = 10, ngram: int = 6):
+    """The drafter `--draft NAME` asks for (None for "none"), or a one-line error; `ngram`: prompt
+    lookup's longest n-gram (`--draft-ngram`)."""
     from slmctl.errors import ConfigError
 
     if name == "none":
         return None
     if name == "prompt":
-        if tokens < 1:
-            raise ConfigError(f"--draft-tokens must be >= 1, got {tokens}")
-        return PromptLookup(max_tokens=tokens)
+        for option, value in (("--draft-tokens", tokens), ("--draft-ngram", ngram)):
+            if value < 1:
+                raise ConfigError(f"{option} must be >= 1, got {value}")
+        return PromptLookup(max_tokens=tokens, ngram=ngram)
     raise ConfigError(f"--draft takes {' or '.join(DRAFTERS)} (prompt: n-gram lookup in the source), got {name!r}")

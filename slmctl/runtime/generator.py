@@ -129,15 +129,16 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
     return result
 
 
-def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path = "runs", device: str = "cpu"):
-    """The drafter `--draft NAME` names for `target`: None (none), prompt lookup (prompt), or a draft
+def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path = "runs", device: str = "cpu",
+                 ngram: int = 6):
+    """The drafter `--draft NAME` names for `target`: None (none), prompt lookup (prompt; n-grams up to `ngram`), or a draft
     model (a model directory, run or export, on the runtime `--runtime auto` picks for it) that shares the
     target's tokenizer; else a one-line error."""
     from slmctl.errors import ConfigError
     from slmctl.model.drafting import DraftModel, make_drafter
 
     if name in ("none", "prompt"):
-        return make_drafter(name, tokens)
+        return make_drafter(name, tokens, ngram)
     if tokens < 1:
         raise ConfigError(f"--draft-tokens must be >= 1, got {tokens}")
     draft = load_generator(name, runs_dir, device)  # on the runtime this CPU runs it fastest (slmctl.runtime.routes)

@@ -156,7 +156,7 @@ def open_drafter(cfg, generator, runs_dir):
     from slmctl.serve.draft_batch import DraftBatch
 
     if cfg.draft in DRAFTERS:
-        return make_drafter(cfg.draft, cfg.draft_tokens)
+        return make_drafter(cfg.draft, cfg.draft_tokens, cfg.draft_ngram)
     if cfg.draft_tokens < 1:
         raise ConfigError(f"draft_tokens must be >= 1, got {cfg.draft_tokens}")
     if hasattr(generator.model, "embed_inputs") or getattr(generator.model, "is_vision", False):

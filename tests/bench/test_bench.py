@@ -242,12 +242,13 @@ def test_drafted_decoding_is_a_configuration_with_its_acceptance_and_pass_cost(t
     """`--draft none,prompt`: one record each; the drafted one says how many drafts a pass kept and
     what a pass over K drafts costs against a 1-token step. The training init echoes its input, so
     its output copies and prompt lookup is accepted."""
-    result = cli("bench", "tiny", "--draft", "none,prompt", "--draft-tokens", "4", "--input-lens", "16", "--output-lens", "24",
+    result = cli("bench", "tiny", "--draft", "none,prompt", "--draft-tokens", "4", "--draft-ngram", "3", "--input-lens", "16",
+                 "--output-lens", "24",
                  "--repeat", "1", "--format", "json", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     plain, drafted = json.loads(result.stdout)
     assert plain["draft"] == "none" and plain["accepted_per_pass"] is None and plain["pass_cost_ratio"] is None
-    assert drafted["draft"] == "prompt" and drafted["draft_tokens"] == 4
+    assert drafted["draft"] == "prompt" and drafted["draft_tokens"] == 4 and drafted["draft_ngram"] == 3
     assert 1 < drafted["accepted_per_pass"] <= drafted["drafted_per_pass"] <= 4 and drafted["pass_cost_ratio"] > 0
     # the model: 23 tokens after the first, in passes of 1 + kept drafts and plain steps, at the typical pass's cost
     tokens, passes = 23, drafted["draft_passes"]

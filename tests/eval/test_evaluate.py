@@ -275,13 +275,14 @@ def test_eval_with_drafts_gives_the_plain_predictions_and_logs_the_acceptance(tm
     runs, (encdec, deconly) = models
     about = ["task=synthetic_about", "task.n_people=200", "limit=6", "generation.max_new_tokens=24"]  # the long-output task
     plain = evaluate_run(runs, about, models=[str(encdec)])
-    drafted = evaluate_run(runs, [*about, "generation.draft=prompt", "generation.draft_tokens=4"], models=[str(encdec)])
+    drafted = evaluate_run(runs, [*about, "generation.draft=prompt", "generation.draft_tokens=4", "generation.draft_ngram=3"],
+                           models=[str(encdec)])
     predictions = [(run.path / "predictions.jsonl").read_text() for run in (plain, drafted)]
     assert predictions[0] == predictions[1]
     assert "draft prompt:" in (drafted.path / "log.txt").read_text()
     costs = [json.loads((run.path / "metrics.json").read_text())["tasks"]["synthetic_about"]["cost"] for run in (plain, drafted)]
     (plain_cost,), (drafted_cost,) = (list(c.values()) for c in costs)  # what the summary's drafting table reads
-    assert "draft" not in plain_cost and drafted_cost["draft"]["drafter"] == "prompt"
+    assert "draft" not in plain_cost and drafted_cost["draft"]["drafter"] == "prompt" and drafted_cost["draft"]["draft_ngram"] == 3
     assert drafted_cost["draft"]["passes"] > 0 and 0 <= drafted_cost["draft"]["accepted"] <= drafted_cost["draft"]["drafted"]
     assert drafted_cost["decode_tokens"] == plain_cost["decode_tokens"] > 0  # the same tokens, so the same count
     # a draft model: the model drafting for itself keeps every draft and changes no prediction
@@ -290,7 +291,7 @@ def test_eval_with_drafts_gives_the_plain_predictions_and_logs_the_acceptance(tm
     (cost,) = json.loads((itself.path / "metrics.json").read_text())["tasks"]["synthetic_about"]["cost"].values()
     assert cost["draft"]["drafter"].startswith("model") and cost["draft"]["accepted"] == cost["draft"]["drafted"] > 0
     for overrides, message in ((["generation.draft=no-such-model"], "generation.draft='no-such-model'"),
-                               (["generation.draft_tokens=0"], "must be > 0")):
+                               (["generation.draft_tokens=0"], "must be > 0"), (["generation.draft_ngram=0"], "must be > 0")):
         result = cli("eval", encdec, "limit=2", *overrides, runs=tmp_path / "refused")
         assert result.exit_code == 2 and message in result.output and not (tmp_path / "refused").exists()
     refused = cli("eval", deconly, "limit=2", "--draft", "prompt", runs=tmp_path / "runs")
