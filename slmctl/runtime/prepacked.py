@@ -19,6 +19,12 @@ AVX2-only CPU such as a Zen 3, where its reorder refuses bf16 and bf16 stays on 
 fp32 runs packed where torch's BLAS is MKL on an AMD CPU; on an Intel Xeon MKL's fp32 product at M = 1
 is the faster one (606 against 756 us) and stays.
 
+Small fp32 weights (at most `ONE_ROW_KEPT` elements, 1 MB: `mini`'s 256-wide products) also keep the
+plain weight for one-row products: there torch's matrix-vector kernel, its weight in cache, beats the
+packed product (Zen 3, `mini` answering the long-output task on PyTorch, runs alternated: plain decode
+208-225 tok/s packed against 290-291 with MKL), while from two rows on the packed product wins (MKL's
+small-M GEMM: with drafts 778-861 against 714-770 tok/s). The copy costs at most 1 MB per product.
+
 A packed model is for inference only: the packed weights are opaque oneDNN tensors, out of the
 state dict and of autograd. SLMCTL_PACK=on|off overrides the choice.
 """
@@ -29,6 +35,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slmctl.model.base import LanguageModel
 
@@ -36,6 +43,7 @@ PACK_ENV = "SLMCTL_PACK"
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # the CPUs whose oneDNN has bf16 products (else it emulates them, slowly)
 ONEDNN_BF16_FEATURES = (("avx512bw", "avx512vl", "avx512dq"), ("avx_ne_convert",))  # any one set: oneDNN's bf16 reorder
 NO_BF16_PACKING = "oneDNN prepacks bf16 weights only on CPUs with AVX512BW/VL/DQ or AVX-NE-CONVERT"
+ONE_ROW_KEPT = 1 << 18  # fp32 weights of at most this many elements keep torch's own product for one row
 
 
 def has_bf16(identity: dict) -> bool:
@@ -71,7 +79,8 @@ def choose_packing(identity: dict, dtype: torch.dtype, environ=os.environ) -> tu
 
 
 class PackedLinear(nn.Module):
-    """`nn.Linear`'s product, through oneDNN with the weight reordered once, here, for any M."""
+    """`nn.Linear`'s product, through oneDNN with the weight reordered once, here, for any M (a small
+    fp32 weight: from two rows on; one row goes through torch's own product of the plain weight)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tied: bool = False):
         super().__init__()
@@ -81,10 +90,14 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)  # a plain attribute: no state dict
             self.bias = None if bias is None else bias.detach().clone()
+            small = weight.dtype == torch.float32 and weight.numel() <= ONE_ROW_KEPT
+            self.one_row_weight = weight.detach() if small else None  # shares the weight it was given: no copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:  # its weight is a frozen copy: training it would silently train nothing
             raise RuntimeError("a model with prepacked weights is for inference: load it again to train it")
+        if self.one_row_weight is not None and x.numel() == self.in_features:
+            return F.linear(x, self.one_row_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -8,7 +8,8 @@ from slmctl.errors import ConfigError
 from slmctl.model import build_model
 from slmctl.model.layers import attend
 from slmctl.runtime.hardware import cpu_identity
-from slmctl.runtime.prepacked import PACK_ENV, PackedLinear, choose_packing, has_bf16, pack_linears, packs_bf16
+from slmctl.runtime.prepacked import (ONE_ROW_KEPT, PACK_ENV, PackedLinear, choose_packing, has_bf16, pack_linears,
+                                      packs_bf16)
 
 AVX512 = ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
 ZEN3 = {"cpu": "AMD EPYC 7B13", "cpu_vendor": "AuthenticAMD", "cpu_features": ["avx2", "fma"], "torch_blas": "mkl"}
@@ -71,6 +72,21 @@ def test_a_packed_model_gives_the_plain_models_logits_and_greedy_tokens(dtype, t
         assert torch.equal(tokens, plain_tokens)
     with pytest.raises(RuntimeError, match="prepacked weights is for inference"):
         model.train()(input_ids=ids, decoder_input_ids=ids[:, :6])
+
+
+def test_a_small_fp32_weight_takes_one_row_through_torchs_product_and_more_through_onednns():
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 64, generator=generator), torch.randn(96, generator=generator)
+    small = PackedLinear(weight, bias).eval()
+    one, three = torch.randn(1, 1, 64, generator=generator), torch.randn(1, 3, 64, generator=generator)
+    with torch.inference_mode():
+        assert torch.equal(small(one), torch.nn.functional.linear(one, weight, bias))  # bit for bit: the same kernel
+        onednn = torch.ops.mkldnn._linear_pointwise(three, small.packed, small.bias, "none", [], "")
+        assert torch.equal(small(three), onednn)
+        torch.testing.assert_close(small(three), torch.nn.functional.linear(three, weight, bias), rtol=1e-4, atol=1e-4)
+    assert PackedLinear(torch.randn(ONE_ROW_KEPT // 64 + 1, 64), None).one_row_weight is None  # a large one: packed only
+    if BF16_PACKS_HERE:  # bf16 is packed throughout: torch's own bf16 product reorders its weight on every call
+        assert PackedLinear(weight.bfloat16(), None).one_row_weight is None
 
 
 def test_a_bf16_decode_step_attends_in_fp32_and_returns_bf16():
