@@ -22,8 +22,9 @@ is the faster one (606 against 756 us) and stays.
 Small fp32 weights (at most `ONE_ROW_KEPT` elements, 1 MB: `mini`'s 256-wide products) also keep the
 plain weight for one-row products: there torch's matrix-vector kernel, its weight in cache, beats the
 packed product (Zen 3, `mini` answering the long-output task on PyTorch, runs alternated: plain decode
-208-225 tok/s packed against 290-291 with MKL), while from two rows on the packed product wins (MKL's
-small-M GEMM: with drafts 778-861 against 714-770 tok/s). The copy costs at most 1 MB per product.
+208-225 tok/s packed against 290-291 with MKL), while from two rows on the packed product is as fast or
+faster (MKL's small-M GEMM: with drafts 778-861 against 714-770 tok/s). Keeping the plain weight alive costs
+at most 1 MB per product.
 
 A packed model is for inference only: the packed weights are opaque oneDNN tensors, out of the
 state dict and of autograd. SLMCTL_PACK=on|off overrides the choice.
