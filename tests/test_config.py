@@ -13,6 +13,7 @@ from omegaconf import MISSING, OmegaConf
 
 import slmctl
 import slmctl.config.choices
+from slmctl.config.choices import PRETRAIN_OBJECTIVE
 from slmctl.config.compose import compose, to_yaml
 from slmctl.config.registry import CONF_DIR, GROUP_SCHEMAS, NOT_GROUPS, STAGE_SCHEMAS, groups, schema_entries, stages
 from slmctl.errors import ConfigError
@@ -209,9 +210,12 @@ def test_ls_lists_only_groups_a_command_line_can_choose():
     for group, options in found.items():
         for option in options:  # each composes, or names the value it needs
             try:
-                compose(stage_of[group], [f"{group}={option}"])
+                cfg = compose(stage_of[group], [f"{group}={option}"])
             except ConfigError as e:
                 assert "is required: set" in str(e), (group, option, str(e))
+                continue
+            if group == "model":  # the objective follows the composed model's arch (read without composing twice)
+                assert cfg.objective.name == PRETRAIN_OBJECTIVE[cfg.model.arch], option
 
 
 # -- pretrain's objective follows the architecture -----------------------------------------
