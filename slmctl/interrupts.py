@@ -28,14 +28,16 @@ def sigterm_as_interrupt():
     finish as if never stopped). So the first SIGTERM also starts a timer that raises `Stopped` again
     every RETRY_S seconds until the runner calls `settle()` on its way out, except while an interrupt
     is on its way up (a `finally`, an `__exit__` or an `except` running for it: cutting those short
-    leaves libraries half cleaned up; seen once as a crash, exit -11, of an export stopped mid-trace)."""
+    leaves libraries half cleaned up; seen once as a crash, exit -11, of an export stopped mid-trace),
+    and while a module is being imported (`importing`): the stop then comes at the first retry after it."""
 
     def stop(signum, frame):
         signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
-        raise Stopped("stopped by SIGTERM")
+        if not importing(frame):
+            raise Stopped("stopped by SIGTERM")
 
     def again(signum, frame):
-        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the stop was lost, not being handled
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt) and not importing(frame):  # lost, not being handled
             raise Stopped("stopped by SIGTERM")
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # started to ignore it (nohup-like): it stays ignored
@@ -53,6 +55,17 @@ def sigterm_as_interrupt():
         settle()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGALRM, previous_alarm)
+
+
+def importing(frame) -> bool:
+    """Whether `frame` runs inside an import. An exception raised there unwinds through the import's C
+    code, and an extension built with nanobind (onnx's) aborts the process on it: an export stopped while
+    importing onnx died with exit -6 instead of 130, its run left "running"."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def settle() -> None:

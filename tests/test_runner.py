@@ -80,6 +80,32 @@ def test_a_sigterm_swallowed_inside_a_weakref_callback_still_stops_the_stage():
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # settled on the way out
 
 
+def test_a_sigterm_during_an_import_stops_the_stage_once_the_import_is_done(tmp_path, monkeypatch):
+    """An exception raised inside an import unwinds through the import's C code, and a nanobind extension
+    (onnx's) aborts the process on it; the stop waits for the import to finish, then comes."""
+    import signal
+    import sys
+    import time
+
+    from slmctl.interrupts import Stopped, sigterm_as_interrupt
+
+    (tmp_path / "signalled_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.3)  # the import goes on past the signal and a retry\n"
+        "FINISHED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(Stopped), sigterm_as_interrupt():
+        import signalled_module  # noqa: F401
+        while time.monotonic() - started < 5:
+            time.sleep(0.01)
+    assert sys.modules["signalled_module"].FINISHED  # imported whole, not cut at the signal
+    assert time.monotonic() - started < 2  # and stopped right after it
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    del sys.modules["signalled_module"]
+
+
 def test_a_repeated_sigterm_never_cuts_short_the_cleanup_of_the_stop_it_repeats():
     """While the first Stopped is on its way up, the `finally` blocks it runs (a library restoring its
     state) finish, however long they take: the repeat is only for a stop that was lost."""
