@@ -173,7 +173,7 @@ def _execute(stage: str, cfg, run, verbose: bool) -> None:
 
 def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_file: Path | None, *, runs_dir: Path,
                  device: str, runtime: str, threads: int | None, ep: str | None, allow_fallback: bool, verbose: bool,
-                 out: Console = console, draft: str = "none", draft_tokens: int = 10, draft_ngram: int = 6,
+                 out: Console = console, draft: str = "none", draft_tokens: int = 10, draft_ngram: int,
                  dtype: str = "float32",
                  **decoding) -> None:
     """`slmctl generate`: print (streaming) what `model` generates for each prompt (and the
@@ -204,7 +204,7 @@ def run_generate(model: str, texts: list[str], image_paths: list[Path], prompt_f
         else:
             check_runtime_device(device, runtime)
         generator = load_generator(model, runs_dir, device, runtime, threads, ep, allow_fallback, dtype)
-        drafter = open_drafter(draft, draft_tokens, generator, runs_dir, device, draft_ngram)
+        drafter = open_drafter(draft, draft_tokens, generator, runs_dir, device, ngram=draft_ngram)
         if drafter is not None:
             check_drafting(generator, decoding.get("num_beams", 1))
     except user_errors() as e:

@@ -49,7 +49,7 @@ def pretrain_arch(overrides: list[str]) -> str | None:
     """The pretrain model's architecture, read from `model=` / `model.arch=` and conf/model/<option>.yaml
     where that is all it takes; None otherwise (the caller composes: 0.3-0.5 s, a second compose of
     every `slmctl pretrain` before this)."""
-    option, arch = _default_option("pretrain", "model"), None
+    option = arch = None
     for item in overrides:
         key, value = item.split("=", 1)
         if key == "model":
@@ -59,7 +59,7 @@ def pretrain_arch(overrides: list[str]) -> str | None:
         elif key.lstrip("+~") in ("model", "model.arch"):  # added or deleted: Hydra's to resolve
             return None
     if arch is None:
-        path = CONF_DIR / "model" / f"{option}.yaml"
+        path = CONF_DIR / "model" / f"{option or _default_option('pretrain', 'model')}.yaml"
         node = yaml.safe_load(path.read_text()) if path.is_file() else None
         if not isinstance(node, dict) or "defaults" in node:
             return None

@@ -221,7 +221,7 @@ def _generate(cfg, task, run, ref: str, runs_dir: Path, examples: list[EvalExamp
         run.log(f"{label}: no perplexity (the exported graphs return the last token's logits only)")
     scorer = _scorer(generator, ref, runs_dir, cfg.device, generators) if with_nll else None
     drafter = open_drafter(cfg.generation.draft, cfg.generation.draft_tokens, generator, runs_dir, cfg.device,
-                           cfg.generation.draft_ngram)
+                           ngram=cfg.generation.draft_ngram)
     if drafter is not None:
         check_drafting(generator, cfg.generation.num_beams)
     drafted, clock = DraftStats(), DecodeClock()

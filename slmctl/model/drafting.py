@@ -165,7 +165,7 @@ class DraftModel:
     update = PromptLookup.update
 
 
-def make_drafter(name: str, tokens: int = 10, ngram: int = 6):
+def make_drafter(name: str, tokens: int, ngram: int):
     """The drafter `--draft NAME` asks for (None for "none"), or a one-line error; `ngram`: prompt
     lookup's longest n-gram (`--draft-ngram`)."""
     from slmctl.errors import ConfigError

@@ -129,8 +129,8 @@ def generate_text(generator: Generator, text: str, on_piece: Callable[[str], Non
     return result
 
 
-def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path = "runs", device: str = "cpu",
-                 ngram: int = 6):
+def open_drafter(name: str, tokens: int, target: Generator, runs_dir: str | Path = "runs", device: str = "cpu", *,
+                 ngram: int):
     """The drafter `--draft NAME` names for `target`: None (none), prompt lookup (prompt; n-grams up to `ngram`), or a draft
     model (a model directory, run or export, on the runtime `--runtime auto` picks for it) that shares the
     target's tokenizer; else a one-line error."""
