@@ -247,8 +247,9 @@ def _measured(cfg, loaded, params, batch, input_len, output_len, draft, drafter,
                                                       typical_cost + drafting)}
     if profile:
         _add_prediction(record, loaded.model.config, cfg, profile)
+    floor = f" (roofline: >= {record['predicted_pass_cost_ratio']:.2f}x)" if record.get("predicted_pass_cost_ratio") else ""
     drafted = (f", draft {draft}: {record['accepted_per_pass']:.2f} of {record['drafted_per_pass']:.2f} drafts kept per pass, "
-               f"a {cfg.draft_tokens}-draft pass {record['pass_cost_ratio']:.2f}x a step; implied speed-up "
+               f"a {cfg.draft_tokens}-draft pass {record['pass_cost_ratio']:.2f}x a step{floor}; implied speed-up "
                f"{record['implied_speedup']:.2f}x") if drafter else ""
     shown.print(f"{loaded.name} b{batch} in{input_len} out{output_len}: first token {record['first_token_ms']:.1f} ms, "
                 f"decode {record['decode_tok_s']:.1f} tok/s{drafted}", highlight=False)
@@ -330,10 +331,14 @@ def _bench_image(cfg):
 
 
 def _add_prediction(record: dict, config, cfg, profile: dict) -> dict:
-    from slmctl.bench.roofline import predict
+    from slmctl.bench.roofline import pass_cost_floor, predict
 
     cost = flops.generation_cost(config, record["input_len"], record["output_len"], BYTES[record["dtype"]])
     record.update(predict(cost["prefill"], cost["decode_per_token"], record["batch"], profile))
+    if record.get("draft_tokens") and record["dtype"] == cfg.dtype:  # the least a pass over 1 + K tokens can cost
+        # (at the profile's peak for the bench's dtype: an int8 record beside fp32 ones would be held to fp32's)
+        record["predicted_pass_cost_ratio"] = pass_cost_floor(cost["decode_per_token"], 1 + record["draft_tokens"],
+                                                              record["batch"], profile)
     record["estimate"] = profile["name"]
     if record.get("first_token_ms") is not None:
         record["first_token_measured_over_predicted"] = record["first_token_ms"] / record["predicted_first_token_ms"]

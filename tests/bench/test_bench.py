@@ -243,7 +243,7 @@ def test_drafted_decoding_is_a_configuration_with_its_acceptance_and_pass_cost(t
     what a pass over K drafts costs against a 1-token step. The training init echoes its input, so
     its output copies and prompt lookup is accepted."""
     result = cli("bench", "tiny", "--draft", "none,prompt", "--draft-tokens", "4", "--draft-ngram", "3", "--input-lens", "16",
-                 "--output-lens", "24",
+                 "--output-lens", "24", "--estimate", "h100",
                  "--repeat", "1", "--format", "json", runs=tmp_path / "runs")
     assert result.exit_code == 0, result.output
     plain, drafted = json.loads(result.stdout)
@@ -256,6 +256,18 @@ def test_drafted_decoding_is_a_configuration_with_its_acceptance_and_pass_cost(t
     assert drafted["implied_speedup"] == pytest.approx(tokens / steps)
     assert drafted["measured_speedup"] == pytest.approx(drafted["decode_tok_s"] / plain["decode_tok_s"])
     assert "drafts kept per pass" in result.stderr and "x plain (its passes imply" in result.stderr
+    # beside the measured pass cost, the roofline's least: a pass over 5 tokens reads the weights once
+    from slmctl.bench.roofline import pass_cost_floor
+    from slmctl.model import flops
+    from slmctl.model.config import get_preset
+    from slmctl.model.flops import Cost
+
+    decode = flops.generation_cost(get_preset("tiny"), 16, 24, 4)["decode_per_token"]
+    expected = max(5 * decode.flops / 67e12, (decode.weight_bytes + decode.kv_bytes) / 3350e9) / \
+        max(decode.flops / 67e12, (decode.weight_bytes + decode.kv_bytes) / 3350e9)
+    assert drafted["predicted_pass_cost_ratio"] == pytest.approx(expected) and "predicted_pass_cost_ratio" not in plain
+    assert pass_cost_floor(Cost(100, 1000, 0), 20, 1, {"peak_flops": 100, "bandwidth": 100}) == 2.0  # FLOPs past the read
+    assert pass_cost_floor(Cost(100, 1000, 0), 5, 1, {"peak_flops": 100, "bandwidth": 100}) == 1.0
     for args, message in ((["--draft", "no-such-model"], "no-such-model"),
                           (["--draft", "prompt", "--draft-tokens", "0"], "--draft takes none, prompt and/or draft models")):
         refused = cli("bench", "tiny", *args, runs=tmp_path / "refused")
