@@ -16,7 +16,7 @@ from slmctl.atomic import atomic_save_figure
 RECORD_FIELDS = ("model", "arch", "device", "runtime", "ep", "dtype", "prepacked", "batch", "input_len", "output_len", "first_token_ms",
                  "decode_tok_s", "e2e_ms", "peak_mem_mb", "params", "load_s", "prefill_flops", "decode_flops_per_token",
                  "decode_bytes_per_token", "bandwidth_bound_tok_s", "bound_fraction", "draft", "draft_tokens",
-                 "accepted_per_pass", "pass_cost_ratio", "implied_speedup", "measured_speedup")
+                 "accepted_per_pass", "pass_cost_ratio", "predicted_pass_cost_ratio", "implied_speedup", "measured_speedup")
 
 
 # `bench --train` records (slmctl.bench.training)
