@@ -194,7 +194,8 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                                     "model of the same vocabulary; drafted decoding, each a configuration: accepted "
                                     "drafts per pass and the cost of a pass)."),
           draft_tokens: int = typer.Option(10, "--draft-tokens", help="Most tokens drafted per pass."),
-          draft_ngram: int = typer.Option(6, "--draft-ngram", help="--draft prompt: the longest n-gram looked up."),
+          draft_ngram: Optional[int] = typer.Option(None, "--draft-ngram", help="--draft prompt: the longest n-gram "
+                                                    "looked up (draft_ngram=)."),
           ep: Optional[str] = EP, allow_fallback: bool = ALLOW_FALLBACK,
           name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR, device: str = DEVICE, verbose: bool = VERBOSE,
           dry_run: bool = DRY_RUN) -> None:
@@ -225,7 +226,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
         if not all(v.strip().isdigit() for v in text.split(",")):
             fail(f"{option} takes comma-separated integers, e.g. 256,512,1024; got {text!r}")
     drafts = [d.strip() for d in draft.split(",")]
-    if not all(drafts) or any("'" in d for d in drafts) or draft_tokens < 1 or draft_ngram < 1:
+    if not all(drafts) or any("'" in d for d in drafts) or draft_tokens < 1 or (draft_ngram is not None and draft_ngram < 1):
         fail(f"--draft takes none, prompt and/or draft models, comma-separated, and --draft-tokens and --draft-ngram "
              f"numbers >= 1; got {draft!r}, {draft_tokens}, {draft_ngram}")
     width, _, height = image_size.lower().partition("x")
@@ -237,7 +238,7 @@ def bench(arguments: Optional[list[str]] = typer.Argument(None, help="MODEL... (
                  *([f"estimate={estimate}"] if estimate else []), f"image_size=[{width},{height}]",
                  *(["isolate=true"] if isolate else []), *provider_overrides(ep, allow_fallback), *training,
                  "draft=[" + ",".join(f"'{d}'" for d in drafts) + "]", f"draft_tokens={draft_tokens}",
-                 f"draft_ngram={draft_ngram}",
+                 *([f"draft_ngram={draft_ngram}"] if draft_ngram is not None else []),
                  *(a for a in arguments if "=" in a)]
     run_stage("bench", overrides, name, runs_dir, device, verbose, dry_run, extra={"models": models, "runtime": runtime})
 
